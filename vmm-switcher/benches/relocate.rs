@@ -1,0 +1,2 @@
+//! Relocation benchmark (filled in with the template tests).
+fn main() {}

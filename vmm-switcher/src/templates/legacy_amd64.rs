@@ -1,0 +1,583 @@
+//! 32-bit or PAE host → 64-bit long-mode hypervisor context
+//! (`VMMSWITCHER_32_TO_AMD64`, `VMMSWITCHER_PAE_TO_AMD64`; VirtualBox's
+//! `LegacyandAMD64.mac`).
+//!
+//! The C entry `u32 entry(void *vm, u32 off_cpumcpu)` (cdecl) saves the host
+//! context into `CpumCpu32::host`, masks NMI LVTs, loads the hyper GDT and the
+//! intermediate CR3 of the host's flavour, jumps to its identity copy, turns
+//! paging off, sets CR4.PAE, loads the intermediate PML4, sets EFER.LME (OR
+//! mask from the CPU), turns paging on with CR0.WP clear and far-jumps into
+//! 64-bit mode. There it loads the hyper stack, syncs FPU and debug state on
+//! request, and calls the helper at `Hyper.rip` with RSI = `&Guest`, RDX =
+//! `&CpumCpu` (RC). The helper's EAX is kept in `ret_code`; the way back
+//! reverses every step and returns it.
+//!
+//! Register contract of the 64-bit helper: it may clobber every general
+//! register except RSP (it must return with `ret`), and any of CR0.TS, CR4 bits
+//! that do not change the paging mode, EFER.SCE, data segments and the debug
+//! registers. EBP holds the VCPU offset on the way in and is kept on the hyper
+//! stack across the call.
+
+use core::mem::offset_of;
+
+use cpum::layout::{self as l, disp};
+use cpum::regs::{Cr0, Cr4, Efer, MSR_EFER};
+use cpum::UseFlags;
+use iced_x86::code_asm::*;
+
+use super::{
+    adv_start32, adv_start64, adv_stop32, adv_stop64, apic_mask32, apic_unmask32, jmp_far_fix,
+    jmp_rel32_fix, mov_fix, trace, Revision, Step, TemplateOptions, VmLayout,
+};
+use crate::builder::{BuildError, Builder, Operand, Slot};
+use crate::def::{EntryOffsets, Region, SwitcherDef, SwitcherKind, View};
+use crate::fixup::FixupKind as K;
+
+/// Which host flavour the template is built for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HostPaging {
+    /// 32-bit non-PAE host: PAE is turned off again on the way back.
+    Legacy32,
+    /// PAE host: PAE stays on.
+    Pae,
+}
+
+const fn d(off: usize) -> i32 {
+    disp(off)
+}
+
+/// Offset of `Guest.dr[n]`.
+const fn guest_dr(n: usize) -> i32 {
+    d(l::GUEST_DR + 8 * n)
+}
+
+/// Crash-dump marker in HC/IC code: EDX/RDX = CPUMCPU.
+fn marker32(b: &mut Builder, o: &TemplateOptions, n: u32) -> Result<(), BuildError> {
+    if o.crash_markers {
+        b.a().mov(dword_ptr(edx + guest_dr(4)), n)?;
+    }
+    Ok(())
+}
+
+fn marker64(b: &mut Builder, o: &TemplateOptions, n: u32) -> Result<(), BuildError> {
+    if o.crash_markers {
+        b.a().mov(dword_ptr(rdx + guest_dr(4)), n)?;
+    }
+    Ok(())
+}
+
+/// Crash-dump marker while paging is off: the scratch page's physical address is in CR2.
+fn marker_id(b: &mut Builder, o: &TemplateOptions, n: u32) -> Result<(), BuildError> {
+    if o.crash_markers {
+        let a = b.a();
+        a.mov(eax, cr2)?;
+        a.mov(dword_ptr(eax), n)?;
+    }
+    Ok(())
+}
+
+/// EDX = HC address of this VCPU's CPUMCPU (EBP = offset from CPUM).
+fn load_hc_cpumcpu(b: &mut Builder) -> Result<(), BuildError> {
+    mov_fix(b, edx, K::HcCpumOff, Operand::Value(0))?;
+    b.a().add(edx, ebp)?;
+    Ok(())
+}
+
+/// RDX = RC address of this VCPU's CPUMCPU, from the 64-bit CPUM slot.
+fn load_ic_cpumcpu(b: &mut Builder, slot: CodeLabel) -> Result<(), BuildError> {
+    let a = b.a();
+    a.mov(rdx, qword_ptr(slot))?;
+    a.add(edx, ebp)?;
+    Ok(())
+}
+
+/// Builds the switcher for `host`.
+///
+/// # Errors
+/// [`BuildError`] if a template instruction cannot be assembled (a bug).
+pub fn build(
+    host: HostPaging,
+    o: &TemplateOptions,
+    vm: &VmLayout,
+) -> Result<SwitcherDef, BuildError> {
+    let (kind, inter_cr3_hc, desc) = match host {
+        HostPaging::Legacy32 => (
+            SwitcherKind::Legacy32ToAmd64,
+            K::Inter32BitCr3,
+            "32-bit to/from AMD64",
+        ),
+        HostPaging::Pae => (
+            SwitcherKind::PaeToAmd64,
+            K::InterPaeCr3,
+            "PAE to/from AMD64",
+        ),
+    };
+    let mut b = Builder::new(32)?;
+
+    // ---------------------------------------------------------------- HC0: C entry
+    b.label("vmmR0HostToGuest")?;
+    trace(&mut b, o, Step::Entry)?;
+    if o.stats {
+        mov_fix(&mut b, ecx, K::HcVmOff, Operand::Value(vm.stat_to_gc))?;
+        adv_start32(&mut b)?;
+    }
+    {
+        let a = b.a();
+        a.push(ebp)?;
+        a.mov(ebp, dword_ptr(esp + 12))?;
+        a.pushfd()?;
+        a.cli()?;
+    }
+    mov_fix(&mut b, edx, K::HcCpumOff, Operand::Value(0))?;
+    let worker = b.named("vmmR0HostToGuestAsm");
+    {
+        let a = b.a();
+        a.push(cs)?;
+        a.call(worker)?;
+    }
+    if o.apic_nmi_masking && o.revision == Revision::B {
+        // EDX = CPUMCPU (HC) as the exit path leaves it; EAX = status.
+        let a = b.a();
+        a.mov(ecx, dword_ptr(edx + d(l::APIC_DIS_VECTORS)))?;
+        a.mov(edx, dword_ptr(edx + d(l::APIC_BASE)))?;
+        apic_unmask32(&mut b, edx)?;
+    }
+    {
+        let a = b.a();
+        a.popfd()?;
+        a.pop(ebp)?;
+    }
+    if o.stats {
+        mov_fix(&mut b, ecx, K::HcVmOff, Operand::Value(vm.stat_to_hc))?;
+        adv_stop32(&mut b)?;
+    }
+    b.a().ret()?;
+
+    // ---------------------------------------------------------------- HC0: the worker
+    b.label("vmmR0HostToGuestAsm")?;
+    b.a().add(edx, ebp)?;
+    if o.crash_markers {
+        let a = b.a();
+        a.mov(eax, dword_ptr(edx + guest_dr(5)))?;
+        a.mov(cr2, eax)?;
+    }
+    marker32(&mut b, o, 1)?;
+    {
+        let a = b.a();
+        a.mov(dword_ptr(edx + d(l::HOST32_EBX)), ebx)?;
+        a.mov(dword_ptr(edx + d(l::HOST32_EDI)), edi)?;
+        a.mov(dword_ptr(edx + d(l::HOST32_ESI)), esi)?;
+        a.mov(dword_ptr(edx + d(l::HOST32_ESP)), esp)?;
+        a.mov(dword_ptr(edx + d(l::HOST32_EBP)), ebp)?;
+        a.mov(word_ptr(edx + d(l::HOST32_DS)), ds)?;
+        a.mov(word_ptr(edx + d(l::HOST32_ES)), es)?;
+        a.mov(word_ptr(edx + d(l::HOST32_FS)), fs)?;
+        a.mov(word_ptr(edx + d(l::HOST32_GS)), gs)?;
+        a.mov(word_ptr(edx + d(l::HOST32_SS)), ss)?;
+        a.sldt(word_ptr(edx + d(l::HOST32_LDTR)))?;
+        a.sidt(fword_ptr(edx + d(l::HOST32_IDTR)))?;
+        a.sgdt(fword_ptr(edx + d(l::HOST32_GDTR)))?;
+        a.str(word_ptr(edx + d(l::HOST32_TR)))?;
+    }
+    marker32(&mut b, o, 2)?;
+    if o.trace {
+        trace(&mut b, o, Step::HostSaved)?;
+        load_hc_cpumcpu(&mut b)?;
+    }
+    if o.apic_nmi_masking {
+        apic_mask32(&mut b)?;
+        if o.trace {
+            trace(&mut b, o, Step::ApicMasked)?;
+            load_hc_cpumcpu(&mut b)?;
+        }
+    }
+    {
+        let a = b.a();
+        a.mov(eax, cr0)?;
+        a.mov(dword_ptr(edx + d(l::HOST32_CR0)), eax)?;
+        a.mov(eax, cr3)?;
+        a.mov(dword_ptr(edx + d(l::HOST32_CR3)), eax)?;
+        a.mov(eax, cr4)?;
+        a.mov(dword_ptr(edx + d(l::HOST32_CR4)), eax)?;
+        a.mov(ebx, edx)?;
+        a.mov(ecx, MSR_EFER)?;
+        a.rdmsr()?;
+        a.mov(dword_ptr(ebx + d(l::HOST32_EFER)), eax)?;
+        a.mov(dword_ptr(ebx + d(l::HOST32_EFER + 4)), edx)?;
+        a.mov(edx, ebx)?;
+    }
+    marker32(&mut b, o, 3)?;
+    b.a().lgdt(fword_ptr(edx + d(l::HYPER_GDTR)))?;
+    marker32(&mut b, o, 4)?;
+    if o.trace {
+        trace(&mut b, o, Step::HostCrSaved)?;
+        load_hc_cpumcpu(&mut b)?;
+    }
+    mov_fix(&mut b, eax, inter_cr3_hc, Operand::None)?;
+    b.a().mov(cr3, eax)?;
+    trace(&mut b, o, Step::InterCr3)?;
+    jmp_rel32_fix(&mut b, K::Hc2IdNearRel, "IDEnterTarget")?;
+
+    // ---------------------------------------------------------------- ID0: mode switch
+    b.section(32)?;
+    b.label("IDEnterTarget")?;
+    {
+        let a = b.a();
+        a.mov(ebx, cr0)?;
+        a.and(ebx, !(Cr0::PG.bits() as u32) as i32)?;
+        a.mov(cr0, ebx)?;
+    }
+    trace(&mut b, o, Step::IdEntered)?;
+    marker_id(&mut b, o, 3)?;
+    {
+        let a = b.a();
+        a.mov(ecx, cr4)?;
+        a.or(ecx, Cr4::PAE.bits() as i32)?;
+        a.mov(cr4, ecx)?;
+    }
+    mov_fix(&mut b, ecx, K::InterAmd64Cr3, Operand::None)?;
+    b.a().mov(cr3, ecx)?;
+    trace(&mut b, o, Step::PaeOn)?;
+    marker_id(&mut b, o, 4)?;
+    {
+        let a = b.a();
+        a.mov(ecx, MSR_EFER)?;
+        a.rdmsr()?;
+    }
+    // `or eax, imm32` with a full 32-bit immediate the relocator fills in.
+    b.fixup(K::EferOrMask, Slot::Imm, Operand::None);
+    b.a().add_instruction(iced_x86::Instruction::with2(
+        iced_x86::Code::Or_EAX_imm32,
+        iced_x86::Register::EAX,
+        0xffff_ffffu32,
+    )?)?;
+    {
+        let a = b.a();
+        a.and(eax, !(Efer::FFXSR.bits() as u32) as i32)?;
+        a.wrmsr()?;
+    }
+    trace(&mut b, o, Step::LongModeOn)?;
+    marker_id(&mut b, o, 5)?;
+    {
+        let a = b.a();
+        a.or(ebx, Cr0::PG.bits() as i32)?;
+        a.and(ebx, !(Cr0::WP.bits() as u32) as i32)?;
+        a.mov(cr0, ebx)?;
+    }
+    trace(&mut b, o, Step::PagingOn)?;
+    jmp_far_fix(&mut b, K::IdFar32To64BitMode, "IDEnter64Mode")?;
+
+    // ---------------------------------------------------------------- 64-bit, identity addresses
+    b.section(64)?;
+    let slot = b.named("pCpumIC");
+    let ic_enter_slot = b.named("pICEnterTarget");
+    b.label("IDEnter64Mode")?;
+    b.a().jmp(qword_ptr(ic_enter_slot))?;
+    b.label("pICEnterTarget")?;
+    b.fixup(
+        K::Hc64BitNoCheck,
+        Slot::At(0),
+        Operand::Label("ICEnterTarget"),
+    );
+    b.a().dq(&[u64::MAX])?;
+    b.label("pCpumIC")?;
+    b.fixup(K::Gc64BitCpumOff, Slot::At(0), Operand::Value(0));
+    b.a().dq(&[u64::MAX])?;
+
+    b.label("ICEnterTarget")?;
+    load_ic_cpumcpu(&mut b, slot)?;
+    if o.trace {
+        trace(&mut b, o, Step::Mode64)?;
+        load_ic_cpumcpu(&mut b, slot)?;
+    }
+    {
+        let a = b.a();
+        a.mov(eax, cs)?;
+        a.mov(ds, eax)?;
+        a.mov(es, eax)?;
+        a.xor(eax, eax)?;
+        a.mov(fs, eax)?;
+        a.mov(gs, eax)?;
+    }
+    marker64(&mut b, o, 5)?;
+    {
+        let a = b.a();
+        a.mov(eax, dword_ptr(rdx + d(l::HYPER_RSP)))?;
+        a.mov(dword_ptr(rdx + d(l::HYPER_LSS_ESP)), eax)?;
+        a.lss(esp, fword_ptr(rdx + d(l::HYPER_LSS_ESP)))?;
+    }
+    marker64(&mut b, o, 6)?;
+    if o.trace {
+        trace(&mut b, o, Step::HyperStack)?;
+        load_ic_cpumcpu(&mut b, slot)?;
+    }
+    {
+        let a = b.a();
+        let mut no_fpu = a.create_label();
+        let mut no_dbg = a.create_label();
+        a.mov(esi, dword_ptr(rdx + d(l::USE_FLAGS)))?;
+        a.test(esi, UseFlags::SYNC_FPU_STATE.bits())?;
+        a.jz(no_fpu)?;
+        a.mov(rax, cr0)?;
+        a.mov(rcx, rax)?;
+        a.and(rax, !((Cr0::TS | Cr0::EM).bits() as u32) as i32)?;
+        a.mov(cr0, rax)?;
+        a.fxrstor(ptr(rdx + d(l::GUEST_FPU)))?;
+        a.mov(cr0, rcx)?;
+        a.and(
+            dword_ptr(rdx + d(l::USE_FLAGS)),
+            !UseFlags::SYNC_FPU_STATE.bits() as i32,
+        )?;
+        a.set_label(&mut no_fpu)?;
+        a.test(esi, UseFlags::SYNC_DEBUG_STATE.bits())?;
+        a.jz(no_dbg)?;
+        for (n, dr) in [(0, dr0), (1, dr1), (2, dr2), (3, dr3), (6, dr6)] {
+            a.mov(rax, qword_ptr(rdx + guest_dr(n)))?;
+            a.mov(dr, rax)?;
+        }
+        a.and(
+            dword_ptr(rdx + d(l::USE_FLAGS)),
+            !UseFlags::SYNC_DEBUG_STATE.bits() as i32,
+        )?;
+        a.set_label(&mut no_dbg)?;
+        a.nop()?;
+    }
+    marker64(&mut b, o, 9)?;
+    trace(&mut b, o, Step::Synced)?;
+    if o.stats {
+        mov_fix(&mut b, ecx, K::GcVmOff, Operand::Value(vm.stat_to_gc))?;
+        adv_stop64(&mut b)?;
+    }
+    load_ic_cpumcpu(&mut b, slot)?;
+    {
+        let a = b.a();
+        a.mov(r9, qword_ptr(rdx + d(l::HYPER_RIP)))?;
+        a.lea(rsi, ptr(rdx + d(l::GUEST_FPU)))?;
+        // Keep the VCPU offset across the helper; two pushes keep the
+        // helper's entry RSP at 8 mod 16 for a 16-aligned hyper stack.
+        a.push(rbp)?;
+        a.push(rbp)?;
+        a.call(r9)?;
+        a.pop(rbp)?;
+        a.pop(rbp)?;
+        a.mov(r12d, eax)?;
+    }
+    trace(&mut b, o, Step::HelperReturned)?;
+    load_ic_cpumcpu(&mut b, slot)?;
+    b.a().mov(dword_ptr(rdx + d(l::RET_CODE)), r12d)?;
+    marker64(&mut b, o, 10)?;
+    if o.stats {
+        mov_fix(&mut b, ecx, K::GcVmOff, Operand::Value(vm.stat_to_hc))?;
+        adv_start64(&mut b)?;
+    }
+    let to_host = b.named("VMMGCGuestToHostAsm");
+    b.a().jmp(to_host)?;
+
+    // RC entry stubs: unused by this family.
+    b.label("vmmGCCallTrampoline")?;
+    b.a().int3()?;
+    b.label("vmmGCGuestToHost")?;
+    b.a().int3()?;
+
+    b.label("VMMGCGuestToHostAsm")?;
+    let fp = b.named("fpIDEnterTarget");
+    b.a().jmp(fword_ptr(fp))?;
+    b.label("fpIDEnterTarget")?;
+    b.fixup(K::Id32Bit, Slot::At(0), Operand::Label("IDExitTarget"));
+    b.a().dd(&[0xffff_ffff])?;
+    b.fixup(K::HyperCs, Slot::At(0), Operand::None);
+    b.a().dd(&[0x0000_ffff])?;
+
+    // ---------------------------------------------------------------- ID1: back to host paging
+    b.section(32)?;
+    b.label("IDExitTarget")?;
+    trace(&mut b, o, Step::Compat)?;
+    {
+        let a = b.a();
+        a.mov(ebx, cr0)?;
+        a.and(ebx, !(Cr0::PG.bits() as u32) as i32)?;
+        a.mov(cr0, ebx)?;
+    }
+    mov_fix(&mut b, edx, inter_cr3_hc, Operand::None)?;
+    {
+        let a = b.a();
+        a.mov(cr3, edx)?;
+        a.mov(ecx, MSR_EFER)?;
+        a.rdmsr()?;
+        a.and(eax, !(Efer::LME.bits() as u32) as i32)?;
+        a.wrmsr()?;
+    }
+    trace(&mut b, o, Step::LongModeOff)?;
+    if host == HostPaging::Legacy32 {
+        let a = b.a();
+        a.mov(eax, cr4)?;
+        a.and(eax, !(Cr4::PAE.bits() as u32) as i32)?;
+        a.mov(cr4, eax)?;
+    }
+    {
+        let a = b.a();
+        let mut just_a_jump = a.create_label();
+        a.or(ebx, Cr0::PG.bits() as i32)?;
+        a.mov(cr0, ebx)?;
+        a.jmp(just_a_jump)?;
+        a.set_label(&mut just_a_jump)?;
+        a.nop()?;
+    }
+    trace(&mut b, o, Step::HostPaging)?;
+    jmp_rel32_fix(&mut b, K::Id2HcNearRel, "ICExitTarget")?;
+
+    // ---------------------------------------------------------------- HC1: host context
+    b.section(32)?;
+    b.label("ICExitTarget")?;
+    // The selector fills the low word; the high word of the immediate stays 0.
+    b.fixup(K::HyperDs, Slot::Imm, Operand::None);
+    b.a().mov(eax, 0x0000_ffffu32)?;
+    {
+        let a = b.a();
+        a.mov(ds, eax)?;
+        a.mov(es, eax)?;
+    }
+    mov_fix(&mut b, edx, K::GcCpumOff, Operand::Value(0))?;
+    {
+        let a = b.a();
+        a.add(edx, ebp)?;
+        a.mov(esi, dword_ptr(edx + d(l::HOST32_CR3)))?;
+        a.mov(cr3, esi)?;
+    }
+    trace(&mut b, o, Step::HostCr3)?;
+    load_hc_cpumcpu(&mut b)?;
+    {
+        let a = b.a();
+        a.mov(ebx, edx)?;
+        a.mov(ecx, MSR_EFER)?;
+        a.mov(eax, dword_ptr(ebx + d(l::HOST32_EFER)))?;
+        a.mov(edx, dword_ptr(ebx + d(l::HOST32_EFER + 4)))?;
+        a.wrmsr()?;
+        a.mov(edx, ebx)?;
+        a.lgdt(fword_ptr(edx + d(l::HOST32_GDTR)))?;
+        a.lidt(fword_ptr(edx + d(l::HOST32_IDTR)))?;
+        // The host TSS is still marked busy: clear the busy bit (type bit 1 of
+        // the descriptor's second dword) before `ltr`.
+        a.movzx(eax, word_ptr(edx + d(l::HOST32_TR)))?;
+        a.and(al, 0xf8)?;
+        a.add(
+            eax,
+            dword_ptr(edx + d(l::HOST32_GDTR + offset_of!(cpum::regs::Xdtr32, base))),
+        )?;
+        a.and(dword_ptr(eax + 4), !0x200i32)?;
+        a.ltr(word_ptr(edx + d(l::HOST32_TR)))?;
+        a.lldt(word_ptr(edx + d(l::HOST32_LDTR)))?;
+    }
+    if o.trace {
+        trace(&mut b, o, Step::HostTables)?;
+        load_hc_cpumcpu(&mut b)?;
+    }
+    {
+        let a = b.a();
+        a.mov(eax, dword_ptr(edx + d(l::HOST32_DS)))?;
+        a.mov(ds, eax)?;
+        a.mov(eax, dword_ptr(edx + d(l::HOST32_ES)))?;
+        a.mov(es, eax)?;
+        a.mov(eax, dword_ptr(edx + d(l::HOST32_FS)))?;
+        a.mov(fs, eax)?;
+        a.mov(eax, dword_ptr(edx + d(l::HOST32_GS)))?;
+        a.mov(gs, eax)?;
+        a.lss(esp, fword_ptr(edx + d(l::HOST32_ESP)))?;
+    }
+    if o.trace {
+        trace(&mut b, o, Step::HostSegments)?;
+        load_hc_cpumcpu(&mut b)?;
+    }
+    {
+        let a = b.a();
+        a.mov(ecx, dword_ptr(edx + d(l::HOST32_CR4)))?;
+        a.mov(cr4, ecx)?;
+        a.mov(ecx, dword_ptr(edx + d(l::HOST32_CR0)))?;
+        a.mov(cr0, ecx)?;
+    }
+    if o.trace {
+        trace(&mut b, o, Step::HostCr)?;
+        load_hc_cpumcpu(&mut b)?;
+    }
+    if o.apic_nmi_masking && o.revision == Revision::A {
+        let a = b.a();
+        a.mov(ebx, dword_ptr(edx + d(l::APIC_BASE)))?;
+        a.mov(ecx, dword_ptr(edx + d(l::APIC_DIS_VECTORS)))?;
+        apic_unmask32(&mut b, ebx)?;
+        if o.trace {
+            trace(&mut b, o, Step::ApicUnmasked)?;
+            load_hc_cpumcpu(&mut b)?;
+        }
+    }
+    if o.trace {
+        trace(&mut b, o, Step::Return)?;
+        load_hc_cpumcpu(&mut b)?;
+    }
+    {
+        let a = b.a();
+        a.mov(edi, dword_ptr(edx + d(l::HOST32_EDI)))?;
+        a.mov(esi, dword_ptr(edx + d(l::HOST32_ESI)))?;
+        a.mov(ebx, dword_ptr(edx + d(l::HOST32_EBX)))?;
+        a.mov(ebp, dword_ptr(edx + d(l::HOST32_EBP)))?;
+        a.mov(eax, dword_ptr(edx + d(l::RET_CODE)))?;
+        a.retf()?;
+    }
+
+    b.label("VMMGCGuestToHostAsmHyperCtx")?;
+    b.a().int3()?;
+    b.label("VMMGCGuestToHostAsmGuestCtx")?;
+    b.a().int3()?;
+    let t = b.finish()?;
+
+    let at = |n: &'static str| t.labels.get(n).copied().unwrap_or(0);
+    let end = u32::try_from(t.code.len()).map_err(|_| BuildError::TooLarge)?;
+    let regions = vec![
+        Region {
+            name: "HC0",
+            view: View::Hc,
+            bits: 32,
+            range: 0..at("IDEnterTarget"),
+        },
+        Region {
+            name: "ID0",
+            view: View::Id,
+            bits: 32,
+            range: at("IDEnterTarget")..at("IDEnter64Mode"),
+        },
+        Region {
+            name: "ID0/64",
+            view: View::Id,
+            bits: 64,
+            range: at("IDEnter64Mode")..at("IDExitTarget"),
+        },
+        Region {
+            name: "ID1",
+            view: View::Id,
+            bits: 32,
+            range: at("IDExitTarget")..at("ICExitTarget"),
+        },
+        Region {
+            name: "HC1",
+            view: View::Hc,
+            bits: 32,
+            range: at("ICExitTarget")..end,
+        },
+    ];
+    let entries = EntryOffsets {
+        r0_host_to_guest: at("vmmR0HostToGuest"),
+        rc_guest_to_host: at("vmmGCGuestToHost"),
+        rc_call_trampoline: at("vmmGCCallTrampoline"),
+        rc_guest_to_host_asm: at("VMMGCGuestToHostAsm"),
+        rc_guest_to_host_asm_hyper_ctx: at("VMMGCGuestToHostAsmHyperCtx"),
+        rc_guest_to_host_asm_guest_ctx: at("VMMGCGuestToHostAsmGuestCtx"),
+    };
+    Ok(SwitcherDef {
+        kind,
+        description: desc.to_string(),
+        code: t.code,
+        fixups: t.fixups,
+        entries,
+        regions,
+        labels: t.labels,
+    })
+}

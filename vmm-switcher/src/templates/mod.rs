@@ -1,0 +1,357 @@
+//! Switcher templates, one module per family, and the code pieces they share.
+
+pub mod legacy_amd64;
+
+use iced_x86::code_asm::*;
+use serde::Serialize;
+
+use crate::builder::{BuildError, Builder, Operand, Slot};
+use crate::fixup::FixupKind;
+
+/// Where the APIC NMI vectors are unmasked again.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize)]
+pub enum Revision {
+    /// Revision A: in the exit path, before the host's general registers and
+    /// the far return (host CS not yet reloaded).
+    A,
+    /// Revision B: in the C-callable entry, right after the call into the
+    /// worker returns (host CS is back).
+    #[default]
+    B,
+}
+
+/// Build options every template honours.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+pub struct TemplateOptions {
+    /// STAM advanced-profile start/stop of ToGC and ToHC around both directions.
+    pub stats: bool,
+    /// Mask the local APIC LVTs that deliver NMIs while away.
+    pub apic_nmi_masking: bool,
+    /// Where the masked LVTs are unmasked.
+    pub revision: Revision,
+    /// Print one character per step to COM1 (see [`Step`]).
+    pub trace: bool,
+    /// Write progress markers to `Guest.dr[4]` (and, while paging is off, to the
+    /// physical scratch page whose address the caller put in `Guest.dr[5]`).
+    pub crash_markers: bool,
+}
+
+impl Default for TemplateOptions {
+    fn default() -> Self {
+        Self {
+            stats: true,
+            apic_nmi_masking: true,
+            revision: Revision::B,
+            trace: false,
+            crash_markers: false,
+        }
+    }
+}
+
+/// Offsets inside the VM structure that switchers reach through fixups. The
+/// VMM core derives them from its own `#[repr(C)]` VM type with `offset_of!`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+pub struct VmLayout {
+    /// Size of the VM structure.
+    pub size: u32,
+    /// Offset of `Cpum`.
+    pub cpum: u32,
+    /// Size of the CPUM area (`Cpum` plus every `CpumCpu`).
+    pub cpum_size: u32,
+    /// Offset of the ToGC `StamProfileAdv`.
+    pub stat_to_gc: u32,
+    /// Offset of the ToHC `StamProfileAdv`.
+    pub stat_to_hc: u32,
+}
+
+macro_rules! steps {
+    ($($name:ident = $ch:literal, $what:literal;)*) => {
+        /// The steps a switcher reports when tracing is on: one character each on COM1.
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+        pub enum Step {
+            $(#[doc = $what] $name,)*
+        }
+
+        impl Step {
+            /// Every step in switch order.
+            pub const ALL: &'static [Step] = &[$(Step::$name),*];
+
+            /// The character printed.
+            pub const fn ch(self) -> u8 {
+                match self { $(Step::$name => $ch,)* }
+            }
+
+            /// What the step is.
+            pub const fn describe(self) -> &'static str {
+                match self { $(Step::$name => $what,)* }
+            }
+
+            /// The step printed as `ch`.
+            pub fn from_ch(c: u8) -> Option<Self> {
+                match c { $($ch => Some(Step::$name),)* _ => None }
+            }
+        }
+    };
+}
+
+steps! {
+    Entry = b'A', "C entry reached, interrupts off";
+    HostSaved = b'B', "host registers, selectors and descriptor tables saved";
+    ApicMasked = b'C', "NMI LVTs masked";
+    HostCrSaved = b'D', "host CR0/CR3/CR4 and EFER saved, hyper GDT loaded";
+    InterCr3 = b'E', "intermediate CR3 loaded (host flavour)";
+    IdEntered = b'F', "running at the identity address, paging off";
+    PaeOn = b'G', "CR4.PAE set, target intermediate CR3 loaded";
+    LongModeOn = b'H', "EFER.LME set";
+    PagingOn = b'I', "paging on";
+    Mode64 = b'J', "in 64-bit mode";
+    HyperStack = b'K', "hyper stack and segments loaded";
+    Synced = b'L', "FPU/debug state synced, calling the helper";
+    HelperReturned = b'M', "helper returned";
+    Compat = b'N', "back in compatibility mode at the identity address";
+    LongModeOff = b'O', "paging off, EFER.LME cleared";
+    HostPaging = b'P', "host paging flavour restored, paging on";
+    HostCr3 = b'Q', "host CR3 loaded";
+    HostTables = b'R', "host EFER, GDT, IDT, TSS and LDT restored";
+    HostSegments = b'S', "host segments and stack restored";
+    HostCr = b'T', "host CR4/CR0 restored";
+    ApicUnmasked = b'U', "NMI LVTs unmasked";
+    Return = b'V', "returning to the caller";
+}
+
+/// The COM1 base port the trace writes to.
+pub const COM1: u16 = 0x3f8;
+
+/// Emits a trace character: waits for the transmitter, then writes `step`.
+/// Clobbers EAX, EDX and flags (RAX, RDX in 64-bit code); uses no stack.
+pub(crate) fn trace(b: &mut Builder, opts: &TemplateOptions, step: Step) -> Result<(), BuildError> {
+    if !opts.trace {
+        return Ok(());
+    }
+    let a = b.a();
+    let mut wait = a.create_label();
+    a.mov(dx, COM1 as u32 + 5)?;
+    a.set_label(&mut wait)?;
+    a.in_(al, dx)?;
+    a.test(al, 0x20)?;
+    a.jz(wait)?;
+    a.mov(dx, COM1 as u32)?;
+    a.mov(al, step.ch() as u32)?;
+    a.out(dx, al)?;
+    Ok(())
+}
+
+/// `mov reg32, imm32` with a fixup on the immediate.
+pub(crate) fn mov_fix(
+    b: &mut Builder,
+    reg: AsmRegister32,
+    kind: FixupKind,
+    operand: Operand,
+) -> Result<(), BuildError> {
+    b.fixup(kind, Slot::Imm, operand);
+    b.a().mov(reg, 0xffff_ffffu32)?;
+    Ok(())
+}
+
+/// A `jmp rel32` whose displacement a fixup supplies.
+pub(crate) fn jmp_rel32_fix(
+    b: &mut Builder,
+    kind: FixupKind,
+    target: &'static str,
+) -> Result<(), BuildError> {
+    b.fixup(kind, Slot::At(1), Operand::Label(target));
+    b.a().db(&[0xe9, 0xff, 0xff, 0xff, 0xff])?;
+    Ok(())
+}
+
+/// A direct `jmp ptr16:32` (32-bit code) whose pointer a fixup supplies.
+pub(crate) fn jmp_far_fix(
+    b: &mut Builder,
+    kind: FixupKind,
+    target: &'static str,
+) -> Result<(), BuildError> {
+    b.fixup(kind, Slot::At(1), Operand::Label(target));
+    b.a().db(&[0xea, 0xfe, 0xff, 0xff, 0xff, 0xff, 0xff])?;
+    Ok(())
+}
+
+/// STAM profile field offsets used by the profile code.
+mod prof {
+    use core::mem::offset_of;
+    use stam::StamProfileAdv;
+
+    pub const PERIODS: i32 = offset_of!(StamProfileAdv, core.periods) as i32;
+    pub const TICKS: i32 = offset_of!(StamProfileAdv, core.ticks) as i32;
+    pub const MAX: i32 = offset_of!(StamProfileAdv, core.ticks_max) as i32;
+    pub const MIN: i32 = offset_of!(StamProfileAdv, core.ticks_min) as i32;
+    pub const TS: i32 = offset_of!(StamProfileAdv, ts_start) as i32;
+}
+
+/// 32-bit `STAM_PROFILE_ADV_START` on the sample at ECX. Preserves all but ECX; needs a stack.
+pub(crate) fn adv_start32(b: &mut Builder) -> Result<(), BuildError> {
+    let a = b.a();
+    a.push(eax)?;
+    a.push(edx)?;
+    a.rdtsc()?;
+    a.mov(dword_ptr(ecx + prof::TS), eax)?;
+    a.mov(dword_ptr(ecx + prof::TS + 4), edx)?;
+    a.pop(edx)?;
+    a.pop(eax)?;
+    Ok(())
+}
+
+/// 32-bit `STAM_PROFILE_ADV_STOP` on the sample at ECX: ignored unless started,
+/// adds the 64-bit delta to ticks, counts a period, updates max/min, clears
+/// `tsStart`. Preserves all but ECX; needs a stack.
+pub(crate) fn adv_stop32(b: &mut Builder) -> Result<(), BuildError> {
+    let a = b.a();
+    let mut done = a.create_label();
+    let mut set_max = a.create_label();
+    let mut no_max = a.create_label();
+    let mut set_min = a.create_label();
+    let mut no_min = a.create_label();
+    a.push(eax)?;
+    a.push(edx)?;
+    a.mov(eax, dword_ptr(ecx + prof::TS))?;
+    a.or(eax, dword_ptr(ecx + prof::TS + 4))?;
+    a.jz(done)?;
+    a.rdtsc()?;
+    a.sub(eax, dword_ptr(ecx + prof::TS))?;
+    a.sbb(edx, dword_ptr(ecx + prof::TS + 4))?;
+    a.add(dword_ptr(ecx + prof::TICKS), eax)?;
+    a.adc(dword_ptr(ecx + prof::TICKS + 4), edx)?;
+    a.add(dword_ptr(ecx + prof::PERIODS), 1)?;
+    a.adc(dword_ptr(ecx + prof::PERIODS + 4), 0)?;
+    a.cmp(edx, dword_ptr(ecx + prof::MAX + 4))?;
+    a.ja(set_max)?;
+    a.jb(no_max)?;
+    a.cmp(eax, dword_ptr(ecx + prof::MAX))?;
+    a.jbe(no_max)?;
+    a.set_label(&mut set_max)?;
+    a.mov(dword_ptr(ecx + prof::MAX), eax)?;
+    a.mov(dword_ptr(ecx + prof::MAX + 4), edx)?;
+    a.set_label(&mut no_max)?;
+    a.cmp(edx, dword_ptr(ecx + prof::MIN + 4))?;
+    a.jb(set_min)?;
+    a.ja(no_min)?;
+    a.cmp(eax, dword_ptr(ecx + prof::MIN))?;
+    a.jae(no_min)?;
+    a.set_label(&mut set_min)?;
+    a.mov(dword_ptr(ecx + prof::MIN), eax)?;
+    a.mov(dword_ptr(ecx + prof::MIN + 4), edx)?;
+    a.set_label(&mut no_min)?;
+    a.mov(dword_ptr(ecx + prof::TS), 0)?;
+    a.mov(dword_ptr(ecx + prof::TS + 4), 0)?;
+    a.set_label(&mut done)?;
+    a.pop(edx)?;
+    a.pop(eax)?;
+    Ok(())
+}
+
+/// 64-bit `STAM_PROFILE_ADV_START` on the sample at RCX. Clobbers RAX, RDX.
+pub(crate) fn adv_start64(b: &mut Builder) -> Result<(), BuildError> {
+    let a = b.a();
+    a.rdtsc()?;
+    a.shl(rdx, 32)?;
+    a.or(rax, rdx)?;
+    a.mov(qword_ptr(rcx + prof::TS), rax)?;
+    Ok(())
+}
+
+/// 64-bit `STAM_PROFILE_ADV_STOP` on the sample at RCX. Clobbers RAX, RDX, R8.
+pub(crate) fn adv_stop64(b: &mut Builder) -> Result<(), BuildError> {
+    let a = b.a();
+    let mut done = a.create_label();
+    let mut no_max = a.create_label();
+    let mut no_min = a.create_label();
+    a.mov(r8, qword_ptr(rcx + prof::TS))?;
+    a.test(r8, r8)?;
+    a.jz(done)?;
+    a.rdtsc()?;
+    a.shl(rdx, 32)?;
+    a.or(rax, rdx)?;
+    a.sub(rax, r8)?;
+    a.add(qword_ptr(rcx + prof::TICKS), rax)?;
+    a.add(qword_ptr(rcx + prof::PERIODS), 1)?;
+    a.cmp(rax, qword_ptr(rcx + prof::MAX))?;
+    a.jbe(no_max)?;
+    a.mov(qword_ptr(rcx + prof::MAX), rax)?;
+    a.set_label(&mut no_max)?;
+    a.cmp(rax, qword_ptr(rcx + prof::MIN))?;
+    a.jae(no_min)?;
+    a.mov(qword_ptr(rcx + prof::MIN), rax)?;
+    a.set_label(&mut no_min)?;
+    a.mov(qword_ptr(rcx + prof::TS), 0)?;
+    a.set_label(&mut done)?;
+    Ok(())
+}
+
+/// The LVTs the reference revision masks, with their `fApicDisVectors` bits,
+/// in mask/restore order. THMR is only a candidate when max-LVT ≥ 5.
+pub(crate) const NMI_LVTS: [(u32, apic::DisVectors); 4] = [
+    (apic::reg::LVT_LINT0, apic::DisVectors::LINT0),
+    (apic::reg::LVT_LINT1, apic::DisVectors::LINT1),
+    (apic::reg::LVT_PC, apic::DisVectors::PC),
+    (apic::reg::LVT_THMR, apic::DisVectors::THMR),
+];
+
+fn lvt_disp(reg: u32) -> i32 {
+    reg as i32
+}
+
+/// xAPIC NMI masking. In: EDX = CPUMCPU (current view). Clobbers EAX, EBX,
+/// ECX, EDI. Always rewrites `apic_dis_vectors` (0 when there is no APIC).
+pub(crate) fn apic_mask32(b: &mut Builder) -> Result<(), BuildError> {
+    use cpum::layout as l;
+    let a = b.a();
+    let mut store = a.create_label();
+    a.xor(edi, edi)?;
+    a.mov(ebx, dword_ptr(edx + l::APIC_BASE as i32))?;
+    a.test(ebx, ebx)?;
+    a.jz(store)?;
+    for (i, (reg, bit)) in NMI_LVTS.iter().enumerate() {
+        let mut skip = if i + 1 == NMI_LVTS.len() { store } else { a.create_label() };
+        if i == 3 {
+            // Thermal LVT only exists when the max-LVT index is at least 5.
+            a.mov(eax, dword_ptr(ebx + lvt_disp(apic::reg::VERSION)))?;
+            a.shr(eax, 16)?;
+            a.cmp(al, 5)?;
+            a.jb(skip)?;
+        }
+        a.mov(eax, dword_ptr(ebx + lvt_disp(*reg)))?;
+        a.mov(ecx, eax)?;
+        a.and(ecx, (apic::lvt::MASKED | apic::lvt::MODE_MASK) as i32)?;
+        a.cmp(ecx, apic::lvt::MODE_NMI as i32)?;
+        a.jne(skip)?;
+        a.or(edi, bit.bits() as i32)?;
+        a.or(eax, apic::lvt::MASKED as i32)?;
+        a.mov(dword_ptr(ebx + lvt_disp(*reg)), eax)?;
+        // Read back: the write has completed before we go on.
+        a.mov(eax, dword_ptr(ebx + lvt_disp(*reg)))?;
+        if i + 1 == NMI_LVTS.len() {
+            store = skip;
+        }
+        a.set_label(&mut skip)?;
+    }
+    a.mov(dword_ptr(edx + l::APIC_DIS_VECTORS as i32), edi)?;
+    Ok(())
+}
+
+/// xAPIC NMI unmasking. In: ECX = `apic_dis_vectors`, `base` = APIC page
+/// (may be 0: nothing is done). Clobbers ECX and flags only.
+pub(crate) fn apic_unmask32(b: &mut Builder, base: AsmRegister32) -> Result<(), BuildError> {
+    let a = b.a();
+    let mut done = a.create_label();
+    a.test(base, base)?;
+    a.jz(done)?;
+    for (i, (reg, _bit)) in NMI_LVTS.iter().enumerate() {
+        let mut skip = if i + 1 == NMI_LVTS.len() { done } else { a.create_label() };
+        a.shr(ecx, 1)?;
+        a.jae(skip)?;
+        a.and(dword_ptr(base + lvt_disp(*reg)), !apic::lvt::MASKED as i32)?;
+        a.set_label(&mut skip)?;
+    }
+    // The caller's next instruction carries `done`.
+    let _ = &mut done;
+    Ok(())
+}
