@@ -105,6 +105,7 @@ struct Section {
     start: u32,
     names: Vec<(&'static str, CodeLabel)>,
     fixups: Vec<PendingFixup>,
+    raw_code: Vec<usize>,
 }
 
 /// The output of [`Builder::finish`].
@@ -118,6 +119,8 @@ pub struct Assembled {
     pub labels: BTreeMap<&'static str, u32>,
     /// `(start, end, bitness)` of every section.
     pub sections: Vec<(u32, u32, u32)>,
+    /// Byte ranges emitted as data (`db`/`dw`/`dd`/`dq`), never executed.
+    pub data: Vec<core::ops::Range<u32>>,
 }
 
 /// Builds a template section by section.
@@ -128,6 +131,7 @@ pub struct Builder {
     sections: Vec<(u32, u32, u32)>,
     cur: Option<Section>,
     placed: Vec<&'static str>,
+    data: Vec<core::ops::Range<u32>>,
 }
 
 impl core::fmt::Debug for Builder {
@@ -152,6 +156,7 @@ impl Builder {
             sections: Vec::new(),
             cur: None,
             placed: Vec::new(),
+            data: Vec::new(),
         };
         b.section(bitness)?;
         Ok(b)
@@ -182,6 +187,7 @@ impl Builder {
             start,
             names: Vec::new(),
             fixups: Vec::new(),
+            raw_code: Vec::new(),
         });
         Ok(())
     }
@@ -219,6 +225,18 @@ impl Builder {
         }
         self.placed.push(name);
         Ok(l)
+    }
+
+    /// Emits a hand-encoded instruction (executed code, unlike `db` data).
+    ///
+    /// # Errors
+    /// iced rejects the bytes.
+    pub fn raw_code(&mut self, bytes: &[u8]) -> Result<(), BuildError> {
+        if let Some(s) = self.cur.as_mut() {
+            s.raw_code.push(s.asm.instructions().len());
+            s.asm.db(bytes)?;
+        }
+        Ok(())
     }
 
     /// Records a fixup on the next instruction emitted in this section.
@@ -314,6 +332,27 @@ impl Builder {
                 label,
             ));
         }
+        for (i, insn) in s.asm.instructions().iter().enumerate() {
+            if s.raw_code.contains(&i) {
+                continue;
+            }
+            let elem = match insn.code() {
+                iced_x86::Code::DeclareByte => 1,
+                iced_x86::Code::DeclareWord => 2,
+                iced_x86::Code::DeclareDword => 4,
+                iced_x86::Code::DeclareQword => 8,
+                _ => continue,
+            };
+            let Some(&rel) = res.inner.new_instruction_offsets.get(i) else {
+                continue;
+            };
+            let start = s.start + rel;
+            let end = start + (elem * insn.declare_data_len()) as u32;
+            match self.data.last_mut() {
+                Some(last) if last.end == start => last.end = end,
+                _ => self.data.push(start..end),
+            }
+        }
         let end = s.start + u32::try_from(bytes.len()).map_err(|_| BuildError::TooLarge)?;
         self.code.extend_from_slice(bytes);
         self.sections.push((s.start, end, bitness));
@@ -343,6 +382,7 @@ impl Builder {
             fixups,
             labels: self.labels,
             sections: self.sections,
+            data: self.data,
         })
     }
 }

@@ -185,6 +185,8 @@ pub struct SwitcherDef {
     pub regions: Vec<Region>,
     /// Named labels and their offsets.
     pub labels: BTreeMap<&'static str, u32>,
+    /// Byte ranges inside regions that hold data (pointer slots), not code.
+    pub data: Vec<Range<u32>>,
 }
 
 impl SwitcherDef {
@@ -198,42 +200,26 @@ impl SwitcherDef {
         self.regions.iter().find(|r| r.range.contains(&off))
     }
 
-    /// The five VirtualBox ranges: HC0/HC1 are the first and last HC regions,
-    /// ID0/ID1 the identity code on the way in and the way out, GC the
-    /// hypervisor-context code. A kind that has no such code gets an empty range.
+    /// The five VirtualBox ranges. Each region's name starts with the slot it
+    /// belongs to (`HC0`, `HC1`, `ID0`, `ID1`, `GC`); a slot is the span of its
+    /// regions, or empty when the switcher has none.
     pub fn vbox_regions(&self) -> VboxRegions {
-        // Group consecutive regions of one view into runs.
-        let mut runs: Vec<(View, Range<u32>)> = Vec::new();
-        for r in &self.regions {
-            match runs.last_mut() {
-                Some((v, range)) if *v == r.view => range.end = r.range.end,
-                _ => runs.push((r.view, r.range.clone())),
+        let slot = |prefix: &str| -> Range<u32> {
+            let mut it = self.regions.iter().filter(|r| r.name.starts_with(prefix));
+            let Some(first) = it.next() else { return 0..0 };
+            let mut span = first.range.clone();
+            for r in it {
+                span.start = span.start.min(r.range.start);
+                span.end = span.end.max(r.range.end);
             }
-        }
-        let of = |view: View| -> Vec<Range<u32>> {
-            runs.iter()
-                .filter(|(v, _)| *v == view)
-                .map(|(_, r)| r.clone())
-                .collect()
+            span
         };
-        let hc = of(View::Hc);
-        let id = of(View::Id);
-        let gc = of(View::Rc);
-        let nth = |v: &[Range<u32>], i: usize| v.get(i).cloned().unwrap_or(0..0);
         VboxRegions {
-            hc0: nth(&hc, 0),
-            hc1: if hc.len() > 1 {
-                nth(&hc, hc.len() - 1)
-            } else {
-                0..0
-            },
-            id0: nth(&id, 0),
-            id1: if id.len() > 1 {
-                nth(&id, id.len() - 1)
-            } else {
-                0..0
-            },
-            gc: nth(&gc, 0),
+            hc0: slot("HC0"),
+            hc1: slot("HC1"),
+            id0: slot("ID0"),
+            id1: slot("ID1"),
+            gc: slot("GC"),
         }
     }
 

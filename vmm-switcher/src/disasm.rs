@@ -31,6 +31,9 @@ pub struct Line {
     pub labels: Vec<String>,
     /// Fixups whose field lies in this instruction: `(kind name, value)`.
     pub fixups: Vec<(String, u64)>,
+    /// The decoded instruction (`None` for a data slot).
+    #[serde(skip)]
+    pub insn: Option<Instruction>,
 }
 
 /// The base address of `view` for this switcher copy.
@@ -48,52 +51,100 @@ pub fn lines(def: &SwitcherDef, code: &[u8], ctx: &RelocContext, rel: &Relocated
     let mut fmt = IntelFormatter::new();
     fmt.options_mut().set_first_operand_char_index(8);
     for region in &def.regions {
-        let (start, end) = (
-            region.range.start as usize,
-            (region.range.end as usize).min(code.len()),
-        );
-        let Some(bytes) = code.get(start..end) else {
-            continue;
-        };
-        let base = view_base(ctx, region.view).wrapping_add(u64::from(region.range.start));
-        let mut dec = Decoder::with_ip(region.bits, bytes, base, DecoderOptions::NONE);
-        let mut insn = Instruction::default();
-        while dec.can_decode() {
-            let pos = dec.position();
-            dec.decode_out(&mut insn);
-            let off = region.range.start + pos as u32;
-            let len = insn.len() as u32;
-            let mut text = String::new();
-            fmt.format(&insn, &mut text);
-            let labels = def
-                .labels
-                .iter()
-                .filter(|(_, &o)| o == off)
-                .map(|(n, _)| (*n).to_string())
-                .chain(
-                    def.entries
-                        .named()
-                        .iter()
-                        .filter(|(_, o)| *o == off)
-                        .map(|(n, _)| format!("entry:{n}")),
-                )
-                .collect();
-            let fixups = rel
-                .applied
-                .iter()
-                .filter(|f| f.record.off >= off && f.record.off < off + len)
-                .map(|f| (f.record.kind.vbox_name().to_string(), f.value))
-                .collect();
-            out.push(Line {
-                off,
-                addr: insn.ip(),
-                view: region.view,
-                bits: region.bits,
-                bytes: bytes[pos..pos + len as usize].to_vec(),
-                text,
-                labels,
-                fixups,
-            });
+        let view_base = view_base(ctx, region.view);
+        // Split the region into code runs and data slots.
+        let mut pieces: Vec<(u32, u32, bool)> = Vec::new();
+        let mut at = region.range.start;
+        for d in def
+            .data
+            .iter()
+            .filter(|d| d.start >= region.range.start && d.end <= region.range.end)
+        {
+            if d.start > at {
+                pieces.push((at, d.start, false));
+            }
+            pieces.push((d.start, d.end, true));
+            at = d.end;
+        }
+        if at < region.range.end {
+            pieces.push((at, region.range.end, false));
+        }
+        for (start, end, is_data) in pieces {
+            let Some(bytes) = code.get(start as usize..(end as usize).min(code.len())) else {
+                continue;
+            };
+            let fixups_in = |off: u32, len: u32| -> Vec<(String, u64)> {
+                rel.applied
+                    .iter()
+                    .filter(|f| f.record.off >= off && f.record.off < off + len)
+                    .map(|f| (f.record.kind.vbox_name().to_string(), f.value))
+                    .collect()
+            };
+            let labels_at = |off: u32| -> Vec<String> {
+                def.labels
+                    .iter()
+                    .filter(|(_, &o)| o == off)
+                    .map(|(n, _)| (*n).to_string())
+                    .chain(
+                        def.entries
+                            .named()
+                            .iter()
+                            .filter(|(_, o)| *o == off)
+                            .map(|(n, _)| format!("entry:{n}")),
+                    )
+                    .collect()
+            };
+            if is_data {
+                let hex = bytes
+                    .iter()
+                    .rev()
+                    .map(|b| format!("{b:02x}"))
+                    .collect::<String>();
+                let dir = match bytes.len() {
+                    2 => "dw",
+                    4 => "dd",
+                    8 => "dq",
+                    _ => "db",
+                };
+                out.push(Line {
+                    off: start,
+                    addr: view_base.wrapping_add(u64::from(start)),
+                    view: region.view,
+                    bits: region.bits,
+                    bytes: bytes.to_vec(),
+                    text: format!("{dir:<8}0x{hex}"),
+                    labels: labels_at(start),
+                    fixups: fixups_in(start, end - start),
+                    insn: None,
+                });
+                continue;
+            }
+            let mut dec = Decoder::with_ip(
+                region.bits,
+                bytes,
+                view_base.wrapping_add(u64::from(start)),
+                DecoderOptions::NONE,
+            );
+            let mut insn = Instruction::default();
+            while dec.can_decode() {
+                let pos = dec.position();
+                dec.decode_out(&mut insn);
+                let off = start + pos as u32;
+                let len = insn.len() as u32;
+                let mut text = String::new();
+                fmt.format(&insn, &mut text);
+                out.push(Line {
+                    off,
+                    addr: insn.ip(),
+                    view: region.view,
+                    bits: region.bits,
+                    bytes: bytes[pos..pos + len as usize].to_vec(),
+                    text,
+                    labels: labels_at(off),
+                    fixups: fixups_in(off, len),
+                    insn: Some(insn),
+                });
+            }
         }
     }
     out

@@ -579,5 +579,6 @@ pub fn build(
         entries,
         regions,
         labels: t.labels,
+        data: t.data,
     })
 }

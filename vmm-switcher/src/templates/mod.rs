@@ -160,7 +160,7 @@ pub(crate) fn jmp_rel32_fix(
     target: &'static str,
 ) -> Result<(), BuildError> {
     b.fixup(kind, Slot::At(1), Operand::Label(target));
-    b.a().db(&[0xe9, 0xff, 0xff, 0xff, 0xff])?;
+    b.raw_code(&[0xe9, 0xff, 0xff, 0xff, 0xff])?;
     Ok(())
 }
 
@@ -171,7 +171,7 @@ pub(crate) fn jmp_far_fix(
     target: &'static str,
 ) -> Result<(), BuildError> {
     b.fixup(kind, Slot::At(1), Operand::Label(target));
-    b.a().db(&[0xea, 0xfe, 0xff, 0xff, 0xff, 0xff, 0xff])?;
+    b.raw_code(&[0xea, 0xfe, 0xff, 0xff, 0xff, 0xff, 0xff])?;
     Ok(())
 }
 
@@ -310,7 +310,11 @@ pub(crate) fn apic_mask32(b: &mut Builder) -> Result<(), BuildError> {
     a.test(ebx, ebx)?;
     a.jz(store)?;
     for (i, (reg, bit)) in NMI_LVTS.iter().enumerate() {
-        let mut skip = if i + 1 == NMI_LVTS.len() { store } else { a.create_label() };
+        let mut skip = if i + 1 == NMI_LVTS.len() {
+            store
+        } else {
+            a.create_label()
+        };
         if i == 3 {
             // Thermal LVT only exists when the max-LVT index is at least 5.
             a.mov(eax, dword_ptr(ebx + lvt_disp(apic::reg::VERSION)))?;
@@ -345,7 +349,11 @@ pub(crate) fn apic_unmask32(b: &mut Builder, base: AsmRegister32) -> Result<(), 
     a.test(base, base)?;
     a.jz(done)?;
     for (i, (reg, _bit)) in NMI_LVTS.iter().enumerate() {
-        let mut skip = if i + 1 == NMI_LVTS.len() { done } else { a.create_label() };
+        let mut skip = if i + 1 == NMI_LVTS.len() {
+            done
+        } else {
+            a.create_label()
+        };
         a.shr(ecx, 1)?;
         a.jae(skip)?;
         a.and(dword_ptr(base + lvt_disp(*reg)), !apic::lvt::MASKED as i32)?;

@@ -1,0 +1,466 @@
+//! The software page walker and the mapping lister.
+
+use crate::{EntryFlags, Flavour, Level, MapFlags, MemoryError, PageSize, TableMemory, FOUR_GIB};
+
+/// One level of a flavour's hierarchy: which linear-address bits index it,
+/// and whether a PS = 1 entry at this level ends the walk in a large page.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct LevelSpec {
+    pub(crate) level: Level,
+    pub(crate) shift: u32,
+    pub(crate) index_bits: u32,
+    pub(crate) large: Option<PageSize>,
+}
+
+impl LevelSpec {
+    pub(crate) const fn index(&self, virt: u64) -> u64 {
+        (virt >> self.shift) & ((1 << self.index_bits) - 1)
+    }
+}
+
+const fn spec(level: Level, shift: u32, index_bits: u32, large: Option<PageSize>) -> LevelSpec {
+    LevelSpec {
+        level,
+        shift,
+        index_bits,
+        large,
+    }
+}
+
+/// SDM §4.3: bits 31:22 index the PD, 21:12 the PT; PS = 1 in a PDE maps 4 MiB.
+const LEGACY32: [LevelSpec; 2] = [
+    spec(Level::Pd, 22, 10, Some(PageSize::Size4M)),
+    spec(Level::Pt, 12, 10, None),
+];
+/// SDM §4.4: bits 31:30 index the PDPT, 29:21 the PD, 20:12 the PT.
+const PAE: [LevelSpec; 3] = [
+    spec(Level::Pdpt, 30, 2, None),
+    spec(Level::Pd, 21, 9, Some(PageSize::Size2M)),
+    spec(Level::Pt, 12, 9, None),
+];
+/// SDM §4.5: bits 47:39, 38:30, 29:21 and 20:12.
+const LONG: [LevelSpec; 4] = [
+    spec(Level::Pml4, 39, 9, None),
+    spec(Level::Pdpt, 30, 9, Some(PageSize::Size1G)),
+    spec(Level::Pd, 21, 9, Some(PageSize::Size2M)),
+    spec(Level::Pt, 12, 9, None),
+];
+
+pub(crate) const fn levels(flavour: Flavour) -> &'static [LevelSpec] {
+    match flavour {
+        Flavour::Legacy32 => &LEGACY32,
+        Flavour::Pae => &PAE,
+        Flavour::Long => &LONG,
+    }
+}
+
+/// Physical-address bits of a table pointer in an entry.
+pub(crate) const fn table_addr_mask(flavour: Flavour) -> u64 {
+    match flavour {
+        Flavour::Legacy32 => 0xffff_f000,
+        Flavour::Pae | Flavour::Long => 0x000f_ffff_ffff_f000,
+    }
+}
+
+/// Physical-address bits of CR3 for `flavour` (the PAE PDPT is only
+/// 32-byte aligned).
+pub(crate) const fn root_addr_mask(flavour: Flavour) -> u64 {
+    match flavour {
+        Flavour::Legacy32 => 0xffff_f000,
+        Flavour::Pae => 0xffff_ffe0,
+        Flavour::Long => 0x000f_ffff_ffff_f000,
+    }
+}
+
+/// Bits of a PAE PDPTE that must be zero (only P, PWT, PCD, the ignored bits
+/// 11:9 and the address may be set; SDM §4.4.1, Table 4-8).
+const PAE_PDPTE_RESERVED: u64 = 0xfff0_0000_0000_01e6;
+/// Address bits between PAT (bit 12) and the page base that must be zero.
+const LARGE_2M_RESERVED: u64 = 0x1f_e000;
+const LARGE_1G_RESERVED: u64 = 0x3fff_e000;
+/// 32-bit 4 MiB PDE: bits 20:13 are physical-address bits 39:32 (PSE-36);
+/// bit 21 is reserved with a 40-bit MAXPHYADDR.
+const LARGE_4M_RESERVED: u64 = 1 << 21;
+
+/// Reads an entry of `flavour`'s width.
+pub(crate) fn read_entry<M: TableMemory + ?Sized>(
+    mem: &M,
+    flavour: Flavour,
+    addr: u64,
+) -> Result<u64, MemoryError> {
+    match flavour {
+        Flavour::Legacy32 => mem.read_u32(addr).map(u64::from),
+        Flavour::Pae | Flavour::Long => mem.read_u64(addr),
+    }
+}
+
+/// A walk could not produce a translation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, thiserror::Error)]
+pub enum WalkError {
+    /// The address is not a linear address of the flavour.
+    #[error("{virt:#x} is not a {flavour} linear address")]
+    VirtOutOfRange {
+        /// The address.
+        virt: u64,
+        /// The flavour walked.
+        flavour: Flavour,
+    },
+    /// An entry on the way has P = 0 (the CPU raises #PF).
+    #[error("{virt:#x} is not mapped ({flavour}): the {level} entry is not present")]
+    NotPresent {
+        /// The address.
+        virt: u64,
+        /// The flavour walked.
+        flavour: Flavour,
+        /// The level whose entry is not present.
+        level: Level,
+    },
+    /// An entry has reserved bits set (the CPU raises #PF with RSVD, or #GP
+    /// when loading a PAE PDPT).
+    #[error("{flavour} {level} entry {entry:#x} for {virt:#x} has reserved bits set")]
+    Reserved {
+        /// The address.
+        virt: u64,
+        /// The flavour walked.
+        flavour: Flavour,
+        /// The level of the bad entry.
+        level: Level,
+        /// The entry.
+        entry: u64,
+    },
+    /// A table the walk reached is not in the table memory.
+    #[error("cannot read the {level} entry for {virt:#x} ({flavour})")]
+    Memory {
+        /// The address.
+        virt: u64,
+        /// The flavour walked.
+        flavour: Flavour,
+        /// The level whose table could not be read.
+        level: Level,
+        /// The failed access.
+        #[source]
+        source: MemoryError,
+    },
+}
+
+/// One entry the walker read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct WalkStep {
+    /// The level of the table.
+    pub level: Level,
+    /// Physical address of the table.
+    pub table: u64,
+    /// Index of the entry in the table.
+    pub index: u16,
+    /// The entry (zero-extended for 32-bit tables).
+    pub entry: u64,
+}
+
+impl WalkStep {
+    /// Physical address of the entry.
+    pub fn entry_addr(&self, flavour: Flavour) -> u64 {
+        self.table + u64::from(self.index) * flavour.entry_size()
+    }
+
+    /// The entry's bits as [`EntryFlags`], unknown bits kept.
+    pub fn flags(&self) -> EntryFlags {
+        EntryFlags::from_bits_retain(self.entry)
+    }
+}
+
+/// The entries a walk read, root first (at most four).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct WalkPath {
+    steps: [WalkStep; 4],
+    len: usize,
+}
+
+impl WalkPath {
+    const fn new() -> Self {
+        const EMPTY: WalkStep = WalkStep {
+            level: Level::Pml4,
+            table: 0,
+            index: 0,
+            entry: 0,
+        };
+        Self {
+            steps: [EMPTY; 4],
+            len: 0,
+        }
+    }
+
+    fn push(&mut self, step: WalkStep) {
+        if let Some(slot) = self.steps.get_mut(self.len) {
+            *slot = step;
+            self.len += 1;
+        }
+    }
+
+    /// The steps, root first.
+    pub fn steps(&self) -> &[WalkStep] {
+        self.steps.get(..self.len).unwrap_or(&[])
+    }
+
+    /// The final (leaf) step.
+    pub fn leaf(&self) -> Option<&WalkStep> {
+        self.steps().last()
+    }
+}
+
+/// Where a linear address leads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Translation {
+    /// The linear address walked.
+    pub virt: u64,
+    /// The physical address it translates to (page base + offset).
+    pub phys: u64,
+    /// Size of the page it lies in.
+    pub page_size: PageSize,
+    /// The leaf entry's own attributes (what `map` was given).
+    pub flags: MapFlags,
+    /// Effective R/W: set at every level that has the bit.
+    pub writable: bool,
+    /// Effective U/S: set at every level that has the bit.
+    pub user: bool,
+    /// Effective XD: set at any level (never for 32-bit paging).
+    pub no_execute: bool,
+    /// The entries read, root first.
+    pub path: WalkPath,
+}
+
+/// Walk `flavour`'s tables rooted at physical `root` (the CR3 address bits)
+/// for `virt`, reading `mem` as the CPU would.
+///
+/// Assumes CR4.PSE = 1 for 32-bit paging (4 MiB pages, with PSE-36 address
+/// bits), EFER.NXE = 1 for PAE and long mode (XD allowed), 1 GiB pages
+/// supported, and a 52-bit MAXPHYADDR. Bit 7 of a PTE is PAT, never PS.
+///
+/// # Errors
+///
+/// [`WalkError`] naming the address, the level and, for bad entries, the entry.
+pub fn walk<M: TableMemory + ?Sized>(
+    mem: &M,
+    flavour: Flavour,
+    root: u64,
+    virt: u64,
+) -> Result<Translation, WalkError> {
+    if !flavour.is_valid_virt(virt) {
+        return Err(WalkError::VirtOutOfRange { virt, flavour });
+    }
+    let mut table = root & root_addr_mask(flavour);
+    let mut path = WalkPath::new();
+    let (mut writable, mut user, mut no_execute) = (true, true, false);
+    for spec in levels(flavour) {
+        let index = spec.index(virt);
+        let entry =
+            read_entry(mem, flavour, table + index * flavour.entry_size()).map_err(|source| {
+                WalkError::Memory {
+                    virt,
+                    flavour,
+                    level: spec.level,
+                    source,
+                }
+            })?;
+        path.push(WalkStep {
+            level: spec.level,
+            table,
+            index: index as u16,
+            entry,
+        });
+        if entry & EntryFlags::PRESENT.bits() == 0 {
+            return Err(WalkError::NotPresent {
+                virt,
+                flavour,
+                level: spec.level,
+            });
+        }
+        let reserved = WalkError::Reserved {
+            virt,
+            flavour,
+            level: spec.level,
+            entry,
+        };
+        let pae_root = flavour == Flavour::Pae && spec.level == Level::Pdpt;
+        if pae_root {
+            // PDPTEs carry no R/W, U/S or XD.
+            if entry & PAE_PDPTE_RESERVED != 0 {
+                return Err(reserved);
+            }
+        } else {
+            writable &= entry & EntryFlags::WRITABLE.bits() != 0;
+            user &= entry & EntryFlags::USER.bits() != 0;
+            no_execute |=
+                flavour != Flavour::Legacy32 && entry & EntryFlags::NO_EXECUTE.bits() != 0;
+        }
+        let is_large = entry & EntryFlags::LARGE.bits() != 0;
+        if flavour == Flavour::Long && spec.level == Level::Pml4 && is_large {
+            return Err(reserved);
+        }
+        let leaf_size = match spec.large {
+            Some(size) if is_large => Some(size),
+            _ if spec.level == Level::Pt => Some(PageSize::Size4K),
+            _ => None,
+        };
+        if let Some(page_size) = leaf_size {
+            let base = leaf_base(flavour, page_size, entry).ok_or(reserved)?;
+            return Ok(Translation {
+                virt,
+                phys: base + (virt & (page_size.bytes() - 1)),
+                page_size,
+                flags: leaf_flags(flavour, entry),
+                writable,
+                user,
+                no_execute,
+                path,
+            });
+        }
+        table = entry & table_addr_mask(flavour);
+    }
+    // Every hierarchy ends in a PT level, which always returns above.
+    Err(WalkError::NotPresent {
+        virt,
+        flavour,
+        level: Level::Pt,
+    })
+}
+
+/// Page base of a leaf entry, or `None` if its reserved address bits are set.
+fn leaf_base(flavour: Flavour, size: PageSize, entry: u64) -> Option<u64> {
+    let addr = entry & table_addr_mask(flavour);
+    match size {
+        PageSize::Size4K => Some(addr),
+        PageSize::Size4M => (entry & LARGE_4M_RESERVED == 0)
+            .then_some((entry & 0xffc0_0000) | (((entry >> 13) & 0xff) << 32)),
+        PageSize::Size2M => (entry & LARGE_2M_RESERVED == 0).then_some(addr & !(size.bytes() - 1)),
+        PageSize::Size1G => (entry & LARGE_1G_RESERVED == 0).then_some(addr & !(size.bytes() - 1)),
+    }
+}
+
+/// The [`MapFlags`] of a leaf entry (XD only where the flavour has it).
+pub(crate) fn leaf_flags(flavour: Flavour, entry: u64) -> MapFlags {
+    let flags = MapFlags::from_bits_retain(entry & MapFlags::all().bits());
+    if flavour == Flavour::Legacy32 {
+        flags - MapFlags::NO_EXECUTE
+    } else {
+        flags
+    }
+}
+
+/// A run of linear addresses mapped to contiguous physical memory with one
+/// set of leaf attributes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Mapping {
+    /// First linear address.
+    pub virt: u64,
+    /// Physical address of `virt`.
+    pub phys: u64,
+    /// Length in bytes.
+    pub len: u64,
+    /// Leaf attributes.
+    pub flags: MapFlags,
+}
+
+/// Every present leaf under `root`, merged into runs, in ascending
+/// linear-address order (long-mode upper-half addresses sign-extended).
+pub(crate) fn list<M: TableMemory + ?Sized>(
+    mem: &M,
+    flavour: Flavour,
+    root: u64,
+) -> Result<Vec<Mapping>, WalkError> {
+    let mut out: Vec<Mapping> = Vec::new();
+    visit(mem, flavour, 0, root & root_addr_mask(flavour), 0, &mut out)?;
+    Ok(out)
+}
+
+fn visit<M: TableMemory + ?Sized>(
+    mem: &M,
+    flavour: Flavour,
+    depth: usize,
+    table: u64,
+    prefix: u64,
+    out: &mut Vec<Mapping>,
+) -> Result<(), WalkError> {
+    let specs = levels(flavour);
+    let Some(spec) = specs.get(depth) else {
+        return Ok(());
+    };
+    for index in 0..(1u64 << spec.index_bits) {
+        let mut virt = prefix | (index << spec.shift);
+        if flavour == Flavour::Long && virt & (1 << 47) != 0 {
+            virt |= 0xffff_0000_0000_0000;
+        }
+        let entry =
+            read_entry(mem, flavour, table + index * flavour.entry_size()).map_err(|source| {
+                WalkError::Memory {
+                    virt,
+                    flavour,
+                    level: spec.level,
+                    source,
+                }
+            })?;
+        if entry & EntryFlags::PRESENT.bits() == 0 {
+            continue;
+        }
+        let reserved = WalkError::Reserved {
+            virt,
+            flavour,
+            level: spec.level,
+            entry,
+        };
+        if flavour == Flavour::Pae && spec.level == Level::Pdpt && entry & PAE_PDPTE_RESERVED != 0 {
+            return Err(reserved);
+        }
+        let is_large = entry & EntryFlags::LARGE.bits() != 0;
+        if flavour == Flavour::Long && spec.level == Level::Pml4 && is_large {
+            return Err(reserved);
+        }
+        let leaf_size = match spec.large {
+            Some(size) if is_large => Some(size),
+            _ if spec.level == Level::Pt => Some(PageSize::Size4K),
+            _ => None,
+        };
+        match leaf_size {
+            Some(size) => {
+                let phys = leaf_base(flavour, size, entry).ok_or(reserved)?;
+                push_merged(
+                    out,
+                    Mapping {
+                        virt,
+                        phys,
+                        len: size.bytes(),
+                        flags: leaf_flags(flavour, entry),
+                    },
+                );
+            }
+            None => visit(
+                mem,
+                flavour,
+                depth + 1,
+                entry & table_addr_mask(flavour),
+                virt,
+                out,
+            )?,
+        }
+    }
+    Ok(())
+}
+
+fn push_merged(out: &mut Vec<Mapping>, m: Mapping) {
+    if let Some(last) = out.last_mut() {
+        if last.flags == m.flags
+            && last.virt.wrapping_add(last.len) == m.virt
+            && last.phys.wrapping_add(last.len) == m.phys
+        {
+            last.len += m.len;
+            return;
+        }
+    }
+    out.push(m);
+}
+
+const _: () = {
+    assert!(LEGACY32[0].shift + LEGACY32[0].index_bits == 32);
+    assert!(PAE[0].shift + PAE[0].index_bits == 32);
+    assert!(LONG[0].shift + LONG[0].index_bits == 48);
+    assert!(1u64 << (PAE[0].shift + PAE[0].index_bits) == FOUR_GIB);
+};

@@ -1,0 +1,539 @@
+//! Decodes relocated switchers with iced-x86 and proves the relocation:
+//! no placeholder left, every branch lands on an instruction start in the
+//! intended region, absolute values equal the context's addresses and every
+//! structure displacement is a layout offset.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use common::{all_options, both, ctx, VM};
+use iced_x86::{Code, FlowControl, Instruction, OpKind, Register};
+use proptest::prelude::*;
+use vmm_switcher::def::View;
+use vmm_switcher::reloc::{field_width, patch_len};
+use vmm_switcher::templates::{legacy_amd64, Revision, Step, TemplateOptions};
+use vmm_switcher::{
+    relocate, FixupKind as K, HcAddr, PhysAddr, RcAddr, RelocContext, RelocError, SwitcherDef,
+};
+
+struct Decoded {
+    /// (view, address) → (offset, instruction)
+    by_addr: BTreeMap<(View, u64), (u32, Instruction)>,
+    insns: Vec<(u32, View, u32, Instruction)>,
+}
+
+fn base(c: &RelocContext, v: View) -> u64 {
+    vmm_switcher::disasm::view_base(c, v)
+}
+
+fn decode(def: &SwitcherDef, code: &[u8], c: &RelocContext) -> Decoded {
+    let mut d = Decoded {
+        by_addr: BTreeMap::new(),
+        insns: Vec::new(),
+    };
+    let mut probe = code.to_vec();
+    let rel = relocate(def, &mut probe, c).expect("relocates");
+    for line in vmm_switcher::disasm::lines(def, code, c, &rel) {
+        if let Some(insn) = line.insn {
+            d.by_addr.insert((line.view, insn.ip()), (line.off, insn));
+            d.insns.push((line.off, line.view, line.bits, insn));
+        }
+    }
+    d
+}
+
+/// Offsets of data slots (never executed) inside the 64-bit code.
+fn data_ranges(def: &SwitcherDef) -> Vec<std::ops::Range<u32>> {
+    assert_eq!(
+        def.data.len(),
+        2,
+        "two runs of pointer slots: {:?}",
+        def.data
+    );
+    def.data.clone()
+}
+
+fn layout_offsets() -> BTreeSet<i64> {
+    use cpum::layout as l;
+    let mut s: BTreeSet<i64> = [
+        l::HOST32_EBX,
+        l::HOST32_EDI,
+        l::HOST32_ESI,
+        l::HOST32_EBP,
+        l::HOST32_ESP,
+        l::HOST32_SS,
+        l::HOST32_GS,
+        l::HOST32_FS,
+        l::HOST32_ES,
+        l::HOST32_DS,
+        l::HOST32_CR0,
+        l::HOST32_CR3,
+        l::HOST32_CR4,
+        l::HOST32_GDTR,
+        l::HOST32_IDTR,
+        l::HOST32_LDTR,
+        l::HOST32_TR,
+        l::HOST32_EFER,
+        l::HOST32_EFER + 4,
+        l::GUEST_FPU,
+        l::HYPER_RSP,
+        l::HYPER_RIP,
+        l::HYPER_GDTR,
+        l::HYPER_LSS_ESP,
+        l::USE_FLAGS,
+        l::RET_CODE,
+        l::APIC_BASE,
+        l::APIC_DIS_VECTORS,
+        l::HOST32_GDTR + core::mem::offset_of!(cpum::regs::Xdtr32, base),
+    ]
+    .into_iter()
+    .map(|x| x as i64)
+    .collect();
+    for n in 0..8 {
+        s.insert((l::GUEST_DR + 8 * n) as i64);
+    }
+    s
+}
+
+fn check(def: &SwitcherDef, o: &TemplateOptions, c: &RelocContext) {
+    let mut code = def.code.clone();
+    let rel = relocate(def, &mut code, c).expect("relocates");
+    assert_eq!(rel.applied.len(), def.fixups.len());
+    let d = decode(def, &code, c);
+    let data = data_ranges(def);
+    let is_data = |off: u32| data.iter().any(|r| r.contains(&off));
+    let starts: BTreeSet<u32> = d
+        .insns
+        .iter()
+        .map(|x| x.0)
+        .filter(|o| !is_data(*o))
+        .collect();
+
+    // 1. No placeholder left in any field the fixups name, nor in any decoded constant.
+    for f in &def.fixups {
+        let w = field_width(f.kind).max(4);
+        let bytes =
+            &code[f.off as usize..f.off as usize + w.min(patch_len(f.kind) as usize).max(2)];
+        assert!(
+            bytes.iter().any(|&b| b != 0xff),
+            "{:?} at {:#x} still holds a placeholder",
+            f.kind,
+            f.off
+        );
+    }
+    for (off, _, _, insn) in &d.insns {
+        if is_data(*off) {
+            continue;
+        }
+        for i in 0..insn.op_count() {
+            if matches!(
+                insn.op_kind(i),
+                OpKind::Immediate32 | OpKind::Immediate32to64
+            ) {
+                assert_ne!(
+                    insn.immediate32(),
+                    0xffff_ffff,
+                    "placeholder imm at {off:#x}: {insn}"
+                );
+            }
+        }
+        assert_ne!(
+            insn.memory_displacement32(),
+            0xffff_ffff,
+            "placeholder disp at {off:#x}"
+        );
+    }
+
+    // 2. Every branch lands on an instruction start in the intended region.
+    let view_of = |off: u32| def.region_of(off).map(|r| r.view);
+    for (off, view, _bits, insn) in &d.insns {
+        if is_data(*off) {
+            continue;
+        }
+        match insn.flow_control() {
+            FlowControl::UnconditionalBranch
+            | FlowControl::ConditionalBranch
+            | FlowControl::Call
+                if insn.op0_kind() == OpKind::NearBranch32
+                    || insn.op0_kind() == OpKind::NearBranch64 =>
+            {
+                let t = insn.near_branch_target();
+                let fix = def
+                    .fixups
+                    .iter()
+                    .find(|f| f.off > *off && f.off < *off + insn.len() as u32);
+                let want = match fix.map(|f| f.kind) {
+                    Some(K::Hc2IdNearRel) => View::Id,
+                    Some(K::Id2HcNearRel) => View::Hc,
+                    Some(k) => panic!("unexpected branch fixup {k:?}"),
+                    None => *view,
+                };
+                let t_off = t.wrapping_sub(base(c, want)) as u32;
+                assert!(
+                    starts.contains(&t_off),
+                    "branch at {off:#x} to {t:#x} is not an instruction start"
+                );
+                assert_eq!(
+                    view_of(t_off),
+                    Some(want),
+                    "branch at {off:#x} leaves its intended view"
+                );
+            }
+            _ => {}
+        }
+        if insn.code() == Code::Jmp_ptr1632 {
+            assert_eq!(insn.far_branch_selector(), c.sel.cs64);
+            let t_off = insn.far_branch32().wrapping_sub(c.code_id.0 as u32);
+            assert_eq!(Some(t_off), def.labels.get("IDEnter64Mode").copied());
+            assert!(starts.contains(&t_off));
+        }
+    }
+    // The 64-bit absolute slot and the 16:32 far pointer.
+    let slot = def.labels["pICEnterTarget"] as usize;
+    let v = u64::from_le_bytes(code[slot..slot + 8].try_into().unwrap_or_default());
+    assert_eq!(v, c.code_id.0 + u64::from(def.labels["ICEnterTarget"]));
+    let fp = def.labels["fpIDEnterTarget"] as usize;
+    let off32 = u32::from_le_bytes(code[fp..fp + 4].try_into().unwrap_or_default());
+    let sel = u16::from_le_bytes([code[fp + 4], code[fp + 5]]);
+    assert_eq!(
+        u64::from(off32),
+        c.code_id.0 + u64::from(def.labels["IDExitTarget"])
+    );
+    assert_eq!(sel, c.sel.cs);
+    assert_eq!(view_of(off32 - c.code_id.0 as u32), Some(View::Id));
+
+    // 3. Absolute values equal the context's addresses.
+    for a in &rel.applied {
+        let op = u64::from(a.record.operand.unwrap_or(0));
+        let expect = match a.record.kind {
+            K::HcVmOff => c.vm_hc.0 + op,
+            K::HcCpumOff => c.vm_hc.0 + u64::from(c.cpum_off) + op,
+            K::GcVmOff => u64::from(c.vm_rc.0) + op,
+            K::GcCpumOff | K::Gc64BitCpumOff => u64::from(c.vm_rc.0) + u64::from(c.cpum_off) + op,
+            K::Inter32BitCr3 => c.inter_cr3.legacy32.0,
+            K::InterPaeCr3 => c.inter_cr3.pae.0,
+            K::InterAmd64Cr3 => c.inter_cr3.amd64.0,
+            K::HyperCs => u64::from(c.sel.cs),
+            K::HyperDs => u64::from(c.sel.ds),
+            K::EferOrMask => 0x901,
+            K::Hc64BitNoCheck | K::Id32Bit => c.code_id.0 + op,
+            K::IdFar32To64BitMode => (c.code_id.0 + op) | (u64::from(c.sel.cs64) << 32),
+            K::Hc2IdNearRel | K::Id2HcNearRel => continue,
+            k => panic!("unexpected fixup kind {k:?} at {:#x}", a.record.off),
+        };
+        assert_eq!(
+            a.value, expect,
+            "{:?} at {:#x}",
+            a.record.kind, a.record.off
+        );
+    }
+    for (k, stat) in [(K::HcVmOff, VM.stat_to_gc), (K::GcVmOff, VM.stat_to_gc)] {
+        let n = def
+            .fixups
+            .iter()
+            .filter(|f| f.kind == k && f.operand == Some(stat))
+            .count();
+        assert_eq!(
+            n,
+            usize::from(o.stats),
+            "{k:?} ToGC fixups with stats={}",
+            o.stats
+        );
+    }
+
+    // 4. Every displacement off the CPUMCPU pointer is a layout offset.
+    let offs = layout_offsets();
+    let prof: BTreeSet<i64> = [0, 4, 8, 12, 16, 20, 24, 28, 32, 36].into_iter().collect();
+    let apic: BTreeSet<i64> = [0x30, 0x330, 0x340, 0x350, 0x360].into_iter().collect();
+    let mut seen_cpumcpu = 0;
+    for (off, _, _, insn) in &d.insns {
+        if is_data(*off) || insn.op_count() == 0 {
+            continue;
+        }
+        let has_mem = (0..insn.op_count()).any(|i| insn.op_kind(i) == OpKind::Memory);
+        if !has_mem || insn.memory_base() == Register::RIP || insn.memory_base() == Register::ESP {
+            continue;
+        }
+        let disp = i64::from(insn.memory_displacement32() as i32);
+        match insn.memory_base() {
+            Register::EDX | Register::RDX => {
+                seen_cpumcpu += 1;
+                assert!(
+                    offs.contains(&disp) || apic.contains(&disp),
+                    "edx+{disp:#x} at {off:#x}: {insn}"
+                );
+            }
+            Register::ECX | Register::RCX => {
+                assert!(prof.contains(&disp), "ecx+{disp:#x} at {off:#x}")
+            }
+            Register::EBX => assert!(
+                apic.contains(&disp) || offs.contains(&disp),
+                "ebx+{disp:#x} at {off:#x}"
+            ),
+            Register::EAX => assert!(disp == 0 || disp == 4, "eax+{disp:#x} at {off:#x}"),
+            r => panic!("unexpected base {r:?} at {off:#x}: {insn}"),
+        }
+    }
+    assert!(seen_cpumcpu > 40);
+
+    // Options show in the code.
+    let outs = d
+        .insns
+        .iter()
+        .filter(|x| x.3.code() == Code::Out_DX_AL)
+        .count();
+    if o.trace {
+        let expected = Step::ALL.len()
+            - usize::from(!o.apic_nmi_masking) * 2
+            - usize::from(o.apic_nmi_masking && o.revision == Revision::B);
+        assert_eq!(outs, expected, "trace characters");
+    } else {
+        assert_eq!(outs, 0);
+    }
+    let marker_writes = d
+        .insns
+        .iter()
+        .filter(|x| {
+            x.3.code() == Code::Mov_rm32_imm32
+                && x.3.memory_displacement32() as usize == cpum::layout::GUEST_DR + 32
+        })
+        .count();
+    assert_eq!(marker_writes > 0, o.crash_markers);
+    let apic_and = d
+        .insns
+        .iter()
+        .filter(|x| {
+            x.3.code() == Code::And_rm32_imm32
+                && x.3.op0_kind() == OpKind::Memory
+                && x.3.immediate32() == !0x1_0000
+        })
+        .collect::<Vec<_>>();
+    if o.apic_nmi_masking {
+        assert_eq!(apic_and.len(), 4);
+        let hc1 = def.labels["ICExitTarget"];
+        let in_exit_path = apic_and.iter().all(|x| x.0 >= hc1);
+        assert_eq!(in_exit_path, o.revision == Revision::A, "unmask placement");
+    } else {
+        assert!(apic_and.is_empty());
+    }
+
+    // Idempotent.
+    let mut again = code.clone();
+    let rel2 = relocate(def, &mut again, c).expect("relocates again");
+    assert_eq!(again, code);
+    assert_eq!(rel2, rel);
+}
+
+#[test]
+fn every_option_combination_relocates_and_decodes() {
+    for o in all_options() {
+        for def in both(&o) {
+            check(&def, &o, &ctx());
+        }
+    }
+}
+
+#[test]
+fn regions_are_computed_correctly() {
+    for def in both(&TemplateOptions::default()) {
+        let r = def.vbox_regions();
+        let l = &def.labels;
+        assert_eq!(r.hc0, 0..l["IDEnterTarget"]);
+        assert_eq!(r.id0, l["IDEnterTarget"]..l["IDExitTarget"]);
+        // Not VirtualBox's `ICExitTarget - Start`.
+        assert_eq!(r.id1, l["IDExitTarget"]..l["ICExitTarget"]);
+        assert_eq!(r.hc1, l["ICExitTarget"]..def.code_len());
+        assert_eq!(r.gc, 0..0);
+        let c = def.to_c(0x1000, 0x2000, 0x3000, 0x4000);
+        let bytes = zerocopy::IntoBytes::as_bytes(&c).to_vec();
+        assert_eq!(bytes.len(), 104);
+        let back =
+            <vmm_switcher::VmmSwitcherDefC as zerocopy::FromBytes>::read_from_bytes(&bytes).ok();
+        assert_eq!(back, Some(c));
+        assert_eq!({ c.cb_id_code1 }, l["ICExitTarget"] - l["IDExitTarget"]);
+        assert_eq!({ c.enm_type }, def.kind as u32);
+        let stream = def.fixup_stream().expect("encodes");
+        assert_eq!(
+            vmm_switcher::fixup::decode(&stream, def.code.len()),
+            Ok(def.fixups.clone())
+        );
+    }
+}
+
+#[test]
+fn pae_host_keeps_pae_on_the_way_back() {
+    let o = TemplateOptions::default();
+    let defs = both(&o);
+    let c = ctx();
+    for def in &defs {
+        let mut code = def.code.clone();
+        relocate(def, &mut code, &c).expect("relocates");
+        let d = decode(def, &code, &c);
+        let id1 = def.labels["IDExitTarget"]..def.labels["ICExitTarget"];
+        let clears_pae = d.insns.iter().any(|x| {
+            id1.contains(&x.0)
+                && x.3.mnemonic() == iced_x86::Mnemonic::And
+                && x.3.immediate(1) as u32 == !0x20
+        });
+        assert_eq!(
+            clears_pae,
+            def.kind == vmm_switcher::SwitcherKind::Legacy32ToAmd64
+        );
+        let cr3_kind = if def.kind == vmm_switcher::SwitcherKind::Legacy32ToAmd64 {
+            K::Inter32BitCr3
+        } else {
+            K::InterPaeCr3
+        };
+        assert_eq!(def.fixups.iter().filter(|f| f.kind == cr3_kind).count(), 2);
+    }
+}
+
+fn err(def: &SwitcherDef, c: &RelocContext) -> RelocError {
+    let mut code = def.code.clone();
+    relocate(def, &mut code, c).expect_err("must fail")
+}
+
+#[test]
+fn every_invalid_input_class_gets_its_error() {
+    let def = &both(&TemplateOptions::default())[0];
+    let good = ctx();
+    let mut short = def.code.clone();
+    short.pop();
+    assert!(matches!(
+        relocate(def, &mut short, &good),
+        Err(RelocError::BufferSize { .. })
+    ));
+
+    let mut c = good;
+    c.inter_cr3.amd64 = PhysAddr(0x1_0000_0000);
+    assert!(matches!(
+        err(def, &c),
+        RelocError::Cr3Above4G { which: "AMD64", .. }
+    ));
+    let mut c = good;
+    c.code_id = PhysAddr(0x1_0000_0000);
+    assert!(matches!(err(def, &c), RelocError::IdAbove4G(_)));
+    let mut c = good;
+    c.sel.cs64 = 0;
+    assert!(matches!(err(def, &c), RelocError::NullCs64 { .. }));
+    let mut c = good;
+    c.vm_size = VM.stat_to_gc;
+    assert!(
+        matches!(err(def, &c), RelocError::OperandOutOfRange { operand, .. } if operand == VM.stat_to_gc)
+    );
+    let mut c = good;
+    c.vm_hc = HcAddr(0xffff_8000_0000_0000);
+    assert!(matches!(err(def, &c), RelocError::ValueTooWide { .. }));
+
+    let mutate = |f: &dyn Fn(&mut SwitcherDef)| {
+        let mut d = def.clone();
+        f(&mut d);
+        err(&d, &good)
+    };
+    let first_hc2id = def
+        .fixups
+        .iter()
+        .position(|f| f.kind == K::Hc2IdNearRel)
+        .unwrap_or(0);
+    assert!(matches!(
+        mutate(&|d| d.fixups[first_hc2id].kind = K::Id2HcNearRel),
+        RelocError::SourceRegion {
+            want: View::Id,
+            actual: Some(View::Hc),
+            ..
+        }
+    ));
+    assert!(matches!(
+        mutate(&|d| d.fixups[first_hc2id].operand = Some(0)),
+        RelocError::TargetRegion {
+            want: View::Id,
+            actual: Some(View::Hc),
+            ..
+        }
+    ));
+    assert!(matches!(
+        mutate(&|d| d.fixups[first_hc2id].operand = None),
+        RelocError::MissingOperand { .. }
+    ));
+    let len = def.code_len();
+    assert!(matches!(
+        mutate(&|d| d.fixups[0].off = len - 2),
+        RelocError::FieldOutsideCode { .. }
+    ));
+    assert!(matches!(
+        mutate(&|d| d.fixups[0].kind = K::Cr4Mask),
+        RelocError::Unsupported { .. }
+    ));
+    assert!(matches!(
+        mutate(&|d| d.fixups[0].kind = K::GcApicBase32Bit),
+        RelocError::NoApicAddress { .. }
+    ));
+    // A rel32 from 64-bit identity code to a host address 4 GiB away.
+    let in64 = def.labels["ICEnterTarget"] + 2;
+    let hc1 = def.labels["ICExitTarget"];
+    let mut far = good;
+    far.code_hc = HcAddr(0x7000_0000_0000);
+    let mut d = def.clone();
+    d.fixups = vec![vmm_switcher::FixupRecord {
+        kind: K::Id2HcNearRel,
+        off: in64,
+        operand: Some(hc1),
+    }];
+    assert!(matches!(err(&d, &far), RelocError::Rel32OutOfRange { .. }));
+}
+
+#[test]
+fn moving_the_placement_re_relocates_to_a_fresh_result() {
+    let def = &both(&TemplateOptions::default())[1];
+    let a = ctx();
+    let mut b = a;
+    b.code_rc = RcAddr(0xb000_0000);
+    b.vm_rc = RcAddr(0xb100_0000);
+    b.code_hc = HcAddr(0xd000_0000);
+    let mut moved = def.code.clone();
+    relocate(def, &mut moved, &a).expect("a");
+    relocate(def, &mut moved, &b).expect("b");
+    let mut fresh = def.code.clone();
+    relocate(def, &mut fresh, &b).expect("fresh");
+    assert_eq!(moved, fresh);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+    #[test]
+    fn random_valid_placements(
+        hc in 0x0010_0000u32..0xffe0_0000,
+        id in 0x0010_0000u32..0xffe0_0000,
+        rc in 0x0010_0000u32..0xff00_0000,
+        vm_hc in 0x0010_0000u32..0xfff0_0000,
+        cr3 in proptest::collection::vec(0x1000u32..0xffff_f000, 3),
+        pae in proptest::bool::ANY,
+        nx in proptest::bool::ANY,
+    ) {
+        let host = if pae { legacy_amd64::HostPaging::Pae } else { legacy_amd64::HostPaging::Legacy32 };
+        let def = legacy_amd64::build(host, &TemplateOptions::default(), &VM).expect("builds");
+        let mut c = ctx();
+        c.code_hc = HcAddr(u64::from(hc & !0xfff));
+        c.code_id = PhysAddr(u64::from(id & !0xfff));
+        c.code_rc = RcAddr(rc & !0xfff);
+        c.vm_hc = HcAddr(u64::from(vm_hc & !0xfff));
+        c.vm_rc = RcAddr((rc & !0xfff) + 0x10_0000);
+        c.inter_cr3.legacy32 = PhysAddr(u64::from(cr3[0] & !0xfff));
+        c.inter_cr3.pae = PhysAddr(u64::from(cr3[1] & !0x1f));
+        c.inter_cr3.amd64 = PhysAddr(u64::from(cr3[2] & !0xfff));
+        c.cpu.nx = nx;
+        let mut code = def.code.clone();
+        let rel = relocate(&def, &mut code, &c);
+        prop_assert!(rel.is_ok(), "{:?}", rel);
+        // Branch-target and slot checks hold at any placement.
+        if !nx {
+            // The EFER mask drops NXE without NX.
+            let m = rel.as_ref().map(|r| r.applied.iter().find(|a| a.record.kind == K::EferOrMask).map(|a| a.value));
+            prop_assert_eq!(m, Ok(Some(0x101)));
+        } else {
+            check(&def, &TemplateOptions::default(), &c);
+        }
+    }
+}
