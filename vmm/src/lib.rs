@@ -1,1 +1,826 @@
-//! TODO
+//! The VMM core an embedder instantiates.
+//!
+//! [`Vmm::new`] lays out the hypervisor area (HMA) at an RC base — the VM
+//! structure ([`layout::VmFixed`]: STAM samples and `Cpum`, then one
+//! `CpumCpu32` per VCPU), the hyper GDT and TSS, a hyper stack per VCPU and
+//! room for helper code — builds every available switcher, copies them
+//! 32-byte aligned into one physically contiguous core-code block below
+//! 4 GiB, builds the intermediate context (core code at its HC and identity
+//! addresses, the HMA and core code at RC) and relocates every switcher.
+//! [`Vmm::relocate_hma`] moves the HMA and relocates again. The host paging
+//! mode is decided from CR0/CR4/EFER ([`mode::HostPagingMode`]) and the
+//! switcher chosen by VirtualBox's host × guest table ([`mode::select`]).
+//!
+//! The images ([`Vmm::core_code`], [`Vmm::hma`], [`Vmm::tables`]) are what
+//! an embedder copies to the physical addresses of its [`Placement`].
+//!
+//! # Example
+//!
+//! ```
+//! use vmm::{mode::{GuestMode, HostPagingMode}, Vmm, VmmConfig};
+//! use vmm_switcher::SwitcherKind;
+//!
+//! let vmm = Vmm::new(VmmConfig::default())?;
+//! let host = HostPagingMode::from_registers(0x8001_0033, 0x6b0, 0x801, true, true)?;
+//! let kind = vmm.select(host, GuestMode::Amd64)?;
+//! assert_eq!(kind, SwitcherKind::PaeToAmd64);
+//! let sw = vmm.switcher(kind)?;
+//! assert_eq!(sw.entries.r0_host_to_guest_hc.0 % 32, 0);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+pub mod layout;
+pub mod mode;
+
+use std::mem::size_of;
+use std::ops::Range;
+
+use cpum::regs::Xdtr64;
+use cpum::{CpumCpu32, SelSlot, CPUMCPU_SIZE};
+use pgm_intermediate::{Flavours, IntermediateContext, MapFlags, VecAllocator};
+use serde::Serialize;
+use thiserror::Error;
+use vmm_switcher::reloc::{CpuFacts, HyperSelectors, InterCr3};
+use vmm_switcher::templates::{legacy_amd64, TemplateOptions, VmLayout};
+use vmm_switcher::{
+    relocate, HcAddr, PhysAddr, RcAddr, RelocContext, RelocError, Relocated, SwitcherDef,
+    SwitcherKind,
+};
+use zerocopy::{FromBytes, IntoBytes};
+
+use crate::layout::{HmaLayout, VmFixed, VmHeader, PAGE};
+use crate::mode::{GuestMode, HostPagingMode, SelectError};
+
+/// Where the core code, the hypervisor area and the intermediate tables live.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct Placement {
+    /// HC address of the core-code block.
+    pub code_hc: HcAddr,
+    /// Physical address of the core-code block (below 4 GiB).
+    pub code_phys: PhysAddr,
+    /// RC address of the hypervisor area.
+    pub hma_rc: RcAddr,
+    /// HC address of the hypervisor area (where the host sees the VM structure).
+    pub hma_hc: HcAddr,
+    /// Physical address of the hypervisor area.
+    pub hma_phys: PhysAddr,
+    /// Physical address of the intermediate page tables (below 4 GiB).
+    pub tables_phys: PhysAddr,
+}
+
+impl Default for Placement {
+    fn default() -> Self {
+        Self {
+            code_hc: HcAddr(0xc040_0000),
+            code_phys: PhysAddr(0x0040_0000),
+            hma_rc: RcAddr(0xa000_0000),
+            hma_hc: HcAddr(0xc050_0000),
+            hma_phys: PhysAddr(0x0050_0000),
+            tables_phys: PhysAddr(0x0060_0000),
+        }
+    }
+}
+
+/// An extra range the intermediate context must map (e.g. the local APIC, so
+/// the far side can read it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct ExtraMapping {
+    /// Virtual address.
+    pub virt: u64,
+    /// Physical address.
+    pub phys: u64,
+    /// Length in bytes.
+    pub len: u64,
+    /// Map uncached.
+    pub uncached: bool,
+}
+
+/// What to build.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct VmmConfig {
+    /// Addresses.
+    pub placement: Placement,
+    /// Number of VCPUs (1..=64).
+    pub vcpus: u32,
+    /// Template options for every switcher.
+    pub options: TemplateOptions,
+    /// CPU facts the relocator needs.
+    pub cpu: CpuFacts,
+    /// Pages reserved for helper code in the HMA.
+    pub helper_pages: u32,
+    /// Pages available for intermediate page tables.
+    pub table_pages: u32,
+    /// Extra intermediate mappings.
+    pub extra_mappings: Vec<ExtraMapping>,
+}
+
+impl Default for VmmConfig {
+    fn default() -> Self {
+        Self {
+            placement: Placement::default(),
+            vcpus: 2,
+            options: TemplateOptions::default(),
+            cpu: CpuFacts {
+                nx: true,
+                fxsr: true,
+                host_sysenter: true,
+                host_syscall: true,
+            },
+            helper_pages: 4,
+            table_pages: 64,
+            extra_mappings: Vec::new(),
+        }
+    }
+}
+
+/// A placement or configuration the core cannot use.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum PlacementError {
+    /// An address is not page-aligned.
+    #[error("{what} address {addr:#x} is not page-aligned")]
+    Misaligned {
+        /// Which address.
+        what: &'static str,
+        /// The address.
+        addr: u64,
+    },
+    /// A range must lie below 4 GiB and does not.
+    #[error("{what} range {start:#x}..{end:#x} does not lie below 4 GiB")]
+    Above4G {
+        /// Which range.
+        what: &'static str,
+        /// Start.
+        start: u64,
+        /// End.
+        end: u64,
+    },
+    /// Two physical or virtual ranges overlap.
+    #[error("{a} range {a_range:x?} overlaps {b} range {b_range:x?}")]
+    Overlap {
+        /// First range's name.
+        a: &'static str,
+        /// First range.
+        a_range: Range<u64>,
+        /// Second range's name.
+        b: &'static str,
+        /// Second range.
+        b_range: Range<u64>,
+    },
+    /// The VCPU count is out of range.
+    #[error("VCPU count {0} is not in 1..=64")]
+    VcpuCount(u32),
+    /// The intermediate-table region is too small or misplaced.
+    #[error("intermediate table region: {0}")]
+    Tables(#[from] pgm_intermediate::RegionError),
+}
+
+/// Building or relocating the core failed.
+#[derive(Debug, Error)]
+pub enum VmmError {
+    /// Bad placement or configuration.
+    #[error("bad placement: {0}")]
+    Placement(#[from] PlacementError),
+    /// A template did not assemble.
+    #[error("switcher template: {0}")]
+    Template(#[from] vmm_switcher::builder::BuildError),
+    /// The intermediate context could not be created.
+    #[error("intermediate context: {0}")]
+    InterNew(#[from] pgm_intermediate::NewError),
+    /// A mapping in the intermediate context conflicts or failed.
+    #[error("intermediate mapping of {what}: {source}")]
+    InterMap {
+        /// What was being mapped.
+        what: &'static str,
+        /// Why it failed.
+        #[source]
+        source: pgm_intermediate::MapError,
+    },
+    /// Unmapping the old HMA failed.
+    #[error("intermediate unmapping of {what}: {source}")]
+    InterUnmap {
+        /// What was being unmapped.
+        what: &'static str,
+        /// Why it failed.
+        #[source]
+        source: pgm_intermediate::UnmapError,
+    },
+    /// A switcher did not relocate.
+    #[error("relocating {}: {source}", kind.cli_name())]
+    Relocate {
+        /// Which switcher.
+        kind: SwitcherKind,
+        /// Why.
+        #[source]
+        source: RelocError,
+    },
+    /// Helper code does not fit its area.
+    #[error("helper code of {len} bytes does not fit the {cap}-byte helper area")]
+    HelperTooLarge {
+        /// Code size.
+        len: usize,
+        /// Area size.
+        cap: u32,
+    },
+    /// A VCPU index past the configured count.
+    #[error("VCPU {index} does not exist (the VM has {count})")]
+    NoSuchVcpu {
+        /// Requested index.
+        index: u32,
+        /// VCPU count.
+        count: u32,
+    },
+}
+
+/// One switcher installed in the core-code block.
+#[derive(Clone, Debug, Serialize)]
+pub struct Installed {
+    /// Its definition.
+    pub def: SwitcherDef,
+    /// Offset in the core-code block.
+    pub offset: u32,
+    /// The last relocation's result (fields written, entry addresses).
+    pub reloc: Relocated,
+    /// The last relocation's context.
+    pub ctx: RelocContext,
+    /// Entry addresses (copy of `reloc.entries`).
+    pub entries: vmm_switcher::reloc::EntryAddrs,
+}
+
+impl Installed {
+    /// The relocated bytes of this switcher inside `core`.
+    pub fn code<'a>(&self, core: &'a [u8]) -> &'a [u8] {
+        let start = self.offset as usize;
+        core.get(start..start + self.def.code.len())
+            .unwrap_or_default()
+    }
+}
+
+/// The switchers this build provides.
+pub const AVAILABLE: [SwitcherKind; 2] = [SwitcherKind::Legacy32ToAmd64, SwitcherKind::PaeToAmd64];
+
+/// The VMM core.
+pub struct Vmm {
+    cfg: VmmConfig,
+    hma_layout: HmaLayout,
+    switchers: Vec<Installed>,
+    core: Vec<u8>,
+    hma: Vec<u8>,
+    inter: IntermediateContext<VecAllocator>,
+}
+
+impl core::fmt::Debug for Vmm {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Vmm")
+            .field("placement", &self.cfg.placement)
+            .field("vcpus", &self.cfg.vcpus)
+            .field("hma_layout", &self.hma_layout)
+            .field(
+                "switchers",
+                &self
+                    .switchers
+                    .iter()
+                    .map(|s| (s.def.kind, s.offset))
+                    .collect::<Vec<_>>(),
+            )
+            .field("core_code_len", &self.core.len())
+            .finish_non_exhaustive()
+    }
+}
+
+fn overlap(a: &Range<u64>, b: &Range<u64>) -> bool {
+    a.start < b.end && b.start < a.end
+}
+
+fn aligned(what: &'static str, addr: u64) -> Result<(), PlacementError> {
+    if addr % u64::from(PAGE) != 0 {
+        return Err(PlacementError::Misaligned { what, addr });
+    }
+    Ok(())
+}
+
+fn below4g(what: &'static str, r: &Range<u64>) -> Result<(), PlacementError> {
+    if r.end > 1 << 32 {
+        return Err(PlacementError::Above4G {
+            what,
+            start: r.start,
+            end: r.end,
+        });
+    }
+    Ok(())
+}
+
+impl Vmm {
+    /// Builds, lays out, maps and relocates everything for `cfg`.
+    ///
+    /// # Errors
+    /// [`VmmError`] for a bad placement, a mapping conflict or a failed relocation.
+    pub fn new(cfg: VmmConfig) -> Result<Self, VmmError> {
+        if cfg.vcpus == 0 || cfg.vcpus > 64 {
+            return Err(PlacementError::VcpuCount(cfg.vcpus).into());
+        }
+        let hma_layout = HmaLayout::new(cfg.vcpus, cfg.helper_pages);
+        let cpum_size = u32::try_from(CPUMCPU_SIZE).unwrap_or(u32::MAX) * cfg.vcpus
+            + u32::try_from(layout::OFF_CPUMCPU0).unwrap_or(0);
+        let vm = VmLayout {
+            size: hma_layout.vm_size,
+            cpum: layout::OFF_CPUM as u32,
+            cpum_size,
+            stat_to_gc: layout::OFF_STAT_TO_GC as u32,
+            stat_to_hc: layout::OFF_STAT_TO_HC as u32,
+        };
+        let mut switchers = Vec::new();
+        let mut core = Vec::new();
+        for kind in AVAILABLE {
+            let host = match kind {
+                SwitcherKind::Legacy32ToAmd64 => legacy_amd64::HostPaging::Legacy32,
+                _ => legacy_amd64::HostPaging::Pae,
+            };
+            let def = legacy_amd64::build(host, &cfg.options, &vm)?;
+            let offset = u32::try_from(core.len()).unwrap_or(u32::MAX);
+            core.extend_from_slice(&def.code);
+            // Every switcher starts 32-byte aligned, with at least one byte of padding.
+            core.push(0xcc);
+            while core.len() % 32 != 0 {
+                core.push(0xcc);
+            }
+            switchers.push(Installed {
+                def,
+                offset,
+                reloc: Relocated {
+                    applied: Vec::new(),
+                    entries: Default::default(),
+                },
+                ctx: RelocContext::default(),
+                entries: Default::default(),
+            });
+        }
+        while core.len() % PAGE as usize != 0 {
+            core.push(0xcc);
+        }
+        let p = cfg.placement;
+        Self::check_placement(&cfg, core.len() as u64, u64::from(hma_layout.size))?;
+        let alloc = VecAllocator::new(p.tables_phys.0, cfg.table_pages as usize)
+            .map_err(PlacementError::from)?;
+        let inter = IntermediateContext::new(alloc)?;
+        let mut vmm = Self {
+            hma: vec![0; hma_layout.size as usize],
+            cfg,
+            hma_layout,
+            switchers,
+            core,
+            inter,
+        };
+        vmm.map_fixed()?;
+        vmm.map_rc()?;
+        vmm.init_vm(true);
+        vmm.relocate_all()?;
+        Ok(vmm)
+    }
+
+    fn check_placement(cfg: &VmmConfig, code_len: u64, hma_len: u64) -> Result<(), PlacementError> {
+        let p = &cfg.placement;
+        aligned("core-code HC", p.code_hc.0)?;
+        aligned("core-code physical", p.code_phys.0)?;
+        aligned("HMA RC", u64::from(p.hma_rc.0))?;
+        aligned("HMA HC", p.hma_hc.0)?;
+        aligned("HMA physical", p.hma_phys.0)?;
+        aligned("intermediate tables", p.tables_phys.0)?;
+        let code_phys = p.code_phys.0..p.code_phys.0 + code_len;
+        let hma_phys = p.hma_phys.0..p.hma_phys.0 + hma_len;
+        let tables =
+            p.tables_phys.0..p.tables_phys.0 + u64::from(cfg.table_pages) * u64::from(PAGE);
+        let code_hc = p.code_hc.0..p.code_hc.0 + code_len;
+        let hma_hc = p.hma_hc.0..p.hma_hc.0 + hma_len;
+        // The RC window holds the HMA, then the core code's RC copy.
+        let rc = u64::from(p.hma_rc.0)..u64::from(p.hma_rc.0) + hma_len + code_len;
+        below4g("core-code physical", &code_phys)?;
+        below4g("intermediate tables", &tables)?;
+        below4g("HMA RC", &rc)?;
+        // 32-bit and PAE hosts run the HC code with 32-bit addresses.
+        below4g("core-code HC", &code_hc)?;
+        below4g("HMA HC", &hma_hc)?;
+        let phys = [
+            ("core-code physical", &code_phys),
+            ("HMA physical", &hma_phys),
+            ("intermediate tables", &tables),
+        ];
+        for (i, (a, ra)) in phys.iter().enumerate() {
+            for (b, rb) in &phys[i + 1..] {
+                if overlap(ra, rb) {
+                    return Err(PlacementError::Overlap {
+                        a,
+                        a_range: (*ra).clone(),
+                        b,
+                        b_range: (*rb).clone(),
+                    });
+                }
+            }
+        }
+        // Virtual ranges that share the intermediate context must not collide;
+        // the core code's HC and identity ranges may coincide exactly.
+        let virt = [
+            ("core-code HC", &code_hc),
+            ("core-code identity", &code_phys),
+            ("HMA RC", &rc),
+        ];
+        for (i, (a, ra)) in virt.iter().enumerate() {
+            for (b, rb) in &virt[i + 1..] {
+                let identical = ra == rb && *b == "core-code identity";
+                if overlap(ra, rb) && !identical {
+                    return Err(PlacementError::Overlap {
+                        a,
+                        a_range: (*ra).clone(),
+                        b,
+                        b_range: (*rb).clone(),
+                    });
+                }
+            }
+        }
+        if overlap(&code_hc, &hma_hc) {
+            return Err(PlacementError::Overlap {
+                a: "core-code HC",
+                a_range: code_hc,
+                b: "HMA HC",
+                b_range: hma_hc,
+            });
+        }
+        Ok(())
+    }
+
+    fn map(
+        &mut self,
+        what: &'static str,
+        virt: u64,
+        phys: u64,
+        len: u64,
+        flags: MapFlags,
+    ) -> Result<(), VmmError> {
+        self.inter
+            .map(virt, phys, len, flags, Flavours::all())
+            .map_err(|source| VmmError::InterMap { what, source })
+    }
+
+    fn map_fixed(&mut self) -> Result<(), VmmError> {
+        let p = self.cfg.placement;
+        let len = self.core.len() as u64;
+        self.map(
+            "core code (HC)",
+            p.code_hc.0,
+            p.code_phys.0,
+            len,
+            MapFlags::WRITABLE,
+        )?;
+        if p.code_hc.0 != p.code_phys.0 {
+            self.map(
+                "core code (identity)",
+                p.code_phys.0,
+                p.code_phys.0,
+                len,
+                MapFlags::WRITABLE,
+            )?;
+        }
+        for m in self.cfg.extra_mappings.clone() {
+            let mut f = MapFlags::WRITABLE;
+            if m.uncached {
+                f |= MapFlags::CACHE_DISABLE;
+            }
+            self.map("extra mapping", m.virt, m.phys, m.len, f)?;
+        }
+        Ok(())
+    }
+
+    /// RC address of the core code's RC copy (right after the HMA).
+    fn code_rc(&self) -> RcAddr {
+        RcAddr(self.cfg.placement.hma_rc.0 + self.hma_layout.size)
+    }
+
+    fn map_rc(&mut self) -> Result<(), VmmError> {
+        let p = self.cfg.placement;
+        let (hma, code) = (u64::from(self.hma_layout.size), self.core.len() as u64);
+        let code_rc = u64::from(self.code_rc().0);
+        self.map(
+            "hypervisor area (RC)",
+            u64::from(p.hma_rc.0),
+            p.hma_phys.0,
+            hma,
+            MapFlags::WRITABLE,
+        )?;
+        self.map(
+            "core code (RC)",
+            code_rc,
+            p.code_phys.0,
+            code,
+            MapFlags::WRITABLE,
+        )
+    }
+
+    fn unmap_rc(&mut self) -> Result<(), VmmError> {
+        let p = self.cfg.placement;
+        let (hma, code) = (u64::from(self.hma_layout.size), self.core.len() as u64);
+        let code_rc = u64::from(self.code_rc().0);
+        self.inter
+            .unmap(u64::from(p.hma_rc.0), hma, Flavours::all())
+            .map_err(|source| VmmError::InterUnmap {
+                what: "hypervisor area (RC)",
+                source,
+            })?;
+        self.inter
+            .unmap(code_rc, code, Flavours::all())
+            .map_err(|source| VmmError::InterUnmap {
+                what: "core code (RC)",
+                source,
+            })?;
+        Ok(())
+    }
+
+    fn rc(&self, off: u32) -> u32 {
+        self.cfg.placement.hma_rc.0 + off
+    }
+
+    /// Writes the parts of the VM structure and HMA that depend on the RC base.
+    fn init_vm(&mut self, first: bool) {
+        let l = self.hma_layout;
+        let p = self.cfg.placement;
+        let mut fixed = VmFixed::read_from_prefix(&self.hma)
+            .map(|(f, _)| f)
+            .unwrap_or_else(|_| VmFixed::new_zeroed_fixed());
+        fixed.header.magic = layout::VM_MAGIC;
+        fixed.header.version = layout::VM_VERSION;
+        fixed.header.cb_self = l.vm_size;
+        fixed.header.cpu_count = self.cfg.vcpus;
+        fixed.header.off_cpum = layout::OFF_CPUM as u32;
+        fixed.header.vm_rc = self.rc(l.vm);
+        fixed.header.vm_hc = p.hma_hc.0 + u64::from(l.vm);
+        if first {
+            fixed.header.stat_switcher_to_gc = Default::default();
+            fixed.header.stat_switcher_to_hc = Default::default();
+        }
+        fixed.cpum.off_cpumcpu0 = layout::OFF_CPUMCPU0 as u32;
+        fixed.cpum.cb_cpumcpu = CPUMCPU_SIZE as u32;
+        fixed.cpum.cpu_count = self.cfg.vcpus;
+        let mut use_flags = cpum::UseFlags::empty();
+        if self.cfg.cpu.host_sysenter {
+            use_flags |= cpum::UseFlags::USE_SYSENTER;
+        }
+        if self.cfg.cpu.host_syscall {
+            use_flags |= cpum::UseFlags::USE_SYSCALL;
+        }
+        fixed.cpum.host_use_flags = use_flags.bits();
+        self.hma[..size_of::<VmFixed>()].copy_from_slice(fixed.as_bytes());
+        for i in 0..self.cfg.vcpus {
+            let old_rc_base = self
+                .cpumcpu(i)
+                .map(|c| c.hyper.gdtr.base.get())
+                .unwrap_or(0);
+            let rc_gdt = u64::from(self.rc(l.gdt));
+            let stack_top = self.rc(l.stack_top(i));
+            let helper = self.rc(l.helper);
+            let _ = self.with_cpumcpu(i, |c| {
+                c.off_cpum = layout::off_cpumcpu(i);
+                c.hyper.gdtr = Xdtr64::new(rc_gdt, layout::sel::GDT_LIMIT);
+                c.hyper.rsp = u64::from(stack_top);
+                c.hyper.lss_ss = SelSlot::new(layout::sel::DS);
+                c.hyper.cs = SelSlot::new(layout::sel::CS64);
+                c.hyper.ds = SelSlot::new(layout::sel::DS);
+                c.hyper.ss = SelSlot::new(layout::sel::DS);
+                // A helper entry inside the old HMA moves with it.
+                if c.hyper.rip == 0 {
+                    c.hyper.rip = u64::from(helper);
+                } else if old_rc_base != 0 {
+                    c.hyper.rip = c.hyper.rip.wrapping_sub(old_rc_base).wrapping_add(rc_gdt);
+                }
+            });
+        }
+        let gdt = layout::hyper_gdt(self.rc(l.tss));
+        let g = l.gdt as usize;
+        self.hma[g..g + 48].copy_from_slice(gdt.as_bytes());
+    }
+
+    fn relocate_all(&mut self) -> Result<(), VmmError> {
+        let p = self.cfg.placement;
+        let code_rc = self.code_rc();
+        let vm_rc = RcAddr(self.rc(self.hma_layout.vm));
+        let vm_hc = HcAddr(p.hma_hc.0 + u64::from(self.hma_layout.vm));
+        let gdt_rc = RcAddr(self.rc(self.hma_layout.gdt));
+        let inter_cr3 = InterCr3 {
+            legacy32: PhysAddr(u64::from(self.inter.cr3_32())),
+            pae: PhysAddr(u64::from(self.inter.cr3_pae())),
+            amd64: PhysAddr(u64::from(self.inter.cr3_amd64())),
+        };
+        let cpum_size =
+            u32::try_from(CPUMCPU_SIZE).unwrap_or(0) * self.cfg.vcpus + layout::OFF_CPUMCPU0 as u32;
+        for sw in &mut self.switchers {
+            let ctx = RelocContext {
+                code_hc: HcAddr(p.code_hc.0 + u64::from(sw.offset)),
+                code_id: PhysAddr(p.code_phys.0 + u64::from(sw.offset)),
+                code_rc: RcAddr(code_rc.0 + sw.offset),
+                vm_hc,
+                vm_rc,
+                vm_size: self.hma_layout.vm_size,
+                cpum_off: layout::OFF_CPUM as u32,
+                cpum_size,
+                cpumcpu0_off: layout::OFF_CPUMCPU0 as u32,
+                inter_cr3,
+                sel: HyperSelectors {
+                    cs: layout::sel::CS,
+                    ds: layout::sel::DS,
+                    tss: layout::sel::TSS,
+                    cs64: layout::sel::CS64,
+                },
+                gdt_rc,
+                cpu: self.cfg.cpu,
+                apic_rc: None,
+            };
+            let start = sw.offset as usize;
+            let buf = &mut self.core[start..start + sw.def.code.len()];
+            let reloc = relocate(&sw.def, buf, &ctx).map_err(|source| VmmError::Relocate {
+                kind: sw.def.kind,
+                source,
+            })?;
+            sw.entries = reloc.entries;
+            sw.reloc = reloc;
+            sw.ctx = ctx;
+        }
+        Ok(())
+    }
+
+    /// Moves the hypervisor area to `new_rc`: remaps it (and the core code's RC
+    /// copy) in the intermediate context, rewrites the RC-dependent VM fields
+    /// and relocates every switcher again.
+    ///
+    /// Helper code written with [`Vmm::write_helper`] keeps its bytes: it must
+    /// be position-independent or be rewritten by the caller.
+    ///
+    /// # Errors
+    /// The new placement is invalid or conflicts; the core is then unchanged
+    /// only if the error is a [`PlacementError`].
+    pub fn relocate_hma(&mut self, new_rc: RcAddr) -> Result<(), VmmError> {
+        let mut cfg = self.cfg.clone();
+        cfg.placement.hma_rc = new_rc;
+        Self::check_placement(
+            &cfg,
+            self.core.len() as u64,
+            u64::from(self.hma_layout.size),
+        )?;
+        self.unmap_rc()?;
+        self.cfg = cfg;
+        self.map_rc()?;
+        self.init_vm(false);
+        self.relocate_all()
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &VmmConfig {
+        &self.cfg
+    }
+
+    /// The HMA layout.
+    pub fn hma_layout(&self) -> &HmaLayout {
+        &self.hma_layout
+    }
+
+    /// The relocated core-code block (copy to `placement.code_phys`).
+    pub fn core_code(&self) -> &[u8] {
+        &self.core
+    }
+
+    /// The hypervisor-area image (copy to `placement.hma_phys`).
+    pub fn hma(&self) -> &[u8] {
+        &self.hma
+    }
+
+    /// The intermediate page tables: their physical base and bytes.
+    pub fn tables(&self) -> (PhysAddr, &[u8]) {
+        let a = self.inter.allocator();
+        (PhysAddr(a.base()), a.used_bytes())
+    }
+
+    /// The intermediate context, for walks and inspection.
+    pub fn intermediate(&self) -> &IntermediateContext<VecAllocator> {
+        &self.inter
+    }
+
+    /// Every installed switcher.
+    pub fn switchers(&self) -> &[Installed] {
+        &self.switchers
+    }
+
+    /// The installed switcher of `kind`.
+    ///
+    /// # Errors
+    /// [`SelectError::Unavailable`] when this build has no such switcher.
+    pub fn switcher(&self, kind: SwitcherKind) -> Result<&Installed, SelectError> {
+        self.switchers
+            .iter()
+            .find(|s| s.def.kind == kind)
+            .ok_or(SelectError::Unavailable { kind })
+    }
+
+    /// The switcher VirtualBox's table chooses for `host` and `guest`.
+    ///
+    /// # Errors
+    /// The choice is not implemented or not available.
+    pub fn select(
+        &self,
+        host: HostPagingMode,
+        guest: GuestMode,
+    ) -> Result<SwitcherKind, SelectError> {
+        mode::select(host, guest, &AVAILABLE)
+    }
+
+    /// The VM header.
+    pub fn header(&self) -> VmHeader {
+        VmFixed::read_from_prefix(&self.hma)
+            .map(|(f, _)| f.header)
+            .unwrap_or_else(|_| VmFixed::new_zeroed_fixed().header)
+    }
+
+    fn cpumcpu_range(&self, index: u32) -> Result<Range<usize>, VmmError> {
+        if index >= self.cfg.vcpus {
+            return Err(VmmError::NoSuchVcpu {
+                index,
+                count: self.cfg.vcpus,
+            });
+        }
+        let start = layout::OFF_CPUM + layout::off_cpumcpu(index) as usize;
+        Ok(start..start + CPUMCPU_SIZE)
+    }
+
+    /// A copy of VCPU `index`'s `CpumCpu32`.
+    ///
+    /// # Errors
+    /// No such VCPU.
+    pub fn cpumcpu(&self, index: u32) -> Result<CpumCpu32, VmmError> {
+        let r = self.cpumcpu_range(index)?;
+        Ok(CpumCpu32::read_from_bytes(&self.hma[r]).unwrap_or_default())
+    }
+
+    /// Edits VCPU `index`'s `CpumCpu32` in the HMA image.
+    ///
+    /// # Errors
+    /// No such VCPU.
+    pub fn with_cpumcpu<R>(
+        &mut self,
+        index: u32,
+        f: impl FnOnce(&mut CpumCpu32) -> R,
+    ) -> Result<R, VmmError> {
+        let r = self.cpumcpu_range(index)?;
+        let mut c = CpumCpu32::read_from_bytes(&self.hma[r.clone()]).unwrap_or_default();
+        let out = f(&mut c);
+        self.hma[r].copy_from_slice(c.as_bytes());
+        Ok(out)
+    }
+
+    /// The C entry's second argument for VCPU `index` (offset of its `CpumCpu32` from `Cpum`).
+    pub fn vcpu_arg(&self, index: u32) -> u32 {
+        layout::off_cpumcpu(index)
+    }
+
+    /// RC address, physical address and size of the helper-code area.
+    pub fn helper_area(&self) -> (RcAddr, PhysAddr, u32) {
+        let l = &self.hma_layout;
+        (
+            RcAddr(self.rc(l.helper)),
+            PhysAddr(self.cfg.placement.hma_phys.0 + u64::from(l.helper)),
+            l.helper_size,
+        )
+    }
+
+    /// Copies helper code into the helper area.
+    ///
+    /// # Errors
+    /// The code does not fit.
+    pub fn write_helper(&mut self, code: &[u8]) -> Result<(), VmmError> {
+        let l = self.hma_layout;
+        if code.len() > l.helper_size as usize {
+            return Err(VmmError::HelperTooLarge {
+                len: code.len(),
+                cap: l.helper_size,
+            });
+        }
+        let s = l.helper as usize;
+        self.hma[s..s + code.len()].copy_from_slice(code);
+        Ok(())
+    }
+
+    /// Addresses of the VM structure in each view.
+    pub fn vm_addrs(&self) -> (HcAddr, RcAddr, PhysAddr) {
+        let p = self.cfg.placement;
+        let off = self.hma_layout.vm;
+        (
+            HcAddr(p.hma_hc.0 + u64::from(off)),
+            RcAddr(self.rc(off)),
+            PhysAddr(p.hma_phys.0 + u64::from(off)),
+        )
+    }
+}
+
+trait ZeroedFixed {
+    fn new_zeroed_fixed() -> Self;
+}
+
+impl ZeroedFixed for VmFixed {
+    fn new_zeroed_fixed() -> Self {
+        <VmFixed as zerocopy::FromZeros>::new_zeroed()
+    }
+}

@@ -1,0 +1,192 @@
+//! The VM structure and the hypervisor-area (HMA) layout.
+
+use core::mem::{offset_of, size_of};
+
+use cpum::{Cpum, CPUMCPU_SIZE};
+use serde::Serialize;
+use stam::StamProfileAdv;
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
+
+/// `"VMWS"`: marks a VM structure image.
+pub const VM_MAGIC: u32 = u32::from_le_bytes(*b"VMWS");
+/// Layout version of [`VmHeader`].
+pub const VM_VERSION: u32 = 1;
+/// Page size.
+pub const PAGE: u32 = 0x1000;
+/// Pages of hyper stack per VCPU.
+pub const STACK_PAGES: u32 = 2;
+
+/// The fixed head of the VM structure: identification and the switcher's
+/// STAM samples, which machine code updates in place through fixups.
+#[repr(C, align(64))]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable)]
+pub struct VmHeader {
+    /// [`VM_MAGIC`].
+    pub magic: u32,
+    /// [`VM_VERSION`].
+    pub version: u32,
+    /// Size of the whole VM structure, VCPUs included.
+    pub cb_self: u32,
+    /// Number of VCPUs.
+    pub cpu_count: u32,
+    /// Offset of [`Cpum`] from the VM start.
+    pub off_cpum: u32,
+    /// RC address of the VM structure (`pVMRC`).
+    pub vm_rc: u32,
+    /// HC address of the VM structure (`pVMR0`).
+    pub vm_hc: u64,
+    /// Reserved.
+    pub reserved: [u32; 8],
+    /// `/VMM/Switcher/ToGC`: host → hypervisor context, in TSC ticks.
+    pub stat_switcher_to_gc: StamProfileAdv,
+    /// `/VMM/Switcher/ToHC`: hypervisor context → host, in TSC ticks.
+    pub stat_switcher_to_hc: StamProfileAdv,
+    /// Padding to a 64-byte multiple.
+    pub pad: [u8; 48],
+}
+
+/// The fixed part of the VM structure; the `CpumCpu32` array follows `cpum`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable)]
+pub struct VmFixed {
+    /// Identification and switcher statistics.
+    pub header: VmHeader,
+    /// VM-wide CPUM data.
+    pub cpum: Cpum,
+}
+
+/// Offset of `Cpum` in the VM structure.
+pub const OFF_CPUM: usize = offset_of!(VmFixed, cpum);
+/// Offset of the ToGC profile.
+pub const OFF_STAT_TO_GC: usize = offset_of!(VmFixed, header.stat_switcher_to_gc);
+/// Offset of the ToHC profile.
+pub const OFF_STAT_TO_HC: usize = offset_of!(VmFixed, header.stat_switcher_to_hc);
+/// Offset of VCPU 0's `CpumCpu32` from `Cpum`.
+pub const OFF_CPUMCPU0: usize = size_of::<Cpum>();
+
+const _: () = {
+    assert!(size_of::<VmHeader>() == 192);
+    assert!(size_of::<VmFixed>() == 256);
+    assert!(OFF_STAT_TO_GC % 8 == 0 && OFF_STAT_TO_HC % 8 == 0);
+    // CPUMCPU must stay 64-byte aligned for its FXSAVE images.
+    assert!((OFF_CPUM + OFF_CPUMCPU0) % 64 == 0);
+};
+
+/// Size of the VM structure for `vcpus` VCPUs.
+pub const fn vm_size(vcpus: u32) -> u32 {
+    (size_of::<VmFixed>() + vcpus as usize * CPUMCPU_SIZE) as u32
+}
+
+/// Byte offset of VCPU `i`'s `CpumCpu32` from `Cpum` (the C entry's second argument).
+pub const fn off_cpumcpu(i: u32) -> u32 {
+    (OFF_CPUMCPU0 + i as usize * CPUMCPU_SIZE) as u32
+}
+
+/// Offsets (from the HMA start) of everything in the hypervisor area.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct HmaLayout {
+    /// VM structure.
+    pub vm: u32,
+    /// VM structure size.
+    pub vm_size: u32,
+    /// Hyper GDT page.
+    pub gdt: u32,
+    /// Hyper TSS page.
+    pub tss: u32,
+    /// First VCPU's stack (each is [`STACK_PAGES`] pages).
+    pub stacks: u32,
+    /// Helper-code area.
+    pub helper: u32,
+    /// Helper-code area size.
+    pub helper_size: u32,
+    /// Size of the whole area.
+    pub size: u32,
+}
+
+impl HmaLayout {
+    /// The layout for `vcpus` VCPUs and `helper_pages` pages of helper code.
+    pub fn new(vcpus: u32, helper_pages: u32) -> Self {
+        let vm_size = vm_size(vcpus);
+        let vm_pages = vm_size.div_ceil(PAGE);
+        let gdt = vm_pages * PAGE;
+        let tss = gdt + PAGE;
+        let stacks = tss + PAGE;
+        let helper = stacks + vcpus * STACK_PAGES * PAGE;
+        let helper_size = helper_pages * PAGE;
+        Self {
+            vm: 0,
+            vm_size,
+            gdt,
+            tss,
+            stacks,
+            helper,
+            helper_size,
+            size: helper + helper_size,
+        }
+    }
+
+    /// Offset of the top of VCPU `i`'s stack.
+    pub fn stack_top(&self, i: u32) -> u32 {
+        self.stacks + (i + 1) * STACK_PAGES * PAGE
+    }
+}
+
+/// The hypervisor selectors of the hyper GDT this core builds.
+pub mod sel {
+    /// 32-bit flat code.
+    pub const CS: u16 = 0x08;
+    /// Flat data.
+    pub const DS: u16 = 0x10;
+    /// 64-bit code.
+    pub const CS64: u16 = 0x18;
+    /// TSS (16 bytes: also usable as a 64-bit TSS descriptor).
+    pub const TSS: u16 = 0x20;
+    /// GDT limit.
+    pub const GDT_LIMIT: u16 = 0x2f;
+}
+
+/// The hyper GDT for a TSS at RC address `tss_rc`.
+pub fn hyper_gdt(tss_rc: u32) -> [u64; 6] {
+    let tss_limit = 103u64;
+    let base = u64::from(tss_rc);
+    let tss_desc = (tss_limit & 0xffff)
+        | ((base & 0xff_ffff) << 16)
+        | (0x89 << 40)
+        | (((tss_limit >> 16) & 0xf) << 48)
+        | ((base >> 24) << 56);
+    [
+        0,
+        0x00cf_9a00_0000_ffff,
+        0x00cf_9200_0000_ffff,
+        0x00af_9a00_0000_ffff,
+        tss_desc,
+        0,
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layout_is_page_granular_and_ordered() {
+        let l = HmaLayout::new(2, 4);
+        assert_eq!(l.vm_size, 256 + 2 * 2560);
+        assert_eq!(l.gdt, 0x2000);
+        assert_eq!(l.tss, 0x3000);
+        assert_eq!(l.stacks, 0x4000);
+        assert_eq!(l.stack_top(1), 0x8000);
+        assert_eq!(l.helper, 0x8000);
+        assert_eq!(l.size, 0xc000);
+        assert_eq!(off_cpumcpu(1), 64 + 2560);
+    }
+
+    #[test]
+    fn tss_descriptor_encodes_base_and_type() {
+        let g = hyper_gdt(0xa000_3000);
+        let d = g[usize::from(sel::TSS) / 8];
+        assert_eq!((d >> 40) & 0xff, 0x89);
+        assert_eq!(((d >> 16) & 0xff_ffff) | ((d >> 56) << 24), 0xa000_3000);
+        assert_eq!(d & 0xffff, 103);
+    }
+}

@@ -1,0 +1,297 @@
+//! Host paging modes (`SUPPAGINGMODE`) and the switcher selection table.
+
+use cpum::regs::{Cr0, Cr4, Efer};
+use serde::Serialize;
+use thiserror::Error;
+use vmm_switcher::SwitcherKind;
+
+/// The host's paging mode, as VirtualBox's support driver classifies it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+pub enum HostPagingMode {
+    /// 32-bit paging.
+    Legacy32,
+    /// 32-bit paging with global pages.
+    Legacy32Global,
+    /// PAE paging.
+    Pae,
+    /// PAE with global pages.
+    PaeGlobal,
+    /// PAE with no-execute.
+    PaeNx,
+    /// PAE with global pages and no-execute.
+    PaeGlobalNx,
+    /// 4-level long mode.
+    Amd64,
+    /// Long mode with global pages.
+    Amd64Global,
+    /// Long mode with no-execute.
+    Amd64Nx,
+    /// Long mode with global pages and no-execute.
+    Amd64GlobalNx,
+}
+
+/// The paging family a host mode belongs to; the NX and global variants
+/// choose the same switcher as their base mode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+pub enum HostFamily {
+    /// 32-bit paging.
+    Legacy32,
+    /// PAE paging.
+    Pae,
+    /// Long mode.
+    Amd64,
+}
+
+/// The host's paging mode could not be decided.
+#[derive(Debug, Error, Clone, Copy, PartialEq, Eq)]
+pub enum HostModeError {
+    /// CR0.PE or CR0.PG is clear.
+    #[error("host CR0 {cr0:#x} does not have both PE and PG set: no paging mode")]
+    NoPaging {
+        /// The CR0 value.
+        cr0: u64,
+    },
+    /// EFER.LMA without CR4.PAE is not a valid state.
+    #[error("host EFER {efer:#x} has LMA set but CR4 {cr4:#x} lacks PAE")]
+    LongModeWithoutPae {
+        /// EFER.
+        efer: u64,
+        /// CR4.
+        cr4: u64,
+    },
+}
+
+impl HostPagingMode {
+    /// Decides the mode from CR0, CR4 and EFER, honouring EFER.NXE only when
+    /// CPUID reports NX and EFER.LMA only when CPUID reports long mode
+    /// (`SUPR0GetPagingMode`).
+    ///
+    /// # Errors
+    /// Paging is off, or the registers are inconsistent.
+    pub fn from_registers(
+        cr0: u64,
+        cr4: u64,
+        efer: u64,
+        cpu_nx: bool,
+        cpu_lm: bool,
+    ) -> Result<Self, HostModeError> {
+        let cr0f = Cr0::from_bits_retain(cr0);
+        if !cr0f.contains(Cr0::PE | Cr0::PG) {
+            return Err(HostModeError::NoPaging { cr0 });
+        }
+        let cr4f = Cr4::from_bits_retain(cr4);
+        let eferf = Efer::from_bits_retain(efer);
+        let global = cr4f.contains(Cr4::PGE);
+        let nx = cpu_nx && eferf.contains(Efer::NXE);
+        let lma = cpu_lm && eferf.contains(Efer::LMA);
+        if !cr4f.contains(Cr4::PAE) {
+            if lma {
+                return Err(HostModeError::LongModeWithoutPae { efer, cr4 });
+            }
+            return Ok(if global {
+                Self::Legacy32Global
+            } else {
+                Self::Legacy32
+            });
+        }
+        Ok(match (lma, global, nx) {
+            (false, false, false) => Self::Pae,
+            (false, true, false) => Self::PaeGlobal,
+            (false, false, true) => Self::PaeNx,
+            (false, true, true) => Self::PaeGlobalNx,
+            (true, false, false) => Self::Amd64,
+            (true, true, false) => Self::Amd64Global,
+            (true, false, true) => Self::Amd64Nx,
+            (true, true, true) => Self::Amd64GlobalNx,
+        })
+    }
+
+    /// The paging family.
+    pub const fn family(self) -> HostFamily {
+        match self {
+            Self::Legacy32 | Self::Legacy32Global => HostFamily::Legacy32,
+            Self::Pae | Self::PaeGlobal | Self::PaeNx | Self::PaeGlobalNx => HostFamily::Pae,
+            _ => HostFamily::Amd64,
+        }
+    }
+
+    /// VirtualBox's numeric value (`SUPPAGINGMODE_*`, 1..=10).
+    pub const fn vbox_value(self) -> u32 {
+        match self {
+            Self::Legacy32 => 1,
+            Self::Legacy32Global => 2,
+            Self::Pae => 3,
+            Self::PaeGlobal => 4,
+            Self::PaeNx => 5,
+            Self::PaeGlobalNx => 6,
+            Self::Amd64 => 7,
+            Self::Amd64Global => 8,
+            Self::Amd64Nx => 9,
+            Self::Amd64GlobalNx => 10,
+        }
+    }
+}
+
+/// The guest's paging mode, which decides the shadow (hypervisor) mode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+pub enum GuestMode {
+    /// Real mode.
+    Real,
+    /// Protected mode without paging.
+    Protected,
+    /// 32-bit paging.
+    Bits32,
+    /// PAE paging.
+    Pae,
+    /// PAE with no-execute.
+    PaeNx,
+    /// Long mode.
+    Amd64,
+    /// Long mode with no-execute.
+    Amd64Nx,
+}
+
+/// No switcher serves a host/guest pair.
+#[derive(Debug, Error, Clone, Copy, PartialEq, Eq)]
+pub enum SelectError {
+    /// VirtualBox's table names a switcher nobody implemented (AMD64 → AMD64).
+    #[error("switcher {} for a {host:?} host and a {guest:?} guest is not implemented", kind.cli_name())]
+    NotImplemented {
+        /// Host mode.
+        host: HostPagingMode,
+        /// Guest mode.
+        guest: GuestMode,
+        /// The switcher the table names.
+        kind: SwitcherKind,
+    },
+    /// The switcher exists in the table but this build does not provide it.
+    #[error("switcher {} is not available in this build", kind.cli_name())]
+    Unavailable {
+        /// The switcher.
+        kind: SwitcherKind,
+    },
+}
+
+/// VirtualBox's choice (`pgmR3CalcShadowMode`) of switcher for a host and guest mode.
+pub fn table_choice(host: HostPagingMode, guest: GuestMode) -> SwitcherKind {
+    use GuestMode as G;
+    use SwitcherKind as S;
+    match (host.family(), guest) {
+        (HostFamily::Legacy32, G::Real | G::Protected | G::Bits32) => S::Legacy32To32,
+        (HostFamily::Legacy32, G::Pae | G::PaeNx) => S::Legacy32ToPae,
+        (HostFamily::Legacy32, G::Amd64 | G::Amd64Nx) => S::Legacy32ToAmd64,
+        (HostFamily::Pae, G::Amd64 | G::Amd64Nx) => S::PaeToAmd64,
+        (HostFamily::Pae, _) => S::PaeToPae,
+        (HostFamily::Amd64, G::Amd64 | G::Amd64Nx) => S::Amd64ToAmd64,
+        (HostFamily::Amd64, _) => S::Amd64ToPae,
+    }
+}
+
+/// The switcher for `host` and `guest`, if this build provides it.
+///
+/// # Errors
+/// [`SelectError::NotImplemented`] for AMD64 → AMD64 and
+/// [`SelectError::Unavailable`] for a switcher `available` does not list.
+pub fn select(
+    host: HostPagingMode,
+    guest: GuestMode,
+    available: &[SwitcherKind],
+) -> Result<SwitcherKind, SelectError> {
+    let kind = table_choice(host, guest);
+    if available.contains(&kind) {
+        return Ok(kind);
+    }
+    if kind == SwitcherKind::Amd64ToAmd64 {
+        return Err(SelectError::NotImplemented { host, guest, kind });
+    }
+    Err(SelectError::Unavailable { kind })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PG_PE: u64 = 0x8000_0001;
+
+    #[test]
+    fn all_ten_modes_decode() {
+        let cases = [
+            (0, 0, false, false, HostPagingMode::Legacy32),
+            (0x80, 0, false, false, HostPagingMode::Legacy32Global),
+            (0x20, 0, false, false, HostPagingMode::Pae),
+            (0xa0, 0, false, false, HostPagingMode::PaeGlobal),
+            (0x20, 0x800, true, false, HostPagingMode::PaeNx),
+            (0xa0, 0x800, true, false, HostPagingMode::PaeGlobalNx),
+            (0x20, 0x500, false, true, HostPagingMode::Amd64),
+            (0xa0, 0x500, false, true, HostPagingMode::Amd64Global),
+            (0x20, 0xd00, true, true, HostPagingMode::Amd64Nx),
+            (0xa0, 0xd00, true, true, HostPagingMode::Amd64GlobalNx),
+        ];
+        for (i, (cr4, efer, nx, lm, want)) in cases.into_iter().enumerate() {
+            assert_eq!(
+                HostPagingMode::from_registers(PG_PE, cr4, efer, nx, lm),
+                Ok(want)
+            );
+            assert_eq!(want.vbox_value() as usize, i + 1);
+        }
+        // NXE without CPUID NX, LMA without CPUID LM: ignored.
+        assert_eq!(
+            HostPagingMode::from_registers(PG_PE, 0x20, 0x800, false, false),
+            Ok(HostPagingMode::Pae)
+        );
+        assert_eq!(
+            HostPagingMode::from_registers(1, 0, 0, false, false),
+            Err(HostModeError::NoPaging { cr0: 1 })
+        );
+        assert!(matches!(
+            HostPagingMode::from_registers(PG_PE, 0, 0x500, false, true),
+            Err(HostModeError::LongModeWithoutPae { .. })
+        ));
+    }
+
+    #[test]
+    fn selection_follows_the_table() {
+        let all = SwitcherKind::ALL;
+        use GuestMode as G;
+        use HostPagingMode as H;
+        assert_eq!(
+            select(H::Legacy32, G::Amd64, &all),
+            Ok(SwitcherKind::Legacy32ToAmd64)
+        );
+        assert_eq!(
+            select(H::PaeGlobalNx, G::Amd64Nx, &all),
+            Ok(SwitcherKind::PaeToAmd64)
+        );
+        assert_eq!(
+            select(H::Legacy32Global, G::PaeNx, &all),
+            Ok(SwitcherKind::Legacy32ToPae)
+        );
+        assert_eq!(select(H::PaeNx, G::Real, &all), Ok(SwitcherKind::PaeToPae));
+        assert_eq!(
+            select(H::Amd64, G::Bits32, &all),
+            Ok(SwitcherKind::Amd64ToPae)
+        );
+        let none: [SwitcherKind; 0] = [];
+        assert!(matches!(
+            select(H::Amd64Nx, G::Amd64, &none),
+            Err(SelectError::NotImplemented {
+                kind: SwitcherKind::Amd64ToAmd64,
+                ..
+            })
+        ));
+        assert_eq!(
+            select(H::Legacy32, G::Bits32, &[SwitcherKind::Legacy32ToAmd64]),
+            Err(SelectError::Unavailable {
+                kind: SwitcherKind::Legacy32To32
+            })
+        );
+        let msg = select(H::Amd64, G::Amd64, &none).map_err(|e| e.to_string());
+        assert_eq!(
+            msg,
+            Err(
+                "switcher amd64-to-amd64 for a Amd64 host and a Amd64 guest is not implemented"
+                    .into()
+            )
+        );
+    }
+}

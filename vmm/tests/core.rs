@@ -1,0 +1,235 @@
+//! The VMM core: layout, intermediate mappings, relocation and HMA moves.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use pgm_intermediate::Flavour;
+use vmm::layout::{self, VM_MAGIC};
+use vmm::{ExtraMapping, Placement, PlacementError, Vmm, VmmConfig, VmmError};
+use vmm_switcher::{FixupKind, HcAddr, PhysAddr, RcAddr, SwitcherKind};
+
+fn walk_all(vmm: &Vmm, virt: u64, phys: u64) {
+    for f in Flavour::ALL {
+        let t = vmm
+            .intermediate()
+            .translate(f, virt)
+            .unwrap_or_else(|e| panic!("{f}: {virt:#x}: {e}"));
+        assert_eq!(t.phys, phys, "{f}: {virt:#x}");
+    }
+}
+
+#[test]
+fn default_core_maps_every_view_and_relocates_every_switcher() {
+    let vmm = Vmm::new(VmmConfig::default()).unwrap();
+    let p = vmm.config().placement;
+    let code_len = vmm.core_code().len() as u64;
+    let hma_len = u64::from(vmm.hma_layout().size);
+    for off in (0..code_len).step_by(0x1000) {
+        walk_all(&vmm, p.code_hc.0 + off, p.code_phys.0 + off);
+        walk_all(&vmm, p.code_phys.0 + off, p.code_phys.0 + off);
+        walk_all(
+            &vmm,
+            u64::from(p.hma_rc.0) + hma_len + off,
+            p.code_phys.0 + off,
+        );
+    }
+    for off in (0..hma_len).step_by(0x1000) {
+        walk_all(&vmm, u64::from(p.hma_rc.0) + off, p.hma_phys.0 + off);
+    }
+    // Nothing past the HMA's RC copy of the core code.
+    let past = u64::from(p.hma_rc.0) + hma_len + code_len;
+    assert!(vmm.intermediate().translate(Flavour::Long, past).is_err());
+
+    assert_eq!(vmm.switchers().len(), 2);
+    for sw in vmm.switchers() {
+        assert_eq!(sw.offset % 32, 0);
+        assert_eq!(sw.reloc.applied.len(), sw.def.fixups.len());
+        assert_eq!(
+            sw.entries.r0_host_to_guest_hc.0,
+            p.code_hc.0 + u64::from(sw.offset)
+        );
+        let code = sw.code(vmm.core_code());
+        assert_ne!(
+            code,
+            &sw.def.code[..],
+            "relocated bytes differ from the template"
+        );
+        let want = match sw.def.kind {
+            SwitcherKind::Legacy32ToAmd64 => vmm.intermediate().cr3_32(),
+            _ => vmm.intermediate().cr3_pae(),
+        };
+        let kind = if sw.def.kind == SwitcherKind::Legacy32ToAmd64 {
+            FixupKind::Inter32BitCr3
+        } else {
+            FixupKind::InterPaeCr3
+        };
+        let written: Vec<_> = sw
+            .reloc
+            .applied
+            .iter()
+            .filter(|a| a.record.kind == kind)
+            .map(|a| a.value)
+            .collect();
+        assert_eq!(written, vec![u64::from(want); 2]);
+    }
+    let h = vmm.header();
+    assert_eq!(h.magic, VM_MAGIC);
+    assert_eq!(h.cpu_count, 2);
+    assert_eq!(h.stat_switcher_to_gc.core.ticks_min, u64::MAX);
+    for i in 0..2 {
+        let c = vmm.cpumcpu(i).unwrap();
+        assert_eq!(c.off_cpum, vmm.vcpu_arg(i));
+        assert_eq!(
+            c.hyper.gdtr.base.get(),
+            u64::from(p.hma_rc.0 + vmm.hma_layout().gdt)
+        );
+        assert_eq!(
+            c.hyper.rsp,
+            u64::from(p.hma_rc.0 + vmm.hma_layout().stack_top(i))
+        );
+        assert_eq!(c.hyper.lss_ss.sel, layout::sel::DS);
+        assert_eq!(c.hyper.rip, u64::from(vmm.helper_area().0 .0));
+    }
+    assert!(matches!(
+        vmm.cpumcpu(2),
+        Err(VmmError::NoSuchVcpu { index: 2, count: 2 })
+    ));
+    let (t_base, t_bytes) = vmm.tables();
+    assert_eq!(t_base, p.tables_phys);
+    assert_eq!(t_bytes.len() % 4096, 0);
+}
+
+#[test]
+fn moving_the_hma_re_relocates_and_remaps() {
+    let mut vmm = Vmm::new(VmmConfig::default()).unwrap();
+    let old = vmm.config().placement.hma_rc;
+    let before: Vec<_> = vmm.switchers().iter().map(|s| s.reloc.clone()).collect();
+    let new = RcAddr(0xb040_0000);
+    vmm.relocate_hma(new).unwrap();
+    assert!(vmm
+        .intermediate()
+        .translate(Flavour::Pae, u64::from(old.0))
+        .is_err());
+    walk_all(&vmm, u64::from(new.0), vmm.config().placement.hma_phys.0);
+    let delta = u64::from(new.0 - old.0);
+    for (sw, b) in vmm.switchers().iter().zip(before) {
+        for (a, old) in sw.reloc.applied.iter().zip(b.applied) {
+            let rc_kind = matches!(
+                a.record.kind,
+                FixupKind::GcVmOff | FixupKind::GcCpumOff | FixupKind::Gc64BitCpumOff
+            );
+            if rc_kind {
+                assert_eq!(a.value, old.value + delta, "{:?}", a.record.kind);
+            } else {
+                assert_eq!(a.value, old.value, "{:?} must not move", a.record.kind);
+            }
+        }
+    }
+    let c = vmm.cpumcpu(0).unwrap();
+    assert_eq!(c.hyper.rip, u64::from(vmm.helper_area().0 .0));
+    assert_eq!(vmm.header().vm_rc, new.0);
+    let mut cfg = VmmConfig::default();
+    cfg.placement.hma_rc = new;
+    let fresh = Vmm::new(cfg).unwrap();
+    assert_eq!(fresh.core_code(), vmm.core_code());
+    assert_eq!(fresh.hma(), vmm.hma());
+}
+
+#[test]
+fn bad_placements_are_typed_errors() {
+    let bad = |f: &dyn Fn(&mut VmmConfig)| {
+        let mut c = VmmConfig::default();
+        f(&mut c);
+        Vmm::new(c).unwrap_err()
+    };
+    assert!(matches!(
+        bad(&|c| c.placement.code_hc = HcAddr(0xc040_0010)),
+        VmmError::Placement(PlacementError::Misaligned {
+            what: "core-code HC",
+            addr: 0xc040_0010
+        })
+    ));
+    assert!(matches!(
+        bad(&|c| c.placement.code_phys = PhysAddr(0x1_0000_0000)),
+        VmmError::Placement(PlacementError::Above4G {
+            what: "core-code physical",
+            ..
+        })
+    ));
+    assert!(matches!(
+        bad(&|c| c.placement.hma_phys = PhysAddr(0x0040_0000)),
+        VmmError::Placement(PlacementError::Overlap {
+            a: "core-code physical",
+            b: "HMA physical",
+            ..
+        })
+    ));
+    assert!(matches!(
+        bad(&|c| c.placement.hma_rc = RcAddr(0xc040_0000)),
+        VmmError::Placement(PlacementError::Overlap {
+            a: "core-code HC",
+            b: "HMA RC",
+            ..
+        })
+    ));
+    assert!(matches!(
+        bad(&|c| c.placement.hma_rc = RcAddr(0xffff_8000)),
+        VmmError::Placement(PlacementError::Above4G { what: "HMA RC", .. })
+    ));
+    assert!(matches!(
+        bad(&|c| c.vcpus = 0),
+        VmmError::Placement(PlacementError::VcpuCount(0))
+    ));
+    assert!(matches!(
+        bad(&|c| c.vcpus = 65),
+        VmmError::Placement(PlacementError::VcpuCount(65))
+    ));
+    assert!(matches!(
+        bad(&|c| c.extra_mappings.push(ExtraMapping {
+            virt: 0xc040_0000,
+            phys: 0x1000,
+            len: 0x1000,
+            uncached: false
+        })),
+        VmmError::InterMap {
+            what: "extra mapping",
+            ..
+        }
+    ));
+    assert!(matches!(bad(&|c| c.table_pages = 3), VmmError::InterNew(_)));
+    let msg = bad(&|c| c.placement.tables_phys = PhysAddr(0x0050_0000)).to_string();
+    assert!(msg.contains("overlaps"), "{msg}");
+    let mut c = VmmConfig::default();
+    c.placement.code_hc = HcAddr(c.placement.code_phys.0);
+    assert!(Vmm::new(c).is_ok(), "identity-mapped core code is allowed");
+}
+
+#[test]
+fn non_default_placement_builds() {
+    let cfg = VmmConfig {
+        placement: Placement {
+            code_hc: HcAddr(0xd123_4000),
+            code_phys: PhysAddr(0x0234_5000),
+            hma_rc: RcAddr(0x8800_0000),
+            hma_hc: HcAddr(0xd200_0000),
+            hma_phys: PhysAddr(0x0300_0000),
+            tables_phys: PhysAddr(0x0380_0000),
+        },
+        vcpus: 3,
+        ..VmmConfig::default()
+    };
+    let mut vmm = Vmm::new(cfg).unwrap();
+    assert_eq!(
+        vmm.switchers()[1].entries.r0_host_to_guest_hc.0,
+        0xd123_4000 + u64::from(vmm.switchers()[1].offset)
+    );
+    walk_all(&vmm, 0xd123_4000, 0x0234_5000);
+    walk_all(&vmm, 0x8800_0000, 0x0300_0000);
+    assert!(matches!(
+        vmm.write_helper(&vec![0x90; 0x5000]),
+        Err(VmmError::HelperTooLarge {
+            len: 0x5000,
+            cap: 0x4000
+        })
+    ));
+    vmm.write_helper(&[0xc3]).unwrap();
+    assert_eq!(vmm.helper_area().2, 0x4000);
+}
