@@ -1,0 +1,354 @@
+//! Running an image under QEMU's full-system emulator (TCG) and classifying
+//! how it ended.
+//!
+//! The command line is fixed (see [`QemuConfig::args`]): TCG, no default
+//! devices, COM1 on stdout, `isa-debug-exit` at port 0xF4, no reboot, and
+//! `-icount shift=0,align=off,sleep=off` so RDTSC counts guest instructions and
+//! the transcript repeats byte for byte. The guest writes a value `v` to port
+//! 0xF4 and QEMU exits with status `(v << 1) | 1`; a triple fault ends QEMU
+//! with status 0 under `-no-reboot`; status 1 means QEMU refused to start.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::transcript::{ExceptionInfo, FarExceptionInfo, Report};
+
+/// The QEMU binary the testbed runs.
+pub const QEMU_BINARY: &str = "qemu-system-x86_64";
+/// How to install it on Debian/Ubuntu.
+pub const INSTALL_HINT: &str = "apt-get install -y --no-install-recommends qemu-system-x86";
+
+/// isa-debug-exit I/O base.
+pub const DEBUG_EXIT_PORT: u16 = 0xf4;
+/// Guest value: every check passed.
+pub const EXIT_PASS: u32 = 0x10;
+/// Guest value: a check failed.
+pub const EXIT_FAIL: u32 = 0x11;
+/// Guest value: an exception in the host context.
+pub const EXIT_HOST_EXCEPTION: u32 = 0x12;
+/// Guest value: an exception on the far side of the switch.
+pub const EXIT_FAR_EXCEPTION: u32 = 0x13;
+
+/// QEMU's exit status for a guest value written to isa-debug-exit.
+pub const fn exit_status(guest_value: u32) -> i32 {
+    ((guest_value << 1) | 1) as i32
+}
+
+/// Why QEMU could not be run.
+#[derive(Debug, thiserror::Error)]
+pub enum QemuError {
+    /// The binary is not on PATH.
+    #[error("`{QEMU_BINARY}` was not found on PATH; install it with `{INSTALL_HINT}`")]
+    QemuMissing,
+    /// Spawning failed.
+    #[error("cannot start `{}`: {source}", binary.display())]
+    Spawn {
+        /// The binary tried.
+        binary: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// Waiting for or killing the process failed.
+    #[error("lost track of the QEMU process: {0}")]
+    Wait(std::io::Error),
+    /// The image could not be written.
+    #[error("cannot write the image to a temporary file: {0}")]
+    WriteImage(std::io::Error),
+    /// A zero timeout.
+    #[error("timeout must be positive, got {0:?}")]
+    ZeroTimeout(Duration),
+}
+
+/// Finds `qemu-system-x86_64` on PATH.
+pub fn find_qemu() -> Result<PathBuf, QemuError> {
+    let path = std::env::var_os("PATH").ok_or(QemuError::QemuMissing)?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(QEMU_BINARY))
+        .find(|p| p.is_file())
+        .ok_or(QemuError::QemuMissing)
+}
+
+/// How to run QEMU.
+#[derive(Clone, Debug)]
+pub struct QemuConfig {
+    /// The binary; `None` searches PATH.
+    pub binary: Option<PathBuf>,
+    /// `-cpu` model (QEMU's default, `qemu64`, when `None`).
+    pub cpu: Option<String>,
+    /// Add `-s -S`: wait for gdb on TCP port 1234 before the first instruction.
+    pub gdb: bool,
+    /// Add `-d int,cpu_reset,guest_errors -D <file>`.
+    pub debug_log: Option<PathBuf>,
+    /// Wall-clock limit; QEMU is killed when it expires.
+    pub timeout: Duration,
+}
+
+impl Default for QemuConfig {
+    fn default() -> Self {
+        Self {
+            binary: None,
+            cpu: None,
+            gdb: false,
+            debug_log: None,
+            timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+impl QemuConfig {
+    /// The argument list for `image` (without the binary).
+    pub fn args(&self, image: &Path) -> Vec<std::ffi::OsString> {
+        let mut args: Vec<std::ffi::OsString> = [
+            "-accel",
+            "tcg",
+            "-nodefaults",
+            "-display",
+            "none",
+            "-monitor",
+            "none",
+            "-serial",
+            "stdio",
+            "-no-reboot",
+            "-device",
+            "isa-debug-exit,iobase=0xf4,iosize=0x04",
+            "-icount",
+            "shift=0,align=off,sleep=off",
+        ]
+        .iter()
+        .map(Into::into)
+        .collect();
+        if let Some(cpu) = &self.cpu {
+            args.push("-cpu".into());
+            args.push(cpu.into());
+        }
+        if self.gdb {
+            args.push("-s".into());
+            args.push("-S".into());
+        }
+        if let Some(log) = &self.debug_log {
+            args.push("-d".into());
+            args.push("int,cpu_reset,guest_errors".into());
+            args.push("-D".into());
+            args.push(log.into());
+        }
+        args.push("-kernel".into());
+        args.push(image.into());
+        args
+    }
+}
+
+/// How a run ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// The guest wrote [`EXIT_PASS`] (status 33).
+    Pass,
+    /// The guest wrote [`EXIT_FAIL`] (status 35).
+    VerificationFailed,
+    /// The guest wrote [`EXIT_HOST_EXCEPTION`] (status 37); the details come
+    /// from the transcript's `EXC` line when present.
+    HostException(Option<ExceptionInfo>),
+    /// The guest wrote [`EXIT_FAR_EXCEPTION`] (status 39); details from a
+    /// `FAREXC` line when present.
+    FarException(Option<FarExceptionInfo>),
+    /// QEMU ended with status 0: a triple fault or reset under `-no-reboot`.
+    TripleFault,
+    /// The wall-clock limit expired and QEMU was killed.
+    Timeout,
+    /// QEMU refused to start (status 1); its stderr.
+    QemuRefused(String),
+    /// Any other status (signals as 128 + signal number).
+    Other(i32),
+}
+
+impl Outcome {
+    /// Classifies an exit status, taking exception details from `report`.
+    pub fn classify(status: i32, stderr: &str, report: &Report) -> Self {
+        match status {
+            s if s == exit_status(EXIT_PASS) => Outcome::Pass,
+            s if s == exit_status(EXIT_FAIL) => Outcome::VerificationFailed,
+            s if s == exit_status(EXIT_HOST_EXCEPTION) => {
+                Outcome::HostException(report.exception.clone())
+            }
+            s if s == exit_status(EXIT_FAR_EXCEPTION) => {
+                Outcome::FarException(report.far_exception.clone())
+            }
+            0 => Outcome::TripleFault,
+            1 => Outcome::QemuRefused(stderr.to_owned()),
+            s => Outcome::Other(s),
+        }
+    }
+}
+
+/// The result of one QEMU run.
+#[derive(Clone, Debug)]
+pub struct RunResult {
+    /// How it ended.
+    pub outcome: Outcome,
+    /// Raw exit status (`None` after a timeout).
+    pub status: Option<i32>,
+    /// Everything the guest wrote to COM1.
+    pub serial: Vec<u8>,
+    /// QEMU's stderr.
+    pub stderr: String,
+    /// The decoded transcript.
+    pub report: Report,
+    /// Wall-clock duration of the run.
+    pub wall: Duration,
+}
+
+impl RunResult {
+    /// The transcript as text (lossy).
+    pub fn transcript(&self) -> String {
+        String::from_utf8_lossy(&self.serial).into_owned()
+    }
+}
+
+fn exit_code(status: std::process::ExitStatus) -> i32 {
+    if let Some(code) = status.code() {
+        return code;
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::process::ExitStatusExt;
+        if let Some(sig) = status.signal() {
+            return 128 + sig;
+        }
+    }
+    -1
+}
+
+/// Boots `image` under QEMU and waits for it to end or time out.
+pub fn run_image(image: &Path, config: &QemuConfig) -> Result<RunResult, QemuError> {
+    if config.timeout.is_zero() {
+        return Err(QemuError::ZeroTimeout(config.timeout));
+    }
+    let binary = match &config.binary {
+        Some(b) => b.clone(),
+        None => find_qemu()?,
+    };
+    let start = Instant::now();
+    let mut child = Command::new(&binary)
+        .args(config.args(image))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|source| match source.kind() {
+            std::io::ErrorKind::NotFound => QemuError::QemuMissing,
+            _ => QemuError::Spawn {
+                binary: binary.clone(),
+                source,
+            },
+        })?;
+    // Drain both pipes on threads so a chatty guest cannot block QEMU.
+    let mut stdout = child.stdout.take();
+    let mut stderr = child.stderr.take();
+    let out_thread = std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        if let Some(s) = stdout.as_mut() {
+            let _ = s.read_to_end(&mut buf);
+        }
+        buf
+    });
+    let err_thread = std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        if let Some(s) = stderr.as_mut() {
+            let _ = s.read_to_end(&mut buf);
+        }
+        buf
+    });
+    let deadline = start + config.timeout;
+    let status = loop {
+        match child.try_wait().map_err(QemuError::Wait)? {
+            Some(status) => break Some(status),
+            None if Instant::now() >= deadline => {
+                child.kill().map_err(QemuError::Wait)?;
+                child.wait().map_err(QemuError::Wait)?;
+                break None;
+            }
+            None => std::thread::sleep(Duration::from_millis(2)),
+        }
+    };
+    let wall = start.elapsed();
+    let serial = out_thread.join().unwrap_or_default();
+    let stderr = String::from_utf8_lossy(&err_thread.join().unwrap_or_default()).into_owned();
+    let report = Report::parse(&serial);
+    let (outcome, status) = match status {
+        None => (Outcome::Timeout, None),
+        Some(st) => {
+            let code = exit_code(st);
+            (Outcome::classify(code, &stderr, &report), Some(code))
+        }
+    };
+    Ok(RunResult {
+        outcome,
+        status,
+        serial,
+        stderr,
+        report,
+        wall,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_map_to_outcomes() {
+        let r = Report::default();
+        assert_eq!(exit_status(EXIT_PASS), 33);
+        assert_eq!(Outcome::classify(33, "", &r), Outcome::Pass);
+        assert_eq!(Outcome::classify(35, "", &r), Outcome::VerificationFailed);
+        assert_eq!(Outcome::classify(37, "", &r), Outcome::HostException(None));
+        assert_eq!(Outcome::classify(39, "", &r), Outcome::FarException(None));
+        assert_eq!(Outcome::classify(0, "", &r), Outcome::TripleFault);
+        assert_eq!(
+            Outcome::classify(1, "bad", &r),
+            Outcome::QemuRefused("bad".into())
+        );
+        assert_eq!(Outcome::classify(7, "", &r), Outcome::Other(7));
+    }
+
+    #[test]
+    fn command_line_has_the_fixed_flags() {
+        let c = QemuConfig {
+            cpu: Some("max".into()),
+            gdb: true,
+            debug_log: Some("/tmp/x.log".into()),
+            ..QemuConfig::default()
+        };
+        let args: Vec<String> = c
+            .args(Path::new("/tmp/k.bin"))
+            .into_iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        let line = args.join(" ");
+        assert!(line.starts_with(
+            "-accel tcg -nodefaults -display none -monitor none -serial stdio -no-reboot \
+             -device isa-debug-exit,iobase=0xf4,iosize=0x04 -icount shift=0,align=off,sleep=off"
+        ));
+        assert!(line.contains("-cpu max -s -S -d int,cpu_reset,guest_errors -D /tmp/x.log"));
+        assert!(line.ends_with("-kernel /tmp/k.bin"));
+    }
+
+    #[test]
+    fn missing_qemu_names_the_install_command() {
+        let msg = QemuError::QemuMissing.to_string();
+        assert!(msg.contains(INSTALL_HINT), "{msg}");
+    }
+
+    #[test]
+    fn zero_timeout_is_refused() {
+        let c = QemuConfig {
+            timeout: Duration::ZERO,
+            ..QemuConfig::default()
+        };
+        assert!(matches!(
+            run_image(Path::new("/nonexistent"), &c),
+            Err(QemuError::ZeroTimeout(_))
+        ));
+    }
+}

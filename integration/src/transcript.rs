@@ -1,0 +1,773 @@
+//! The serial line protocol of the host kernel and its decoder.
+//!
+//! The kernel writes COM1 (QEMU `-serial stdio`). Each protocol line starts
+//! with [`PREFIX`] (`@@`), then a keyword and `key=value` fields, and ends
+//! with `\n`. Anything else on the wire (debug-trace characters a switcher
+//! prints, or text from the far side) is kept verbatim in [`Report::trace`],
+//! so a crash can be located by the last trace character.
+//!
+//! | line | fields |
+//! |---|---|
+//! | `BOOT` | `mode` (`legacy32`/`pae`), `mbeax` hex, `trips`, `vcpus`, `items` dec, `entry` hex |
+//! | `HOST` | `cr0`, `cr3`, `cr4` hex, `efer` 16 hex digits, `sysenter_cs`, `magic`, `fs0`, `features` hex |
+//! | `APIC` | `base`, `ver`, `lint0`, `lint1`, `perf`, `therm`, `svr` hex |
+//! | `TRIP` | `trip`, `vcpu` dec, `ret` hex, `tsc` dec (first trips only) |
+//! | `MISMATCH` | `trip`, `vcpu`, `idx` dec, `name`, `before`, `after` hex |
+//! | `RETFAIL` | `trip`, `vcpu` dec, `got`, `want` hex |
+//! | `HOOKFAIL` | `trip`, `vcpu` dec, `code` hex |
+//! | `VCPU` | `vcpu` dec, `arg2` hex, `calls`, `mismatches`, `retfails`, `hookfails`, `tsc_min`, `tsc_max` dec, `tsc_sum` 16 hex digits, `tsc_first`, `tsc_second` dec |
+//! | `SUMMARY` | `trips`, `calls`, `mismatches`, `retfails`, `hookfails`, `nmis`, `spurious`, `tsc_min`, `tsc_max` dec, `tsc_sum` 16 hex digits |
+//! | `NMI` | `count` dec |
+//! | `DUMP` | `addr`, `len` hex, `name`; followed by `H <hex bytes>` lines and `END` |
+//! | `EXC` | `vec`, `err`, `eip`, `cs`, `eflags`, `cr2` hex, `trip`, `vcpu`, `phase` dec |
+//! | `EXC2` | `vec`, `err`, `eip` hex (an exception inside the exception path) |
+//! | `FAREXC` | `vec`, `err` hex, `rip` hex (printed by far-side handlers, if they use the prefix) |
+//! | `LOG` | free text (from hooks) |
+//! | `ERROR` | free text (setup problems) |
+//! | `RESULT` | `PASS` or `FAIL` |
+//!
+//! The counters in `TRIP`/`VCPU`/`SUMMARY` lines are RDTSC deltas around the
+//! call; under `-icount shift=0` they are guest instruction counts.
+
+use std::collections::BTreeMap;
+
+use zerocopy::FromBytes;
+
+/// Marks the start of every protocol line.
+pub const PREFIX: &str = "@@";
+
+/// Where the kernel was when an exception hit (the `phase` field of `EXC`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Phase {
+    /// Boot and environment setup.
+    Setup,
+    /// Inside the pre-call hook.
+    PreHook,
+    /// Taking a snapshot.
+    Snapshot,
+    /// Inside the called entry (the switcher).
+    Call,
+    /// Comparing snapshots / checking the return value.
+    Check,
+    /// Inside the post-call hook.
+    PostHook,
+    /// Printing the summary and dumps.
+    Summary,
+    /// A code the decoder does not know.
+    Unknown(u32),
+}
+
+impl Phase {
+    /// The number the kernel stores for this phase.
+    pub fn code(self) -> u32 {
+        match self {
+            Phase::Setup => 1,
+            Phase::PreHook => 2,
+            Phase::Snapshot => 3,
+            Phase::Call => 4,
+            Phase::Check => 5,
+            Phase::PostHook => 6,
+            Phase::Summary => 7,
+            Phase::Unknown(n) => n,
+        }
+    }
+
+    /// Inverse of [`Phase::code`].
+    pub fn from_code(code: u32) -> Self {
+        match code {
+            1 => Phase::Setup,
+            2 => Phase::PreHook,
+            3 => Phase::Snapshot,
+            4 => Phase::Call,
+            5 => Phase::Check,
+            6 => Phase::PostHook,
+            7 => Phase::Summary,
+            n => Phase::Unknown(n),
+        }
+    }
+}
+
+/// The `BOOT` line.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BootLine {
+    /// Host paging mode name.
+    pub mode: String,
+    /// EAX at multiboot entry (0x2BADB002 from a multiboot loader).
+    pub mb_eax: u32,
+    /// Trips the kernel will run.
+    pub trips: u32,
+    /// VCPUs per trip.
+    pub vcpus: u32,
+    /// Number of snapshot items.
+    pub items: u32,
+    /// Address of the called entry.
+    pub entry: u32,
+}
+
+/// The `HOST` line: the host state the kernel established.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HostLine {
+    /// CR0.
+    pub cr0: u32,
+    /// CR3.
+    pub cr3: u32,
+    /// CR4.
+    pub cr4: u32,
+    /// EFER (0 if the CPU has none).
+    pub efer: u64,
+    /// IA32_SYSENTER_CS (0 if the CPU has no SYSENTER).
+    pub sysenter_cs: u32,
+    /// Value read through the magic page mapping.
+    pub magic: u32,
+    /// Value read at FS:0.
+    pub fs0: u32,
+    /// Feature bits the kernel detected (see `hostkernel::FEATURE_*`).
+    pub features: u32,
+}
+
+/// The `APIC` line: local APIC state after setup.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ApicLine {
+    /// IA32_APIC_BASE MSR (low half).
+    pub base: u32,
+    /// Version register.
+    pub ver: u32,
+    /// LVT LINT0.
+    pub lint0: u32,
+    /// LVT LINT1.
+    pub lint1: u32,
+    /// LVT performance counter.
+    pub perf: u32,
+    /// LVT thermal sensor.
+    pub therm: u32,
+    /// Spurious-interrupt vector register.
+    pub svr: u32,
+}
+
+impl ApicLine {
+    /// Max LVT entry index from the version register.
+    pub fn max_lvt(&self) -> u32 {
+        (self.ver >> 16) & 0xff
+    }
+}
+
+/// One `TRIP` line (printed for the first trips only).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TripLine {
+    /// Trip index.
+    pub trip: u32,
+    /// VCPU index within the trip.
+    pub vcpu: u32,
+    /// Value the entry returned.
+    pub ret: u32,
+    /// RDTSC delta around the call.
+    pub tsc: u32,
+}
+
+/// One `MISMATCH` line: a snapshot item differed after the call.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Mismatch {
+    /// Trip index.
+    pub trip: u32,
+    /// VCPU index.
+    pub vcpu: u32,
+    /// Snapshot item index.
+    pub idx: u32,
+    /// Snapshot item name.
+    pub name: String,
+    /// Value before the call.
+    pub before: u32,
+    /// Value after the call.
+    pub after: u32,
+}
+
+/// One `RETFAIL` line.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RetFailure {
+    /// Trip index.
+    pub trip: u32,
+    /// VCPU index.
+    pub vcpu: u32,
+    /// Value returned.
+    pub got: u32,
+    /// Value expected.
+    pub want: u32,
+}
+
+/// One `HOOKFAIL` line.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HookFailure {
+    /// Trip index.
+    pub trip: u32,
+    /// VCPU index.
+    pub vcpu: u32,
+    /// Code the hook stored in its failure slot.
+    pub code: u32,
+}
+
+/// One `VCPU` summary line.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VcpuSummary {
+    /// VCPU index.
+    pub vcpu: u32,
+    /// The `arg2` passed for it.
+    pub arg2: u32,
+    /// Calls made.
+    pub calls: u32,
+    /// Calls with at least one mismatch.
+    pub mismatches: u32,
+    /// Calls with a wrong return value.
+    pub retfails: u32,
+    /// Calls whose hooks reported failure.
+    pub hookfails: u32,
+    /// Smallest RDTSC delta.
+    pub tsc_min: u32,
+    /// Largest RDTSC delta.
+    pub tsc_max: u32,
+    /// Sum of RDTSC deltas.
+    pub tsc_sum: u64,
+    /// Delta of trip 0.
+    pub tsc_first: u32,
+    /// Delta of trip 1.
+    pub tsc_second: u32,
+}
+
+/// The `SUMMARY` line.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Summary {
+    /// Trips completed (fewer than configured if the run stopped early).
+    pub trips: u32,
+    /// Calls made.
+    pub calls: u32,
+    /// Calls with at least one mismatch.
+    pub mismatches: u32,
+    /// Calls with a wrong return value.
+    pub retfails: u32,
+    /// Calls whose hooks reported failure.
+    pub hookfails: u32,
+    /// NMIs taken.
+    pub nmis: u32,
+    /// Spurious APIC interrupts taken.
+    pub spurious: u32,
+    /// Smallest RDTSC delta.
+    pub tsc_min: u32,
+    /// Largest RDTSC delta.
+    pub tsc_max: u32,
+    /// Sum of RDTSC deltas.
+    pub tsc_sum: u64,
+}
+
+/// An `EXC` line: an exception in the host kernel (or the code it called).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExceptionInfo {
+    /// Vector.
+    pub vector: u8,
+    /// Error code (0 for vectors without one).
+    pub error_code: u32,
+    /// Faulting EIP.
+    pub eip: u32,
+    /// CS at the fault.
+    pub cs: u32,
+    /// EFLAGS at the fault.
+    pub eflags: u32,
+    /// CR2.
+    pub cr2: u32,
+    /// Trip index.
+    pub trip: u32,
+    /// VCPU index.
+    pub vcpu: u32,
+    /// Kernel phase.
+    pub phase: Phase,
+}
+
+/// An `EXC2` line (exception while handling an exception).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NestedException {
+    /// Vector.
+    pub vector: u8,
+    /// Error code.
+    pub error_code: u32,
+    /// Faulting EIP.
+    pub eip: u32,
+}
+
+/// A `FAREXC` line from the far side.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FarExceptionInfo {
+    /// Vector.
+    pub vector: u8,
+    /// Error code.
+    pub error_code: u64,
+    /// Faulting RIP.
+    pub rip: u64,
+}
+
+/// A memory region dumped as hex (`DUMP` … `END`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Dump {
+    /// Region name.
+    pub name: String,
+    /// Host-virtual address.
+    pub addr: u32,
+    /// Length the header announced.
+    pub len: u32,
+    /// Bytes decoded from the hex lines.
+    pub bytes: Vec<u8>,
+    /// `END` was seen and the byte count matches `len`.
+    pub complete: bool,
+}
+
+impl Dump {
+    /// Decodes a `T` at byte `offset` of the dump.
+    pub fn read<T: FromBytes>(&self, offset: usize) -> Option<T> {
+        let tail = self.bytes.get(offset..)?;
+        T::read_from_prefix(tail).ok().map(|(v, _)| v)
+    }
+
+    /// The little-endian dword at `offset`.
+    pub fn u32_at(&self, offset: usize) -> Option<u32> {
+        self.read::<u32>(offset)
+    }
+}
+
+/// Everything decoded from one serial transcript.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Report {
+    /// `BOOT`.
+    pub boot: Option<BootLine>,
+    /// `HOST`.
+    pub host: Option<HostLine>,
+    /// `APIC`.
+    pub apic: Option<ApicLine>,
+    /// `TRIP` lines.
+    pub trips: Vec<TripLine>,
+    /// `MISMATCH` lines.
+    pub mismatches: Vec<Mismatch>,
+    /// `RETFAIL` lines.
+    pub ret_failures: Vec<RetFailure>,
+    /// `HOOKFAIL` lines.
+    pub hook_failures: Vec<HookFailure>,
+    /// `VCPU` lines.
+    pub vcpus: Vec<VcpuSummary>,
+    /// `SUMMARY`.
+    pub summary: Option<Summary>,
+    /// `NMI count=`.
+    pub nmi_count: Option<u32>,
+    /// `EXC`.
+    pub exception: Option<ExceptionInfo>,
+    /// `EXC2`.
+    pub nested_exception: Option<NestedException>,
+    /// `FAREXC`.
+    pub far_exception: Option<FarExceptionInfo>,
+    /// `DUMP` blocks, in order.
+    pub dumps: Vec<Dump>,
+    /// `LOG` texts.
+    pub logs: Vec<String>,
+    /// `ERROR` texts.
+    pub errors: Vec<String>,
+    /// `RESULT`: `Some(true)` for PASS.
+    pub result: Option<bool>,
+    /// Bytes that were not protocol lines, in order (trace characters, far-side text).
+    pub trace: String,
+    /// Protocol lines (without the prefix) the decoder could not parse.
+    pub malformed: Vec<String>,
+    /// Every protocol line, without the prefix, in order.
+    pub lines: Vec<String>,
+}
+
+struct Fields<'a> {
+    map: BTreeMap<&'a str, &'a str>,
+}
+
+impl<'a> Fields<'a> {
+    fn new(rest: &'a str) -> Self {
+        let map = rest
+            .split_whitespace()
+            .filter_map(|kv| kv.split_once('='))
+            .collect();
+        Self { map }
+    }
+    fn hex(&self, k: &str) -> Option<u32> {
+        u32::from_str_radix(self.map.get(k)?, 16).ok()
+    }
+    fn hex64(&self, k: &str) -> Option<u64> {
+        u64::from_str_radix(self.map.get(k)?, 16).ok()
+    }
+    fn dec(&self, k: &str) -> Option<u32> {
+        self.map.get(k)?.parse().ok()
+    }
+    fn str(&self, k: &str) -> Option<String> {
+        self.map.get(k).map(|s| (*s).to_owned())
+    }
+}
+
+fn hex_bytes(s: &str) -> Option<Vec<u8>> {
+    let s = s.trim();
+    if s.len() % 2 != 0 {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+impl Report {
+    /// Decodes a transcript. Never fails: what it cannot read lands in
+    /// [`Report::malformed`] or [`Report::trace`].
+    pub fn parse(serial: &[u8]) -> Self {
+        let text = String::from_utf8_lossy(serial);
+        let mut r = Report::default();
+        let mut open_dump: Option<Dump> = None;
+        let mut pieces = text.split('\n').peekable();
+        while let Some(raw) = pieces.next() {
+            let last = pieces.peek().is_none();
+            let line = raw.strip_suffix('\r').unwrap_or(raw);
+            let Some(at) = line.find(PREFIX) else {
+                r.trace.push_str(line);
+                if !last {
+                    r.trace.push('\n');
+                }
+                continue;
+            };
+            r.trace.push_str(&line[..at]);
+            let body = &line[at + PREFIX.len()..];
+            r.lines.push(body.to_owned());
+            let (kw, rest) = body.split_once(' ').unwrap_or((body, ""));
+            if let Some(dump) = open_dump.as_mut() {
+                match kw {
+                    "H" => match hex_bytes(rest) {
+                        Some(b) => {
+                            dump.bytes.extend(b);
+                            continue;
+                        }
+                        None => {
+                            r.malformed.push(body.to_owned());
+                            continue;
+                        }
+                    },
+                    "END" => {
+                        if let Some(mut d) = open_dump.take() {
+                            d.complete = d.bytes.len() == d.len as usize;
+                            r.dumps.push(d);
+                        }
+                        continue;
+                    }
+                    _ => {
+                        // A dump cut short by another line (e.g. an exception).
+                        if let Some(d) = open_dump.take() {
+                            r.dumps.push(d);
+                        }
+                    }
+                }
+            }
+            if !r.line(kw, rest, &mut open_dump) {
+                r.malformed.push(body.to_owned());
+            }
+        }
+        if let Some(d) = open_dump.take() {
+            r.dumps.push(d);
+        }
+        r
+    }
+
+    fn line(&mut self, kw: &str, rest: &str, open_dump: &mut Option<Dump>) -> bool {
+        let f = Fields::new(rest);
+        match kw {
+            "BOOT" => {
+                self.boot = (|| {
+                    Some(BootLine {
+                        mode: f.str("mode")?,
+                        mb_eax: f.hex("mbeax")?,
+                        trips: f.dec("trips")?,
+                        vcpus: f.dec("vcpus")?,
+                        items: f.dec("items")?,
+                        entry: f.hex("entry")?,
+                    })
+                })();
+                self.boot.is_some()
+            }
+            "HOST" => {
+                self.host = (|| {
+                    Some(HostLine {
+                        cr0: f.hex("cr0")?,
+                        cr3: f.hex("cr3")?,
+                        cr4: f.hex("cr4")?,
+                        efer: f.hex64("efer")?,
+                        sysenter_cs: f.hex("sysenter_cs")?,
+                        magic: f.hex("magic")?,
+                        fs0: f.hex("fs0")?,
+                        features: f.hex("features")?,
+                    })
+                })();
+                self.host.is_some()
+            }
+            "APIC" => {
+                self.apic = (|| {
+                    Some(ApicLine {
+                        base: f.hex("base")?,
+                        ver: f.hex("ver")?,
+                        lint0: f.hex("lint0")?,
+                        lint1: f.hex("lint1")?,
+                        perf: f.hex("perf")?,
+                        therm: f.hex("therm")?,
+                        svr: f.hex("svr")?,
+                    })
+                })();
+                self.apic.is_some()
+            }
+            "TRIP" => push(
+                &mut self.trips,
+                (|| {
+                    Some(TripLine {
+                        trip: f.dec("trip")?,
+                        vcpu: f.dec("vcpu")?,
+                        ret: f.hex("ret")?,
+                        tsc: f.dec("tsc")?,
+                    })
+                })(),
+            ),
+            "MISMATCH" => push(
+                &mut self.mismatches,
+                (|| {
+                    Some(Mismatch {
+                        trip: f.dec("trip")?,
+                        vcpu: f.dec("vcpu")?,
+                        idx: f.dec("idx")?,
+                        name: f.str("name")?,
+                        before: f.hex("before")?,
+                        after: f.hex("after")?,
+                    })
+                })(),
+            ),
+            "RETFAIL" => push(
+                &mut self.ret_failures,
+                (|| {
+                    Some(RetFailure {
+                        trip: f.dec("trip")?,
+                        vcpu: f.dec("vcpu")?,
+                        got: f.hex("got")?,
+                        want: f.hex("want")?,
+                    })
+                })(),
+            ),
+            "HOOKFAIL" => push(
+                &mut self.hook_failures,
+                (|| {
+                    Some(HookFailure {
+                        trip: f.dec("trip")?,
+                        vcpu: f.dec("vcpu")?,
+                        code: f.hex("code")?,
+                    })
+                })(),
+            ),
+            "VCPU" => push(
+                &mut self.vcpus,
+                (|| {
+                    Some(VcpuSummary {
+                        vcpu: f.dec("vcpu")?,
+                        arg2: f.hex("arg2")?,
+                        calls: f.dec("calls")?,
+                        mismatches: f.dec("mismatches")?,
+                        retfails: f.dec("retfails")?,
+                        hookfails: f.dec("hookfails")?,
+                        tsc_min: f.dec("tsc_min")?,
+                        tsc_max: f.dec("tsc_max")?,
+                        tsc_sum: f.hex64("tsc_sum")?,
+                        tsc_first: f.dec("tsc_first")?,
+                        tsc_second: f.dec("tsc_second")?,
+                    })
+                })(),
+            ),
+            "SUMMARY" => {
+                self.summary = (|| {
+                    Some(Summary {
+                        trips: f.dec("trips")?,
+                        calls: f.dec("calls")?,
+                        mismatches: f.dec("mismatches")?,
+                        retfails: f.dec("retfails")?,
+                        hookfails: f.dec("hookfails")?,
+                        nmis: f.dec("nmis")?,
+                        spurious: f.dec("spurious")?,
+                        tsc_min: f.dec("tsc_min")?,
+                        tsc_max: f.dec("tsc_max")?,
+                        tsc_sum: f.hex64("tsc_sum")?,
+                    })
+                })();
+                self.summary.is_some()
+            }
+            "NMI" => {
+                self.nmi_count = f.dec("count");
+                self.nmi_count.is_some()
+            }
+            "DUMP" => {
+                let d = (|| {
+                    Some(Dump {
+                        name: f.str("name")?,
+                        addr: f.hex("addr")?,
+                        len: f.hex("len")?,
+                        bytes: Vec::new(),
+                        complete: false,
+                    })
+                })();
+                let ok = d.is_some();
+                *open_dump = d;
+                ok
+            }
+            "EXC" => {
+                self.exception = (|| {
+                    Some(ExceptionInfo {
+                        vector: u8::try_from(f.hex("vec")?).ok()?,
+                        error_code: f.hex("err")?,
+                        eip: f.hex("eip")?,
+                        cs: f.hex("cs")?,
+                        eflags: f.hex("eflags")?,
+                        cr2: f.hex("cr2")?,
+                        trip: f.dec("trip")?,
+                        vcpu: f.dec("vcpu")?,
+                        phase: Phase::from_code(f.dec("phase")?),
+                    })
+                })();
+                self.exception.is_some()
+            }
+            "EXC2" => {
+                self.nested_exception = (|| {
+                    Some(NestedException {
+                        vector: u8::try_from(f.hex("vec")?).ok()?,
+                        error_code: f.hex("err")?,
+                        eip: f.hex("eip")?,
+                    })
+                })();
+                self.nested_exception.is_some()
+            }
+            "FAREXC" => {
+                self.far_exception = (|| {
+                    Some(FarExceptionInfo {
+                        vector: u8::try_from(f.hex("vec")?).ok()?,
+                        error_code: f.hex64("err")?,
+                        rip: f.hex64("rip")?,
+                    })
+                })();
+                self.far_exception.is_some()
+            }
+            "LOG" => {
+                self.logs.push(rest.to_owned());
+                true
+            }
+            "ERROR" => {
+                self.errors.push(rest.to_owned());
+                true
+            }
+            "RESULT" => {
+                self.result = match rest.trim() {
+                    "PASS" => Some(true),
+                    "FAIL" => Some(false),
+                    _ => return false,
+                };
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// The dump named `name`, if one was printed.
+    pub fn dump(&self, name: &str) -> Option<&Dump> {
+        self.dumps.iter().find(|d| d.name == name)
+    }
+
+    /// The last non-whitespace trace character: with a switcher built with
+    /// debug tracing, the last step it reached.
+    pub fn last_trace_char(&self) -> Option<char> {
+        self.trace.chars().rev().find(|c| !c.is_whitespace())
+    }
+
+    /// Names of the mismatching items, deduplicated, in first-seen order.
+    pub fn mismatch_names(&self) -> Vec<&str> {
+        let mut names: Vec<&str> = Vec::new();
+        for m in &self.mismatches {
+            if !names.contains(&m.name.as_str()) {
+                names.push(&m.name);
+            }
+        }
+        names
+    }
+}
+
+fn push<T>(v: &mut Vec<T>, item: Option<T>) -> bool {
+    match item {
+        Some(x) => {
+            v.push(x);
+            true
+        }
+        None => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SAMPLE: &str = "\
+@@BOOT mode=pae mbeax=2badb002 trips=2 vcpus=1 items=3 entry=c0000000
+@@HOST cr0=80010033 cr3=00103000 cr4=000006a0 efer=0000000000000801 sysenter_cs=00000008 magic=c0ffee42 fs0=f5f5abcd features=0000000f
+@@APIC base=fee00900 ver=00050014 lint0=00000400 lint1=00000400 perf=00000400 therm=00010400 svr=000001ff
+ab@@TRIP trip=0 vcpu=0 ret=12345678 tsc=269
+cdXY
+@@MISMATCH trip=1 vcpu=0 idx=3 name=ebp before=bebebebe after=00000000
+@@RETFAIL trip=1 vcpu=0 got=00000001 want=00000002
+@@DUMP addr=c0001000 len=00000006 name=vm
+@@H 010203040506
+@@END
+@@VCPU vcpu=0 arg2=00000040 calls=2 mismatches=1 retfails=1 hookfails=0 tsc_min=269 tsc_max=300 tsc_sum=0000000000000239 tsc_first=269 tsc_second=300
+@@SUMMARY trips=2 calls=2 mismatches=1 retfails=1 hookfails=0 nmis=0 spurious=0 tsc_min=269 tsc_max=300 tsc_sum=0000000000000239
+@@NMI count=0
+@@BOGUS x
+@@RESULT FAIL
+Q";
+
+    #[test]
+    fn sample_transcript_decodes() {
+        let r = Report::parse(SAMPLE.as_bytes());
+        let boot = r.boot.as_ref().unwrap();
+        assert_eq!(boot.mode, "pae");
+        assert_eq!(boot.mb_eax, 0x2bad_b002);
+        assert_eq!(r.host.as_ref().unwrap().efer, 0x801);
+        assert_eq!(r.apic.as_ref().unwrap().max_lvt(), 5);
+        assert_eq!(r.trips[0].tsc, 269);
+        assert_eq!(r.mismatches[0].name, "ebp");
+        assert_eq!(r.mismatch_names(), vec!["ebp"]);
+        assert_eq!(r.ret_failures[0].want, 2);
+        let d = r.dump("vm").unwrap();
+        assert!(d.complete);
+        assert_eq!(d.bytes, vec![1, 2, 3, 4, 5, 6]);
+        assert_eq!(d.u32_at(0), Some(0x0403_0201));
+        assert_eq!(d.u32_at(4), None);
+        assert_eq!(r.vcpus[0].tsc_sum, 0x239);
+        assert_eq!(r.summary.as_ref().unwrap().calls, 2);
+        assert_eq!(r.nmi_count, Some(0));
+        assert_eq!(r.result, Some(false));
+        assert_eq!(r.malformed, vec!["BOGUS x".to_owned()]);
+        assert_eq!(r.trace, "abcdXY\nQ");
+        assert_eq!(r.last_trace_char(), Some('Q'));
+    }
+
+    #[test]
+    fn exception_cuts_a_dump_short() {
+        let t = "@@DUMP addr=00001000 len=00000040 name=x\n@@H 00ff\n\
+                 ABC@@EXC vec=0e err=00000002 eip=00101234 cs=00000008 eflags=00010002 cr2=40000000 trip=3 vcpu=1 phase=4\n";
+        let r = Report::parse(t.as_bytes());
+        assert_eq!(r.dumps.len(), 1);
+        assert!(!r.dumps[0].complete);
+        let e = r.exception.clone().unwrap();
+        assert_eq!((e.vector, e.error_code, e.eip), (14, 2, 0x0010_1234));
+        assert_eq!(e.phase, Phase::Call);
+        assert_eq!(r.last_trace_char(), Some('C'));
+    }
+
+    #[test]
+    fn phases_round_trip() {
+        for c in 0..10 {
+            assert_eq!(Phase::from_code(c).code(), c);
+        }
+    }
+}

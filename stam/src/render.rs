@@ -1,0 +1,493 @@
+//! Text renderers: the VirtualBox print layout, the VirtualBox XML snapshot
+//! and the Prometheus text exposition format. The layouts are described in
+//! the crate documentation (*Output formats*).
+//!
+//! Numbers and padding are formatted by hand rather than through
+//! `core::fmt`: width padding dominates the cost of these renderers.
+
+use crate::snapshot::Value;
+use crate::types::{StamType, StamUnit, StamVisibility};
+
+/// One sample to render, borrowed from a registry or a snapshot.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Row<'a> {
+    pub(crate) name: &'a str,
+    pub(crate) ty: StamType,
+    pub(crate) unit: StamUnit,
+    pub(crate) visibility: StamVisibility,
+    pub(crate) description: Option<&'a str>,
+    pub(crate) value: Value,
+}
+
+impl Row<'_> {
+    /// Print and XML skip `USED` samples whose value is zero.
+    fn hidden(&self) -> bool {
+        self.visibility == StamVisibility::Used && self.value.is_zero()
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Number formatting.
+
+/// Decimal digits of `v`, right-aligned in a stack buffer.
+fn dec(v: u64, buf: &mut [u8; 20]) -> &str {
+    let mut i = buf.len();
+    let mut v = v;
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (v % 10) as u8;
+        v /= 10;
+        if v == 0 {
+            break;
+        }
+    }
+    core::str::from_utf8(&buf[i..]).unwrap_or("")
+}
+
+/// Lower-case hexadecimal digits of `v`, no prefix.
+fn hex(v: u64, buf: &mut [u8; 20]) -> &str {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut i = buf.len();
+    let mut v = v;
+    loop {
+        i -= 1;
+        buf[i] = DIGITS[(v & 0xf) as usize];
+        v >>= 4;
+        if v == 0 {
+            break;
+        }
+    }
+    core::str::from_utf8(&buf[i..]).unwrap_or("")
+}
+
+fn pad(out: &mut String, n: usize) {
+    const SPACES: &str = "                                ";
+    let mut n = n;
+    while n > 0 {
+        let k = n.min(SPACES.len());
+        out.push_str(&SPACES[..k]);
+        n -= k;
+    }
+}
+
+/// `%-<width>s`: `s` then spaces up to `width` characters.
+fn push_left(out: &mut String, s: &str, width: usize) {
+    out.push_str(s);
+    let len = if s.is_ascii() {
+        s.len()
+    } else {
+        s.chars().count()
+    };
+    pad(out, width.saturating_sub(len));
+}
+
+/// `%<width>s` for an ASCII string: spaces, then `s`.
+fn push_right(out: &mut String, s: &str, width: usize) {
+    pad(out, width.saturating_sub(s.len()));
+    out.push_str(s);
+}
+
+/// `%<width>llu`.
+fn push_u(out: &mut String, v: u64, width: usize) {
+    let mut buf = [0u8; 20];
+    push_right(out, dec(v, &mut buf), width);
+}
+
+/// `%<width>lld` of the bits of `v` (so `u64::MAX` shows as `-1`, as the
+/// signed C formats do).
+fn push_i(out: &mut String, v: u64, width: usize) {
+    let mut buf = [0u8; 20];
+    let signed = v as i64;
+    if signed < 0 {
+        let digits = dec(signed.unsigned_abs(), &mut buf);
+        pad(out, width.saturating_sub(digits.len() + 1));
+        out.push('-');
+        out.push_str(digits);
+    } else {
+        push_right(out, dec(v, &mut buf), width);
+    }
+}
+
+/// `%<width>llx`.
+fn push_x(out: &mut String, v: u64, width: usize) {
+    let mut buf = [0u8; 20];
+    push_right(out, hex(v, &mut buf), width);
+}
+
+// ---------------------------------------------------------------------------
+// Print layout.
+
+/// Renders the VirtualBox print layout (`STAMR3Print`, `.stats`).
+pub(crate) fn print<'a>(rows: impl Iterator<Item = Row<'a>>) -> String {
+    let mut out = String::with_capacity(reserve(&rows, 160));
+    for row in rows.filter(|r| !r.hidden()) {
+        print_row(&mut out, &row);
+    }
+    out
+}
+
+/// Bytes to reserve for `per_row` bytes a row. Generous on purpose: pages
+/// never written are never faulted in, while growing the string copies
+/// everything written so far.
+fn reserve<I: Iterator>(rows: &I, per_row: usize) -> usize {
+    let (lo, hi) = rows.size_hint();
+    hi.unwrap_or(lo).saturating_mul(per_row).saturating_add(256)
+}
+
+fn print_row(out: &mut String, row: &Row<'_>) {
+    let unit = row.unit.as_str();
+    push_left(out, row.name, 32);
+    out.push(' ');
+    match row.value {
+        Value::Counter { c } => push_u(out, c, 8),
+        Value::Profile {
+            periods,
+            ticks,
+            ticks_max,
+            ticks_min,
+        } => {
+            push_u(out, ticks / periods.max(1), 8);
+            out.push(' ');
+            out.push_str(unit);
+            out.push_str(" (");
+            push_u(out, ticks, 12);
+            out.push(' ');
+            out.push_str(row.unit.unit1());
+            out.push_str(", ");
+            push_u(out, periods, 7);
+            out.push(' ');
+            out.push_str(row.unit.unit2());
+            out.push_str(", max ");
+            push_u(out, ticks_max, 9);
+            out.push_str(", min ");
+            push_i(out, ticks_min, 7);
+            out.push_str(")\n");
+            return;
+        }
+        Value::Ratio { a, b } => {
+            push_u(out, u64::from(a), 8);
+            out.push(':');
+            let mut buf = [0u8; 20];
+            push_left(out, dec(u64::from(b), &mut buf), 8);
+        }
+        Value::Unsigned(v) if row.ty.is_hex() => push_x(out, v, 8),
+        Value::Unsigned(v) => push_u(out, v, 8),
+        Value::Bool(v) => out.push_str(if v { "true    " } else { "false   " }),
+    }
+    out.push(' ');
+    out.push_str(unit);
+    out.push('\n');
+}
+
+// ---------------------------------------------------------------------------
+// XML snapshot.
+
+/// Appends `s` with `& < > " '` replaced by entities.
+fn push_xml_escaped(out: &mut String, s: &str) {
+    let mut rest = s;
+    while let Some(i) = rest
+        .bytes()
+        .position(|b| matches!(b, b'&' | b'<' | b'>' | b'"' | b'\''))
+    {
+        out.push_str(&rest[..i]);
+        out.push_str(match rest.as_bytes()[i] {
+            b'&' => "&amp;",
+            b'<' => "&lt;",
+            b'>' => "&gt;",
+            b'"' => "&quot;",
+            _ => "&apos;",
+        });
+        rest = &rest[i + 1..];
+    }
+    out.push_str(rest);
+}
+
+/// The XML declaration that opens a snapshot.
+pub(crate) const XML_DECL: &str = "<?xml version=\"1.0\" encoding=\"UTF-8\" standalone=\"no\"?>\n";
+
+/// Renders the VirtualBox XML snapshot (`STAMR3Snapshot`).
+pub(crate) fn xml<'a>(rows: impl Iterator<Item = Row<'a>>, with_desc: bool) -> String {
+    let mut out = String::with_capacity(reserve(&rows, if with_desc { 256 } else { 192 }));
+    out.push_str(XML_DECL);
+    out.push_str("<Statistics>\n");
+    for row in rows.filter(|r| !r.hidden()) {
+        xml_row(&mut out, &row, with_desc);
+    }
+    out.push_str("</Statistics>\n");
+    out
+}
+
+fn xml_row(out: &mut String, row: &Row<'_>, with_desc: bool) {
+    match row.value {
+        Value::Counter { c } => {
+            out.push_str("<Counter c=\"");
+            push_i(out, c, 0);
+        }
+        Value::Profile {
+            periods,
+            ticks,
+            ticks_max,
+            ticks_min,
+        } => {
+            out.push_str("<Profile cPeriods=\"");
+            push_i(out, periods, 0);
+            out.push_str("\" cTicks=\"");
+            push_i(out, ticks, 0);
+            out.push_str("\" cTicksMin=\"");
+            push_i(out, ticks_min, 0);
+            out.push_str("\" cTicksMax=\"");
+            push_i(out, ticks_max, 0);
+        }
+        Value::Ratio { a, b } => {
+            out.push_str("<Ratio32 u32A=\"");
+            push_u(out, u64::from(a), 0);
+            out.push_str("\" u32B=\"");
+            push_u(out, u64::from(b), 0);
+        }
+        Value::Unsigned(v) => {
+            // A snapshot read back from JSON could pair a scalar value with a
+            // non-scalar type; fall back to a 64-bit element then.
+            let (tag, is_hex) = if row.ty.is_unsigned_scalar() {
+                (row.ty.xml_tag(), row.ty.is_hex())
+            } else {
+                ("U64", false)
+            };
+            out.push('<');
+            out.push_str(tag);
+            out.push_str(" val=\"");
+            if is_hex {
+                out.push_str("0x");
+                push_x(out, v, 0);
+            } else {
+                push_u(out, v, 0);
+            }
+        }
+        Value::Bool(v) => {
+            out.push_str("<BOOL val=\"");
+            out.push_str(if v { "true" } else { "false" });
+        }
+    }
+    out.push_str("\" unit=\"");
+    out.push_str(row.unit.as_str());
+    out.push('"');
+    match row.visibility {
+        StamVisibility::Always => {}
+        StamVisibility::Used => out.push_str(" vis=\"used\""),
+        StamVisibility::NotGui => out.push_str(" vis=\"not-gui\""),
+    }
+    out.push_str(" name=\"");
+    push_xml_escaped(out, row.name);
+    out.push('"');
+    if let (true, Some(desc)) = (with_desc, row.description) {
+        out.push_str(" desc=\"");
+        push_xml_escaped(out, desc);
+        out.push('"');
+    }
+    out.push_str("/>\n");
+}
+
+// ---------------------------------------------------------------------------
+// Prometheus.
+
+/// Appends a label value with `\`, `"` and newline escaped.
+fn push_label_escaped(out: &mut String, s: &str) {
+    let mut rest = s;
+    while let Some(i) = rest.bytes().position(|b| matches!(b, b'\\' | b'"' | b'\n')) {
+        out.push_str(&rest[..i]);
+        out.push_str(match rest.as_bytes()[i] {
+            b'\\' => "\\\\",
+            b'"' => "\\\"",
+            _ => "\\n",
+        });
+        rest = &rest[i + 1..];
+    }
+    out.push_str(rest);
+}
+
+/// One metric family: its name, type, help text and how to get a row's
+/// value (`None`: the row has no series in this family).
+struct Family {
+    name: &'static str,
+    kind: &'static str,
+    help: &'static str,
+    value: fn(&Value) -> Option<u64>,
+}
+
+const FAMILIES: [Family; 8] = [
+    Family {
+        name: "stam_counter_total",
+        kind: "counter",
+        help: "STAM counter samples (COUNTER).",
+        value: |v| match *v {
+            Value::Counter { c } => Some(c),
+            _ => None,
+        },
+    },
+    Family {
+        name: "stam_profile_periods_total",
+        kind: "counter",
+        help: "Periods recorded by STAM profile samples (PROFILE, PROFILE_ADV).",
+        value: |v| match *v {
+            Value::Profile { periods, .. } => Some(periods),
+            _ => None,
+        },
+    },
+    Family {
+        name: "stam_profile_ticks_total",
+        kind: "counter",
+        help:
+            "Sum of the period lengths of STAM profile samples, in the numerator of the unit label.",
+        value: |v| match *v {
+            Value::Profile { ticks, .. } => Some(ticks),
+            _ => None,
+        },
+    },
+    Family {
+        name: "stam_profile_ticks_max",
+        kind: "gauge",
+        help: "Longest period of a STAM profile sample (absent before the first period).",
+        value: |v| match *v {
+            Value::Profile {
+                periods, ticks_max, ..
+            } if periods != 0 => Some(ticks_max),
+            _ => None,
+        },
+    },
+    Family {
+        name: "stam_profile_ticks_min",
+        kind: "gauge",
+        help: "Shortest period of a STAM profile sample (absent before the first period).",
+        value: |v| match *v {
+            Value::Profile {
+                periods, ticks_min, ..
+            } if periods != 0 => Some(ticks_min),
+            _ => None,
+        },
+    },
+    Family {
+        name: "stam_ratio_a",
+        kind: "gauge",
+        help: "Numerator of STAM ratio samples (RATIO_U32, RATIO_U32_RESET).",
+        value: |v| match *v {
+            Value::Ratio { a, .. } => Some(u64::from(a)),
+            _ => None,
+        },
+    },
+    Family {
+        name: "stam_ratio_b",
+        kind: "gauge",
+        help: "Denominator of STAM ratio samples (RATIO_U32, RATIO_U32_RESET).",
+        value: |v| match *v {
+            Value::Ratio { b, .. } => Some(u64::from(b)),
+            _ => None,
+        },
+    },
+    Family {
+        name: "stam_value",
+        kind: "gauge",
+        help: "STAM scalar samples (U8 to X64, with and without _RESET; BOOL as 0 or 1).",
+        value: |v| match *v {
+            Value::Unsigned(x) => Some(x),
+            Value::Bool(b) => Some(u64::from(b)),
+            _ => None,
+        },
+    },
+];
+
+/// Renders the Prometheus text exposition format, version 0.0.4.
+pub(crate) fn prometheus<'a>(rows: impl Iterator<Item = Row<'a>>) -> String {
+    // Each family is a pass over the rows: decode them once.
+    let rows: Vec<Row<'a>> = rows.collect();
+    let mut out = String::with_capacity(reserve(&rows.iter(), 320));
+    for fam in &FAMILIES {
+        let mut header = false;
+        for row in &rows {
+            let Some(v) = (fam.value)(&row.value) else {
+                continue;
+            };
+            if !header {
+                header = true;
+                out.push_str("# HELP ");
+                out.push_str(fam.name);
+                out.push(' ');
+                out.push_str(fam.help);
+                out.push_str("\n# TYPE ");
+                out.push_str(fam.name);
+                out.push(' ');
+                out.push_str(fam.kind);
+                out.push('\n');
+            }
+            out.push_str(fam.name);
+            out.push_str("{path=\"");
+            push_label_escaped(&mut out, row.name);
+            out.push_str("\",unit=\"");
+            push_label_escaped(&mut out, row.unit.as_str());
+            out.push_str("\"} ");
+            push_u(&mut out, v, 0);
+            out.push('\n');
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(name: &str, ty: StamType, unit: StamUnit, value: Value) -> Row<'_> {
+        Row {
+            name,
+            ty,
+            unit,
+            visibility: StamVisibility::Always,
+            description: None,
+            value,
+        }
+    }
+
+    #[test]
+    fn number_helpers() {
+        let mut s = String::new();
+        push_u(&mut s, 0, 3);
+        push_u(&mut s, 12345, 3);
+        push_i(&mut s, u64::MAX, 4);
+        push_i(&mut s, 7, 0);
+        push_x(&mut s, 0xbeef, 6);
+        push_i(&mut s, i64::MIN as u64, 0);
+        assert_eq!(s, "  012345  -17  beef-9223372036854775808");
+        let mut buf = [0u8; 20];
+        assert_eq!(dec(u64::MAX, &mut buf), "18446744073709551615");
+        assert_eq!(hex(u64::MAX, &mut buf), "ffffffffffffffff");
+        let mut s = String::new();
+        push_left(&mut s, "ü", 3);
+        assert_eq!(s, "ü  ");
+    }
+
+    #[test]
+    fn xml_escaping() {
+        let mut s = String::new();
+        push_xml_escaped(&mut s, "a&b<c>d\"e'f");
+        assert_eq!(s, "a&amp;b&lt;c&gt;d&quot;e&apos;f");
+        let mut s = String::new();
+        push_label_escaped(&mut s, "a\\b\"c\nd");
+        assert_eq!(s, "a\\\\b\\\"c\\nd");
+    }
+
+    #[test]
+    fn inconsistent_rows_do_not_panic() {
+        // A JSON snapshot may pair any type with any value.
+        let rows = [
+            row("/a", StamType::Counter, StamUnit::None, Value::Unsigned(5)),
+            row("/b", StamType::U8, StamUnit::None, Value::Counter { c: 1 }),
+        ];
+        assert_eq!(
+            xml(rows.iter().copied(), false),
+            format!(
+                "{XML_DECL}<Statistics>\n<U64 val=\"5\" unit=\"\" name=\"/a\"/>\n\
+                 <Counter c=\"1\" unit=\"\" name=\"/b\"/>\n</Statistics>\n"
+            )
+        );
+        assert!(!print(rows.iter().copied()).is_empty());
+        assert!(!prometheus(rows.iter().copied()).is_empty());
+    }
+}
