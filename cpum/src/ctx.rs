@@ -98,7 +98,7 @@ pub struct CpumCtx {
 /// Size of [`CpumCtx`].
 pub const CPUM_CTX_SIZE: usize = 832;
 
-/// Size shared by both host-context variants, so the rest of [`crate::CpumCpu`]
+/// Size shared by both host-context variants, so the rest of [`crate::CpumCpu32`]
 /// has one layout whatever the host's bitness.
 pub const HOST_CTX_SIZE: usize = 832;
 

@@ -59,10 +59,12 @@
 //!
 //! For the protocol see [`transcript`]; for the checks see [`hostkernel`].
 
+pub mod far;
 pub mod hostkernel;
 pub mod image;
 pub mod paging;
 pub mod qemu;
+pub mod scenario;
 pub mod transcript;
 
 pub use hostkernel::{Expected, HookCtx, HostKernelBuilder, Mapping, Testbed};

@@ -456,6 +456,10 @@ pub fn build(
         a.mov(edx, ebx)?;
         a.lgdt(fword_ptr(edx + d(l::HOST32_GDTR)))?;
         a.lidt(fword_ptr(edx + d(l::HOST32_IDTR)))?;
+        // The host stack first: from here on a fault in the exit path is
+        // delivered through the host IDT on the host stack and reported,
+        // instead of escalating to a triple fault on the unmapped hyper stack.
+        a.lss(esp, fword_ptr(edx + d(l::HOST32_ESP)))?;
         // The host TSS is still marked busy: clear the busy bit (type bit 1 of
         // the descriptor's second dword) before `ltr`.
         a.movzx(eax, word_ptr(edx + d(l::HOST32_TR)))?;
@@ -482,7 +486,6 @@ pub fn build(
         a.mov(fs, eax)?;
         a.mov(eax, dword_ptr(edx + d(l::HOST32_GS)))?;
         a.mov(gs, eax)?;
-        a.lss(esp, fword_ptr(edx + d(l::HOST32_ESP)))?;
     }
     if o.trace {
         trace(&mut b, o, Step::HostSegments)?;

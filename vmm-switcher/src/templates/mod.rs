@@ -112,8 +112,8 @@ steps! {
     LongModeOff = b'O', "paging off, EFER.LME cleared";
     HostPaging = b'P', "host paging flavour restored, paging on";
     HostCr3 = b'Q', "host CR3 loaded";
-    HostTables = b'R', "host EFER, GDT, IDT, TSS and LDT restored";
-    HostSegments = b'S', "host segments and stack restored";
+    HostTables = b'R', "host EFER, GDT, IDT, stack, TSS and LDT restored";
+    HostSegments = b'S', "host data segments restored";
     HostCr = b'T', "host CR4/CR0 restored";
     ApicUnmasked = b'U', "NMI LVTs unmasked";
     Return = b'V', "returning to the caller";

@@ -1,0 +1,507 @@
+//! The helper the switcher calls in the far (64-bit) world, at `Hyper.rip`.
+//!
+//! It plays the hypervisor-context function: it checks what it should see
+//! and reports into a [`Mailbox`] the host fills before each trip, then
+//! clobbers everything a real callee may and returns a per-trip code.
+//!
+//! Checks (each a bit of [`Mailbox::fails`] and of the return value's top half):
+//! EFER.LMA set, CS is the 64-bit hyper selector, the four NMI LVTs read
+//! masked, `fApicDisVectors` equals the expected set, and — when the host asked
+//! for FPU or debug-register sync on this trip — FCW, MXCSR and XMM0 equal
+//! `Guest.fpu`'s and DR0–3/DR6 equal `Guest.dr`.
+//!
+//! Clobbers: every general register but RSP, CR0.TS, CR4.{DE,TSD,PCE},
+//! EFER.SCE, DS/ES/FS/GS, DR0–3, DR6, the x87/SSE state.
+//!
+//! It loads its own 64-bit IDT first, so a fault in the far world prints a
+//! `FAREXC` line and exits with the far-exception code rather than
+//! triple-faulting; the switcher's way back restores the host IDT.
+
+use core::mem::{offset_of, size_of};
+
+use cpum::layout as l;
+use cpum::regs::{Cr0, Cr4, Efer, MSR_EFER};
+use iced_x86::code_asm::*;
+use iced_x86::BlockEncoderOptions;
+use thiserror::Error;
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
+
+use crate::transcript::PREFIX;
+
+/// Failure bits the helper reports.
+pub mod fail {
+    /// EFER.LMA was clear.
+    pub const LMA: u32 = 1 << 0;
+    /// CS was not the 64-bit hyper selector.
+    pub const CS: u32 = 1 << 1;
+    /// An NMI LVT read unmasked.
+    pub const LVT: u32 = 1 << 2;
+    /// `fApicDisVectors` differed from the expected set.
+    pub const DIS_VECTORS: u32 = 1 << 3;
+    /// FCW differed from `Guest.fpu`.
+    pub const FCW: u32 = 1 << 4;
+    /// MXCSR differed from `Guest.fpu`.
+    pub const MXCSR: u32 = 1 << 5;
+    /// XMM0 differed from `Guest.fpu`.
+    pub const XMM0: u32 = 1 << 6;
+    /// DR0–3 differed from `Guest.dr`.
+    pub const DR0_3: u32 = 1 << 7;
+    /// DR6 differed from `Guest.dr[6]`.
+    pub const DR6: u32 = 1 << 8;
+    /// Names, by bit.
+    pub const NAMES: [&str; 9] = [
+        "efer.lma",
+        "cs",
+        "lvt-unmasked",
+        "dis-vectors",
+        "fcw",
+        "mxcsr",
+        "xmm0",
+        "dr0-3",
+        "dr6",
+    ];
+}
+
+/// Expectation bits the host sets in [`Mailbox::expect`].
+pub mod expect {
+    /// `Guest.fpu` must have been loaded.
+    pub const FPU: u32 = 1 << 0;
+    /// Guest DR0–3 and DR6 must have been loaded.
+    pub const DBG: u32 = 1 << 1;
+    /// NMI masking is on: LVTs masked and `fApicDisVectors` == `want_dis`.
+    pub const APIC: u32 = 1 << 2;
+}
+
+/// What the host and the far helper exchange; lives in the helper area.
+#[repr(C)]
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    FromBytes,
+    IntoBytes,
+    KnownLayout,
+    Immutable,
+    serde::Serialize,
+)]
+pub struct Mailbox {
+    /// Per-trip value the return code is derived from.
+    pub cookie: u32,
+    /// [`expect`] bits for this trip.
+    pub expect: u32,
+    /// Expected `fApicDisVectors`.
+    pub want_dis: u32,
+    /// Calls seen.
+    pub calls: u32,
+    /// OR of every trip's failure bits.
+    pub fails: u32,
+    /// Cookie of the first failing trip (0 if none).
+    pub first_fail_cookie: u32,
+    /// EFER as seen (low dword).
+    pub efer: u32,
+    /// CS as seen.
+    pub cs: u32,
+    /// LINT0, LINT1, PC, THMR as seen.
+    pub lvt: [u32; 4],
+    /// `fApicDisVectors` as seen.
+    pub dis_seen: u32,
+    /// Scratch for FCW/MXCSR stores.
+    pub scratch: [u32; 3],
+}
+
+/// The return value for `cookie` when every check passed.
+pub const RET_XOR: u32 = 0x5eed_f00d;
+
+/// Where things sit inside the helper area.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FarLayout {
+    /// RC address of the helper area (code starts here).
+    pub rc: u32,
+    /// Offset of the 64-bit IDT.
+    pub idt_off: u32,
+    /// Offset of the [`Mailbox`].
+    pub mailbox_off: u32,
+    /// Offset of a scratch page (crash markers written while paging is off).
+    pub scratch_off: u32,
+}
+
+impl FarLayout {
+    /// Code at +0, scratch at +0x1000, IDT at +0x2000, mailbox at +0x3000 (the area needs 4 pages).
+    pub const fn new(rc: u32) -> Self {
+        Self {
+            rc,
+            idt_off: 0x2000,
+            mailbox_off: 0x3000,
+            scratch_off: 0x1000,
+        }
+    }
+
+    /// RC address of the mailbox.
+    pub const fn mailbox_rc(&self) -> u32 {
+        self.rc + self.mailbox_off
+    }
+}
+
+/// Options for the far helper.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FarConfig {
+    /// Layout in the helper area.
+    pub layout: FarLayout,
+    /// The 64-bit hyper code selector.
+    pub cs64: u16,
+    /// Address (valid in the intermediate context) of the local APIC page.
+    pub apic: u32,
+    /// COM1 base port.
+    pub com1: u16,
+    /// isa-debug-exit port.
+    pub exit_port: u16,
+    /// Value written to the exit port after a far exception.
+    pub exit_far_exception: u32,
+}
+
+const LVTS: [u32; 4] = [
+    apic::reg::LVT_LINT0,
+    apic::reg::LVT_LINT1,
+    apic::reg::LVT_PC,
+    apic::reg::LVT_THMR,
+];
+
+fn mb(field: usize) -> i32 {
+    field as i32
+}
+
+/// Building the far helper failed.
+#[derive(Debug, Error)]
+pub enum FarError {
+    /// iced rejected an instruction (a bug in this module).
+    #[error("iced-x86: {0}")]
+    Iced(#[from] IcedError),
+    /// The helper area is too small for code, IDT and mailbox.
+    #[error("far helper needs {need:#x} bytes; the helper area has {have:#x}")]
+    TooSmall {
+        /// Bytes needed.
+        need: usize,
+        /// Bytes available.
+        have: usize,
+    },
+}
+
+/// Assembles the far helper (code, IDT and an initial mailbox) as one blob of
+/// the helper area's size, to be placed at `cfg.layout.rc`.
+///
+/// # Errors
+/// [`FarError`] when the area is too small or iced rejects an instruction.
+pub fn build(cfg: &FarConfig, area_size: usize) -> Result<Vec<u8>, FarError> {
+    let base = u64::from(cfg.layout.rc);
+    let mbox = i64::from(cfg.layout.mailbox_rc());
+    let mut a = CodeAssembler::new(64)?;
+    let mut handlers: Vec<CodeLabel> = (0..32).map(|_| a.create_label()).collect();
+    let mut common = a.create_label();
+    let mut putc = a.create_label();
+    let mut puthex = a.create_label();
+    let mut idtr = a.create_label();
+
+    // ---- entry: RSI = &Guest (fpu at +0), RDX = &CpumCpu
+    a.lidt(ptr(idtr))?;
+    a.mov(r13, rdx)?; // RDMSR below clobbers RDX
+    a.mov(rbx, mbox)?;
+    a.add(dword_ptr(rbx + mb(offset_of!(Mailbox, calls))), 1)?;
+    a.xor(r15d, r15d)?; // failure bits of this trip
+                        // EFER.LMA
+    a.mov(ecx, MSR_EFER)?;
+    a.rdmsr()?;
+    a.mov(dword_ptr(rbx + mb(offset_of!(Mailbox, efer))), eax)?;
+    let mut ok = a.create_label();
+    a.test(eax, Efer::LMA.bits() as u32)?;
+    a.jnz(ok)?;
+    a.or(r15d, fail::LMA)?;
+    a.set_label(&mut ok)?;
+    // CS
+    a.mov(eax, cs)?;
+    a.mov(dword_ptr(rbx + mb(offset_of!(Mailbox, cs))), eax)?;
+    let mut ok = a.create_label();
+    a.cmp(ax, u32::from(cfg.cs64))?;
+    a.je(ok)?;
+    a.or(r15d, fail::CS)?;
+    a.set_label(&mut ok)?;
+    // APIC: LVTs masked, fApicDisVectors as expected.
+    let mut no_apic = a.create_label();
+    a.test(
+        dword_ptr(rbx + mb(offset_of!(Mailbox, expect))),
+        expect::APIC,
+    )?;
+    a.jz(no_apic)?;
+    a.mov(r8d, cfg.apic)?;
+    for (i, reg) in LVTS.iter().enumerate() {
+        let mut ok = a.create_label();
+        a.mov(eax, dword_ptr(r8 + *reg as i32))?;
+        a.mov(dword_ptr(rbx + mb(offset_of!(Mailbox, lvt) + 4 * i)), eax)?;
+        a.test(eax, apic::lvt::MASKED)?;
+        a.jnz(ok)?;
+        a.or(r15d, fail::LVT)?;
+        a.set_label(&mut ok)?;
+    }
+    let mut ok = a.create_label();
+    a.mov(eax, dword_ptr(r13 + l::APIC_DIS_VECTORS as i32))?;
+    a.mov(dword_ptr(rbx + mb(offset_of!(Mailbox, dis_seen))), eax)?;
+    a.cmp(eax, dword_ptr(rbx + mb(offset_of!(Mailbox, want_dis))))?;
+    a.je(ok)?;
+    a.or(r15d, fail::DIS_VECTORS)?;
+    a.set_label(&mut ok)?;
+    a.nop()?;
+    a.set_label(&mut no_apic)?;
+    // FPU sync: FCW, MXCSR, XMM0 against Guest.fpu.
+    let mut no_fpu = a.create_label();
+    a.test(
+        dword_ptr(rbx + mb(offset_of!(Mailbox, expect))),
+        expect::FPU,
+    )?;
+    a.jz(no_fpu)?;
+    {
+        // RSI points at Guest.fpu.
+        let fpu = |f: usize| f as i32;
+        let mut ok1 = a.create_label();
+        let mut ok2 = a.create_label();
+        let mut ok3 = a.create_label();
+        a.fnstcw(word_ptr(rbx + mb(offset_of!(Mailbox, scratch))))?;
+        a.movzx(eax, word_ptr(rbx + mb(offset_of!(Mailbox, scratch))))?;
+        a.movzx(ecx, word_ptr(rsi + fpu(offset_of!(cpum::FxSaveArea, fcw))))?;
+        a.cmp(eax, ecx)?;
+        a.je(ok1)?;
+        a.or(r15d, fail::FCW)?;
+        a.set_label(&mut ok1)?;
+        a.stmxcsr(dword_ptr(rbx + mb(offset_of!(Mailbox, scratch) + 4)))?;
+        a.mov(eax, dword_ptr(rbx + mb(offset_of!(Mailbox, scratch) + 4)))?;
+        a.cmp(
+            eax,
+            dword_ptr(rsi + fpu(offset_of!(cpum::FxSaveArea, mxcsr))),
+        )?;
+        a.je(ok2)?;
+        a.or(r15d, fail::MXCSR)?;
+        a.set_label(&mut ok2)?;
+        a.movq(rax, xmm0)?;
+        a.cmp(rax, qword_ptr(rsi + fpu(offset_of!(cpum::FxSaveArea, xmm))))?;
+        a.jne(ok3)?; // mismatch path below
+                     // The high quadword, with SSE2 only (QEMU's default CPU lacks SSE4.1).
+        a.pshufd(xmm1, xmm0, 0x4e)?;
+        a.movq(rax, xmm1)?;
+        a.cmp(
+            rax,
+            qword_ptr(rsi + fpu(offset_of!(cpum::FxSaveArea, xmm) + 8)),
+        )?;
+        let mut good = a.create_label();
+        a.je(good)?;
+        a.set_label(&mut ok3)?;
+        a.or(r15d, fail::XMM0)?;
+        a.set_label(&mut good)?;
+        a.nop()?;
+    }
+    a.set_label(&mut no_fpu)?;
+    // Debug sync: DR0–3 and DR6 against Guest.dr.
+    let mut no_dbg = a.create_label();
+    a.test(
+        dword_ptr(rbx + mb(offset_of!(Mailbox, expect))),
+        expect::DBG,
+    )?;
+    a.jz(no_dbg)?;
+    {
+        let dr_off = |n: usize| (l::GUEST_DR - l::GUEST_FPU + 8 * n) as i32;
+        for (n, dr) in [(0, dr0), (1, dr1), (2, dr2), (3, dr3)] {
+            let mut ok = a.create_label();
+            a.mov(rax, dr)?;
+            a.cmp(rax, qword_ptr(rsi + dr_off(n)))?;
+            a.je(ok)?;
+            a.or(r15d, fail::DR0_3)?;
+            a.set_label(&mut ok)?;
+        }
+        let mut ok = a.create_label();
+        a.mov(rax, dr6)?;
+        a.cmp(eax, dword_ptr(rsi + dr_off(6)))?;
+        a.je(ok)?;
+        a.or(r15d, fail::DR6)?;
+        a.set_label(&mut ok)?;
+        a.nop()?;
+    }
+    a.set_label(&mut no_dbg)?;
+    // Record failures.
+    let mut clean = a.create_label();
+    a.test(r15d, r15d)?;
+    a.jz(clean)?;
+    a.or(dword_ptr(rbx + mb(offset_of!(Mailbox, fails))), r15d)?;
+    a.cmp(
+        dword_ptr(rbx + mb(offset_of!(Mailbox, first_fail_cookie))),
+        0,
+    )?;
+    a.jne(clean)?;
+    a.mov(eax, dword_ptr(rbx + mb(offset_of!(Mailbox, cookie))))?;
+    a.mov(
+        dword_ptr(rbx + mb(offset_of!(Mailbox, first_fail_cookie))),
+        eax,
+    )?;
+    a.set_label(&mut clean)?;
+    // Return code: cookie ^ RET_XOR ^ (failures << 16).
+    a.mov(r14d, dword_ptr(rbx + mb(offset_of!(Mailbox, cookie))))?;
+    a.xor(r14d, RET_XOR)?;
+    a.shl(r15d, 16)?;
+    a.xor(r14d, r15d)?;
+    // ---- clobber what a callee may
+    a.fninit()?;
+    a.pxor(xmm0, xmm0)?;
+    a.pxor(xmm1, xmm1)?;
+    a.mov(rax, cr0)?;
+    a.or(rax, Cr0::TS.bits() as i32)?;
+    a.mov(cr0, rax)?;
+    a.mov(rax, cr4)?;
+    a.xor(rax, (Cr4::DE | Cr4::TSD | Cr4::PCE).bits() as i32)?;
+    a.mov(cr4, rax)?;
+    a.mov(ecx, MSR_EFER)?;
+    a.rdmsr()?;
+    a.and(eax, !(Efer::SCE.bits() as u32) as i32)?;
+    a.wrmsr()?;
+    a.mov(rax, 0x0000_0bad_0000_1000u64)?;
+    for dr in [dr0, dr1, dr2, dr3] {
+        a.mov(dr, rax)?;
+        a.add(rax, 0x1000)?;
+    }
+    a.xor(eax, eax)?;
+    a.mov(dr6, rax)?;
+    a.mov(ds, eax)?;
+    a.mov(es, eax)?;
+    a.mov(fs, eax)?;
+    a.mov(gs, eax)?;
+    for (i, r) in [
+        rbx, rcx, rdx, rsi, rdi, rbp, r8, r9, r10, r11, r12, r13, r15,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        a.mov(r, 0xdead_0000_0000_0000u64 | (i as u64))?;
+    }
+    a.mov(eax, r14d)?;
+    a.mov(r14, 0xdead_0000_0000_00eeu64)?;
+    a.ret()?;
+
+    // ---- far exception handlers
+    for (v, h) in handlers.iter_mut().enumerate() {
+        a.set_label(h)?;
+        let has_err = matches!(v, 8 | 10 | 11 | 12 | 13 | 14 | 17 | 21 | 29 | 30);
+        if !has_err {
+            a.push(0)?;
+        }
+        a.push(v as i32)?;
+        a.jmp(common)?;
+    }
+    a.set_label(&mut common)?;
+    for &c in format!("\n{PREFIX}FAREXC vec=").as_bytes() {
+        a.mov(al, u32::from(c))?;
+        a.call(putc)?;
+    }
+    a.mov(rax, qword_ptr(rsp))?;
+    a.call(puthex)?;
+    for &c in b" err=" {
+        a.mov(al, u32::from(c))?;
+        a.call(putc)?;
+    }
+    a.mov(rax, qword_ptr(rsp + 8))?;
+    a.call(puthex)?;
+    for &c in b" rip=" {
+        a.mov(al, u32::from(c))?;
+        a.call(putc)?;
+    }
+    a.mov(rax, qword_ptr(rsp + 16))?;
+    a.call(puthex)?;
+    a.mov(al, u32::from(b'\n'))?;
+    a.call(putc)?;
+    a.mov(eax, cfg.exit_far_exception)?;
+    a.mov(dx, u32::from(cfg.exit_port))?;
+    a.out(dx, eax)?;
+    let mut halt = a.create_label();
+    a.set_label(&mut halt)?;
+    a.hlt()?;
+    a.jmp(halt)?;
+    // putc: AL; preserves RDX and RAX.
+    a.set_label(&mut putc)?;
+    a.push(rdx)?;
+    a.push(rax)?;
+    let mut wait = a.create_label();
+    a.mov(dx, u32::from(cfg.com1) + 5)?;
+    a.set_label(&mut wait)?;
+    a.in_(al, dx)?;
+    a.test(al, 0x20)?;
+    a.jz(wait)?;
+    a.pop(rax)?;
+    a.mov(dx, u32::from(cfg.com1))?;
+    a.out(dx, al)?;
+    a.pop(rdx)?;
+    a.ret()?;
+    // puthex: RAX as 16 hex digits.
+    a.set_label(&mut puthex)?;
+    a.push(rcx)?;
+    a.push(rdx)?;
+    a.mov(rdx, rax)?;
+    a.mov(ecx, 16)?;
+    let mut digit = a.create_label();
+    let mut num = a.create_label();
+    a.set_label(&mut digit)?;
+    a.rol(rdx, 4)?;
+    a.mov(eax, edx)?;
+    a.and(eax, 0xf)?;
+    a.add(al, u32::from(b'0'))?;
+    a.cmp(al, u32::from(b'9'))?;
+    a.jbe(num)?;
+    a.add(al, 7)?;
+    a.set_label(&mut num)?;
+    a.call(putc)?;
+    a.dec(ecx)?;
+    a.jnz(digit)?;
+    a.pop(rdx)?;
+    a.pop(rcx)?;
+    a.ret()?;
+    // IDTR image: limit, base of the IDT in the helper area.
+    a.set_label(&mut idtr)?;
+    a.dw(&[32 * 16 - 1])?;
+    a.dq(&[base + u64::from(cfg.layout.idt_off)])?;
+
+    let res = a.assemble_options(base, BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS)?;
+    let code = &res.inner.code_buffer;
+    let mut blob = vec![0u8; area_size];
+    let need = cfg.layout.mailbox_off as usize + size_of::<Mailbox>();
+    if code.len() > cfg.layout.scratch_off as usize || area_size < need {
+        return Err(FarError::TooSmall {
+            need: need.max(code.len()),
+            have: area_size,
+        });
+    }
+    blob[..code.len()].copy_from_slice(code);
+    // 64-bit interrupt gates, present, DPL 0, type 0xE.
+    for (v, h) in handlers.iter().enumerate() {
+        let target = res.label_ip(h)?;
+        let gate = idt_gate(target, cfg.cs64);
+        let at = cfg.layout.idt_off as usize + v * 16;
+        blob[at..at + 16].copy_from_slice(&gate);
+    }
+    Ok(blob)
+}
+
+fn idt_gate(target: u64, selector: u16) -> [u8; 16] {
+    let mut g = [0u8; 16];
+    g[0..2].copy_from_slice(&(target as u16).to_le_bytes());
+    g[2..4].copy_from_slice(&selector.to_le_bytes());
+    g[5] = 0x8e;
+    g[6..8].copy_from_slice(&((target >> 16) as u16).to_le_bytes());
+    g[8..12].copy_from_slice(&((target >> 32) as u32).to_le_bytes());
+    g
+}
+
+/// Names of the failure bits set in `bits`.
+pub fn fail_names(bits: u32) -> Vec<&'static str> {
+    fail::NAMES
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| bits & (1 << i) != 0)
+        .map(|(_, n)| *n)
+        .collect()
+}

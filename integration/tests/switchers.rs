@@ -1,0 +1,235 @@
+//! The seed's switchers (32-bit → AMD64 and PAE → AMD64) executed for real
+//! under QEMU: both unmask revisions, every build option, a non-default
+//! placement, determinism, and a mutation check.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use integration::qemu::{find_qemu, Outcome, QemuConfig};
+use integration::scenario::{run, Mutation, Scenario, ScenarioResult};
+use vmm::Placement;
+use vmm_switcher::templates::{Revision, Step};
+use vmm_switcher::{HcAddr, PhysAddr, RcAddr, SwitcherKind};
+
+const KINDS: [SwitcherKind; 2] = [SwitcherKind::Legacy32ToAmd64, SwitcherKind::PaeToAmd64];
+
+/// QEMU must be there in CI; locally its absence skips loudly.
+fn qemu() -> Option<QemuConfig> {
+    match find_qemu() {
+        Ok(_) => Some(QemuConfig::default()),
+        Err(e) if std::env::var("CI").as_deref() == Ok("true") => panic!("CI=true but {e}"),
+        Err(e) => {
+            eprintln!("\n*** SKIPPING switcher tests: {e} ***\n");
+            None
+        }
+    }
+}
+
+fn go(s: &Scenario, q: &QemuConfig) -> ScenarioResult {
+    let r = run(s, q).unwrap_or_else(|e| panic!("{} setup: {e}", s.kind.cli_name()));
+    eprintln!(
+        "{} rev {:?} {:?}: {} trips, to_gc {:?} to_hc {:?} round trip {:?}..{:?}",
+        s.kind.cli_name(),
+        s.options.revision,
+        r.outcome,
+        r.round_trips,
+        r.instructions_to_guest,
+        r.instructions_to_host,
+        r.instructions_per_round_trip,
+        r.instructions_per_round_trip_max
+    );
+    r
+}
+
+#[test]
+fn both_switchers_both_revisions_thousand_trips_two_vcpus_deterministic() {
+    let Some(q) = qemu() else { return };
+    for kind in KINDS {
+        for revision in [Revision::A, Revision::B] {
+            let mut s = Scenario::new(kind);
+            s.options.revision = revision;
+            s.trips = 1000;
+            s.vcpus = 2;
+            let a = go(&s, &q);
+            assert!(a.verified, "{}: {:?}", kind.cli_name(), a.failures);
+            assert_eq!(a.round_trips, 2000);
+            let vm = a.vm.unwrap();
+            assert_eq!(vm.stat_switcher_to_gc.core.periods, 2000);
+            assert_eq!(vm.stat_switcher_to_hc.core.periods, 2000);
+            assert!(vm.stat_switcher_to_gc.core.ticks_min <= vm.stat_switcher_to_gc.core.ticks_max);
+            for c in &a.cpumcpu {
+                assert_eq!(
+                    c.apic_dis_vectors, 0x7,
+                    "THERM was masked on purpose and must stay out of the set"
+                );
+                assert_eq!(
+                    c.ret_code,
+                    a.run.report.trips.last().map_or(c.ret_code, |_| c.ret_code)
+                );
+            }
+            let mb = a.mailbox.unwrap();
+            assert_eq!(mb.calls, 2000);
+            assert_eq!(
+                mb.lvt.map(|v| v & 0x1_0000),
+                [0x1_0000; 4],
+                "all four NMI LVTs read masked in the far world"
+            );
+            assert_eq!(mb.cs, u32::from(vmm::layout::sel::CS64));
+            assert_ne!(mb.efer & 0x400, 0, "EFER.LMA");
+            // Identical instruction counts and transcript across two runs.
+            let b = go(&s, &q);
+            assert_eq!(a.run.serial, b.run.serial);
+            assert_eq!(
+                (
+                    a.instructions_to_guest,
+                    a.instructions_to_host,
+                    a.instructions_per_round_trip
+                ),
+                (
+                    b.instructions_to_guest,
+                    b.instructions_to_host,
+                    b.instructions_per_round_trip
+                )
+            );
+        }
+    }
+}
+
+#[test]
+fn non_default_placement() {
+    let Some(q) = qemu() else { return };
+    for kind in KINDS {
+        let mut s = Scenario::new(kind);
+        s.placement = Placement {
+            code_hc: HcAddr(0xd123_4000),
+            code_phys: PhysAddr(0x0070_0000),
+            hma_rc: RcAddr(0x8800_0000),
+            hma_hc: HcAddr(0xd200_0000),
+            hma_phys: PhysAddr(0x0080_0000),
+            tables_phys: PhysAddr(0x0090_0000),
+        };
+        s.vcpus = 3;
+        s.trips = 1000;
+        let r = go(&s, &q);
+        assert!(r.verified, "{}: {:?}", kind.cli_name(), r.failures);
+        assert_eq!(r.round_trips, 3000);
+        assert_eq!(r.vm.unwrap().vm_rc, 0x8800_0000);
+    }
+}
+
+#[test]
+fn every_option_is_honoured() {
+    let Some(q) = qemu() else { return };
+    let kind = SwitcherKind::Legacy32ToAmd64;
+    // Statistics off: no profile is touched.
+    let mut s = Scenario::new(kind);
+    s.trips = 20;
+    s.options.stats = false;
+    let r = go(&s, &q);
+    assert!(r.verified, "{:?}", r.failures);
+    let vm = r.vm.unwrap();
+    assert_eq!(vm.stat_switcher_to_gc.core.periods, 0);
+    assert_eq!(r.instructions_to_guest, None);
+    // APIC masking off: LVTs stay unmasked in the far world, no vectors recorded.
+    let mut s = Scenario::new(kind);
+    s.trips = 20;
+    s.options.apic_nmi_masking = false;
+    let r = go(&s, &q);
+    assert!(r.verified, "{:?}", r.failures);
+    let mb = r.mailbox.unwrap();
+    assert_eq!(mb.expect & integration::far::expect::APIC, 0);
+    assert!(r.cpumcpu.iter().all(|c| c.apic_dis_vectors == 0));
+    // Tracing: every step in order, ending at Return.
+    let mut s = Scenario::new(kind);
+    s.trips = 3;
+    s.options.trace = true;
+    let r = go(&s, &q);
+    assert!(r.verified, "{:?}", r.failures);
+    assert_eq!(r.last_step, Some(Step::Return));
+    let trace = r.run.report.trace.clone();
+    let one: String = Step::ALL
+        .iter()
+        .filter(|st| !(s.options.revision == Revision::B && **st == Step::ApicUnmasked))
+        .map(|st| st.ch() as char)
+        .collect();
+    assert_eq!(trace.matches(&one).count(), 6, "trace {trace:?}");
+    // Crash markers: the last HC marker (10) and the last paging-off marker (5).
+    let mut s = Scenario::new(kind);
+    s.trips = 3;
+    s.options.crash_markers = true;
+    let r = go(&s, &q);
+    assert!(r.verified, "{:?}", r.failures);
+    assert!(r.cpumcpu.iter().all(|c| c.guest.dr[4] == 10));
+    assert_eq!(r.scratch_marker, Some(5));
+}
+
+/// How a mutation must show up.
+type Caught = dyn Fn(&ScenarioResult) -> bool;
+
+#[test]
+fn mutation_check_catches_broken_switchers() {
+    let Some(q) = qemu() else { return };
+    let cases: [(SwitcherKind, Mutation, &Caught); 7] = [
+        (
+            SwitcherKind::Legacy32ToAmd64,
+            Mutation::TssBusyNotCleared,
+            &|r| matches!(&r.run.outcome, Outcome::HostException(Some(e)) if e.vector == 13),
+        ),
+        (
+            SwitcherKind::PaeToAmd64,
+            Mutation::HostEbxNotRestored,
+            &|r| {
+                r.run.outcome == Outcome::VerificationFailed
+                    && r.run.report.mismatch_names().contains(&"ebx")
+            },
+        ),
+        (
+            SwitcherKind::Legacy32ToAmd64,
+            Mutation::LvtNotUnmasked,
+            &|r| {
+                r.run.outcome == Outcome::VerificationFailed
+                    && r.run.report.mismatch_names().contains(&"lvt_lint0")
+            },
+        ),
+        (SwitcherKind::Legacy32ToAmd64, Mutation::PaeLeftOn, &|r| {
+            r.run.outcome == Outcome::TripleFault
+        }),
+        (SwitcherKind::PaeToAmd64, Mutation::FpuNotSynced, &|r| {
+            r.run.outcome == Outcome::VerificationFailed
+                && r.failures
+                    .iter()
+                    .any(|f| f.contains("fcw") || f.contains("xmm0"))
+        }),
+        (
+            SwitcherKind::Legacy32ToAmd64,
+            Mutation::DisVectorsNotCleared,
+            &|r| {
+                r.run.outcome == Outcome::VerificationFailed
+                    && r.failures.iter().any(|f| f.contains("dis-vectors"))
+            },
+        ),
+        (SwitcherKind::PaeToAmd64, Mutation::LvtNotUnmasked, &|r| {
+            r.run.outcome == Outcome::VerificationFailed
+                && r.run.report.mismatch_names().contains(&"lvt_lint0")
+        }),
+    ];
+    for (kind, m, caught) in cases {
+        let mut s = Scenario::new(kind);
+        s.trips = 10;
+        s.mutation = Some(m);
+        let r = go(&s, &q);
+        assert!(!r.verified, "{m:?} on {} was not caught", kind.cli_name());
+        assert!(
+            caught(&r),
+            "{m:?} on {}: wrong outcome {:?} {:?}",
+            kind.cli_name(),
+            r.run.outcome,
+            r.failures
+        );
+    }
+    // A mutation that has no target in this switcher is a typed error.
+    let mut s = Scenario::new(SwitcherKind::PaeToAmd64);
+    s.mutation = Some(Mutation::PaeLeftOn);
+    assert!(matches!(
+        run(&s, &q),
+        Err(integration::scenario::ScenarioError::MutationNotApplicable { .. })
+    ));
+}
