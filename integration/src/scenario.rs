@@ -221,6 +221,10 @@ pub struct ScenarioResult {
     pub mailbox: Option<Mailbox>,
     /// The last trace step printed (trace option only).
     pub last_step: Option<Step>,
+    /// The VM structure's bytes as dumped after the run (read its STAM
+    /// samples with `vmm::stats::VmStats`).
+    #[serde(skip)]
+    pub vm_image: Option<Vec<u8>>,
     /// The crash-dump scratch page's first dword (last marker written while paging was off).
     pub scratch_marker: Option<u32>,
 }
@@ -615,6 +619,7 @@ fn judge(s: &Scenario, b: &Built, run: RunResult) -> ScenarioResult {
         mailbox,
         last_step,
         scratch_marker: r.dump("scratch").and_then(|d| d.u32_at(0)),
+        vm_image: vm_dump.filter(|d| d.complete).map(|d| d.bytes.clone()),
         run,
     }
 }

@@ -65,6 +65,22 @@ fn both_switchers_both_revisions_thousand_trips_two_vcpus_deterministic() {
                     a.run.report.trips.last().map_or(c.ret_code, |_| c.ret_code)
                 );
             }
+            // The VM's STAM registry reads the same profiles from the dumped image.
+            let st = vmm::stats::VmStats::new(2).unwrap();
+            let image = a.vm_image.as_deref().unwrap();
+            let snap = st
+                .registry
+                .snapshot("/VMM/Switcher/*", &st.backing(image))
+                .unwrap();
+            for sv in &snap.samples {
+                match &sv.value {
+                    stam::Value::Profile { periods, ticks, .. } => {
+                        assert_eq!(*periods, 2000, "{}", sv.name);
+                        assert!(*ticks > 2000 * 50, "{}: {ticks} ticks", sv.name);
+                    }
+                    v => panic!("{}: {v:?}", sv.name),
+                }
+            }
             let mb = a.mailbox.unwrap();
             assert_eq!(mb.calls, 2000);
             assert_eq!(

@@ -348,10 +348,8 @@ impl Builder {
             };
             let start = s.start + rel;
             let end = start + (elem * insn.declare_data_len()) as u32;
-            match self.data.last_mut() {
-                Some(last) if last.end == start => last.end = end,
-                _ => self.data.push(start..end),
-            }
+            // One range per directive, so each slot keeps its own label.
+            self.data.push(start..end);
         }
         let end = s.start + u32::try_from(bytes.len()).map_err(|_| BuildError::TooLarge)?;
         self.code.extend_from_slice(bytes);

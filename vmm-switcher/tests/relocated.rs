@@ -46,12 +46,7 @@ fn decode(def: &SwitcherDef, code: &[u8], c: &RelocContext) -> Decoded {
 
 /// Offsets of data slots (never executed) inside the 64-bit code.
 fn data_ranges(def: &SwitcherDef) -> Vec<std::ops::Range<u32>> {
-    assert_eq!(
-        def.data.len(),
-        2,
-        "two runs of pointer slots: {:?}",
-        def.data
-    );
+    assert_eq!(def.data.len(), 4, "four pointer slots: {:?}", def.data);
     def.data.clone()
 }
 
@@ -536,4 +531,44 @@ proptest! {
             check(&def, &TemplateOptions::default(), &c);
         }
     }
+}
+
+#[test]
+fn listing_names_regions_labels_entries_and_fixups() {
+    let def = &both(&TemplateOptions::default())[0];
+    let c = ctx();
+    let mut code = def.code.clone();
+    let rel = relocate(def, &mut code, &c).expect("relocates");
+    let text = vmm_switcher::disasm::listing(def, &code, &c, &rel);
+    for r in &def.regions {
+        assert!(
+            text.contains(&format!(
+                "---- {} ({:?} view, {}-bit)",
+                r.name, r.view, r.bits
+            )),
+            "{}",
+            r.name
+        );
+    }
+    for name in def.labels.keys() {
+        assert!(text.contains(&format!("\n{name}:\n")), "label {name}");
+    }
+    for (name, _) in def.entries.named() {
+        assert!(text.contains(&format!("entry:{name}:")), "entry {name}");
+    }
+    for a in &rel.applied {
+        assert!(
+            text.contains(&format!("{} = {:#x}", a.record.kind.vbox_name(), a.value)),
+            "{:?}",
+            a.record
+        );
+    }
+    // 64-bit code is decoded as 64-bit at its identity address; HC code at the HC address.
+    let ic = c.code_id.0 + u64::from(def.labels["ICEnterTarget"]);
+    let at = format!("{:#06x} {ic:016x}", def.labels["ICEnterTarget"]);
+    let line = text.lines().find(|l| l.contains(&at)).unwrap_or_default();
+    assert!(line.contains("mov     rdx,"), "{line}");
+    assert!(text.contains(&format!("{:016x}", c.code_hc.0)));
+    // Data slots are shown as data, not decoded as instructions.
+    assert!(text.contains("dq      0x"), "pointer slots");
 }

@@ -31,6 +31,7 @@
 
 pub mod layout;
 pub mod mode;
+pub mod stats;
 
 use std::mem::size_of;
 use std::ops::Range;
@@ -801,6 +802,20 @@ impl Vmm {
         let s = l.helper as usize;
         self.hma[s..s + code.len()].copy_from_slice(code);
         Ok(())
+    }
+
+    /// The VM structure's bytes (the start of the HMA image).
+    pub fn vm_image(&self) -> &[u8] {
+        let l = &self.hma_layout;
+        &self.hma[l.vm as usize..(l.vm + l.vm_size) as usize]
+    }
+
+    /// The VM's STAM registry (see [`stats`]).
+    ///
+    /// # Errors
+    /// A registration failed (a bug).
+    pub fn stam(&self) -> Result<stats::VmStats, stam::StamError> {
+        stats::VmStats::new(self.cfg.vcpus)
     }
 
     /// Addresses of the VM structure in each view.

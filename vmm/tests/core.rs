@@ -233,3 +233,39 @@ fn non_default_placement_builds() {
     vmm.write_helper(&[0xc3]).unwrap();
     assert_eq!(vmm.helper_area().2, 0x4000);
 }
+
+#[test]
+fn stam_registry_reads_the_vm_image() {
+    let vmm = Vmm::new(VmmConfig::default()).unwrap();
+    let st = vmm.stam().unwrap();
+    let names: Vec<String> = st.registry.iter("*").map(|i| i.name.to_string()).collect();
+    assert_eq!(
+        names,
+        [
+            "/VMM/CPU0/ApicDisVectors",
+            "/VMM/CPU0/RetCode",
+            "/VMM/CPU0/UseFlags",
+            "/VMM/CPU1/ApicDisVectors",
+            "/VMM/CPU1/RetCode",
+            "/VMM/CPU1/UseFlags",
+            vmm::stats::TO_GC,
+            vmm::stats::TO_HC,
+        ]
+    );
+    // A fresh VM: no period yet, min at its reset value.
+    let snap = st
+        .registry
+        .snapshot("/VMM/Switcher/*", &st.backing(vmm.vm_image()))
+        .unwrap();
+    assert_eq!(snap.samples.len(), 2);
+    let text = st
+        .registry
+        .print("/VMM/Switcher/ToGC", &st.backing(vmm.vm_image()))
+        .unwrap();
+    assert!(text.starts_with("/VMM/Switcher/ToGC"), "{text}");
+    // Too short an image is a typed error, not a panic.
+    assert!(st
+        .registry
+        .snapshot("*", &st.backing(&vmm.vm_image()[..100]))
+        .is_err());
+}
