@@ -114,8 +114,12 @@ pub struct Cpum {
     pub std_features_edx: u32,
     /// CPUID leaf 0x8000_0001 EDX of the host.
     pub ext_features_edx: u32,
+    /// Hyper TSS selector of VCPU 0; VCPU *i* uses
+    /// `hyper_tss_sel0 + i * HYPER_TSS_STRIDE`. Hypervisor-context code finds
+    /// its `CpumCpu*` from TR with it.
+    pub hyper_tss_sel0: u32,
     /// Reserved.
-    pub reserved: [u32; 8],
+    pub reserved: [u32; 7],
 }
 
 macro_rules! cpumcpu {
@@ -190,6 +194,12 @@ pub use vcpu::{CpumCpu32, CpumCpu64};
 
 /// Size of [`Cpum`].
 pub const CPUM_SIZE: usize = 64;
+
+/// Selector distance between consecutive VCPUs' hyper TSS descriptors: 16
+/// bytes, so each slot also holds a 64-bit TSS descriptor.
+pub const HYPER_TSS_STRIDE: u16 = 16;
+/// `log2(HYPER_TSS_STRIDE)`, the shift machine code uses.
+pub const HYPER_TSS_STRIDE_SHIFT: u32 = HYPER_TSS_STRIDE.trailing_zeros();
 /// Size of [`CpumCpu32`] and [`CpumCpu64`].
 pub const CPUMCPU_SIZE: usize = 2560;
 
@@ -219,6 +229,11 @@ pub mod layout {
         CPUM_CR4_AND_MASK = Cpum, cr4_and_mask => 16;
         /// `Cpum::cr4_or_mask`.
         CPUM_CR4_OR_MASK = Cpum, cr4_or_mask => 20;
+        /// `Cpum::cb_cpumcpu`.
+        CPUM_CB_CPUMCPU = Cpum, cb_cpumcpu => 4;
+        /// `Cpum::hyper_tss_sel0`.
+        CPUM_HYPER_TSS_SEL0 = Cpum, hyper_tss_sel0 => 32;
+
         /// Host EBX (32-bit host).
         HOST32_EBX = CpumCpu32, host.ebx => 512;
         /// Host EDI (32-bit host).
@@ -273,6 +288,34 @@ pub mod layout {
         HOST64_CR3 = CpumCpu64, host.cr3 => 640;
         /// Host EFER (64-bit host).
         HOST64_EFER = CpumCpu64, host.efer => 776;
+        /// Host DR1 (32-bit host).
+        HOST32_DR1 = CpumCpu32, host.dr1 => 576;
+        /// Host DR2 (32-bit host).
+        HOST32_DR2 = CpumCpu32, host.dr2 => 580;
+        /// Host DR3 (32-bit host).
+        HOST32_DR3 = CpumCpu32, host.dr3 => 584;
+        /// Host FXSAVE image (32-bit host).
+        HOST32_FPU = CpumCpu32, host.fpu => 0;
+        /// `Hyper.rax`.
+        HYPER_RAX = CpumCpu32, hyper.rax => 2176;
+        /// `Hyper.rbx`.
+        HYPER_RBX = CpumCpu32, hyper.rbx => 2184;
+        /// `Hyper.rcx`.
+        HYPER_RCX = CpumCpu32, hyper.rcx => 2192;
+        /// `Hyper.rdx`.
+        HYPER_RDX = CpumCpu32, hyper.rdx => 2200;
+        /// `Hyper.rsi`.
+        HYPER_RSI = CpumCpu32, hyper.rsi => 2208;
+        /// `Hyper.rdi`.
+        HYPER_RDI = CpumCpu32, hyper.rdi => 2216;
+        /// `Hyper.rbp`.
+        HYPER_RBP = CpumCpu32, hyper.rbp => 2224;
+        /// `Hyper.rflags`.
+        HYPER_RFLAGS = CpumCpu32, hyper.rflags => 2312;
+        /// `Hyper.ldtr`.
+        HYPER_LDTR = CpumCpu32, hyper.ldtr => 2344;
+        /// `Hyper.tr`.
+        HYPER_TR = CpumCpu32, hyper.tr => 2348;
         /// `Guest` context.
         GUEST = CpumCpu32, guest => 832;
         /// `Guest.fpu` (the FXSAVE image; also the helper's context pointer).

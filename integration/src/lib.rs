@@ -64,6 +64,7 @@ pub mod hostkernel;
 pub mod image;
 pub mod paging;
 pub mod qemu;
+pub mod rc;
 pub mod scenario;
 pub mod transcript;
 

@@ -19,7 +19,7 @@ use thiserror::Error;
 use vmm::layout::{VmFixed, VmHeader, OFF_CPUM};
 use vmm::{ExtraMapping, Placement, Vmm, VmmConfig, VmmError};
 use vmm_switcher::templates::{Step, TemplateOptions};
-use vmm_switcher::{SwitcherKind, View};
+use vmm_switcher::{RcAddr, SwitcherKind, View};
 
 use crate::far::{self, FarConfig, FarLayout, Mailbox};
 use crate::hostkernel::{BuildError, Expected, HookCtx, HostKernelBuilder, Testbed, LAPIC_VIRT};
@@ -32,6 +32,14 @@ pub const EXIT_FAR_EXCEPTION: u32 = 0x13;
 pub const HOOKFAIL_SYNC_LEFT: u32 = 0x5c;
 /// `HOOKFAIL` codes with this bit carry the far helper's failure bits below it.
 pub const HOOKFAIL_FAR: u32 = 0x1_0000;
+/// `HOOKFAIL` code: the host's FPU state did not come back.
+pub const HOOKFAIL_HOST_FPU: u32 = 0x70;
+/// `HOOKFAIL` code: the host's DR0–DR3 did not come back.
+pub const HOOKFAIL_HOST_DR: u32 = 0x71;
+/// `HOOKFAIL` code: the FPU state the RC code left was not saved to `Guest.fpu`.
+pub const HOOKFAIL_GUEST_FPU_SAVE: u32 = 0x72;
+/// The host's FCW during the runs (round toward zero, all exceptions masked).
+pub const HOST_FCW: u32 = 0x0f7f;
 
 /// A deliberately broken switcher: one instruction of the relocated code is
 /// replaced by NOPs.
@@ -49,17 +57,29 @@ pub enum Mutation {
     FpuNotSynced,
     /// The register collecting masked vectors is not cleared first (VirtualBox's bug).
     DisVectorsNotCleared,
+    /// 32-bit/PAE family: the host FPU state is not restored after the RC code used the FPU.
+    HostFpuNotRestored,
+    /// 32-bit/PAE family: the host SYSENTER_CS is not restored.
+    SysenterCsNotRestored,
+    /// 32-bit/PAE family: the hyper TSS busy bit is not cleared before `ltr`.
+    HyperTssBusyNotCleared,
+    /// 32-bit/PAE family: `Hyper.cr3` is not loaded (RC code runs on the intermediate CR3).
+    HyperCr3NotLoaded,
 }
 
 impl Mutation {
     /// Every mutation.
-    pub const ALL: [Mutation; 6] = [
+    pub const ALL: [Mutation; 10] = [
         Self::TssBusyNotCleared,
         Self::HostEbxNotRestored,
         Self::LvtNotUnmasked,
         Self::PaeLeftOn,
         Self::FpuNotSynced,
         Self::DisVectorsNotCleared,
+        Self::HostFpuNotRestored,
+        Self::SysenterCsNotRestored,
+        Self::HyperTssBusyNotCleared,
+        Self::HyperCr3NotLoaded,
     ];
 
     fn matches(self, insn: &Instruction, view: View, in_id1: bool) -> bool {
@@ -68,10 +88,29 @@ impl Mutation {
         };
         match self {
             Self::TssBusyNotCleared => {
-                insn.code() == Code::And_rm32_imm32
+                view == View::Hc
+                    && insn.code() == Code::And_rm32_imm32
                     && insn.memory_base() == Register::EAX
                     && insn.immediate32() == !0x200
             }
+            Self::HyperTssBusyNotCleared => {
+                view == View::Rc
+                    && insn.code() == Code::And_rm32_imm32
+                    && insn.memory_base() == Register::EAX
+                    && insn.immediate32() == !0x200
+            }
+            Self::HostFpuNotRestored => {
+                insn.mnemonic() == iced_x86::Mnemonic::Fxrstor
+                    && insn.memory_displacement32() as usize == cl::HOST32_FPU
+            }
+            Self::HyperCr3NotLoaded => {
+                view == View::Rc
+                    && insn.code() == Code::Mov_cr_r32
+                    && insn.op0_register() == Register::CR3
+                    && insn.op1_register() == Register::EBP
+            }
+            // Handled through the switcher's own conditional-jump fixup.
+            Self::SysenterCsNotRestored => false,
             Self::HostEbxNotRestored => {
                 insn.code() == Code::Mov_r32_rm32
                     && insn.op0_register() == Register::EBX
@@ -115,6 +154,10 @@ pub struct Scenario {
     pub trips: u32,
     /// A deliberate breakage.
     pub mutation: Option<Mutation>,
+    /// 32-bit/PAE family only: instead of the checking RC code, call a target
+    /// function with these arguments through the switcher's call trampoline
+    /// on every trip.
+    pub trampoline_args: Option<Vec<u32>>,
 }
 
 impl Scenario {
@@ -127,7 +170,13 @@ impl Scenario {
             vcpus: 2,
             trips: 1000,
             mutation: None,
+            trampoline_args: None,
         }
+    }
+
+    /// True when the switcher enters a long-mode hypervisor context.
+    pub fn long_mode_target(&self) -> bool {
+        vmm::target_flavour(self.kind) == vmm::Flavour::Long
     }
 
     /// The host mode a switcher needs.
@@ -165,6 +214,12 @@ pub enum ScenarioError {
     /// The host kernel did not build.
     #[error("host kernel: {0}")]
     Kernel(#[from] BuildError),
+    /// The trampoline exists only for 32-bit/PAE hypervisor contexts here.
+    #[error("the call trampoline is not exercised for {}", .0.cli_name())]
+    NoTrampoline(SwitcherKind),
+    /// Too many trampoline arguments.
+    #[error("{0} trampoline arguments; at most {max}", max = crate::rc::MAX_TARGET_ARGS)]
+    TooManyArgs(usize),
     /// The mutation does not apply to this switcher.
     #[error("mutation {mutation:?} does not apply to {}", kind.cli_name())]
     MutationNotApplicable {
@@ -217,8 +272,10 @@ pub struct ScenarioResult {
     /// Every VCPU's CPUM data, if dumped.
     #[serde(skip)]
     pub cpumcpu: Vec<CpumCpu32>,
-    /// The far helper's mailbox, if dumped.
+    /// The far helper's mailbox (long-mode family), if dumped.
     pub mailbox: Option<Mailbox>,
+    /// The RC code's mailbox (32-bit/PAE family), if dumped.
+    pub rc_mailbox: Option<crate::rc::RcMailbox>,
     /// The last trace step printed (trace option only).
     pub last_step: Option<Step>,
     /// The VM structure's bytes as dumped after the run (read its STAM
@@ -238,18 +295,31 @@ pub struct Built {
     pub testbed: Testbed,
     /// The far helper's layout.
     pub far: FarLayout,
+    /// The RC code's entry points (32-bit/PAE family).
+    pub rc: Option<crate::rc::RcEntries>,
+    /// Host-virtual address of the mailbox.
+    pub mailbox_hc: u32,
 }
 
 fn u32_addr(what: &'static str, addr: u64) -> Result<u32, ScenarioError> {
     u32::try_from(addr).map_err(|_| ScenarioError::AddressTooWide { what, addr })
 }
 
-/// Builds the VMM core, writes the far helper, and generates the host kernel image.
+/// Builds the VMM core, writes the far-side code, and generates the host kernel image.
 ///
 /// # Errors
 /// [`ScenarioError`] for anything that cannot be set up.
 pub fn build(s: &Scenario) -> Result<Built, ScenarioError> {
     let host = s.host_mode()?;
+    let long = s.long_mode_target();
+    if s.trampoline_args.is_some() && long {
+        return Err(ScenarioError::NoTrampoline(s.kind));
+    }
+    if let Some(args) = &s.trampoline_args {
+        if args.len() > crate::rc::MAX_TARGET_ARGS {
+            return Err(ScenarioError::TooManyArgs(args.len()));
+        }
+    }
     let cfg = VmmConfig {
         placement: s.placement,
         vcpus: s.vcpus,
@@ -263,19 +333,56 @@ pub fn build(s: &Scenario) -> Result<Built, ScenarioError> {
         ..VmmConfig::default()
     };
     let mut vmm = Vmm::new(cfg)?;
-    let sw = vmm.switcher(s.kind)?.clone();
+    let sw = vmm.activate(s.kind)?.clone();
     let (helper_rc, _, helper_size) = vmm.helper_area();
     let far_layout = FarLayout::new(helper_rc.0);
-    let far_cfg = FarConfig {
-        layout: far_layout,
-        cs64: vmm::layout::sel::CS64,
-        apic: LAPIC_VIRT,
-        com1: 0x3f8,
-        exit_port: 0xf4,
-        exit_far_exception: EXIT_FAR_EXCEPTION,
-    };
-    vmm.write_helper(&far::build(&far_cfg, helper_size as usize)?)?;
+    let p = s.placement;
+    let (vm_hc, vm_rc, _) = vmm.vm_addrs();
+    let vm_hc = u32_addr("VM structure HC", vm_hc.0)?;
+    let hma_hc = u32_addr("HMA HC", p.hma_hc.0)?;
+    let hc_of = |rc: u32| hma_hc + (rc - p.hma_rc.0);
+    let mailbox_hc = hc_of(far_layout.mailbox_rc());
+    let cpum_hc = vm_hc + OFF_CPUM as u32;
+    let cpum_rc = vm_rc.0 + OFF_CPUM as u32;
+    let scratch_phys = p.hma_phys.0 + u64::from(helper_rc.0 - p.hma_rc.0 + far_layout.scratch_off);
+    let mut rc_entries = None;
+    if long {
+        let far_cfg = FarConfig {
+            layout: far_layout,
+            cs64: vmm::layout::sel::CS64,
+            apic: LAPIC_VIRT,
+            com1: 0x3f8,
+            exit_port: 0xf4,
+            exit_far_exception: EXIT_FAR_EXCEPTION,
+        };
+        vmm.write_helper(&far::build(&far_cfg, helper_size as usize)?)?;
+    } else {
+        let rc_cfg = crate::rc::RcConfig {
+            rc: helper_rc.0,
+            mailbox_off: far_layout.mailbox_off,
+            cpum_rc,
+            exit_rc: sw.entries.rc_guest_to_host_asm.0,
+            cs: vmm::layout::sel::CS,
+            ds: vmm::layout::sel::DS,
+            apic: LAPIC_VIRT,
+            com1: 0x3f8,
+            exit_port: 0xf4,
+            exit_code: EXIT_FAR_EXCEPTION,
+        };
+        let (blob, e) = crate::rc::build(&rc_cfg, helper_size as usize)?;
+        vmm.write_helper(&blob)?;
+        let gates: Vec<(u8, RcAddr)> = e
+            .handlers
+            .iter()
+            .enumerate()
+            .map(|(v, h)| (v as u8, RcAddr(*h)))
+            .collect();
+        vmm.set_hyper_idt_gates(&gates);
+        rc_entries = Some(e);
+    }
     for i in 0..s.vcpus {
+        let rc_entry = rc_entries.as_ref().map(|e| e.entry);
+        let cpumcpu_rc = cpum_rc + vmm.vcpu_arg(i);
         vmm.with_cpumcpu(i, |c| {
             c.apic_base = if s.options.apic_nmi_masking {
                 u64::from(LAPIC_VIRT)
@@ -285,8 +392,15 @@ pub fn build(s: &Scenario) -> Result<Built, ScenarioError> {
             c.guest.fpu = cpum::FxSaveArea::initial();
             // Crash markers: progress in Guest.dr[4]; while paging is off, the
             // scratch page at the physical address in Guest.dr[5].
-            c.guest.dr[5] = s.placement.hma_phys.0
-                + u64::from(helper_rc.0 - s.placement.hma_rc.0 + far_layout.scratch_off);
+            c.guest.dr[5] = scratch_phys;
+            if let Some(entry) = rc_entry {
+                c.hyper.rip = u64::from(entry);
+                c.hyper.rsi = u64::from(cpumcpu_rc);
+                c.hyper.rdi = u64::from(far_layout.mailbox_rc());
+                c.hyper.rbp = u64::from(crate::rc::ebp_magic(i));
+                c.hyper.rbx = 0;
+                c.hyper.dr[7] = cpum::regs::DR7_INIT;
+            }
         })?;
     }
 
@@ -296,31 +410,128 @@ pub fn build(s: &Scenario) -> Result<Built, ScenarioError> {
         let code = sw.code(&core).to_vec();
         let id1 = sw.def.labels.get("IDExitTarget").copied().unwrap_or(0)
             ..sw.def.labels.get("ICExitTarget").copied().unwrap_or(0);
-        let lines = vmm_switcher::disasm::lines(&sw.def, &code, &sw.ctx, &sw.reloc);
-        let hit = lines
-            .iter()
-            .find(|l| {
-                l.insn
-                    .as_ref()
-                    .is_some_and(|i| m.matches(i, l.view, id1.contains(&l.off)))
-            })
-            .ok_or(ScenarioError::MutationNotApplicable {
-                mutation: m,
-                kind: s.kind,
-            })?;
-        let at = (sw.offset + hit.off) as usize;
-        core[at..at + hit.bytes.len()].fill(0x90);
+        if m == Mutation::SysenterCsNotRestored {
+            // Take the exit path's "host does not use SYSENTER" jump although it does.
+            let exit = sw
+                .def
+                .labels
+                .get("HCExitTarget")
+                .copied()
+                .unwrap_or(u32::MAX);
+            let rec = sw
+                .def
+                .fixups
+                .iter()
+                .find(|f| f.kind == vmm_switcher::FixupKind::NoSysenterJmp && f.off >= exit)
+                .ok_or(ScenarioError::MutationNotApplicable {
+                    mutation: m,
+                    kind: s.kind,
+                })?;
+            let target = rec.operand.unwrap_or(rec.off + 5);
+            let rel = target.wrapping_sub(rec.off + 5);
+            let at = (sw.offset + rec.off) as usize;
+            core[at] = 0xe9;
+            core[at + 1..at + 5].copy_from_slice(&rel.to_le_bytes());
+        } else {
+            let lines = vmm_switcher::disasm::lines(&sw.def, &code, &sw.ctx, &sw.reloc);
+            let hit = lines
+                .iter()
+                .find(|l| {
+                    l.insn
+                        .as_ref()
+                        .is_some_and(|i| m.matches(i, l.view, id1.contains(&l.off)))
+                })
+                .ok_or(ScenarioError::MutationNotApplicable {
+                    mutation: m,
+                    kind: s.kind,
+                })?;
+            let at = (sw.offset + hit.off) as usize;
+            core[at..at + hit.bytes.len()].fill(0x90);
+        }
     }
 
-    let p = s.placement;
-    let (vm_hc, _, _) = vmm.vm_addrs();
-    let vm_hc = u32_addr("VM structure HC", vm_hc.0)?;
-    let hma_hc = u32_addr("HMA HC", p.hma_hc.0)?;
-    let mailbox_hc = hma_hc + (far_layout.mailbox_rc() - p.hma_rc.0);
-    let cpum_hc = vm_hc + OFF_CPUM as u32;
     let (tables_phys, tables) = vmm.tables();
+    let (hyper_phys, hyper_tables) = vmm.hyper_tables();
     let apic_on = s.options.apic_nmi_masking;
+    let vcpu_args: Vec<u32> = (0..s.vcpus).map(|i| vmm.vcpu_arg(i)).collect();
+    let entry = u32_addr("switcher entry", sw.entries.r0_host_to_guest_hc.0)?;
+    let mut kb = HostKernelBuilder::new(host)
+        .blob_mapped(
+            "core-code",
+            u32_addr("core code", p.code_phys.0)?,
+            u32_addr("core code HC", p.code_hc.0)?,
+            core,
+            true,
+        )
+        .blob_mapped(
+            "hma",
+            u32_addr("HMA", p.hma_phys.0)?,
+            hma_hc,
+            vmm.hma().to_vec(),
+            true,
+        )
+        .blob(
+            "intermediate-tables",
+            u32_addr("tables", tables_phys.0)?,
+            tables.to_vec(),
+        )
+        .blob(
+            "hyper-tables",
+            u32_addr("hyper tables", hyper_phys.0)?,
+            hyper_tables.to_vec(),
+        )
+        .entry(entry)
+        .arg1(vm_hc)
+        .vcpus(vcpu_args)
+        .trips(s.trips)
+        .cookie_at(mailbox_hc + offset_of!(Mailbox, cookie) as u32)
+        .dump("vm", vm_hc, vmm.hma_layout().vm_size)
+        .dump("scratch", hc_of(helper_rc.0 + far_layout.scratch_off), 4);
+    if long {
+        kb = long_hooks(kb, apic_on, mailbox_hc, cpum_hc)
+            .expect(Expected::CookieXor(far::RET_XOR))
+            .dump("mailbox", mailbox_hc, size_of::<Mailbox>() as u32);
+    } else if let (Some(args), Some(e)) = (&s.trampoline_args, &rc_entries) {
+        let target = e.targets[args.len()];
+        let tramp = sw.entries.rc_call_trampoline.0;
+        let l = *vmm.hma_layout();
+        let frames: Vec<(u32, u32)> = (0..s.vcpus)
+            .map(|i| {
+                (
+                    hc_of(p.hma_rc.0 + l.stack_top(i)),
+                    p.hma_rc.0 + l.stack_top(i),
+                )
+            })
+            .collect();
+        kb = trampoline_hooks(kb, cpum_hc, target, tramp, args.clone(), frames)
+            .expect(Expected::Value(crate::rc::target_result(args)));
+    } else {
+        let pae = vmm::target_flavour(s.kind) == vmm::Flavour::Pae;
+        kb = rc_hooks(kb, apic_on, pae, mailbox_hc, cpum_hc)
+            .expect(Expected::CookieXor(crate::rc::RET_XOR))
+            .dump(
+                "mailbox",
+                mailbox_hc,
+                size_of::<crate::rc::RcMailbox>() as u32,
+            );
+    }
+    let testbed = kb.build()?;
+    Ok(Built {
+        vmm,
+        testbed,
+        far: far_layout,
+        rc: rc_entries,
+        mailbox_hc,
+    })
+}
 
+/// Hooks for the long-mode family: Guest FPU/debug sync requests and the far helper's verdict.
+fn long_hooks(
+    kb: HostKernelBuilder,
+    apic_on: bool,
+    mailbox_hc: u32,
+    cpum_hc: u32,
+) -> HostKernelBuilder {
     let pre = move |a: &mut CodeAssembler, h: &mut HookCtx| -> Result<(), IcedError> {
         let mb = |f: usize| mailbox_hc + f as u32;
         let mut no_fpu = a.create_label();
@@ -332,10 +543,7 @@ pub fn build(s: &Scenario) -> Result<Built, ScenarioError> {
         if apic_on {
             a.or(edx, far::expect::APIC)?;
         }
-        a.mov(
-            dword_ptr(mb(offset_of!(Mailbox, want_dis))),
-            apic::DisVectors::from_bits_retain(0x7).bits(),
-        )?;
+        a.mov(dword_ptr(mb(offset_of!(Mailbox, want_dis))), 0x7u32)?;
         // Even trips load Guest.fpu in the far world.
         a.test(esi, 1)?;
         a.jnz(no_fpu)?;
@@ -344,27 +552,7 @@ pub fn build(s: &Scenario) -> Result<Built, ScenarioError> {
             dword_ptr(ebx + cl::USE_FLAGS as i32),
             UseFlags::SYNC_FPU_STATE.bits(),
         )?;
-        let fpu = |f: usize| (cl::GUEST_FPU + f) as i32;
-        a.mov(eax, esi)?;
-        a.and(eax, 0xc)?;
-        a.shl(eax, 8)?;
-        a.xor(eax, u32::from(cpum::FxSaveArea::FCW_INIT))?;
-        a.mov(word_ptr(ebx + fpu(offset_of!(cpum::FxSaveArea, fcw))), ax)?;
-        a.mov(eax, esi)?;
-        a.and(eax, 0x30)?;
-        a.shl(eax, 9)?;
-        a.or(eax, cpum::FxSaveArea::MXCSR_INIT)?;
-        a.mov(
-            dword_ptr(ebx + fpu(offset_of!(cpum::FxSaveArea, mxcsr))),
-            eax,
-        )?;
-        a.mov(eax, dword_ptr(h.cookie_slot))?;
-        let xmm_off = offset_of!(cpum::FxSaveArea, xmm);
-        a.mov(dword_ptr(ebx + fpu(xmm_off)), eax)?;
-        a.mov(dword_ptr(ebx + fpu(xmm_off + 4)), esi)?;
-        a.not(eax)?;
-        a.mov(dword_ptr(ebx + fpu(xmm_off + 8)), eax)?;
-        a.mov(dword_ptr(ebx + fpu(xmm_off + 12)), 0x1234_5678u32)?;
+        guest_fpu_values(a, h, ebx, esi)?;
         a.set_label(&mut no_fpu)?;
         // Trips 2 and 3 mod 4 load Guest DR0-3 and DR6.
         a.test(esi, 2)?;
@@ -395,7 +583,6 @@ pub fn build(s: &Scenario) -> Result<Built, ScenarioError> {
         // The switcher must have consumed the sync requests, and the far side
         // must have seen everything right.
         let mut ok = a.create_label();
-        let mut ok2 = a.create_label();
         a.mov(ebx, dword_ptr(h.arg2_slot))?;
         a.add(ebx, cpum_hc)?;
         a.test(
@@ -405,62 +592,213 @@ pub fn build(s: &Scenario) -> Result<Built, ScenarioError> {
         a.jz(ok)?;
         a.mov(dword_ptr(h.hook_fail_slot), HOOKFAIL_SYNC_LEFT)?;
         a.set_label(&mut ok)?;
+        far_fails(a, h, mailbox_hc + offset_of!(Mailbox, fails) as u32)
+    };
+    kb.pre_call(pre).post_call(post)
+}
+
+/// Guest FPU values for trip ESI into the `CpumCpu` at `base`: FCW and MXCSR
+/// rounding from the trip, XMM0 from the cookie.
+fn guest_fpu_values(
+    a: &mut CodeAssembler,
+    h: &HookCtx,
+    base: AsmRegister32,
+    trip: AsmRegister32,
+) -> Result<(), IcedError> {
+    let fpu = |f: usize| (cl::GUEST_FPU + f) as i32;
+    a.mov(eax, trip)?;
+    a.and(eax, 0xc)?;
+    a.shl(eax, 8)?;
+    a.xor(eax, u32::from(cpum::FxSaveArea::FCW_INIT))?;
+    a.mov(word_ptr(base + fpu(offset_of!(cpum::FxSaveArea, fcw))), ax)?;
+    a.mov(eax, trip)?;
+    a.and(eax, 0x30)?;
+    a.shl(eax, 9)?;
+    a.or(eax, cpum::FxSaveArea::MXCSR_INIT)?;
+    a.mov(
+        dword_ptr(base + fpu(offset_of!(cpum::FxSaveArea, mxcsr))),
+        eax,
+    )?;
+    a.mov(eax, dword_ptr(h.cookie_slot))?;
+    let xmm_off = offset_of!(cpum::FxSaveArea, xmm);
+    a.mov(dword_ptr(base + fpu(xmm_off)), eax)?;
+    a.mov(dword_ptr(base + fpu(xmm_off + 4)), trip)?;
+    a.not(eax)?;
+    a.mov(dword_ptr(base + fpu(xmm_off + 8)), eax)?;
+    a.mov(dword_ptr(base + fpu(xmm_off + 12)), 0x1234_5678u32)?;
+    Ok(())
+}
+
+/// Reports the far side's failure bits (the dword at `fails_hc`) as a `HOOKFAIL`.
+fn far_fails(a: &mut CodeAssembler, h: &HookCtx, fails_hc: u32) -> Result<(), IcedError> {
+    let mut ok = a.create_label();
+    a.mov(eax, dword_ptr(fails_hc))?;
+    a.test(eax, eax)?;
+    a.jz(ok)?;
+    a.or(eax, HOOKFAIL_FAR)?;
+    a.mov(dword_ptr(h.hook_fail_slot), eax)?;
+    a.set_label(&mut ok)?;
+    a.nop()?;
+    Ok(())
+}
+
+/// Host DR0–DR3 values for a trip: distinct per register and per cookie.
+fn host_dr(a: &mut CodeAssembler, h: &HookCtx, n: u32) -> Result<(), IcedError> {
+    a.mov(eax, dword_ptr(h.cookie_slot))?;
+    a.xor(eax, 0x1111_0000u32.wrapping_mul(n + 1))?;
+    Ok(())
+}
+
+/// Hooks for the 32-bit/PAE family: expectations for the RC code, hyper
+/// debug registers on some trips, and the host FPU and DR0–3 checked after
+/// every trip (the lazy-FPU and debug-register rules seen from the host).
+fn rc_hooks(
+    kb: HostKernelBuilder,
+    apic_on: bool,
+    pae: bool,
+    mailbox_hc: u32,
+    cpum_hc: u32,
+) -> HostKernelBuilder {
+    use crate::rc::{expect as ex, RcMailbox};
+    let mb = move |f: usize| mailbox_hc + f as u32;
+    let pre = move |a: &mut CodeAssembler, h: &mut HookCtx| -> Result<(), IcedError> {
+        let host_fcw = h.alloc(&HOST_FCW.to_le_bytes(), 4);
+        let mut no_fpu = a.create_label();
+        let mut no_dbg = a.create_label();
+        let mut dbg_done = a.create_label();
+        a.mov(esi, dword_ptr(h.trip_slot))?;
+        a.mov(ebx, dword_ptr(h.arg2_slot))?;
+        a.add(ebx, cpum_hc)?;
+        a.xor(edx, edx)?;
+        if apic_on {
+            a.or(edx, ex::APIC)?;
+        }
+        a.mov(dword_ptr(mb(offset_of!(RcMailbox, want_dis))), 0x7u32)?;
         a.mov(
-            eax,
-            dword_ptr(mailbox_hc + offset_of!(Mailbox, fails) as u32),
+            dword_ptr(mb(offset_of!(RcMailbox, want_pae))),
+            u32::from(pae),
         )?;
-        a.test(eax, eax)?;
-        a.jz(ok2)?;
-        a.or(eax, HOOKFAIL_FAR)?;
-        a.mov(dword_ptr(h.hook_fail_slot), eax)?;
-        a.set_label(&mut ok2)?;
+        // Even trips: the RC code uses the FPU, finding these Guest values.
+        a.test(esi, 1)?;
+        a.jnz(no_fpu)?;
+        a.or(edx, ex::FPU)?;
+        a.push(edx)?;
+        guest_fpu_values(a, h, ebx, esi)?;
+        a.pop(edx)?;
+        a.set_label(&mut no_fpu)?;
+        // Trips 2 and 3 mod 4: hyper debug registers in use.
+        a.test(esi, 2)?;
+        a.jz(no_dbg)?;
+        a.or(edx, ex::DBG)?;
+        a.or(
+            dword_ptr(ebx + cl::USE_FLAGS as i32),
+            UseFlags::USE_DEBUG_REGS.bits(),
+        )?;
+        a.mov(eax, dword_ptr(h.cookie_slot))?;
+        for n in 0..4 {
+            let d = (cl::HYPER_DR + 8 * n) as i32;
+            a.mov(dword_ptr(ebx + d), eax)?;
+            a.add(eax, 0x100)?;
+        }
+        a.jmp(dbg_done)?;
+        a.set_label(&mut no_dbg)?;
+        a.and(
+            dword_ptr(ebx + cl::USE_FLAGS as i32),
+            !UseFlags::USE_DEBUG_REGS.bits(),
+        )?;
+        a.set_label(&mut dbg_done)?;
+        a.mov(dword_ptr(mb(offset_of!(RcMailbox, expect))), edx)?;
+        // The host's own FPU and debug registers, which must come back.
+        a.fninit()?;
+        a.fldcw(word_ptr(host_fcw))?;
+        a.mov(eax, dword_ptr(h.cookie_slot))?;
+        a.movd(xmm0, eax)?;
+        for (n, dr) in [dr0, dr1, dr2, dr3].into_iter().enumerate() {
+            host_dr(a, h, n as u32)?;
+            a.mov(dr, eax)?;
+        }
+        Ok(())
+    };
+    let post = move |a: &mut CodeAssembler, h: &mut HookCtx| -> Result<(), IcedError> {
+        let tmp = h.alloc(&[0; 4], 4);
+        let mut fpu_bad = a.create_label();
+        let mut fpu_ok = a.create_label();
+        let mut dr_bad = a.create_label();
+        let mut dr_ok = a.create_label();
+        let mut saved = a.create_label();
+        a.fnstcw(word_ptr(tmp))?;
+        a.movzx(eax, word_ptr(tmp))?;
+        a.cmp(eax, HOST_FCW)?;
+        a.jne(fpu_bad)?;
+        a.movd(eax, xmm0)?;
+        a.cmp(eax, dword_ptr(h.cookie_slot))?;
+        a.je(fpu_ok)?;
+        a.set_label(&mut fpu_bad)?;
+        a.mov(dword_ptr(h.hook_fail_slot), HOOKFAIL_HOST_FPU)?;
+        a.set_label(&mut fpu_ok)?;
+        for (n, dr) in [dr0, dr1, dr2, dr3].into_iter().enumerate() {
+            host_dr(a, h, n as u32)?;
+            a.mov(ecx, dr)?;
+            a.cmp(ecx, eax)?;
+            a.jne(dr_bad)?;
+        }
+        a.jmp(dr_ok)?;
+        a.set_label(&mut dr_bad)?;
+        a.mov(dword_ptr(h.hook_fail_slot), HOOKFAIL_HOST_DR)?;
+        a.set_label(&mut dr_ok)?;
+        // On FPU trips the state the RC code left must be in Guest.fpu now.
+        a.test(dword_ptr(h.trip_slot), 1)?;
+        a.jnz(saved)?;
+        a.mov(ebx, dword_ptr(h.arg2_slot))?;
+        a.add(ebx, cpum_hc)?;
+        a.movzx(
+            eax,
+            word_ptr(ebx + (cl::GUEST_FPU + offset_of!(cpum::FxSaveArea, fcw)) as i32),
+        )?;
+        a.cmp(eax, dword_ptr(mb(offset_of!(RcMailbox, guest_fcw))))?;
+        a.je(saved)?;
+        a.mov(dword_ptr(h.hook_fail_slot), HOOKFAIL_GUEST_FPU_SAVE)?;
+        a.set_label(&mut saved)?;
+        far_fails(a, h, mb(offset_of!(RcMailbox, fails)))
+    };
+    kb.pre_call(pre).post_call(post)
+}
+
+/// Hooks for a trampoline run: before every trip, push the call frame on the
+/// VCPU's hyper stack and point `Hyper.eip` at the trampoline.
+fn trampoline_hooks(
+    kb: HostKernelBuilder,
+    cpum_hc: u32,
+    target: u32,
+    trampoline: u32,
+    args: Vec<u32>,
+    stack_tops: Vec<(u32, u32)>,
+) -> HostKernelBuilder {
+    let words = vmm::layout::trampoline_frame(target, &args);
+    let pre = move |a: &mut CodeAssembler, h: &mut HookCtx| -> Result<(), IcedError> {
+        let bytes = (words.len() * 4) as u32;
+        let mut done = a.create_label();
+        a.mov(ebx, dword_ptr(h.arg2_slot))?;
+        a.add(ebx, cpum_hc)?;
+        for (i, (top_hc, top_rc)) in stack_tops.iter().enumerate() {
+            let mut next = a.create_label();
+            a.cmp(dword_ptr(h.vcpu_slot), i as u32)?;
+            a.jne(next)?;
+            for (k, w) in words.iter().enumerate() {
+                a.mov(dword_ptr(top_hc - bytes + 4 * k as u32), *w)?;
+            }
+            a.mov(dword_ptr(ebx + cl::HYPER_RSP as i32), top_rc - bytes)?;
+            a.mov(dword_ptr(ebx + cl::HYPER_RIP as i32), trampoline)?;
+            a.jmp(done)?;
+            a.set_label(&mut next)?;
+        }
+        // The last VCPU's `next` and `done` need separate instructions.
+        a.nop()?;
+        a.set_label(&mut done)?;
         a.nop()?;
         Ok(())
     };
-
-    let vcpu_args: Vec<u32> = (0..s.vcpus).map(|i| vmm.vcpu_arg(i)).collect();
-    let entry = u32_addr("switcher entry", sw.entries.r0_host_to_guest_hc.0)?;
-    let testbed = HostKernelBuilder::new(host)
-        .blob_mapped(
-            "core-code",
-            u32_addr("core code", p.code_phys.0)?,
-            u32_addr("core code HC", p.code_hc.0)?,
-            core,
-            true,
-        )
-        .blob_mapped(
-            "hma",
-            u32_addr("HMA", p.hma_phys.0)?,
-            hma_hc,
-            vmm.hma().to_vec(),
-            true,
-        )
-        .blob(
-            "intermediate-tables",
-            u32_addr("tables", tables_phys.0)?,
-            tables.to_vec(),
-        )
-        .entry(entry)
-        .arg1(vm_hc)
-        .vcpus(vcpu_args)
-        .trips(s.trips)
-        .cookie_at(mailbox_hc + offset_of!(Mailbox, cookie) as u32)
-        .expect(Expected::CookieXor(far::RET_XOR))
-        .pre_call(pre)
-        .post_call(post)
-        .dump("vm", vm_hc, vmm.hma_layout().vm_size)
-        .dump("mailbox", mailbox_hc, size_of::<Mailbox>() as u32)
-        .dump(
-            "scratch",
-            hma_hc + (helper_rc.0 - p.hma_rc.0) + far_layout.scratch_off,
-            4,
-        )
-        .build()?;
-    Ok(Built {
-        vmm,
-        testbed,
-        far: far_layout,
-    })
+    kb.pre_call(pre)
 }
 
 /// Boots a built scenario and judges it.
@@ -482,7 +820,10 @@ pub fn run(s: &Scenario, q: &QemuConfig) -> Result<ScenarioResult, ScenarioError
     run_built(s, &b, q)
 }
 
-fn judge(s: &Scenario, b: &Built, run: RunResult) -> ScenarioResult {
+/// Judges a finished run of `s` (built as `b`): every check of the testbed,
+/// the far helper and the STAM profiles. Also used to judge a transcript
+/// captured elsewhere (e.g. from real hardware).
+pub fn judge(s: &Scenario, b: &Built, run: RunResult) -> ScenarioResult {
     let r = &run.report;
     let mut failures = Vec::new();
     if run.outcome != Outcome::Pass {
@@ -496,7 +837,15 @@ fn judge(s: &Scenario, b: &Built, run: RunResult) -> ScenarioResult {
             vm_dump.and_then(|d| d.read::<CpumCpu32>(OFF_CPUM + b.vmm.vcpu_arg(i) as usize))
         })
         .collect();
-    let mailbox: Option<Mailbox> = r.dump("mailbox").and_then(|d| d.read::<Mailbox>(0));
+    let long = s.long_mode_target();
+    let mailbox: Option<Mailbox> = r
+        .dump("mailbox")
+        .filter(|_| long)
+        .and_then(|d| d.read::<Mailbox>(0));
+    let rc_mailbox: Option<crate::rc::RcMailbox> = r
+        .dump("mailbox")
+        .filter(|_| !long)
+        .and_then(|d| d.read::<crate::rc::RcMailbox>(0));
     let summary = r.summary.as_ref();
     match summary {
         Some(sm) => {
@@ -521,32 +870,45 @@ fn judge(s: &Scenario, b: &Built, run: RunResult) -> ScenarioResult {
             m.trip, m.vcpu, m.name, m.before, m.after
         ));
     }
+    let names = |bits: u32| {
+        if long {
+            far::fail_names(bits).join(", ")
+        } else {
+            crate::rc::fail_names(bits).join(", ")
+        }
+    };
     for h in r.hook_failures.iter().take(2) {
-        if h.code & HOOKFAIL_FAR != 0 {
-            failures.push(format!(
-                "trip {} vcpu {}: far side saw {}",
-                h.trip,
-                h.vcpu,
-                far::fail_names(h.code & !HOOKFAIL_FAR).join(", ")
-            ));
-        } else if h.code == HOOKFAIL_SYNC_LEFT {
-            failures.push(format!(
-                "trip {} vcpu {}: a SYNC flag was left set",
-                h.trip, h.vcpu
-            ));
+        let what = match h.code {
+            c if c & HOOKFAIL_FAR != 0 => format!("far side saw {}", names(c & !HOOKFAIL_FAR)),
+            HOOKFAIL_SYNC_LEFT => "a SYNC flag was left set".into(),
+            HOOKFAIL_HOST_FPU => "the host FPU state did not come back".into(),
+            HOOKFAIL_HOST_DR => "the host DR0-DR3 did not come back".into(),
+            HOOKFAIL_GUEST_FPU_SAVE => "the RC code's FPU state was not saved to Guest.fpu".into(),
+            c => format!("hook failure {c:#x}"),
+        };
+        failures.push(format!("trip {} vcpu {}: {what}", h.trip, h.vcpu));
+    }
+    let pass = run.outcome == Outcome::Pass;
+    let (far_calls, far_fails) = match (&mailbox, &rc_mailbox) {
+        (Some(m), _) => (Some(m.calls), m.fails),
+        (_, Some(m)) => (Some(m.calls), m.fails),
+        _ => (None, 0),
+    };
+    if let Some(n) = far_calls {
+        if u64::from(n) != calls && pass && s.trampoline_args.is_none() {
+            failures.push(format!("far side ran {n} times, expected {calls}"));
         }
     }
-    if let Some(mb) = &mailbox {
-        if u64::from(mb.calls) != calls && run.outcome == Outcome::Pass {
+    if far_fails != 0 {
+        failures.push(format!("far side failures: {}", names(far_fails)));
+    }
+    if let (Some(m), None) = (&rc_mailbox, &s.trampoline_args) {
+        // Every even trip uses the FPU once: exactly one #NM each.
+        let fpu_trips = u64::from(s.trips.div_ceil(2)) * u64::from(s.vcpus);
+        if u64::from(m.nm_count) != fpu_trips && pass {
             failures.push(format!(
-                "far helper ran {} times, expected {calls}",
-                mb.calls
-            ));
-        }
-        if mb.fails != 0 {
-            failures.push(format!(
-                "far helper failures: {}",
-                far::fail_names(mb.fails).join(", ")
+                "{} lazy-FPU traps, expected {fpu_trips}",
+                m.nm_count
             ));
         }
     }
@@ -617,6 +979,7 @@ fn judge(s: &Scenario, b: &Built, run: RunResult) -> ScenarioResult {
         vm: vm.map(|v| v.header),
         cpumcpu,
         mailbox,
+        rc_mailbox,
         last_step,
         scratch_marker: r.dump("scratch").and_then(|d| d.u32_at(0)),
         vm_image: vm_dump.filter(|d| d.complete).map(|d| d.bytes.clone()),

@@ -161,9 +161,8 @@ fn every_option_is_honoured() {
     assert!(r.verified, "{:?}", r.failures);
     assert_eq!(r.last_step, Some(Step::Return));
     let trace = r.run.report.trace.clone();
-    let one: String = Step::ALL
+    let one: String = vmm_switcher::templates::legacy_amd64::trace_steps(&s.options)
         .iter()
-        .filter(|st| !(s.options.revision == Revision::B && **st == Step::ApicUnmasked))
         .map(|st| st.ch() as char)
         .collect();
     assert_eq!(trace.matches(&one).count(), 6, "trace {trace:?}");
@@ -248,4 +247,179 @@ fn mutation_check_catches_broken_switchers() {
         run(&s, &q),
         Err(integration::scenario::ScenarioError::MutationNotApplicable { .. })
     ));
+}
+
+const RC_KINDS: [SwitcherKind; 4] = [
+    SwitcherKind::Legacy32To32,
+    SwitcherKind::Legacy32ToPae,
+    SwitcherKind::PaeTo32,
+    SwitcherKind::PaeToPae,
+];
+
+#[test]
+fn pae_and_32bit_family_thousand_trips_both_revisions() {
+    let Some(q) = qemu() else { return };
+    for kind in RC_KINDS {
+        for revision in [Revision::A, Revision::B] {
+            let mut s = Scenario::new(kind);
+            s.options.revision = revision;
+            let r = go(&s, &q);
+            assert!(
+                r.verified,
+                "{} rev {revision:?}: {:?}",
+                kind.cli_name(),
+                r.failures
+            );
+            assert_eq!(r.round_trips, 2000);
+            let mb = r.rc_mailbox.unwrap();
+            assert_eq!(mb.calls, 2000, "the RC code ran every trip");
+            assert_eq!(mb.nm_count, 1000, "one lazy-FPU trap per FPU trip");
+            assert_eq!(mb.sysenter_cs, 0, "SYSENTER_CS parked while away");
+            assert_eq!(mb.efer & 1, 0, "EFER.SCE cleared while away");
+            assert_eq!(mb.lvt.map(|v| v & 0x1_0000), [0x1_0000; 4]);
+            let pae = matches!(kind, SwitcherKind::Legacy32ToPae | SwitcherKind::PaeToPae);
+            assert_eq!(mb.cr4 & 0x20 != 0, pae, "hyper paging flavour");
+            for (i, c) in r.cpumcpu.iter().enumerate() {
+                // The RC code's CR3 is Hyper.cr3, not the intermediate context.
+                assert_eq!(u64::from(mb.cr3), c.hyper.cr3);
+                assert_eq!(c.apic_dis_vectors, 0x7);
+                // Its trip counter survived every exit and entry: 1000 trips.
+                assert_eq!(c.guest.r[0], 1000, "vcpu {i}");
+                assert_eq!(c.hyper.rbp, u64::from(integration::rc::ebp_magic(i as u32)));
+            }
+            let vm = r.vm.unwrap();
+            assert_eq!(vm.stat_switcher_to_gc.core.periods, 2000);
+            assert_eq!(vm.stat_switcher_to_hc.core.periods, 2000);
+        }
+    }
+}
+
+#[test]
+fn call_trampoline_returns_the_target_value() {
+    let Some(q) = qemu() else { return };
+    for (kind, args) in [
+        (SwitcherKind::Legacy32To32, vec![]),
+        (SwitcherKind::Legacy32ToPae, vec![7]),
+        (SwitcherKind::PaeTo32, vec![1, 2, 3]),
+        (
+            SwitcherKind::PaeToPae,
+            vec![0xdead, 0xbeef, 3, 4, 5, 0xffff_ffff],
+        ),
+    ] {
+        let mut s = Scenario::new(kind);
+        s.trips = 50;
+        s.trampoline_args = Some(args.clone());
+        let r = go(&s, &q);
+        assert!(r.verified, "{} {args:?}: {:?}", kind.cli_name(), r.failures);
+        let want = integration::rc::target_result(&args);
+        assert!(
+            r.run.report.trips.iter().all(|t| t.ret == want),
+            "{:?}",
+            r.run.report.trips
+        );
+    }
+    // Not for the long-mode family, and not with too many arguments.
+    let mut s = Scenario::new(SwitcherKind::PaeToAmd64);
+    s.trampoline_args = Some(vec![1]);
+    assert!(matches!(
+        run(&s, &q),
+        Err(integration::scenario::ScenarioError::NoTrampoline(_))
+    ));
+    let mut s = Scenario::new(SwitcherKind::PaeToPae);
+    s.trampoline_args = Some(vec![0; 7]);
+    assert!(matches!(
+        run(&s, &q),
+        Err(integration::scenario::ScenarioError::TooManyArgs(7))
+    ));
+}
+
+#[test]
+fn mutation_check_pae_and_32bit_family() {
+    let Some(q) = qemu() else { return };
+    let cases: [(SwitcherKind, Mutation, &Caught); 6] = [
+        (
+            SwitcherKind::Legacy32To32,
+            Mutation::HostFpuNotRestored,
+            &|r| {
+                r.run.outcome == Outcome::VerificationFailed
+                    && r.failures.iter().any(|f| f.contains("host FPU"))
+            },
+        ),
+        (
+            SwitcherKind::PaeToPae,
+            Mutation::SysenterCsNotRestored,
+            &|r| {
+                r.run.outcome == Outcome::VerificationFailed
+                    && r.run.report.mismatch_names().contains(&"sysenter_cs")
+            },
+        ),
+        (
+            SwitcherKind::Legacy32ToPae,
+            Mutation::HyperTssBusyNotCleared,
+            &|r| matches!(&r.run.outcome, Outcome::FarException(Some(e)) if e.vector == 13),
+        ),
+        (SwitcherKind::PaeTo32, Mutation::HyperCr3NotLoaded, &|r| {
+            r.run.outcome == Outcome::VerificationFailed
+                && r.failures.iter().any(|f| f.contains("cr3"))
+        }),
+        (
+            SwitcherKind::Legacy32To32,
+            Mutation::TssBusyNotCleared,
+            &|r| matches!(&r.run.outcome, Outcome::HostException(Some(e)) if e.vector == 13),
+        ),
+        (SwitcherKind::PaeToPae, Mutation::LvtNotUnmasked, &|r| {
+            r.run.outcome == Outcome::VerificationFailed
+                && r.run.report.mismatch_names().contains(&"lvt_lint0")
+        }),
+    ];
+    for (kind, m, caught) in cases {
+        let mut s = Scenario::new(kind);
+        s.trips = 10;
+        s.mutation = Some(m);
+        let r = go(&s, &q);
+        assert!(!r.verified, "{m:?} on {} was not caught", kind.cli_name());
+        assert!(
+            caught(&r),
+            "{m:?} on {}: wrong outcome {:?} {:?}",
+            kind.cli_name(),
+            r.run.outcome,
+            r.failures
+        );
+    }
+}
+
+#[test]
+fn pae_and_32bit_family_trace_and_options() {
+    let Some(q) = qemu() else { return };
+    use vmm_switcher::templates::legacy_pae::{trace_steps, Flavour};
+    for (kind, h, t) in [
+        (SwitcherKind::Legacy32ToPae, Flavour::Legacy32, Flavour::Pae),
+        (SwitcherKind::PaeToPae, Flavour::Pae, Flavour::Pae),
+    ] {
+        let mut s = Scenario::new(kind);
+        s.trips = 3;
+        s.options.trace = true;
+        s.options.revision = Revision::A;
+        let r = go(&s, &q);
+        assert!(r.verified, "{:?}", r.failures);
+        let one: String = trace_steps(h, t, &s.options)
+            .iter()
+            .map(|st| st.ch() as char)
+            .collect();
+        assert_eq!(
+            r.run.report.trace.matches(&one).count(),
+            6,
+            "{}",
+            r.run.report.trace
+        );
+        assert_eq!(r.last_step, Some(Step::Return));
+        let mut s = Scenario::new(kind);
+        s.trips = 20;
+        s.options.stats = false;
+        s.options.apic_nmi_masking = false;
+        let r = go(&s, &q);
+        assert!(r.verified, "{:?}", r.failures);
+        assert_eq!(r.vm.unwrap().stat_switcher_to_gc.core.periods, 0);
+        assert!(r.cpumcpu.iter().all(|c| c.apic_dis_vectors == 0));
+    }
 }

@@ -306,6 +306,8 @@ impl Builder {
             let width = crate::reloc::field_width(f.kind);
             let found = read_le(bytes, local as usize, width);
             let is_placeholder = match width {
+                // The conditional-jump kinds patch real template bytes.
+                0 => true,
                 2 => found == u64::from(PLACEHOLDER_U16) || found == 0xfffe,
                 4 => found >> 16 == 0xffff || found == u64::from(PLACEHOLDER_U16),
                 8 => found == PLACEHOLDER_U64,

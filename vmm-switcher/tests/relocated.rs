@@ -13,7 +13,7 @@ use iced_x86::{Code, FlowControl, Instruction, OpKind, Register};
 use proptest::prelude::*;
 use vmm_switcher::def::View;
 use vmm_switcher::reloc::{field_width, patch_len};
-use vmm_switcher::templates::{legacy_amd64, Revision, Step, TemplateOptions};
+use vmm_switcher::templates::{legacy_amd64, Revision, TemplateOptions};
 use vmm_switcher::{
     relocate, FixupKind as K, HcAddr, PhysAddr, RcAddr, RelocContext, RelocError, SwitcherDef,
 };
@@ -279,14 +279,12 @@ fn check(def: &SwitcherDef, o: &TemplateOptions, c: &RelocContext) {
         .iter()
         .filter(|x| x.3.code() == Code::Out_DX_AL)
         .count();
-    if o.trace {
-        let expected = Step::ALL.len()
-            - usize::from(!o.apic_nmi_masking) * 2
-            - usize::from(o.apic_nmi_masking && o.revision == Revision::B);
-        assert_eq!(outs, expected, "trace characters");
+    let expected = if o.trace {
+        legacy_amd64::trace_steps(o).len()
     } else {
-        assert_eq!(outs, 0);
-    }
+        0
+    };
+    assert_eq!(outs, expected, "trace characters");
     let marker_writes = d
         .insns
         .iter()
@@ -571,4 +569,81 @@ fn listing_names_regions_labels_entries_and_fixups() {
     assert!(text.contains(&format!("{:016x}", c.code_hc.0)));
     // Data slots are shown as data, not decoded as instructions.
     assert!(text.contains("dq      0x"), "pointer slots");
+}
+
+#[test]
+fn pae_and_32bit_family_builds_relocates_and_branches_land() {
+    use vmm_switcher::templates::legacy_pae::{build, Flavour};
+    for o in all_options() {
+        for (h, t) in [
+            (Flavour::Legacy32, Flavour::Legacy32),
+            (Flavour::Legacy32, Flavour::Pae),
+            (Flavour::Pae, Flavour::Legacy32),
+            (Flavour::Pae, Flavour::Pae),
+        ] {
+            let def = build(h, t, &o, &VM).expect("builds");
+            let c = ctx();
+            let mut code = def.code.clone();
+            let rel = relocate(&def, &mut code, &c).expect("relocates");
+            assert_eq!(rel.applied.len(), def.fixups.len());
+            let regions = def.vbox_regions();
+            assert_eq!(regions.id0.is_empty(), h == t, "{:?}", def.kind);
+            assert!(!regions.gc.is_empty());
+            // Every near branch lands on an instruction start in its intended view.
+            let lines = vmm_switcher::disasm::lines(&def, &code, &c, &rel);
+            let starts: BTreeSet<(View, u64)> = lines
+                .iter()
+                .filter(|l| l.insn.is_some())
+                .map(|l| (l.view, l.addr))
+                .collect();
+            for line in lines.iter().filter(|l| l.insn.is_some()) {
+                let insn = line.insn.unwrap();
+                let near = matches!(insn.op0_kind(), OpKind::NearBranch32);
+                if !near || insn.flow_control() == FlowControl::IndirectBranch {
+                    continue;
+                }
+                let t_addr = insn.near_branch_target();
+                let hit = [View::Hc, View::Id, View::Rc]
+                    .iter()
+                    .any(|v| starts.contains(&(*v, t_addr)));
+                assert!(
+                    hit,
+                    "{:?}: branch at {:#x} to {t_addr:#x} lands nowhere",
+                    def.kind, line.off
+                );
+            }
+            for line in lines.iter().filter_map(|l| l.insn) {
+                if line.code() == Code::Jmp_ptr1632 {
+                    assert_eq!(line.far_branch_selector(), c.sel.cs);
+                    assert!(starts.contains(&(View::Rc, u64::from(line.far_branch32()))));
+                }
+            }
+            // Conditional jumps: the host in ctx() uses SYSENTER and SYSCALL, so the original bytes stay.
+            let mut no_se = c;
+            no_se.cpu.host_sysenter = false;
+            no_se.cpu.host_syscall = false;
+            let mut code2 = def.code.clone();
+            let rel2 = relocate(&def, &mut code2, &no_se).expect("relocates");
+            let jumps = rel2
+                .applied
+                .iter()
+                .filter(|a| matches!(a.record.kind, K::NoSysenterJmp | K::NoSyscallJmp))
+                .collect::<Vec<_>>();
+            assert_eq!(jumps.len(), 4);
+            for j in jumps {
+                assert_eq!(j.value, 1);
+                assert_eq!(code2[j.record.off as usize], 0xe9);
+                let rel32 = i32::from_le_bytes(
+                    code2[j.record.off as usize + 1..j.record.off as usize + 5]
+                        .try_into()
+                        .unwrap(),
+                );
+                let target = (j.record.off as i64 + 5 + i64::from(rel32)) as u32;
+                assert_eq!(Some(target), j.record.operand);
+            }
+            // …and relocating back restores them byte for byte.
+            relocate(&def, &mut code2, &c).expect("relocates");
+            assert_eq!(code2, code);
+        }
+    }
 }

@@ -15,6 +15,10 @@ pub const VM_VERSION: u32 = 1;
 pub const PAGE: u32 = 0x1000;
 /// Pages of hyper stack per VCPU.
 pub const STACK_PAGES: u32 = 2;
+/// Bytes reserved per VCPU TSS in the TSS page.
+pub const TSS_SIZE: u32 = 128;
+/// Most VCPUs the hyper GDT and TSS page hold.
+pub const MAX_VCPUS: u32 = 32;
 
 /// The fixed head of the VM structure: identification and the switcher's
 /// STAM samples, which machine code updates in place through fixups.
@@ -91,8 +95,10 @@ pub struct HmaLayout {
     pub vm_size: u32,
     /// Hyper GDT page.
     pub gdt: u32,
-    /// Hyper TSS page.
+    /// Hyper TSS page (one 128-byte TSS per VCPU).
     pub tss: u32,
+    /// Hyper IDT page (256 gates of 8 bytes).
+    pub idt: u32,
     /// First VCPU's stack (each is [`STACK_PAGES`] pages).
     pub stacks: u32,
     /// Helper-code area.
@@ -110,7 +116,8 @@ impl HmaLayout {
         let vm_pages = vm_size.div_ceil(PAGE);
         let gdt = vm_pages * PAGE;
         let tss = gdt + PAGE;
-        let stacks = tss + PAGE;
+        let idt = tss + PAGE;
+        let stacks = idt + PAGE;
         let helper = stacks + vcpus * STACK_PAGES * PAGE;
         let helper_size = helper_pages * PAGE;
         Self {
@@ -118,11 +125,17 @@ impl HmaLayout {
             vm_size,
             gdt,
             tss,
+            idt,
             stacks,
             helper,
             helper_size,
             size: helper + helper_size,
         }
+    }
+
+    /// Offset of VCPU `i`'s TSS.
+    pub fn tss_of(&self, i: u32) -> u32 {
+        self.tss + i * TSS_SIZE
     }
 
     /// Offset of the top of VCPU `i`'s stack.
@@ -139,29 +152,54 @@ pub mod sel {
     pub const DS: u16 = 0x10;
     /// 64-bit code.
     pub const CS64: u16 = 0x18;
-    /// TSS (16 bytes: also usable as a 64-bit TSS descriptor).
+    /// TSS of VCPU 0; VCPU *i* has `TSS + i * cpum::HYPER_TSS_STRIDE` (16-byte
+    /// slots, so each also holds a 64-bit TSS descriptor).
     pub const TSS: u16 = 0x20;
-    /// GDT limit.
-    pub const GDT_LIMIT: u16 = 0x2f;
+
+    /// TSS selector of VCPU `i`.
+    pub const fn tss(i: u32) -> u16 {
+        TSS + (i as u16) * cpum::HYPER_TSS_STRIDE
+    }
+
+    /// GDT limit for `vcpus` VCPUs.
+    pub const fn gdt_limit(vcpus: u32) -> u16 {
+        tss(vcpus) - 1
+    }
 }
 
-/// The hyper GDT for a TSS at RC address `tss_rc`.
-pub fn hyper_gdt(tss_rc: u32) -> [u64; 6] {
-    let tss_limit = 103u64;
-    let base = u64::from(tss_rc);
-    let tss_desc = (tss_limit & 0xffff)
+/// A 32-bit available-TSS descriptor (type 9) for `base`, in a 16-byte slot.
+pub fn tss_descriptor(base: u32) -> [u64; 2] {
+    let limit = 103u64;
+    let base = u64::from(base);
+    let d = (limit & 0xffff)
         | ((base & 0xff_ffff) << 16)
         | (0x89 << 40)
-        | (((tss_limit >> 16) & 0xf) << 48)
+        | (((limit >> 16) & 0xf) << 48)
         | ((base >> 24) << 56);
-    [
+    [d, 0]
+}
+
+/// The hyper GDT: null, CS, DS, CS64, then one TSS descriptor per VCPU.
+pub fn hyper_gdt(tss_rc: impl Fn(u32) -> u32, vcpus: u32) -> Vec<u64> {
+    let mut g = vec![
         0,
         0x00cf_9a00_0000_ffff,
         0x00cf_9200_0000_ffff,
         0x00af_9a00_0000_ffff,
-        tss_desc,
-        0,
-    ]
+    ];
+    for i in 0..vcpus {
+        g.extend(tss_descriptor(tss_rc(i)));
+    }
+    g
+}
+
+/// The words `CPUMPushHyper` leaves on the hyper stack for the call
+/// trampoline, lowest address first: target, argument byte count, then the
+/// arguments in cdecl order.
+pub fn trampoline_frame(target: u32, args: &[u32]) -> Vec<u32> {
+    let mut v = vec![target, (args.len() * 4) as u32];
+    v.extend_from_slice(args);
+    v
 }
 
 #[cfg(test)]
@@ -174,19 +212,28 @@ mod tests {
         assert_eq!(l.vm_size, 256 + 2 * 2560);
         assert_eq!(l.gdt, 0x2000);
         assert_eq!(l.tss, 0x3000);
-        assert_eq!(l.stacks, 0x4000);
-        assert_eq!(l.stack_top(1), 0x8000);
-        assert_eq!(l.helper, 0x8000);
-        assert_eq!(l.size, 0xc000);
+        assert_eq!(l.idt, 0x4000);
+        assert_eq!(l.stacks, 0x5000);
+        assert_eq!(l.stack_top(1), 0x9000);
+        assert_eq!(l.helper, 0x9000);
+        assert_eq!(l.size, 0xd000);
+        assert_eq!(l.tss_of(1), 0x3080);
         assert_eq!(off_cpumcpu(1), 64 + 2560);
     }
 
     #[test]
-    fn tss_descriptor_encodes_base_and_type() {
-        let g = hyper_gdt(0xa000_3000);
-        let d = g[usize::from(sel::TSS) / 8];
+    fn gdt_has_one_tss_per_vcpu() {
+        let g = hyper_gdt(|i| 0xa000_3000 + i * 128, 3);
+        assert_eq!(g.len(), 4 + 6);
+        assert_eq!(sel::tss(2), 0x40);
+        assert_eq!(sel::gdt_limit(3), 0x4f);
+        let d = g[usize::from(sel::tss(1)) / 8];
         assert_eq!((d >> 40) & 0xff, 0x89);
-        assert_eq!(((d >> 16) & 0xff_ffff) | ((d >> 56) << 24), 0xa000_3000);
+        assert_eq!(((d >> 16) & 0xff_ffff) | ((d >> 56) << 24), 0xa000_3080);
         assert_eq!(d & 0xffff, 103);
+        assert_eq!(
+            trampoline_frame(0xa000_9000, &[1, 2]),
+            vec![0xa000_9000, 8, 1, 2]
+        );
     }
 }

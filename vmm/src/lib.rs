@@ -33,10 +33,12 @@ pub mod layout;
 pub mod mode;
 pub mod stats;
 
+pub use pgm_intermediate::Flavour;
+
 use std::mem::size_of;
 use std::ops::Range;
 
-use cpum::regs::Xdtr64;
+use cpum::regs::{Cr4, Xdtr64};
 use cpum::{CpumCpu32, SelSlot, CPUMCPU_SIZE};
 use pgm_intermediate::{Flavours, IntermediateContext, MapFlags, VecAllocator};
 use serde::Serialize;
@@ -168,7 +170,7 @@ pub enum PlacementError {
         b_range: Range<u64>,
     },
     /// The VCPU count is out of range.
-    #[error("VCPU count {0} is not in 1..=64")]
+    #[error("VCPU count {0} is not in 1..=32")]
     VcpuCount(u32),
     /// The intermediate-table region is too small or misplaced.
     #[error("intermediate table region: {0}")]
@@ -222,6 +224,9 @@ pub enum VmmError {
         /// Area size.
         cap: u32,
     },
+    /// The switcher is not available.
+    #[error("{0}")]
+    Select(#[from] SelectError),
     /// A VCPU index past the configured count.
     #[error("VCPU {index} does not exist (the VM has {count})")]
     NoSuchVcpu {
@@ -257,7 +262,49 @@ impl Installed {
 }
 
 /// The switchers this build provides.
-pub const AVAILABLE: [SwitcherKind; 2] = [SwitcherKind::Legacy32ToAmd64, SwitcherKind::PaeToAmd64];
+pub const AVAILABLE: [SwitcherKind; 6] = [
+    SwitcherKind::Legacy32To32,
+    SwitcherKind::Legacy32ToPae,
+    SwitcherKind::Legacy32ToAmd64,
+    SwitcherKind::PaeTo32,
+    SwitcherKind::PaeToPae,
+    SwitcherKind::PaeToAmd64,
+];
+
+/// Builds the template of `kind`.
+///
+/// # Errors
+/// The kind has no template in this build, or a template did not assemble.
+pub fn build_switcher(
+    kind: SwitcherKind,
+    options: &TemplateOptions,
+    vm: &VmLayout,
+) -> Result<SwitcherDef, VmmError> {
+    use vmm_switcher::templates::legacy_pae::{self, Flavour as F};
+    Ok(match kind {
+        SwitcherKind::Legacy32ToAmd64 => {
+            legacy_amd64::build(legacy_amd64::HostPaging::Legacy32, options, vm)?
+        }
+        SwitcherKind::PaeToAmd64 => {
+            legacy_amd64::build(legacy_amd64::HostPaging::Pae, options, vm)?
+        }
+        SwitcherKind::Legacy32To32 => legacy_pae::build(F::Legacy32, F::Legacy32, options, vm)?,
+        SwitcherKind::Legacy32ToPae => legacy_pae::build(F::Legacy32, F::Pae, options, vm)?,
+        SwitcherKind::PaeTo32 => legacy_pae::build(F::Pae, F::Legacy32, options, vm)?,
+        SwitcherKind::PaeToPae => legacy_pae::build(F::Pae, F::Pae, options, vm)?,
+        kind => return Err(VmmError::Select(SelectError::Unavailable { kind })),
+    })
+}
+
+/// The paging flavour of the hypervisor context a switcher enters.
+pub fn target_flavour(kind: SwitcherKind) -> Flavour {
+    use pgm_intermediate::Flavour as F;
+    match kind {
+        SwitcherKind::Legacy32To32 | SwitcherKind::PaeTo32 | SwitcherKind::Amd64To32 => F::Legacy32,
+        SwitcherKind::Legacy32ToPae | SwitcherKind::PaeToPae | SwitcherKind::Amd64ToPae => F::Pae,
+        _ => F::Long,
+    }
+}
 
 /// The VMM core.
 pub struct Vmm {
@@ -267,6 +314,8 @@ pub struct Vmm {
     core: Vec<u8>,
     hma: Vec<u8>,
     inter: IntermediateContext<VecAllocator>,
+    hyper: IntermediateContext<VecAllocator>,
+    active: Option<SwitcherKind>,
 }
 
 impl core::fmt::Debug for Vmm {
@@ -316,7 +365,7 @@ impl Vmm {
     /// # Errors
     /// [`VmmError`] for a bad placement, a mapping conflict or a failed relocation.
     pub fn new(cfg: VmmConfig) -> Result<Self, VmmError> {
-        if cfg.vcpus == 0 || cfg.vcpus > 64 {
+        if cfg.vcpus == 0 || cfg.vcpus > layout::MAX_VCPUS {
             return Err(PlacementError::VcpuCount(cfg.vcpus).into());
         }
         let hma_layout = HmaLayout::new(cfg.vcpus, cfg.helper_pages);
@@ -332,11 +381,7 @@ impl Vmm {
         let mut switchers = Vec::new();
         let mut core = Vec::new();
         for kind in AVAILABLE {
-            let host = match kind {
-                SwitcherKind::Legacy32ToAmd64 => legacy_amd64::HostPaging::Legacy32,
-                _ => legacy_amd64::HostPaging::Pae,
-            };
-            let def = legacy_amd64::build(host, &cfg.options, &vm)?;
+            let def = build_switcher(kind, &cfg.options, &vm)?;
             let offset = u32::try_from(core.len()).unwrap_or(u32::MAX);
             core.extend_from_slice(&def.code);
             // Every switcher starts 32-byte aligned, with at least one byte of padding.
@@ -360,9 +405,15 @@ impl Vmm {
         }
         let p = cfg.placement;
         Self::check_placement(&cfg, core.len() as u64, u64::from(hma_layout.size))?;
-        let alloc = VecAllocator::new(p.tables_phys.0, cfg.table_pages as usize)
-            .map_err(PlacementError::from)?;
+        // The table region holds the intermediate context, then the hyper context.
+        let half = cfg.table_pages / 2;
+        let alloc =
+            VecAllocator::new(p.tables_phys.0, half as usize).map_err(PlacementError::from)?;
         let inter = IntermediateContext::new(alloc)?;
+        let hyper_base = p.tables_phys.0 + u64::from(half) * u64::from(PAGE);
+        let alloc = VecAllocator::new(hyper_base, (cfg.table_pages - half) as usize)
+            .map_err(PlacementError::from)?;
+        let hyper = IntermediateContext::new(alloc)?;
         let mut vmm = Self {
             hma: vec![0; hma_layout.size as usize],
             cfg,
@@ -370,6 +421,8 @@ impl Vmm {
             switchers,
             core,
             inter,
+            hyper,
+            active: None,
         };
         vmm.map_fixed()?;
         vmm.map_rc()?;
@@ -461,6 +514,20 @@ impl Vmm {
             .map_err(|source| VmmError::InterMap { what, source })
     }
 
+    /// Maps into the hyper context's tables (what RC code sees under `Hyper.cr3`).
+    fn map_hyper(
+        &mut self,
+        what: &'static str,
+        virt: u64,
+        phys: u64,
+        len: u64,
+        flags: MapFlags,
+    ) -> Result<(), VmmError> {
+        self.hyper
+            .map(virt, phys, len, flags, Flavours::all())
+            .map_err(|source| VmmError::InterMap { what, source })
+    }
+
     fn map_fixed(&mut self) -> Result<(), VmmError> {
         let p = self.cfg.placement;
         let len = self.core.len() as u64;
@@ -486,6 +553,7 @@ impl Vmm {
                 f |= MapFlags::CACHE_DISABLE;
             }
             self.map("extra mapping", m.virt, m.phys, m.len, f)?;
+            self.map_hyper("extra mapping (hyper)", m.virt, m.phys, m.len, f)?;
         }
         Ok(())
     }
@@ -512,6 +580,21 @@ impl Vmm {
             p.code_phys.0,
             code,
             MapFlags::WRITABLE,
+        )?;
+        let hma_rc = u64::from(p.hma_rc.0);
+        self.map_hyper(
+            "hypervisor area (hyper RC)",
+            hma_rc,
+            p.hma_phys.0,
+            hma,
+            MapFlags::WRITABLE,
+        )?;
+        self.map_hyper(
+            "core code (hyper RC)",
+            code_rc,
+            p.code_phys.0,
+            code,
+            MapFlags::WRITABLE,
         )
     }
 
@@ -531,6 +614,14 @@ impl Vmm {
                 what: "core code (RC)",
                 source,
             })?;
+        for (what, virt, len) in [
+            ("hypervisor area (hyper RC)", u64::from(p.hma_rc.0), hma),
+            ("core code (hyper RC)", code_rc, code),
+        ] {
+            self.hyper
+                .unmap(virt, len, Flavours::all())
+                .map_err(|source| VmmError::InterUnmap { what, source })?;
+        }
         Ok(())
     }
 
@@ -567,8 +658,22 @@ impl Vmm {
             use_flags |= cpum::UseFlags::USE_SYSCALL;
         }
         fixed.cpum.host_use_flags = use_flags.bits();
+        fixed.cpum.hyper_tss_sel0 = u32::from(layout::sel::TSS);
+        // Hyper CR4 = (host CR4 & (MCE|PSE|PAE|VMXE)) | (Guest.cr4 & and) | or.
+        let (and, or) = if self.cfg.cpu.fxsr {
+            (Cr4::OSXMMEXCPT | Cr4::PVI | Cr4::VME, Cr4::OSFXSR)
+        } else {
+            (Cr4::PVI | Cr4::VME, Cr4::empty())
+        };
+        fixed.cpum.cr4_and_mask = and.bits() as u32;
+        fixed.cpum.cr4_or_mask = or.bits() as u32;
         self.hma[..size_of::<VmFixed>()].copy_from_slice(fixed.as_bytes());
-        for i in 0..self.cfg.vcpus {
+        let vcpus = self.cfg.vcpus;
+        let gdt_limit = layout::sel::gdt_limit(vcpus);
+        let idt_rc = u64::from(self.rc(l.idt));
+        let active = self.active;
+        let cr3 = active.map(|k| self.hyper.cr3(target_flavour(k)));
+        for i in 0..vcpus {
             let old_rc_base = self
                 .cpumcpu(i)
                 .map(|c| c.hyper.gdtr.base.get())
@@ -578,12 +683,25 @@ impl Vmm {
             let helper = self.rc(l.helper);
             let _ = self.with_cpumcpu(i, |c| {
                 c.off_cpum = layout::off_cpumcpu(i);
-                c.hyper.gdtr = Xdtr64::new(rc_gdt, layout::sel::GDT_LIMIT);
+                c.hyper.gdtr = Xdtr64::new(rc_gdt, gdt_limit);
+                c.hyper.idtr = Xdtr64::new(idt_rc, 256 * 8 - 1);
+                c.hyper.tr = SelSlot::new(layout::sel::tss(i));
                 c.hyper.rsp = u64::from(stack_top);
                 c.hyper.lss_ss = SelSlot::new(layout::sel::DS);
-                c.hyper.cs = SelSlot::new(layout::sel::CS64);
                 c.hyper.ds = SelSlot::new(layout::sel::DS);
                 c.hyper.ss = SelSlot::new(layout::sel::DS);
+                if first {
+                    c.hyper.rflags = cpum::regs::Eflags::RA1.bits();
+                }
+                if let (Some(kind), Some(cr3)) = (active, cr3) {
+                    c.hyper.cr3 = u64::from(cr3);
+                    let long = target_flavour(kind) == Flavour::Long;
+                    c.hyper.cs = SelSlot::new(if long {
+                        layout::sel::CS64
+                    } else {
+                        layout::sel::CS
+                    });
+                }
                 // A helper entry inside the old HMA moves with it.
                 if c.hyper.rip == 0 {
                     c.hyper.rip = u64::from(helper);
@@ -592,9 +710,18 @@ impl Vmm {
                 }
             });
         }
-        let gdt = layout::hyper_gdt(self.rc(l.tss));
+        let gdt = layout::hyper_gdt(|i| self.rc(l.tss_of(i)), vcpus);
         let g = l.gdt as usize;
-        self.hma[g..g + 48].copy_from_slice(gdt.as_bytes());
+        let bytes = gdt.as_bytes();
+        self.hma[g..g + bytes.len()].copy_from_slice(bytes);
+        // Each TSS: SS0:ESP0 on its VCPU's stack; no I/O bitmap.
+        for i in 0..vcpus {
+            let t = l.tss_of(i) as usize;
+            let esp0 = self.rc(l.stack_top(i));
+            self.hma[t + 4..t + 8].copy_from_slice(&esp0.to_le_bytes());
+            self.hma[t + 8..t + 10].copy_from_slice(&layout::sel::DS.to_le_bytes());
+            self.hma[t + 102..t + 104].copy_from_slice(&104u16.to_le_bytes());
+        }
     }
 
     fn relocate_all(&mut self) -> Result<(), VmmError> {
@@ -694,6 +821,83 @@ impl Vmm {
     pub fn tables(&self) -> (PhysAddr, &[u8]) {
         let a = self.inter.allocator();
         (PhysAddr(a.base()), a.used_bytes())
+    }
+
+    /// The hyper context's page tables (what `Hyper.cr3` points into): their
+    /// physical base and bytes.
+    pub fn hyper_tables(&self) -> (PhysAddr, &[u8]) {
+        let a = self.hyper.allocator();
+        (PhysAddr(a.base()), a.used_bytes())
+    }
+
+    /// The hyper context's tables, for walks and inspection.
+    pub fn hyper_context(&self) -> &IntermediateContext<VecAllocator> {
+        &self.hyper
+    }
+
+    /// Prepares every VCPU's hyper context for `kind`: `Hyper.cr3` of its
+    /// shadow paging flavour and the matching hyper CS.
+    ///
+    /// # Errors
+    /// The switcher is not available.
+    pub fn activate(&mut self, kind: SwitcherKind) -> Result<&Installed, VmmError> {
+        self.switcher(kind)?;
+        self.active = Some(kind);
+        self.init_vm(false);
+        Ok(self.switcher(kind)?)
+    }
+
+    /// Writes a call-trampoline frame for VCPU `index` at the top of its hyper
+    /// stack and points `Hyper.eip` at the trampoline of `kind` (VirtualBox's
+    /// `CPUMPushHyper` + `Hyper.eip = trampoline`). Returns the new `Hyper.esp`.
+    ///
+    /// # Errors
+    /// No such VCPU or switcher, or too many arguments for the stack.
+    pub fn push_trampoline_call(
+        &mut self,
+        kind: SwitcherKind,
+        index: u32,
+        target: RcAddr,
+        args: &[u32],
+    ) -> Result<u32, VmmError> {
+        let tramp = self.switcher(kind)?.entries.rc_call_trampoline;
+        let words = layout::trampoline_frame(target.0, args);
+        let l = self.hma_layout;
+        let top = l.stack_top(index);
+        let bytes = (words.len() * 4) as u32;
+        if bytes > layout::STACK_PAGES * PAGE / 2 {
+            return Err(VmmError::HelperTooLarge {
+                len: bytes as usize,
+                cap: layout::STACK_PAGES * PAGE / 2,
+            });
+        }
+        let at = top - bytes;
+        for (k, w) in words.iter().enumerate() {
+            let o = at as usize + 4 * k;
+            self.hma[o..o + 4].copy_from_slice(&w.to_le_bytes());
+        }
+        let rsp = self.rc(at);
+        self.with_cpumcpu(index, |c| {
+            c.hyper.rsp = u64::from(rsp);
+            c.hyper.rip = u64::from(tramp.0);
+        })?;
+        Ok(rsp)
+    }
+
+    /// Installs 32-bit interrupt gates (hyper CS, DPL 0) in the hyper IDT:
+    /// `(vector, RC handler address)` pairs.
+    pub fn set_hyper_idt_gates(&mut self, gates: &[(u8, RcAddr)]) {
+        let base = self.hma_layout.idt as usize;
+        for (vector, handler) in gates {
+            let h = handler.0;
+            let mut g = [0u8; 8];
+            g[0..2].copy_from_slice(&(h as u16).to_le_bytes());
+            g[2..4].copy_from_slice(&layout::sel::CS.to_le_bytes());
+            g[5] = 0x8e;
+            g[6..8].copy_from_slice(&((h >> 16) as u16).to_le_bytes());
+            let at = base + usize::from(*vector) * 8;
+            self.hma[at..at + 8].copy_from_slice(&g);
+        }
     }
 
     /// The intermediate context, for walks and inspection.

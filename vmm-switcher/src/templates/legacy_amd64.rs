@@ -91,6 +91,39 @@ fn load_ic_cpumcpu(b: &mut Builder, slot: CodeLabel) -> Result<(), BuildError> {
     Ok(())
 }
 
+/// The trace characters one round trip prints with `o.trace`, in order.
+pub fn trace_steps(o: &TemplateOptions) -> Vec<Step> {
+    use Step as S;
+    let mut v = vec![S::Entry, S::HostSaved];
+    if o.apic_nmi_masking {
+        v.push(S::ApicMasked);
+    }
+    v.extend([
+        S::HostCrSaved,
+        S::InterCr3,
+        S::IdEntered,
+        S::PaeOn,
+        S::LongModeOn,
+        S::PagingOn,
+        S::Mode64,
+        S::HyperStack,
+        S::Synced,
+        S::HelperReturned,
+        S::Compat,
+        S::LongModeOff,
+        S::HostPaging,
+        S::HostCr3,
+        S::HostTables,
+        S::HostSegments,
+        S::HostCr,
+    ]);
+    if o.apic_nmi_masking && o.revision == Revision::A {
+        v.push(S::ApicUnmasked);
+    }
+    v.push(S::Return);
+    v
+}
+
 /// Builds the switcher for `host`.
 ///
 /// # Errors

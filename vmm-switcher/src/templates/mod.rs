@@ -1,6 +1,7 @@
 //! Switcher templates, one module per family, and the code pieces they share.
 
 pub mod legacy_amd64;
+pub mod legacy_pae;
 
 use iced_x86::code_asm::*;
 use serde::Serialize;
@@ -117,6 +118,10 @@ steps! {
     HostCr = b'T', "host CR4/CR0 restored";
     ApicUnmasked = b'U', "NMI LVTs unmasked";
     Return = b'V', "returning to the caller";
+    RcEntered = b'W', "in the hypervisor context at the RC address, hyper CR3 loaded";
+    RcLoaded = b'X', "hyper IDT, segments, stack, TSS and LDT loaded; entering the RC code";
+    RcExit = b'Y', "RC exit entry reached, hyper registers saved";
+    HostMsrs = b'Z', "host SYSENTER_CS, EFER.SCE and lazy FPU state restored";
 }
 
 /// The COM1 base port the trace writes to.
