@@ -174,6 +174,11 @@ impl Scenario {
         }
     }
 
+    /// True for the stub switchers.
+    pub fn is_stub(&self) -> bool {
+        matches!(self.kind, SwitcherKind::X86Stub | SwitcherKind::Amd64Stub)
+    }
+
     /// True when the switcher enters a long-mode hypervisor context.
     pub fn long_mode_target(&self) -> bool {
         vmm::target_flavour(self.kind) == vmm::Flavour::Long
@@ -187,7 +192,8 @@ impl Scenario {
         match self.kind {
             SwitcherKind::Legacy32ToAmd64
             | SwitcherKind::Legacy32To32
-            | SwitcherKind::Legacy32ToPae => Ok(HostMode::Legacy32),
+            | SwitcherKind::Legacy32ToPae
+            | SwitcherKind::X86Stub => Ok(HostMode::Legacy32),
             SwitcherKind::PaeToAmd64 | SwitcherKind::PaeTo32 | SwitcherKind::PaeToPae => {
                 Ok(HostMode::Pae)
             }
@@ -346,7 +352,9 @@ pub fn build(s: &Scenario) -> Result<Built, ScenarioError> {
     let cpum_rc = vm_rc.0 + OFF_CPUM as u32;
     let scratch_phys = p.hma_phys.0 + u64::from(helper_rc.0 - p.hma_rc.0 + far_layout.scratch_off);
     let mut rc_entries = None;
-    if long {
+    if s.is_stub() {
+        // Nothing runs on the far side.
+    } else if long {
         let far_cfg = FarConfig {
             layout: far_layout,
             cs64: vmm::layout::sel::CS64,
@@ -487,7 +495,9 @@ pub fn build(s: &Scenario) -> Result<Built, ScenarioError> {
         .cookie_at(mailbox_hc + offset_of!(Mailbox, cookie) as u32)
         .dump("vm", vm_hc, vmm.hma_layout().vm_size)
         .dump("scratch", hc_of(helper_rc.0 + far_layout.scratch_off), 4);
-    if long {
+    if s.is_stub() {
+        kb = kb.expect(Expected::Value(vmm_switcher::templates::stub::STUB_STATUS));
+    } else if long {
         kb = long_hooks(kb, apic_on, mailbox_hc, cpum_hc)
             .expect(Expected::CookieXor(far::RET_XOR))
             .dump("mailbox", mailbox_hc, size_of::<Mailbox>() as u32);
@@ -915,7 +925,7 @@ pub fn judge(s: &Scenario, b: &Built, run: RunResult) -> ScenarioResult {
     let (mut to_gc, mut to_hc) = (None, None);
     if let Some(vm) = &vm {
         let h = &vm.header;
-        if s.options.stats {
+        if s.options.stats && !s.is_stub() {
             for (name, p) in [
                 ("ToGC", &h.stat_switcher_to_gc),
                 ("ToHC", &h.stat_switcher_to_hc),
@@ -941,7 +951,7 @@ pub fn judge(s: &Scenario, b: &Built, run: RunResult) -> ScenarioResult {
                 .ticks
                 .checked_div(h.stat_switcher_to_hc.core.periods);
         }
-        if s.options.apic_nmi_masking && run.outcome == Outcome::Pass {
+        if s.options.apic_nmi_masking && run.outcome == Outcome::Pass && !s.is_stub() {
             for (i, c) in cpumcpu.iter().enumerate() {
                 if c.apic_dis_vectors != 0x7 {
                     failures.push(format!(

@@ -423,3 +423,44 @@ fn pae_and_32bit_family_trace_and_options() {
         assert!(r.cpumcpu.iter().all(|c| c.apic_dis_vectors == 0));
     }
 }
+
+#[test]
+fn x86_stub_returns_the_stub_status_and_touches_nothing() {
+    let Some(q) = qemu() else { return };
+    let mut s = Scenario::new(SwitcherKind::X86Stub);
+    s.trips = 100;
+    let r = go(&s, &q);
+    assert!(r.verified, "{:?}", r.failures);
+    let status = vmm_switcher::templates::stub::STUB_STATUS;
+    assert!(r.run.report.trips.iter().all(|t| t.ret == status));
+    let vm = r.vm.unwrap();
+    assert_eq!(
+        vm.stat_switcher_to_gc.core.periods, 0,
+        "a stub switches nothing"
+    );
+    assert_eq!(
+        r.instructions_per_round_trip,
+        Some(r.instructions_per_round_trip_max.unwrap())
+    );
+}
+
+#[test]
+fn x2apic_option_on_an_xapic_host_takes_the_mmio_path() {
+    let Some(q) = qemu() else { return };
+    for kind in [SwitcherKind::Legacy32ToAmd64, SwitcherKind::PaeToPae] {
+        for revision in [Revision::A, Revision::B] {
+            let mut s = Scenario::new(kind);
+            s.trips = 50;
+            s.options.x2apic = true;
+            s.options.revision = revision;
+            let r = go(&s, &q);
+            assert!(
+                r.verified,
+                "{} {revision:?}: {:?}",
+                kind.cli_name(),
+                r.failures
+            );
+            assert!(r.cpumcpu.iter().all(|c| c.apic_dis_vectors == 0x7));
+        }
+    }
+}

@@ -82,6 +82,7 @@ fn layout_offsets() -> BTreeSet<i64> {
         l::APIC_BASE,
         l::APIC_DIS_VECTORS,
         l::HOST32_GDTR + core::mem::offset_of!(cpum::regs::Xdtr32, base),
+        l::X2APIC,
     ]
     .into_iter()
     .map(|x| x as i64)
@@ -294,6 +295,32 @@ fn check(def: &SwitcherDef, o: &TemplateOptions, c: &RelocContext) {
         })
         .count();
     assert_eq!(marker_writes > 0, o.crash_markers);
+    // x2APIC: one RDMSR/WRMSR pair per candidate LVT, in mask and unmask paths.
+    let msrs: Vec<u32> = d
+        .insns
+        .iter()
+        .filter(|x| x.3.code() == Code::Mov_r32_imm32 && x.3.op0_register() == Register::ECX)
+        .map(|x| x.3.immediate32())
+        .filter(|v| (0x800..0x840).contains(v))
+        .collect();
+    if o.x2apic && o.apic_nmi_masking {
+        for m in [0x835, 0x836, 0x834, 0x833] {
+            assert_eq!(
+                msrs.iter().filter(|&&v| v == m).count(),
+                2,
+                "MSR {m:#x} in mask and unmask"
+            );
+        }
+        assert!(
+            msrs.contains(&0x803),
+            "x2APIC VERSION for the thermal check"
+        );
+    } else {
+        assert!(
+            msrs.is_empty(),
+            "no x2APIC code without the option: {msrs:x?}"
+        );
+    }
     let apic_and = d
         .insns
         .iter()
@@ -645,5 +672,45 @@ fn pae_and_32bit_family_builds_relocates_and_branches_land() {
             relocate(&def, &mut code2, &c).expect("relocates");
             assert_eq!(code2, code);
         }
+    }
+}
+
+#[test]
+fn stubs_have_no_fixups_and_return_the_stub_status() {
+    use vmm_switcher::templates::stub::{build, STUB_STATUS};
+    for bits in [32, 64] {
+        let def = build(bits, &TemplateOptions::default()).expect("builds");
+        assert!(def.fixups.is_empty());
+        assert_eq!(def.fixup_stream().expect("encodes"), vec![255]);
+        let c = ctx();
+        let mut code = def.code.clone();
+        let rel = relocate(&def, &mut code, &c).expect("relocates");
+        assert_eq!(code, def.code, "relocation changes nothing");
+        let lines = vmm_switcher::disasm::lines(&def, &code, &c, &rel);
+        for (name, off) in def.entries.named() {
+            let at = lines
+                .iter()
+                .position(|l| l.off == off)
+                .expect("entry decodes");
+            let insn = lines[at].insn.expect("code");
+            if name == "GCCallTrampoline" {
+                assert_eq!(insn.code(), Code::Int3);
+                let back = lines[at + 1].insn.expect("jmp");
+                assert_eq!(
+                    back.near_branch_target(),
+                    lines[at].addr,
+                    "endless int3 loop"
+                );
+            } else {
+                assert_eq!(insn.immediate32(), STUB_STATUS, "{name}");
+                assert_eq!(
+                    lines[at + 1].insn.expect("ret").code(),
+                    if bits == 64 { Code::Retnq } else { Code::Retnd }
+                );
+            }
+        }
+        let r = def.vbox_regions();
+        assert_eq!(r.hc0.end, r.gc.start);
+        assert!(r.id0.is_empty() && r.id1.is_empty());
     }
 }

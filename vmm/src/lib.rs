@@ -262,13 +262,15 @@ impl Installed {
 }
 
 /// The switchers this build provides.
-pub const AVAILABLE: [SwitcherKind; 6] = [
+pub const AVAILABLE: [SwitcherKind; 8] = [
     SwitcherKind::Legacy32To32,
     SwitcherKind::Legacy32ToPae,
     SwitcherKind::Legacy32ToAmd64,
     SwitcherKind::PaeTo32,
     SwitcherKind::PaeToPae,
     SwitcherKind::PaeToAmd64,
+    SwitcherKind::X86Stub,
+    SwitcherKind::Amd64Stub,
 ];
 
 /// Builds the template of `kind`.
@@ -292,11 +294,14 @@ pub fn build_switcher(
         SwitcherKind::Legacy32ToPae => legacy_pae::build(F::Legacy32, F::Pae, options, vm)?,
         SwitcherKind::PaeTo32 => legacy_pae::build(F::Pae, F::Legacy32, options, vm)?,
         SwitcherKind::PaeToPae => legacy_pae::build(F::Pae, F::Pae, options, vm)?,
+        SwitcherKind::X86Stub => vmm_switcher::templates::stub::build(32, options)?,
+        SwitcherKind::Amd64Stub => vmm_switcher::templates::stub::build(64, options)?,
         kind => return Err(VmmError::Select(SelectError::Unavailable { kind })),
     })
 }
 
-/// The paging flavour of the hypervisor context a switcher enters.
+/// The paging flavour of the hypervisor context a switcher enters (the stubs
+/// enter none; they report 32-bit).
 pub fn target_flavour(kind: SwitcherKind) -> Flavour {
     use pgm_intermediate::Flavour as F;
     match kind {
@@ -919,6 +924,12 @@ impl Vmm {
             .iter()
             .find(|s| s.def.kind == kind)
             .ok_or(SelectError::Unavailable { kind })
+    }
+
+    /// The stub for `host`'s bitness, which VirtualBox selects whenever the
+    /// hypervisor context is not used (raw mode off).
+    pub fn select_stub(&self, host: HostPagingMode) -> SwitcherKind {
+        mode::stub_for(host)
     }
 
     /// The switcher VirtualBox's table chooses for `host` and `guest`.

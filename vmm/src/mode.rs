@@ -187,6 +187,14 @@ pub fn table_choice(host: HostPagingMode, guest: GuestMode) -> SwitcherKind {
     }
 }
 
+/// The stub switcher for `host`'s bitness.
+pub fn stub_for(host: HostPagingMode) -> SwitcherKind {
+    match host.family() {
+        HostFamily::Amd64 => SwitcherKind::Amd64Stub,
+        _ => SwitcherKind::X86Stub,
+    }
+}
+
 /// The switcher for `host` and `guest`, if this build provides it.
 ///
 /// # Errors
@@ -285,6 +293,8 @@ mod tests {
                 kind: SwitcherKind::Legacy32To32
             })
         );
+        assert_eq!(stub_for(H::Amd64GlobalNx), SwitcherKind::Amd64Stub);
+        assert_eq!(stub_for(H::PaeNx), SwitcherKind::X86Stub);
         let msg = select(H::Amd64, G::Amd64, &none).map_err(|e| e.to_string());
         assert_eq!(
             msg,

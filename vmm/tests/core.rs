@@ -47,11 +47,20 @@ fn default_core_maps_every_view_and_relocates_every_switcher() {
             p.code_hc.0 + u64::from(sw.offset)
         );
         let code = sw.code(vmm.core_code());
-        assert_ne!(
-            code,
-            &sw.def.code[..],
-            "relocated bytes differ from the template"
-        );
+        if sw.def.fixups.is_empty() {
+            assert_eq!(
+                code,
+                &sw.def.code[..],
+                "nothing to relocate in {:?}",
+                sw.def.kind
+            );
+        } else {
+            assert_ne!(
+                code,
+                &sw.def.code[..],
+                "relocated bytes differ from the template"
+            );
+        }
         // Every intermediate CR3 written is the matching root of the context.
         for a in &sw.reloc.applied {
             let root = match a.record.kind {

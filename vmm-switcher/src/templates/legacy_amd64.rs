@@ -170,10 +170,7 @@ pub fn build(
     }
     if o.apic_nmi_masking && o.revision == Revision::B {
         // EDX = CPUMCPU (HC) as the exit path leaves it; EAX = status.
-        let a = b.a();
-        a.mov(ecx, dword_ptr(edx + d(l::APIC_DIS_VECTORS)))?;
-        a.mov(edx, dword_ptr(edx + d(l::APIC_BASE)))?;
-        apic_unmask32(&mut b, edx)?;
+        apic_unmask32(&mut b, o)?;
     }
     {
         let a = b.a();
@@ -218,7 +215,7 @@ pub fn build(
         load_hc_cpumcpu(&mut b)?;
     }
     if o.apic_nmi_masking {
-        apic_mask32(&mut b)?;
+        apic_mask32(&mut b, o)?;
         if o.trace {
             trace(&mut b, o, Step::ApicMasked)?;
             load_hc_cpumcpu(&mut b)?;
@@ -536,10 +533,7 @@ pub fn build(
         load_hc_cpumcpu(&mut b)?;
     }
     if o.apic_nmi_masking && o.revision == Revision::A {
-        let a = b.a();
-        a.mov(ebx, dword_ptr(edx + d(l::APIC_BASE)))?;
-        a.mov(ecx, dword_ptr(edx + d(l::APIC_DIS_VECTORS)))?;
-        apic_unmask32(&mut b, ebx)?;
+        apic_unmask32(&mut b, o)?;
         if o.trace {
             trace(&mut b, o, Step::ApicUnmasked)?;
             load_hc_cpumcpu(&mut b)?;

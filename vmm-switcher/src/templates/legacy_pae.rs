@@ -37,7 +37,9 @@ use crate::builder::{BuildError, Builder, Operand, Slot};
 use crate::def::{EntryOffsets, Region, SwitcherDef, SwitcherKind, View};
 use crate::fixup::FixupKind as K;
 
-/// Status a resumed trampoline returns (`VERR_VMM_SWITCHER_IPE_1`).
+/// Status a resumed trampoline returns (where VirtualBox returns its
+/// internal-error status `VERR_VMM_SWITCHER_IPE_1`). Negative, like every
+/// error status; the value is this project's.
 pub const TRAMPOLINE_RESUMED: u32 = (-2905i32) as u32;
 
 /// A paging flavour of this family.
@@ -148,10 +150,7 @@ pub fn build(
     b.a().push(cs)?;
     b.a().call(worker)?;
     if o.apic_nmi_masking && o.revision == Revision::B {
-        let a = b.a();
-        a.mov(ecx, dword_ptr(edx + d(l::APIC_DIS_VECTORS)))?;
-        a.mov(edx, dword_ptr(edx + d(l::APIC_BASE)))?;
-        apic_unmask32(&mut b, edx)?;
+        apic_unmask32(&mut b, o)?;
     }
     b.a().popfd()?;
     b.a().pop(ebp)?;
@@ -188,7 +187,7 @@ pub fn build(
         hc_cpumcpu(&mut b)?;
     }
     if o.apic_nmi_masking {
-        apic_mask32(&mut b)?;
+        apic_mask32(&mut b, o)?;
         if o.trace {
             trace(&mut b, o, Step::ApicMasked)?;
             hc_cpumcpu(&mut b)?;
@@ -620,10 +619,7 @@ pub fn build(
         hc_cpumcpu(&mut b)?;
     }
     if o.apic_nmi_masking && o.revision == Revision::A {
-        let a = b.a();
-        a.mov(ebx, dword_ptr(edx + d(l::APIC_BASE)))?;
-        a.mov(ecx, dword_ptr(edx + d(l::APIC_DIS_VECTORS)))?;
-        apic_unmask32(&mut b, ebx)?;
+        apic_unmask32(&mut b, o)?;
         if o.trace {
             trace(&mut b, o, Step::ApicUnmasked)?;
             hc_cpumcpu(&mut b)?;

@@ -2,6 +2,7 @@
 
 pub mod legacy_amd64;
 pub mod legacy_pae;
+pub mod stub;
 
 use iced_x86::code_asm::*;
 use serde::Serialize;
@@ -35,6 +36,9 @@ pub struct TemplateOptions {
     /// Write progress markers to `Guest.dr[4]` (and, while paging is off, to the
     /// physical scratch page whose address the caller put in `Guest.dr[5]`).
     pub crash_markers: bool,
+    /// Also handle a host APIC in x2APIC mode (`fX2Apic` set): mask and unmask
+    /// through the MSRs 0x800 + (register >> 4) instead of the MMIO page.
+    pub x2apic: bool,
 }
 
 impl Default for TemplateOptions {
@@ -45,6 +49,7 @@ impl Default for TemplateOptions {
             revision: Revision::B,
             trace: false,
             crash_markers: false,
+            x2apic: false,
         }
     }
 }
@@ -304,13 +309,44 @@ fn lvt_disp(reg: u32) -> i32 {
     reg as i32
 }
 
-/// xAPIC NMI masking. In: EDX = CPUMCPU (current view). Clobbers EAX, EBX,
-/// ECX, EDI. Always rewrites `apic_dis_vectors` (0 when there is no APIC).
-pub(crate) fn apic_mask32(b: &mut Builder) -> Result<(), BuildError> {
+/// NMI masking. In: EDX = CPUMCPU (current view). Clobbers EAX, EBX, ECX,
+/// ESI, EDI. Always rewrites `apic_dis_vectors` (0 when there is no APIC),
+/// starting from a cleared register (VirtualBox ORed into host EDI).
+pub(crate) fn apic_mask32(b: &mut Builder, o: &TemplateOptions) -> Result<(), BuildError> {
     use cpum::layout as l;
     let a = b.a();
     let mut store = a.create_label();
     a.xor(edi, edi)?;
+    if o.x2apic {
+        let mut mmio = a.create_label();
+        a.cmp(dword_ptr(edx + l::X2APIC as i32), 0)?;
+        a.je(mmio)?;
+        // x2APIC: RDMSR/WRMSR clobber EDX; keep CPUMCPU in ESI.
+        a.mov(esi, edx)?;
+        for (i, (reg, bit)) in NMI_LVTS.iter().enumerate() {
+            let mut skip = a.create_label();
+            if i == 3 {
+                a.mov(ecx, apic::x2apic_msr(apic::reg::VERSION))?;
+                a.rdmsr()?;
+                a.shr(eax, 16)?;
+                a.cmp(al, 5)?;
+                a.jb(skip)?;
+            }
+            a.mov(ecx, apic::x2apic_msr(*reg))?;
+            a.rdmsr()?;
+            a.mov(ebx, eax)?;
+            a.and(ebx, (apic::lvt::MASKED | apic::lvt::MODE_MASK) as i32)?;
+            a.cmp(ebx, apic::lvt::MODE_NMI as i32)?;
+            a.jne(skip)?;
+            a.or(edi, bit.bits() as i32)?;
+            a.or(eax, apic::lvt::MASKED as i32)?;
+            a.wrmsr()?;
+            a.set_label(&mut skip)?;
+        }
+        a.mov(edx, esi)?;
+        a.jmp(store)?;
+        a.set_label(&mut mmio)?;
+    }
     a.mov(ebx, dword_ptr(edx + l::APIC_BASE as i32))?;
     a.test(ebx, ebx)?;
     a.jz(store)?;
@@ -346,25 +382,49 @@ pub(crate) fn apic_mask32(b: &mut Builder) -> Result<(), BuildError> {
     Ok(())
 }
 
-/// xAPIC NMI unmasking. In: ECX = `apic_dis_vectors`, `base` = APIC page
-/// (may be 0: nothing is done). Clobbers ECX and flags only.
-pub(crate) fn apic_unmask32(b: &mut Builder, base: AsmRegister32) -> Result<(), BuildError> {
+/// NMI unmasking of the LVTs in `apic_dis_vectors`. In: EDX = CPUMCPU.
+/// Preserves EAX, EBX and EDX (EAX may hold the status); clobbers ECX and flags.
+/// Nothing is done when there is no APIC.
+pub(crate) fn apic_unmask32(b: &mut Builder, o: &TemplateOptions) -> Result<(), BuildError> {
+    use cpum::layout as l;
     let a = b.a();
     let mut done = a.create_label();
-    a.test(base, base)?;
+    a.push(ebx)?;
+    a.mov(ebx, dword_ptr(edx + l::APIC_DIS_VECTORS as i32))?;
+    if o.x2apic {
+        let mut mmio = a.create_label();
+        a.cmp(dword_ptr(edx + l::X2APIC as i32), 0)?;
+        a.je(mmio)?;
+        a.push(eax)?;
+        a.push(edx)?;
+        for (reg, _bit) in NMI_LVTS.iter() {
+            let mut skip = a.create_label();
+            a.shr(ebx, 1)?;
+            a.jae(skip)?;
+            a.mov(ecx, apic::x2apic_msr(*reg))?;
+            a.rdmsr()?;
+            a.and(eax, !apic::lvt::MASKED as i32)?;
+            a.wrmsr()?;
+            a.set_label(&mut skip)?;
+        }
+        a.pop(edx)?;
+        a.pop(eax)?;
+        a.jmp(done)?;
+        a.set_label(&mut mmio)?;
+    }
+    a.mov(ecx, ebx)?;
+    a.mov(ebx, dword_ptr(edx + l::APIC_BASE as i32))?;
+    a.test(ebx, ebx)?;
     a.jz(done)?;
-    for (i, (reg, _bit)) in NMI_LVTS.iter().enumerate() {
-        let mut skip = if i + 1 == NMI_LVTS.len() {
-            done
-        } else {
-            a.create_label()
-        };
+    for (reg, _bit) in NMI_LVTS.iter() {
+        let mut skip = a.create_label();
         a.shr(ecx, 1)?;
         a.jae(skip)?;
-        a.and(dword_ptr(base + lvt_disp(*reg)), !apic::lvt::MASKED as i32)?;
+        a.and(dword_ptr(ebx + lvt_disp(*reg)), !apic::lvt::MASKED as i32)?;
         a.set_label(&mut skip)?;
     }
-    // The caller's next instruction carries `done`.
-    let _ = &mut done;
+    a.nop()?;
+    a.set_label(&mut done)?;
+    a.pop(ebx)?;
     Ok(())
 }

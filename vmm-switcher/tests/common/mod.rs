@@ -54,13 +54,16 @@ pub fn all_options() -> Vec<TemplateOptions> {
             for revision in [Revision::A, Revision::B] {
                 for trace in [false, true] {
                     for crash_markers in [false, true] {
-                        v.push(TemplateOptions {
-                            stats,
-                            apic_nmi_masking: apic,
-                            revision,
-                            trace,
-                            crash_markers,
-                        });
+                        for x2apic in [false, true] {
+                            v.push(TemplateOptions {
+                                stats,
+                                apic_nmi_masking: apic,
+                                revision,
+                                trace,
+                                crash_markers,
+                                x2apic,
+                            });
+                        }
                     }
                 }
             }
