@@ -288,6 +288,50 @@ pub mod layout {
         HOST64_CR3 = CpumCpu64, host.cr3 => 640;
         /// Host EFER (64-bit host).
         HOST64_EFER = CpumCpu64, host.efer => 776;
+        /// Host RDI (64-bit host).
+        HOST64_RDI = CpumCpu64, host.rdi => 520;
+        /// Host RSI (64-bit host).
+        HOST64_RSI = CpumCpu64, host.rsi => 528;
+        /// Host RBP (64-bit host).
+        HOST64_RBP = CpumCpu64, host.rbp => 536;
+        /// Host R10–R15 (64-bit host).
+        HOST64_R10 = CpumCpu64, host.r10_r15 => 552;
+        /// Host RFLAGS (64-bit host).
+        HOST64_RFLAGS = CpumCpu64, host.rflags => 600;
+        /// Host SS (64-bit host).
+        HOST64_SS = CpumCpu64, host.ss => 608;
+        /// Host GS (64-bit host).
+        HOST64_GS = CpumCpu64, host.gs => 612;
+        /// Host FS (64-bit host).
+        HOST64_FS = CpumCpu64, host.fs => 616;
+        /// Host ES (64-bit host).
+        HOST64_ES = CpumCpu64, host.es => 620;
+        /// Host DS (64-bit host).
+        HOST64_DS = CpumCpu64, host.ds => 624;
+        /// Host CR0 (64-bit host).
+        HOST64_CR0 = CpumCpu64, host.cr0 => 632;
+        /// Host CR4 (64-bit host).
+        HOST64_CR4 = CpumCpu64, host.cr4 => 648;
+        /// Host DR0–DR3 (64-bit host).
+        HOST64_DR0 = CpumCpu64, host.dr0_3 => 664;
+        /// Host DR6 (64-bit host).
+        HOST64_DR6 = CpumCpu64, host.dr6 => 696;
+        /// Host DR7 (64-bit host).
+        HOST64_DR7 = CpumCpu64, host.dr7 => 704;
+        /// Host GDTR image (64-bit host).
+        HOST64_GDTR = CpumCpu64, host.gdtr => 712;
+        /// Host IDTR image (64-bit host).
+        HOST64_IDTR = CpumCpu64, host.idtr => 728;
+        /// Host LDTR (64-bit host).
+        HOST64_LDTR = CpumCpu64, host.ldtr => 744;
+        /// Host TR (64-bit host).
+        HOST64_TR = CpumCpu64, host.tr => 748;
+        /// Host SYSENTER_CS (64-bit host).
+        HOST64_SYSENTER_CS = CpumCpu64, host.sysenter_cs => 752;
+        /// Host FS.base (64-bit host).
+        HOST64_FS_BASE = CpumCpu64, host.fs_base => 784;
+        /// Host GS.base (64-bit host).
+        HOST64_GS_BASE = CpumCpu64, host.gs_base => 792;
         /// Host DR1 (32-bit host).
         HOST32_DR1 = CpumCpu32, host.dr1 => 576;
         /// Host DR2 (32-bit host).

@@ -1,11 +1,13 @@
-//! Host page tables built as data (SDM Vol. 3A §4.3 32-bit paging, §4.4 PAE paging).
+//! Host page tables built as data (SDM Vol. 3A §4.3 32-bit paging, §4.4 PAE
+//! paging, §4.5 4-level paging).
 //!
 //! The testbed's host kernel runs with paging on, as a real embedding host
 //! does. Its tables are computed here, in Rust, and placed in the image; the
 //! generated code only loads CR3. Mappings are 4 KiB pages; every conflict
 //! (two owners for one virtual page) is an error naming both owners.
-//! [`PageTables::translate`] walks the produced bytes the way the MMU does, so
-//! tests prove each mapping from the image itself.
+//! [`PageTables::translate`] (and [`PageTables::translate64`] for 64-bit
+//! virtual addresses) walks the produced bytes the way the MMU does, so tests
+//! prove each mapping from the image itself.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -20,14 +22,18 @@ pub enum HostMode {
     Legacy32,
     /// PAE paging (PDPT below 4 GiB, three levels, 8-byte entries).
     Pae,
+    /// Long mode with 4-level paging (PML4 below 4 GiB, 48-bit canonical
+    /// virtual addresses); the host kernel runs in 64-bit mode.
+    Amd64,
 }
 
 impl HostMode {
-    /// Short name used on the serial line (`legacy32`, `pae`).
+    /// Short name used on the serial line (`legacy32`, `pae`, `amd64`).
     pub fn name(self) -> &'static str {
         match self {
             HostMode::Legacy32 => "legacy32",
             HostMode::Pae => "pae",
+            HostMode::Amd64 => "amd64",
         }
     }
 
@@ -36,7 +42,22 @@ impl HostMode {
         match name {
             "legacy32" => Some(HostMode::Legacy32),
             "pae" => Some(HostMode::Pae),
+            "amd64" => Some(HostMode::Amd64),
             _ => None,
+        }
+    }
+
+    /// `true` for [`HostMode::Amd64`]: 64-bit virtual addresses and a 64-bit kernel.
+    pub fn is_long(self) -> bool {
+        self == HostMode::Amd64
+    }
+
+    /// One past the highest virtual address of the lower canonical half
+    /// (4 GiB for the 32-bit modes).
+    pub fn virt_limit(self) -> u64 {
+        match self {
+            HostMode::Legacy32 | HostMode::Pae => 1 << 32,
+            HostMode::Amd64 => 1 << 47,
         }
     }
 }
@@ -45,6 +66,12 @@ impl fmt::Display for HostMode {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.name())
     }
+}
+
+/// `true` if bits 63:47 of `virt` are all equal (a 48-bit canonical address).
+pub const fn is_canonical(virt: u64) -> bool {
+    let top = virt >> 47;
+    top == 0 || top == (1 << 17) - 1
 }
 
 /// Present.
@@ -56,13 +83,15 @@ pub const PTE_PWT: u64 = 1 << 3;
 /// Page-level cache disable.
 pub const PTE_PCD: u64 = 1 << 4;
 
-/// A named virtual range `[start, end)` (end as u64 so the top page fits).
+/// A named virtual range `[start, end)`. Both ends are `u64`: the top page of
+/// a 32-bit space ends at 4 GiB, and AMD64 hosts use the upper canonical half
+/// (`end` may then wrap to 0 for the very last page).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VirtRange {
     /// Owner name.
     pub name: String,
     /// First virtual byte.
-    pub start: u32,
+    pub start: u64,
     /// One past the last virtual byte.
     pub end: u64,
 }
@@ -86,7 +115,7 @@ pub enum PagingError {
         /// Mapping name.
         name: String,
         /// Offending address.
-        virt: u32,
+        virt: u64,
     },
     /// The physical address is not page aligned.
     #[error("mapping `{name}`: physical address {phys:#010x} is not 4 KiB aligned")]
@@ -102,15 +131,16 @@ pub enum PagingError {
         /// Mapping name.
         name: String,
         /// Virtual address.
-        virt: u32,
+        virt: u64,
     },
-    /// The range runs past 4 GiB, virtually or physically.
-    #[error("mapping `{name}`: {virt:#010x} -> {phys:#010x} with {len:#x} bytes wraps past 4 GiB")]
+    /// The range runs past 4 GiB physically, past 4 GiB virtually (32-bit
+    /// modes), or out of its canonical half (AMD64).
+    #[error("mapping `{name}`: {virt:#010x} -> {phys:#010x} with {len:#x} bytes wraps past the end of its address space")]
     Wraps {
         /// Mapping name.
         name: String,
         /// Virtual address.
-        virt: u32,
+        virt: u64,
         /// Physical address.
         phys: u32,
         /// Length.
@@ -122,7 +152,25 @@ pub enum PagingError {
         /// Mapping name.
         name: String,
         /// Virtual address.
-        virt: u32,
+        virt: u64,
+    },
+    /// A 64-bit virtual address in a 32-bit paging mode.
+    #[error("mapping `{name}`: virtual address {virt:#x} does not fit the 32-bit address space of a {mode} host")]
+    VirtTooWide {
+        /// Mapping name.
+        name: String,
+        /// Offending address.
+        virt: u64,
+        /// The paging mode.
+        mode: HostMode,
+    },
+    /// A non-canonical virtual address (bits 63:47 differ).
+    #[error("mapping `{name}`: virtual address {virt:#x} is not canonical (bits 63:47 must all equal bit 47)")]
+    NonCanonical {
+        /// Mapping name.
+        name: String,
+        /// Offending address.
+        virt: u64,
     },
     /// A virtual page already belongs to another mapping.
     #[error("{new} conflicts with {existing} at page {page:#010x}")]
@@ -132,7 +180,7 @@ pub enum PagingError {
         /// The mapping already there.
         existing: VirtRange,
         /// First conflicting virtual page.
-        page: u32,
+        page: u64,
     },
 }
 
@@ -147,7 +195,7 @@ struct Pte {
 #[derive(Clone, Debug)]
 pub struct PageMap {
     mode: HostMode,
-    pages: BTreeMap<u32, Pte>,
+    pages: BTreeMap<u64, Pte>,
     owners: Vec<VirtRange>,
 }
 
@@ -158,7 +206,8 @@ pub struct PageTables {
     pub mode: HostMode,
     /// Physical address of the first table page.
     pub base: u32,
-    /// Value for CR3: the page directory (legacy) or the PDPT (PAE).
+    /// Value for CR3: the page directory (legacy), the PDPT (PAE) or the
+    /// PML4 (AMD64).
     pub cr3: u32,
     /// The table pages, back to back from `base`.
     pub bytes: Vec<u8>,
@@ -189,8 +238,35 @@ impl PageMap {
         len: u32,
         flags: u64,
     ) -> Result<(), PagingError> {
+        self.map64(name, u64::from(virt), phys, len, flags)
+    }
+
+    /// [`PageMap::map`] for a 64-bit virtual address: any canonical address
+    /// in [`HostMode::Amd64`], below 4 GiB in the 32-bit modes. A range may
+    /// not cross from one canonical half to the other.
+    pub fn map64(
+        &mut self,
+        name: &str,
+        virt: u64,
+        phys: u32,
+        len: u32,
+        flags: u64,
+    ) -> Result<(), PagingError> {
         let name_s = || name.to_owned();
-        if virt % PAGE != 0 {
+        if !self.mode.is_long() && virt >= 1 << 32 {
+            return Err(PagingError::VirtTooWide {
+                name: name_s(),
+                virt,
+                mode: self.mode,
+            });
+        }
+        if !is_canonical(virt) {
+            return Err(PagingError::NonCanonical {
+                name: name_s(),
+                virt,
+            });
+        }
+        if virt % u64::from(PAGE) != 0 {
             return Err(PagingError::VirtMisaligned {
                 name: name_s(),
                 virt,
@@ -210,7 +286,14 @@ impl PageMap {
         }
         let pages = len.div_ceil(PAGE);
         let span = u64::from(pages) * u64::from(PAGE);
-        if u64::from(virt) + span > 1 << 32 || u64::from(phys) + span > 1 << 32 {
+        // The range must stay inside its half: [0, limit) or [2^64 - limit, 2^64).
+        let limit = self.mode.virt_limit();
+        let virt_ok = if virt < limit {
+            virt + span <= limit
+        } else {
+            virt.checked_add(span - 1).is_some()
+        };
+        if !virt_ok || u64::from(phys) + span > 1 << 32 {
             return Err(PagingError::Wraps {
                 name: name_s(),
                 virt,
@@ -227,10 +310,10 @@ impl PageMap {
         let new = VirtRange {
             name: name_s(),
             start: virt,
-            end: u64::from(virt) + span,
+            end: virt.wrapping_add(span),
         };
-        for i in 0..pages {
-            let page = virt + i * PAGE;
+        for i in 0..u64::from(pages) {
+            let page = virt + i * u64::from(PAGE);
             if let Some(pte) = self.pages.get(&page) {
                 return Err(PagingError::Conflict {
                     new,
@@ -243,7 +326,7 @@ impl PageMap {
         self.owners.push(new);
         for i in 0..pages {
             self.pages.insert(
-                virt + i * PAGE,
+                virt + u64::from(i * PAGE),
                 Pte {
                     phys: phys + i * PAGE,
                     flags: flags | PTE_P,
@@ -259,28 +342,28 @@ impl PageMap {
         &self.owners
     }
 
-    fn pt_keys(&self) -> Vec<u32> {
-        let shift = match self.mode {
-            HostMode::Legacy32 => 22,
-            HostMode::Pae => 21,
-        };
-        let mut keys: Vec<u32> = self.pages.keys().map(|v| v >> shift).collect();
+    /// Distinct `virt >> shift` keys, in address order.
+    fn keys(&self, shift: u32) -> Vec<u64> {
+        let mut keys: Vec<u64> = self.pages.keys().map(|v| v >> shift).collect();
         keys.dedup();
         keys
     }
 
-    fn pd_keys(&self) -> Vec<u32> {
-        let mut keys: Vec<u32> = self.pages.keys().map(|v| v >> 30).collect();
-        keys.dedup();
-        keys
+    /// Shift of the page-table level (one PT covers `1 << shift` bytes).
+    fn pt_shift(&self) -> u32 {
+        match self.mode {
+            HostMode::Legacy32 => 22,
+            HostMode::Pae | HostMode::Amd64 => 21,
+        }
     }
 
     /// Number of 4 KiB table pages [`PageMap::layout`] will produce.
     pub fn table_pages(&self) -> u32 {
-        let pts = self.pt_keys().len() as u32;
+        let pts = self.keys(self.pt_shift()).len() as u32;
         match self.mode {
             HostMode::Legacy32 => 1 + pts,
-            HostMode::Pae => 1 + self.pd_keys().len() as u32 + pts,
+            HostMode::Pae => 1 + self.keys(30).len() as u32 + pts,
+            HostMode::Amd64 => 1 + self.keys(39).len() as u32 + self.keys(30).len() as u32 + pts,
         }
     }
 
@@ -295,10 +378,11 @@ impl PageMap {
             bytes[off..off + 8].copy_from_slice(&v.to_le_bytes());
         };
         let page_addr = |i: usize| base + (i as u32) * PAGE;
+        let page_off = |i: usize| i * PAGE as usize;
         match self.mode {
             HostMode::Legacy32 => {
                 // Page 0: the page directory; then one page table per used PDE.
-                let pts = self.pt_keys();
+                let pts = self.keys(22);
                 for (i, pde) in pts.iter().enumerate() {
                     let pt = page_addr(1 + i);
                     put32(
@@ -309,20 +393,14 @@ impl PageMap {
                 }
                 for (virt, pte) in &self.pages {
                     let i = pts.binary_search(&(virt >> 22)).unwrap_or(0);
-                    let off = (1 + i) * PAGE as usize + ((virt >> 12) & 0x3ff) as usize * 4;
+                    let off = page_off(1 + i) + ((virt >> 12) & 0x3ff) as usize * 4;
                     put32(&mut bytes, off, pte.phys | pte.flags as u32);
-                }
-                PageTables {
-                    mode: self.mode,
-                    base,
-                    cr3: base,
-                    bytes,
                 }
             }
             HostMode::Pae => {
                 // Page 0: the PDPT (first 32 bytes); then the PDs; then the PTs.
-                let pds = self.pd_keys();
-                let pts = self.pt_keys();
+                let pds = self.keys(30);
+                let pts = self.keys(21);
                 for (i, pdpte) in pds.iter().enumerate() {
                     // PDPTEs take only P (and cache bits); RW/US are reserved.
                     put64(
@@ -331,25 +409,55 @@ impl PageMap {
                         u64::from(page_addr(1 + i)) | PTE_P,
                     );
                 }
-                for (i, key) in pts.iter().enumerate() {
-                    let pd = pds.binary_search(&(key >> 9)).unwrap_or(0);
-                    let off = (1 + pd) * PAGE as usize + (key & 0x1ff) as usize * 8;
-                    let pt = page_addr(1 + pds.len() + i);
-                    put64(&mut bytes, off, u64::from(pt) | PTE_P | PTE_RW);
-                }
-                for (virt, pte) in &self.pages {
-                    let i = pts.binary_search(&(virt >> 21)).unwrap_or(0);
-                    let off =
-                        (1 + pds.len() + i) * PAGE as usize + ((virt >> 12) & 0x1ff) as usize * 8;
-                    put64(&mut bytes, off, u64::from(pte.phys) | pte.flags);
-                }
-                PageTables {
-                    mode: self.mode,
-                    base,
-                    cr3: base,
-                    bytes,
-                }
+                self.lower_levels(&mut bytes, base, 1, &pds, &pts);
             }
+            HostMode::Amd64 => {
+                // Page 0: the PML4; then the PDPTs, the PDs and the PTs.
+                let pdpts = self.keys(39);
+                let pds = self.keys(30);
+                let pts = self.keys(21);
+                for (i, key) in pdpts.iter().enumerate() {
+                    let off = (key & 0x1ff) as usize * 8;
+                    put64(
+                        &mut bytes,
+                        off,
+                        u64::from(page_addr(1 + i)) | PTE_P | PTE_RW,
+                    );
+                }
+                for (i, key) in pds.iter().enumerate() {
+                    let parent = pdpts.binary_search(&(key >> 9)).unwrap_or(0);
+                    let off = page_off(1 + parent) + (key & 0x1ff) as usize * 8;
+                    let pd = page_addr(1 + pdpts.len() + i);
+                    put64(&mut bytes, off, u64::from(pd) | PTE_P | PTE_RW);
+                }
+                self.lower_levels(&mut bytes, base, 1 + pdpts.len(), &pds, &pts);
+            }
+        }
+        PageTables {
+            mode: self.mode,
+            base,
+            cr3: base,
+            bytes,
+        }
+    }
+
+    /// Writes the PD entries (PDs start at table page `first_pd`) and the
+    /// PTEs of the 8-byte-entry formats.
+    fn lower_levels(&self, bytes: &mut [u8], base: u32, first_pd: usize, pds: &[u64], pts: &[u64]) {
+        let put64 = |bytes: &mut [u8], off: usize, v: u64| {
+            bytes[off..off + 8].copy_from_slice(&v.to_le_bytes());
+        };
+        let first_pt = first_pd + pds.len();
+        for (i, key) in pts.iter().enumerate() {
+            let pd = pds.binary_search(&(key >> 9)).unwrap_or(0);
+            let off = (first_pd + pd) * PAGE as usize + (key & 0x1ff) as usize * 8;
+            let pt = base + ((first_pt + i) as u32) * PAGE;
+            put64(bytes, off, u64::from(pt) | PTE_P | PTE_RW);
+        }
+        for (virt, pte) in &self.pages {
+            let i = pts.binary_search(&(virt >> 21)).unwrap_or(0);
+            let off = (first_pt + i) * PAGE as usize + ((virt >> 12) & 0x1ff) as usize * 8;
+            put64(bytes, off, u64::from(pte.phys) | pte.flags);
         }
     }
 }
@@ -364,9 +472,9 @@ pub struct Translation {
 }
 
 impl PageTables {
-    fn read(&self, phys: u32, size: usize) -> Option<u64> {
-        let off = phys.checked_sub(self.base)? as usize;
-        let b = self.bytes.get(off..off + size)?;
+    fn read(&self, phys: u64, size: usize) -> Option<u64> {
+        let off = usize::try_from(phys.checked_sub(u64::from(self.base))?).ok()?;
+        let b = self.bytes.get(off..off.checked_add(size)?)?;
         let mut v = [0u8; 8];
         v[..size].copy_from_slice(b);
         Some(u64::from_le_bytes(v))
@@ -374,36 +482,53 @@ impl PageTables {
 
     /// Walks the tables like the MMU (tables must lie inside these bytes).
     pub fn translate(&self, virt: u32) -> Option<Translation> {
+        self.translate64(u64::from(virt))
+    }
+
+    /// [`PageTables::translate`] for a 64-bit virtual address (`None` for
+    /// non-canonical addresses, and above 4 GiB in the 32-bit modes).
+    pub fn translate64(&self, virt: u64) -> Option<Translation> {
+        const ADDR: u64 = 0x000f_ffff_ffff_f000;
         let present = |e: u64| e & PTE_P != 0;
+        let finish = |pte: u64| {
+            present(pte).then_some(Translation {
+                phys: ((pte & ADDR) | (virt & 0xfff)) as u32,
+                pte,
+            })
+        };
         match self.mode {
             HostMode::Legacy32 => {
-                let pde = self.read(self.cr3 + (virt >> 22) * 4, 4)?;
+                if virt >= 1 << 32 {
+                    return None;
+                }
+                let pde = self.read(u64::from(self.cr3) + (virt >> 22) * 4, 4)?;
                 if !present(pde) {
                     return None;
                 }
-                let pt = (pde as u32) & !0xfff;
-                let pte = self.read(pt + ((virt >> 12) & 0x3ff) * 4, 4)?;
-                present(pte).then_some(Translation {
-                    phys: ((pte as u32) & !0xfff) | (virt & 0xfff),
-                    pte,
-                })
+                let pt = pde & 0xffff_f000;
+                finish(self.read(pt + ((virt >> 12) & 0x3ff) * 4, 4)?)
             }
-            HostMode::Pae => {
-                let pdpte = self.read(self.cr3 + (virt >> 30) * 8, 8)?;
-                if !present(pdpte) {
-                    return None;
+            HostMode::Pae | HostMode::Amd64 => {
+                let mut table = u64::from(self.cr3);
+                let shifts: &[u64] = if self.mode == HostMode::Pae {
+                    if virt >= 1 << 32 {
+                        return None;
+                    }
+                    &[30, 21]
+                } else {
+                    if !is_canonical(virt) {
+                        return None;
+                    }
+                    &[39, 30, 21]
+                };
+                for &shift in shifts {
+                    let e = self.read(table + ((virt >> shift) & 0x1ff) * 8, 8)?;
+                    if !present(e) {
+                        return None;
+                    }
+                    table = e & ADDR;
                 }
-                let pd = (pdpte as u32) & !0xfff;
-                let pde = self.read(pd + ((virt >> 21) & 0x1ff) * 8, 8)?;
-                if !present(pde) {
-                    return None;
-                }
-                let pt = (pde as u32) & !0xfff;
-                let pte = self.read(pt + ((virt >> 12) & 0x1ff) * 8, 8)?;
-                present(pte).then_some(Translation {
-                    phys: ((pte as u32) & !0xfff) | (virt & 0xfff),
-                    pte,
-                })
+                finish(self.read(table + ((virt >> 12) & 0x1ff) * 8, 8)?)
             }
         }
     }
@@ -427,7 +552,7 @@ mod tests {
 
     #[test]
     fn every_mapping_walks_to_its_target() {
-        for mode in [HostMode::Legacy32, HostMode::Pae] {
+        for mode in [HostMode::Legacy32, HostMode::Pae, HostMode::Amd64] {
             let t = sample(mode).layout(0x0020_0000);
             assert_eq!(t.bytes.len(), sample(mode).table_pages() as usize * 4096);
             assert_eq!(t.translate(0), None, "{mode}: page 0 unmapped");
@@ -484,5 +609,95 @@ mod tests {
             m.map("e", 0x5000_0000, 0x1000, 0, 0),
             Err(PagingError::Empty { .. })
         ));
+    }
+
+    #[test]
+    fn amd64_maps_high_canonical_addresses() {
+        const HIGH: u64 = 0xffff_ffff_c040_0000;
+        let mut m = sample(HostMode::Amd64);
+        m.map64("switcher-hc", HIGH, 0x0060_0000, 0x3000, PTE_RW)
+            .unwrap();
+        m.map64("fs", 0xffff_8000_f5f5_0000, 0x0010_2000, 0x1000, 0)
+            .unwrap();
+        // The last page of the address space.
+        m.map64("top", 0xffff_ffff_ffff_f000, 0x0070_0000, 0x1000, 0)
+            .unwrap();
+        let t = m.layout(0x0020_0000);
+        assert_eq!(t.bytes.len(), m.table_pages() as usize * 4096);
+        assert_eq!(
+            t.translate64(HIGH + 0x2ff0).map(|x| x.phys),
+            Some(0x0060_2ff0)
+        );
+        assert_eq!(t.translate64(HIGH + 0x3000), None);
+        assert_eq!(
+            t.translate64(0xffff_8000_f5f5_0004).map(|x| x.phys),
+            Some(0x0010_2004)
+        );
+        assert_eq!(
+            t.translate64(0xffff_ffff_ffff_fffc).map(|x| x.phys),
+            Some(0x0070_0ffc)
+        );
+        assert_eq!(t.translate64(0x0000_8000_0000_0000), None, "non-canonical");
+        assert_eq!(t.translate64(0x0000_0001_0000_0000), None);
+        assert_eq!(t.translate(0x0012_3456).map(|x| x.phys), Some(0x0012_3456));
+        // Intermediate entries are present and writable; the PML4 is at CR3.
+        assert_eq!(t.cr3, 0x0020_0000);
+        let pml4e = u64::from_le_bytes(t.bytes[511 * 8..512 * 8].try_into().unwrap());
+        assert_eq!(pml4e & (PTE_P | PTE_RW), PTE_P | PTE_RW);
+    }
+
+    #[test]
+    fn wide_and_non_canonical_addresses_are_refused() {
+        let mut m = PageMap::new(HostMode::Pae);
+        assert!(matches!(
+            m.map64("wide", 0x1_0000_0000, 0x1000, 0x1000, 0),
+            Err(PagingError::VirtTooWide {
+                virt: 0x1_0000_0000,
+                mode: HostMode::Pae,
+                ..
+            })
+        ));
+        let mut m = PageMap::new(HostMode::Amd64);
+        let err = m
+            .map64("odd", 0x0000_8000_0000_0000, 0x1000, 0x1000, 0)
+            .unwrap_err();
+        assert!(matches!(err, PagingError::NonCanonical { .. }), "{err}");
+        assert!(err.to_string().contains("0x800000000000"), "{err}");
+        // Crossing out of the lower half.
+        assert!(matches!(
+            m.map64("edge", 0x0000_7fff_ffff_f000, 0x1000, 0x2000, 0),
+            Err(PagingError::Wraps { .. })
+        ));
+        // Wrapping past 2^64.
+        assert!(matches!(
+            m.map64("wrap", 0xffff_ffff_ffff_f000, 0x1000, 0x2000, 0),
+            Err(PagingError::Wraps { .. })
+        ));
+        m.map64("a", 0xffff_ffff_c000_0000, 0x1000, 0x2000, 0)
+            .unwrap();
+        let err = m
+            .map64("b", 0xffff_ffff_c000_1000, 0x5000, 0x1000, 0)
+            .unwrap_err();
+        assert!(
+            matches!(
+                &err,
+                PagingError::Conflict {
+                    page: 0xffff_ffff_c000_1000,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(err.to_string().contains("`a`"), "{err}");
+    }
+
+    #[test]
+    fn mode_names_round_trip() {
+        for mode in [HostMode::Legacy32, HostMode::Pae, HostMode::Amd64] {
+            assert_eq!(HostMode::from_name(mode.name()), Some(mode));
+        }
+        assert!(HostMode::Amd64.is_long() && !HostMode::Pae.is_long());
+        assert!(is_canonical(0xffff_8000_0000_0000) && is_canonical(0x7fff_ffff_ffff));
+        assert!(!is_canonical(0x8000_0000_0000));
     }
 }

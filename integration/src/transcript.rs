@@ -8,19 +8,20 @@
 //!
 //! | line | fields |
 //! |---|---|
-//! | `BOOT` | `mode` (`legacy32`/`pae`), `mbeax` hex, `trips`, `vcpus`, `items` dec, `entry` hex |
+//! | `BOOT` | `mode` (`legacy32`/`pae`/`amd64`), `mbeax` hex, `trips`, `vcpus`, `items` dec, `entry` hex (16 digits on AMD64) |
 //! | `HOST` | `cr0`, `cr3`, `cr4` hex, `efer` 16 hex digits, `sysenter_cs`, `magic`, `fs0`, `features` hex |
+//! | `HOST64` | `fs_base`, `gs_base`, `kernel_gs_base`, `star`, `lstar`, `sfmask`, `cr8` 16 hex digits (AMD64 host only) |
 //! | `APIC` | `base`, `ver`, `lint0`, `lint1`, `perf`, `therm`, `svr` hex |
 //! | `TRIP` | `trip`, `vcpu` dec, `ret` hex, `tsc` dec (first trips only) |
-//! | `MISMATCH` | `trip`, `vcpu`, `idx` dec, `name`, `before`, `after` hex |
+//! | `MISMATCH` | `trip`, `vcpu`, `idx` dec, `name`, `before`, `after` hex (16 digits on AMD64) |
 //! | `RETFAIL` | `trip`, `vcpu` dec, `got`, `want` hex |
 //! | `HOOKFAIL` | `trip`, `vcpu` dec, `code` hex |
 //! | `VCPU` | `vcpu` dec, `arg2` hex, `calls`, `mismatches`, `retfails`, `hookfails`, `tsc_min`, `tsc_max` dec, `tsc_sum` 16 hex digits, `tsc_first`, `tsc_second` dec |
 //! | `SUMMARY` | `trips`, `calls`, `mismatches`, `retfails`, `hookfails`, `nmis`, `spurious`, `tsc_min`, `tsc_max` dec, `tsc_sum` 16 hex digits |
 //! | `NMI` | `count` dec |
-//! | `DUMP` | `addr`, `len` hex, `name`; followed by `H <hex bytes>` lines and `END` |
-//! | `EXC` | `vec`, `err`, `eip`, `cs`, `eflags`, `cr2` hex, `trip`, `vcpu`, `phase` dec |
-//! | `EXC2` | `vec`, `err`, `eip` hex (an exception inside the exception path) |
+//! | `DUMP` | `addr` hex (16 digits for a 64-bit address), `len` hex, `name`; followed by `H <hex bytes>` lines and `END` |
+//! | `EXC` | `vec`, `err`, `eip`, `cs`, `eflags`, `cr2` hex, `trip`, `vcpu`, `phase` dec; on AMD64 `eip` and `cr2` have 16 digits and `rsp` follows |
+//! | `EXC2` | `vec`, `err`, `eip` hex (an exception inside the exception path; `eip` 16 digits on AMD64) |
 //! | `FAREXC` | `vec`, `err` hex, `rip` hex (printed by far-side handlers, if they use the prefix) |
 //! | `LOG` | free text (from hooks) |
 //! | `ERROR` | free text (setup problems) |
@@ -100,8 +101,10 @@ pub struct BootLine {
     pub vcpus: u32,
     /// Number of snapshot items.
     pub items: u32,
-    /// Address of the called entry.
+    /// Address of the called entry (low 32 bits on an AMD64 host).
     pub entry: u32,
+    /// Address of the called entry, all 64 bits.
+    pub entry64: u64,
 }
 
 /// The `HOST` line: the host state the kernel established.
@@ -123,6 +126,25 @@ pub struct HostLine {
     pub fs0: u32,
     /// Feature bits the kernel detected (see `hostkernel::FEATURE_*`).
     pub features: u32,
+}
+
+/// The `HOST64` line: the 64-bit host state an AMD64 host kernel established.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Host64Line {
+    /// IA32_FS_BASE.
+    pub fs_base: u64,
+    /// IA32_GS_BASE.
+    pub gs_base: u64,
+    /// IA32_KERNEL_GS_BASE.
+    pub kernel_gs_base: u64,
+    /// IA32_STAR.
+    pub star: u64,
+    /// IA32_LSTAR.
+    pub lstar: u64,
+    /// IA32_FMASK.
+    pub sfmask: u64,
+    /// CR8 (task priority).
+    pub cr8: u64,
 }
 
 /// The `APIC` line: local APIC state after setup.
@@ -175,10 +197,14 @@ pub struct Mismatch {
     pub idx: u32,
     /// Snapshot item name.
     pub name: String,
-    /// Value before the call.
+    /// Value before the call (low 32 bits of a 64-bit item).
     pub before: u32,
-    /// Value after the call.
+    /// Value after the call (low 32 bits of a 64-bit item).
     pub after: u32,
+    /// Value before the call, all 64 bits (AMD64 host items).
+    pub before64: u64,
+    /// Value after the call, all 64 bits.
+    pub after64: u64,
 }
 
 /// One `RETFAIL` line.
@@ -264,14 +290,20 @@ pub struct ExceptionInfo {
     pub vector: u8,
     /// Error code (0 for vectors without one).
     pub error_code: u32,
-    /// Faulting EIP.
+    /// Faulting EIP (low 32 bits of the RIP on an AMD64 host).
     pub eip: u32,
+    /// Faulting RIP, all 64 bits (equals `eip` on a 32-bit host).
+    pub rip: u64,
     /// CS at the fault.
     pub cs: u32,
     /// EFLAGS at the fault.
     pub eflags: u32,
-    /// CR2.
+    /// CR2 (low 32 bits on an AMD64 host).
     pub cr2: u32,
+    /// CR2, all 64 bits.
+    pub cr2_64: u64,
+    /// RSP at the fault (AMD64 host only: the 64-bit frame always has it).
+    pub rsp: Option<u64>,
     /// Trip index.
     pub trip: u32,
     /// VCPU index.
@@ -287,8 +319,10 @@ pub struct NestedException {
     pub vector: u8,
     /// Error code.
     pub error_code: u32,
-    /// Faulting EIP.
+    /// Faulting EIP (low 32 bits on an AMD64 host).
     pub eip: u32,
+    /// Faulting RIP, all 64 bits.
+    pub rip: u64,
 }
 
 /// A `FAREXC` line from the far side.
@@ -307,8 +341,10 @@ pub struct FarExceptionInfo {
 pub struct Dump {
     /// Region name.
     pub name: String,
-    /// Host-virtual address.
+    /// Host-virtual address (low 32 bits of a 64-bit one).
     pub addr: u32,
+    /// Host-virtual address, all 64 bits.
+    pub addr64: u64,
     /// Length the header announced.
     pub len: u32,
     /// Bytes decoded from the hex lines.
@@ -337,6 +373,8 @@ pub struct Report {
     pub boot: Option<BootLine>,
     /// `HOST`.
     pub host: Option<HostLine>,
+    /// `HOST64` (AMD64 host only).
+    pub host64: Option<Host64Line>,
     /// `APIC`.
     pub apic: Option<ApicLine>,
     /// `TRIP` lines.
@@ -482,7 +520,8 @@ impl Report {
                         trips: f.dec("trips")?,
                         vcpus: f.dec("vcpus")?,
                         items: f.dec("items")?,
-                        entry: f.hex("entry")?,
+                        entry: f.hex64("entry")? as u32,
+                        entry64: f.hex64("entry")?,
                     })
                 })();
                 self.boot.is_some()
@@ -501,6 +540,20 @@ impl Report {
                     })
                 })();
                 self.host.is_some()
+            }
+            "HOST64" => {
+                self.host64 = (|| {
+                    Some(Host64Line {
+                        fs_base: f.hex64("fs_base")?,
+                        gs_base: f.hex64("gs_base")?,
+                        kernel_gs_base: f.hex64("kernel_gs_base")?,
+                        star: f.hex64("star")?,
+                        lstar: f.hex64("lstar")?,
+                        sfmask: f.hex64("sfmask")?,
+                        cr8: f.hex64("cr8")?,
+                    })
+                })();
+                self.host64.is_some()
             }
             "APIC" => {
                 self.apic = (|| {
@@ -535,8 +588,10 @@ impl Report {
                         vcpu: f.dec("vcpu")?,
                         idx: f.dec("idx")?,
                         name: f.str("name")?,
-                        before: f.hex("before")?,
-                        after: f.hex("after")?,
+                        before: f.hex64("before")? as u32,
+                        after: f.hex64("after")? as u32,
+                        before64: f.hex64("before")?,
+                        after64: f.hex64("after")?,
                     })
                 })(),
             ),
@@ -604,7 +659,8 @@ impl Report {
                 let d = (|| {
                     Some(Dump {
                         name: f.str("name")?,
-                        addr: f.hex("addr")?,
+                        addr: f.hex64("addr")? as u32,
+                        addr64: f.hex64("addr")?,
                         len: f.hex("len")?,
                         bytes: Vec::new(),
                         complete: false,
@@ -619,10 +675,13 @@ impl Report {
                     Some(ExceptionInfo {
                         vector: u8::try_from(f.hex("vec")?).ok()?,
                         error_code: f.hex("err")?,
-                        eip: f.hex("eip")?,
+                        eip: f.hex64("eip")? as u32,
+                        rip: f.hex64("eip")?,
                         cs: f.hex("cs")?,
                         eflags: f.hex("eflags")?,
-                        cr2: f.hex("cr2")?,
+                        cr2: f.hex64("cr2")? as u32,
+                        cr2_64: f.hex64("cr2")?,
+                        rsp: f.hex64("rsp"),
                         trip: f.dec("trip")?,
                         vcpu: f.dec("vcpu")?,
                         phase: Phase::from_code(f.dec("phase")?),
@@ -635,7 +694,8 @@ impl Report {
                     Some(NestedException {
                         vector: u8::try_from(f.hex("vec")?).ok()?,
                         error_code: f.hex("err")?,
-                        eip: f.hex("eip")?,
+                        eip: f.hex64("eip")? as u32,
+                        rip: f.hex64("eip")?,
                     })
                 })();
                 self.nested_exception.is_some()
@@ -762,6 +822,39 @@ Q";
         assert_eq!((e.vector, e.error_code, e.eip), (14, 2, 0x0010_1234));
         assert_eq!(e.phase, Phase::Call);
         assert_eq!(r.last_trace_char(), Some('C'));
+    }
+
+    #[test]
+    fn amd64_lines_decode_with_64_bit_fields() {
+        let t = "@@BOOT mode=amd64 mbeax=2badb002 trips=2 vcpus=1 items=44 entry=ffffffffc0400000\n\
+                 @@HOST64 fs_base=ffff8000f5f50000 gs_base=ffff8000f5f50800 kernel_gs_base=00007fff4b475000 star=0023000853544152 lstar=ffffffff8157a000 sfmask=0000000000047700 cr8=0000000000000000\n\
+                 @@MISMATCH trip=0 vcpu=0 idx=0 name=rbx before=b0b0b0b10b0b0b0a after=000000000badbad0\n\
+                 @@DUMP addr=ffffffffc0500000 len=00000002 name=vm\n@@H 0102\n@@END\n\
+                 @@EXC vec=06 err=00000000 eip=ffffffffc0400012 cs=00000008 eflags=00010246 cr2=0000000000000000 rsp=0000000000110ff8 trip=0 vcpu=0 phase=4\n\
+                 @@EXC2 vec=0e err=00000002 eip=ffffffffc0400020\n";
+        let r = Report::parse(t.as_bytes());
+        assert!(r.malformed.is_empty(), "{:?}", r.malformed);
+        let boot = r.boot.clone().unwrap();
+        assert_eq!(
+            (boot.entry, boot.entry64),
+            (0xc040_0000, 0xffff_ffff_c040_0000)
+        );
+        let h = r.host64.clone().unwrap();
+        assert_eq!(h.fs_base, 0xffff_8000_f5f5_0000);
+        assert_eq!(h.sfmask, 0x47700);
+        let m = &r.mismatches[0];
+        assert_eq!(m.before64, 0xb0b0_b0b1_0b0b_0b0a);
+        assert_eq!(m.after, 0x0bad_bad0);
+        let d = r.dump("vm").unwrap();
+        assert_eq!((d.addr64, d.addr), (0xffff_ffff_c050_0000, 0xc050_0000));
+        assert!(d.complete);
+        let e = r.exception.clone().unwrap();
+        assert_eq!(
+            (e.vector, e.rip, e.eip),
+            (6, 0xffff_ffff_c040_0012, 0xc040_0012)
+        );
+        assert_eq!(e.rsp, Some(0x0011_0ff8));
+        assert_eq!(r.nested_exception.unwrap().rip, 0xffff_ffff_c040_0020);
     }
 
     #[test]

@@ -558,6 +558,70 @@ fn timeouts_and_refusals_are_outcomes() {
     assert!(stderr.contains("no-such-cpu-model"), "{stderr}");
 }
 
+#[test]
+fn x2apic_option_in_the_32_bit_hosts() {
+    if !qemu_present() {
+        return;
+    }
+    for mode in [HostMode::Legacy32, HostMode::Pae] {
+        let tb = builder(mode, DUMMY_PHYS, Mutant::None, 4)
+            .x2apic(true)
+            .build()
+            .expect("testbed builds");
+        assert!(
+            tb.items.iter().any(|n| n == "lvt_lint0"),
+            "same item names in x2APIC mode"
+        );
+        for cpu in ["max", "qemu64,+x2apic"] {
+            let cfg = QemuConfig {
+                cpu: Some(cpu.into()),
+                ..QemuConfig::default()
+            };
+            let r = tb.run(&cfg).expect("QEMU runs");
+            // QEMU < 9.0 (TCG) has no x2APIC: the kernel must say so and fail
+            // before the first call; a QEMU that has it must pass.
+            let absent = r
+                .report
+                .errors
+                .iter()
+                .any(|e| e.contains("CPUID.1:ECX.x2APIC (bit 21) is 0"));
+            if absent {
+                assert_eq!(r.outcome, Outcome::VerificationFailed, "{}", r.transcript());
+                assert!(r.report.summary.is_none(), "no call was made");
+            } else {
+                assert_eq!(r.outcome, Outcome::Pass, "{mode} {cpu}: {}", r.transcript());
+                let apic = r.report.apic.as_ref().expect("APIC line");
+                assert_eq!(apic.base & 0xc00, 0xc00, "EN and EXTD");
+                assert_eq!(
+                    (apic.lint0, apic.lint1, apic.perf, apic.therm),
+                    (0x400, 0x400, 0x400, 0x10400)
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn hooks_see_a_32_bit_context() {
+    if !qemu_present() {
+        return;
+    }
+    let tb = builder(HostMode::Pae, DUMMY_PHYS, Mutant::None, 1)
+        .pre_call(|a, ctx| {
+            assert_eq!(ctx.bitness, 32);
+            ctx.emit_print(a, "@@LOG edx:eax=")?;
+            a.mov(edx, 0x0123_4567u32)?;
+            a.mov(eax, 0x89ab_cdefu32)?;
+            a.call(ctx.puthex64)?;
+            a.call(ctx.putnl)
+        })
+        .build()
+        .expect("testbed builds");
+    let r = run(&tb);
+    assert_eq!(r.outcome, Outcome::Pass, "{}", r.transcript());
+    assert_eq!(r.report.logs[0], "edx:eax=0123456789abcdef");
+}
+
 // ---- no QEMU needed below -------------------------------------------------------
 
 #[test]
@@ -696,4 +760,25 @@ fn bad_configurations_are_typed_errors() {
             .build(),
         Err(BuildError::BadName { .. })
     ));
+    // 64-bit values a 32-bit host cannot take.
+    for (what, b) in [
+        (
+            "arg1",
+            builder(HostMode::Pae, DUMMY_PHYS, Mutant::None, 1).arg1_64(1 << 32),
+        ),
+        (
+            "cookie address",
+            builder(HostMode::Pae, DUMMY_PHYS, Mutant::None, 1).cookie_at64(1 << 40),
+        ),
+        (
+            "dump address",
+            builder(HostMode::Legacy32, DUMMY_PHYS, Mutant::None, 1).dump64("x", 1 << 33, 4),
+        ),
+    ] {
+        let err = b.build().expect_err("too wide");
+        assert!(
+            matches!(&err, BuildError::TooWide { what: w, .. } if *w == what),
+            "{err}"
+        );
+    }
 }

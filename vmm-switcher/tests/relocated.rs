@@ -714,3 +714,74 @@ fn stubs_have_no_fixups_and_return_the_stub_status() {
         assert!(r.id0.is_empty() && r.id1.is_empty());
     }
 }
+
+#[test]
+fn amd64_host_family_relocates_at_high_canonical_addresses() {
+    use vmm_switcher::templates::{amd64_legacy, legacy_pae::Flavour};
+    let mut c = ctx();
+    c.code_hc = HcAddr(0xffff_ffff_c040_0000);
+    c.vm_hc = HcAddr(0xffff_ffff_c050_0000);
+    for o in all_options() {
+        for target in [Flavour::Legacy32, Flavour::Pae] {
+            let def = amd64_legacy::build(target, &o, &VM).expect("builds");
+            let mut code = def.code.clone();
+            let rel = relocate(&def, &mut code, &c).expect("relocates");
+            assert_eq!(rel.applied.len(), def.fixups.len());
+            let lines = vmm_switcher::disasm::lines(&def, &code, &c, &rel);
+            let starts: BTreeSet<(View, u64)> = lines
+                .iter()
+                .filter(|l| l.insn.is_some())
+                .map(|l| (l.view, l.addr))
+                .collect();
+            for l in lines.iter().filter(|l| l.insn.is_some()) {
+                let insn = l.insn.unwrap();
+                if matches!(insn.op0_kind(), OpKind::NearBranch32 | OpKind::NearBranch64) {
+                    let t = insn.near_branch_target();
+                    assert!(
+                        [View::Hc, View::Id, View::Rc]
+                            .iter()
+                            .any(|v| starts.contains(&(*v, t))),
+                        "{:?}: branch at {:#x} to {t:#x}",
+                        def.kind,
+                        l.off
+                    );
+                }
+                if insn.code() == Code::Jmp_ptr1632 {
+                    let sel = insn.far_branch_selector();
+                    let view = if sel == c.sel.cs64 {
+                        View::Id
+                    } else {
+                        View::Rc
+                    };
+                    assert!(
+                        starts.contains(&(view, u64::from(insn.far_branch32()))),
+                        "far jump at {:#x}",
+                        l.off
+                    );
+                }
+            }
+            // The 64-bit slots hold the HC exit target, the identity entry and CPUM's HC address.
+            let slot = |n: &str| {
+                let o = def.labels[n] as usize;
+                u64::from_le_bytes(code[o..o + 8].try_into().unwrap())
+            };
+            assert_eq!(
+                slot("pHCExitTarget"),
+                c.code_hc.0 + u64::from(def.labels["HCExitTarget"])
+            );
+            assert_eq!(
+                slot("pIDEnterTarget"),
+                c.code_id.0 + u64::from(def.labels["IDEnterTarget"])
+            );
+            assert_eq!(slot("pCpumHC"), c.vm_hc.0 + u64::from(c.cpum_off));
+            assert_eq!(slot("pCpumHC1"), slot("pCpumHC"));
+            let r = def.vbox_regions();
+            assert!(!r.id0.is_empty() && !r.id1.is_empty() && !r.gc.is_empty());
+            // No 32-bit HC fixups: every HC address is reached through 64-bit slots.
+            assert!(def.fixups.iter().all(|f| !matches!(
+                f.kind,
+                K::HcVmOff | K::HcCpumOff | K::Hc32Bit | K::Hc2IdNearRel | K::Id2HcNearRel
+            )));
+        }
+    }
+}

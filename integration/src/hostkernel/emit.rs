@@ -7,43 +7,66 @@ use iced_x86::{BlockEncoderOptions, Code, Instruction};
 
 use cpum::regs::{Cr0, Cr4, Efer, MSR_APIC_BASE, MSR_EFER, MSR_SYSENTER_CS};
 
-use super::items::{is_token, Seg, SnapItem, SnapSource};
-use super::{
-    check_maps, page_align, BuildError, DataArena, Expected, HookCtx, HookFn, HostKernelBuilder,
-    KernelAddrs, LayoutRegion, Testbed, FEATURE_APIC, FEATURE_EFER, FEATURE_NX, FEATURE_SCE,
-    FEATURE_SEP, FS_MAGIC, FS_PAGE_PHYS, LAPIC_LVT_LINT0, LAPIC_LVT_LINT1, LAPIC_LVT_PERF,
-    LAPIC_LVT_THERM, LAPIC_SVR, LAPIC_VER, LAPIC_VIRT, LVT_DM_NMI, LVT_MASKED, MAGIC_PAGE_PHYS,
-    MAGIC_VALUE, MAGIC_VIRT, PATTERN_EBP, PATTERN_EBX, PATTERN_EDI, PATTERN_ESI, SEL_CODE32,
-    SEL_DATA32, SEL_LDT, SEL_LDT_FS, SEL_TSS32, SPURIOUS_VECTOR, STUB_ADDR, TABLES_BASE,
+use super::common::{
+    build_image, emit_apic_line, emit_apic_setup, emit_cpuid_features, Emitter, ImageParts, R,
 };
-use crate::image::{ImageBuilder, PHYS_LIMIT};
-use crate::paging::{HostMode, PageMap, PAGE, PTE_PCD, PTE_RW};
+use super::items::{Seg, SnapItem, SnapSource};
+use super::{
+    narrow, page_align, BuildError, DataArena, Expected, HookCtx, HookFn, HostKernelBuilder,
+    KernelAddrs, Testbed, FEATURE_APIC, FEATURE_EFER, FEATURE_NX, FEATURE_SCE, FEATURE_SEP,
+    FS_MAGIC, FS_PAGE_PHYS, MAGIC_PAGE_PHYS, MAGIC_VIRT, PATTERN_EBP, PATTERN_EBX, PATTERN_EDI,
+    PATTERN_ESI, SEL_CODE32, SEL_DATA32, SEL_LDT, SEL_LDT_FS, SEL_TSS32, SPURIOUS_VECTOR,
+    STUB_ADDR, TABLES_BASE,
+};
+use crate::paging::{HostMode, PAGE};
 use crate::qemu::{DEBUG_EXIT_PORT, EXIT_FAIL, EXIT_HOST_EXCEPTION, EXIT_PASS};
 use crate::transcript::{Phase, PREFIX};
 
-const COM1: u16 = 0x3f8;
-const STACK_SIZE: usize = 0x4000;
-const EXC_STACK_SIZE: usize = 0x1000;
+pub(super) const COM1: u16 = 0x3f8;
+pub(super) const STACK_SIZE: usize = 0x4000;
+pub(super) const EXC_STACK_SIZE: usize = 0x1000;
 /// Per-VCPU statistics record (dwords): calls, mismatches, retfails,
 /// hookfails, tsc_min, tsc_max, tsc_sum lo/hi, tsc of trip 0, tsc of trip 1.
-const STAT_CALLS: u32 = 0;
-const STAT_MISM: u32 = 4;
-const STAT_RETFAIL: u32 = 8;
-const STAT_HOOKFAIL: u32 = 12;
-const STAT_MIN: u32 = 16;
-const STAT_MAX: u32 = 20;
-const STAT_SUM: u32 = 24;
-const STAT_FIRST: u32 = 32;
-const STAT_SECOND: u32 = 36;
-const STAT_SIZE: u32 = 40;
+pub(super) const STAT_CALLS: u32 = 0;
+pub(super) const STAT_MISM: u32 = 4;
+pub(super) const STAT_RETFAIL: u32 = 8;
+pub(super) const STAT_HOOKFAIL: u32 = 12;
+pub(super) const STAT_MIN: u32 = 16;
+pub(super) const STAT_MAX: u32 = 20;
+pub(super) const STAT_SUM: u32 = 24;
+pub(super) const STAT_FIRST: u32 = 32;
+pub(super) const STAT_SECOND: u32 = 36;
+pub(super) const STAT_SIZE: u32 = 40;
+
+/// Serial port settings: (offset from COM1, value) — no interrupts, 115200
+/// baud (divisor 1), 8N1, FIFO on and cleared, DTR | RTS.
+pub(super) const SERIAL_INIT: [(u16, u8); 7] = [
+    (1, 0x00),
+    (3, 0x80),
+    (0, 0x01),
+    (1, 0x00),
+    (3, 0x03),
+    (2, 0xc7),
+    (4, 0x03),
+];
 
 /// Vectors for which the CPU pushes an error code.
-fn has_error_code(v: u32) -> bool {
+pub(super) fn has_error_code(v: u32) -> bool {
     matches!(v, 8 | 10..=14 | 17 | 21 | 29 | 30)
 }
 
+/// The initial per-VCPU statistics records (`tsc_min` = all ones).
+pub(super) fn initial_stats(n_vcpus: u32) -> Vec<u8> {
+    let mut stats = vec![0u8; (STAT_SIZE * n_vcpus) as usize];
+    for i in 0..n_vcpus {
+        let off = (i * STAT_SIZE + STAT_MIN) as usize;
+        stats[off..off + 4].copy_from_slice(&u32::MAX.to_le_bytes());
+    }
+    stats
+}
+
 /// A segment descriptor (SDM Vol. 3A §3.4.5).
-fn descriptor(base: u32, limit: u32, access: u8, flags: u8) -> u64 {
+pub(super) fn descriptor(base: u32, limit: u32, access: u8, flags: u8) -> u64 {
     let base = u64::from(base);
     let limit = u64::from(limit);
     (limit & 0xffff)
@@ -123,6 +146,7 @@ struct Routines {
     puts: CodeLabel,
     puthex: CodeLabel,
     puthex2: CodeLabel,
+    puthex64: CodeLabel,
     putdec: CodeLabel,
     putnl: CodeLabel,
     exit: CodeLabel,
@@ -141,7 +165,35 @@ struct Gen {
     vectors: Vec<CodeLabel>,
 }
 
-type R<T = ()> = Result<T, BuildError>;
+impl Emitter for Gen {
+    fn asm(&mut self) -> &mut CodeAssembler {
+        &mut self.a
+    }
+    fn bits64(&self) -> bool {
+        false
+    }
+    fn mark(&mut self, l: &mut CodeLabel) -> R {
+        Gen::mark(self, l)
+    }
+    fn text(&mut self, s: &str) -> R {
+        Gen::text(self, s)
+    }
+    fn exit_with(&mut self, value: u32) -> R {
+        Gen::exit_with(self, value)
+    }
+    fn features_slot(&self) -> u32 {
+        self.s.features
+    }
+    fn apic_ver_slot(&self) -> u32 {
+        self.s.apic_ver
+    }
+    fn puthex(&self) -> CodeLabel {
+        self.r.puthex
+    }
+    fn putnl(&self) -> CodeLabel {
+        self.r.putnl
+    }
+}
 
 impl Gen {
     fn mark(&mut self, l: &mut CodeLabel) -> R {
@@ -211,6 +263,7 @@ impl Gen {
 
     fn hook_ctx<'x>(d: &'x mut DataArena, s: &Slots, r: &Routines) -> HookCtx<'x> {
         HookCtx {
+            bitness: 32,
             trip_slot: s.trip,
             vcpu_slot: s.vcpu,
             arg1_slot: s.arg1,
@@ -222,6 +275,7 @@ impl Gen {
             putc: r.putc,
             puts: r.puts,
             puthex: r.puthex,
+            puthex64: r.puthex64,
             putdec: r.putdec,
             putnl: r.putnl,
             arena: d,
@@ -244,15 +298,7 @@ impl Gen {
         self.export("serial_init", l)?;
         self.a.push(eax)?;
         self.a.push(edx)?;
-        for (port, value) in [
-            (1u16, 0x00u8), // no interrupts
-            (3, 0x80),      // DLAB
-            (0, 0x01),      // divisor 1: 115200 baud
-            (1, 0x00),
-            (3, 0x03), // 8N1
-            (2, 0xc7), // FIFO on, cleared
-            (4, 0x03), // DTR | RTS
-        ] {
+        for (port, value) in SERIAL_INIT {
             self.a.mov(dx, u32::from(COM1 + port))?;
             self.a.mov(al, u32::from(value))?;
             self.a.out(dx, al)?;
@@ -330,6 +376,16 @@ impl Gen {
             self.a.popad()?;
             self.a.ret()?;
         }
+
+        // puthex64: EDX:EAX, 16 digits.
+        let l = self.r.puthex64;
+        self.export("puthex64", l)?;
+        self.a.push(eax)?;
+        self.a.mov(eax, edx)?;
+        self.a.call(self.r.puthex)?;
+        self.a.pop(eax)?;
+        self.a.call(self.r.puthex)?;
+        self.a.ret()?;
 
         // putdec: EAX, unsigned decimal.
         let l = self.r.putdec;
@@ -668,32 +724,39 @@ impl Gen {
 /// Validates the builder, lays everything out, generates and assembles.
 pub(super) fn build(mut b: HostKernelBuilder) -> Result<Testbed, BuildError> {
     // ---- validation -------------------------------------------------------
-    let entry = b.entry.ok_or(BuildError::MissingEntry)?;
-    if b.vcpus.is_empty() {
-        return Err(BuildError::NoVcpus);
+    let entry64 = super::validate(&b)?;
+    let mode = b.mode;
+    let entry = narrow("entry", entry64, mode)?;
+    let arg1 = narrow("arg1", b.arg1, mode)?;
+    let cookie_addr = b
+        .cookie_addr
+        .map(|c| narrow("cookie address", c, mode))
+        .transpose()?;
+    let dumps = b
+        .dumps
+        .iter()
+        .map(|d| {
+            Ok(super::DumpRegion {
+                name: d.name.clone(),
+                addr: narrow("dump address", d.addr, mode)?,
+                len: d.len,
+            })
+        })
+        .collect::<Result<Vec<_>, BuildError>>()?;
+    if let Some(it) = b.extra_items64.first() {
+        return Err(BuildError::ItemWidth {
+            name: it.name.clone(),
+            width: 64,
+            mode,
+        });
     }
-    if b.trips == 0 {
-        return Err(BuildError::ZeroTrips(b.trips));
-    }
-    if b.identity_limit % PAGE != 0 || b.identity_limit > PHYS_LIMIT {
-        return Err(BuildError::BadIdentityLimit(b.identity_limit));
-    }
-    if b.extra_gdt.len() > 8000 {
-        return Err(BuildError::GdtTooLarge(b.extra_gdt.len()));
-    }
-    let mut items = super::default_items();
+    let mut items = if b.x2apic {
+        super::default_items_x2apic()
+    } else {
+        super::default_items()
+    };
     items.append(&mut b.extra_items);
-    for (i, it) in items.iter().enumerate() {
-        if !is_token(&it.name) {
-            return Err(BuildError::BadName {
-                what: "snapshot item",
-                name: it.name.clone(),
-            });
-        }
-        if items[..i].iter().any(|o| o.name == it.name) {
-            return Err(BuildError::DuplicateItem(it.name.clone()));
-        }
-    }
+    super::check_item_names(items.iter().map(|i| i.name.as_str()))?;
     for name in &b.skip {
         let it = items
             .iter_mut()
@@ -701,56 +764,12 @@ pub(super) fn build(mut b: HostKernelBuilder) -> Result<Testbed, BuildError> {
             .ok_or_else(|| BuildError::UnknownItem(name.clone()))?;
         it.mask = 0;
     }
-    for d in &b.dumps {
-        if !is_token(&d.name) {
-            return Err(BuildError::BadName {
-                what: "dump region",
-                name: d.name.clone(),
-            });
-        }
-        if d.len == 0 {
-            return Err(BuildError::EmptyDump {
-                name: d.name.clone(),
-                addr: d.addr,
-            });
-        }
-    }
 
     // ---- page tables -------------------------------------------------------
-    let mut map = PageMap::new(b.mode);
-    map.map(
-        "kernel identity",
-        PAGE,
-        PAGE,
-        b.identity_limit.saturating_sub(PAGE).max(PAGE),
-        PTE_RW,
-    )?;
-    map.map("magic page", MAGIC_VIRT, MAGIC_PAGE_PHYS, PAGE, 0)?;
-    map.map("local APIC", LAPIC_VIRT, LAPIC_VIRT, PAGE, PTE_RW | PTE_PCD)?;
-    for m in &b.mappings {
-        map.map(
-            &m.name,
-            m.virt,
-            m.phys,
-            m.len,
-            if m.writable { PTE_RW } else { 0 },
-        )?;
-    }
+    let map = super::host_page_map(&b)?;
     let tables_pages = map.table_pages();
     let tables = map.layout(TABLES_BASE);
-    check_maps(&tables, "entry", entry, 1, false)?;
-    if let Some(c) = b.cookie_addr {
-        check_maps(&tables, "cookie address", c, 4, true)?;
-    }
-    for d in &b.dumps {
-        check_maps(
-            &tables,
-            &format!("dump region `{}`", d.name),
-            d.addr,
-            d.len,
-            false,
-        )?;
-    }
+    super::check_addresses(&tables, &b, entry64)?;
 
     // ---- data --------------------------------------------------------------
     let data_base = TABLES_BASE + tables_pages * PAGE;
@@ -798,12 +817,7 @@ pub(super) fn build(mut b: HostKernelBuilder) -> Result<Testbed, BuildError> {
     let idtr = d.bytes(&idtr, 8);
     let arg2_table: Vec<u8> = b.vcpus.iter().flat_map(|v| v.to_le_bytes()).collect();
     let arg2_table = d.bytes(&arg2_table, 4);
-    let mut stats = vec![0u8; (STAT_SIZE * n_vcpus) as usize];
-    for i in 0..n_vcpus {
-        let off = (i * STAT_SIZE + STAT_MIN) as usize;
-        stats[off..off + 4].copy_from_slice(&u32::MAX.to_le_bytes());
-    }
-    let stats = d.bytes(&stats, 4);
+    let stats = d.bytes(&initial_stats(n_vcpus), 4);
     let masks: Vec<u8> = items.iter().flat_map(|i| i.mask.to_le_bytes()).collect();
     let item_mask = d.bytes(&masks, 4);
     let item_names = d.zeroed(4 * items.len(), 4);
@@ -878,6 +892,7 @@ pub(super) fn build(mut b: HostKernelBuilder) -> Result<Testbed, BuildError> {
         puts: a.create_label(),
         puthex: a.create_label(),
         puthex2: a.create_label(),
+        puthex64: a.create_label(),
         putdec: a.create_label(),
         putnl: a.create_label(),
         exit: a.create_label(),
@@ -896,11 +911,17 @@ pub(super) fn build(mut b: HostKernelBuilder) -> Result<Testbed, BuildError> {
     };
 
     // ---- code --------------------------------------------------------------
-    emit_main(&mut g, &mut b, entry, n_items)?;
+    let run = RunArgs {
+        entry,
+        arg1,
+        cookie_addr,
+        n_items,
+        dumps,
+    };
+    emit_main(&mut g, &mut b, &run)?;
     g.emit_serial()?;
     g.emit_snap(&items)?;
-    let dumps = std::mem::take(&mut b.dumps);
-    g.emit_vectors(&dumps, b.dump_on_exception)?;
+    g.emit_vectors(&run.dumps, b.dump_on_exception)?;
 
     // ---- assemble ------------------------------------------------------------
     let code_base = page_align(g.d.end());
@@ -945,67 +966,18 @@ pub(super) fn build(mut b: HostKernelBuilder) -> Result<Testbed, BuildError> {
     let stub = stub.assemble(u64::from(STUB_ADDR))?;
 
     // ---- image -------------------------------------------------------------
-    let mut magic = vec![0u8; PAGE as usize];
-    magic[..4].copy_from_slice(&MAGIC_VALUE.to_le_bytes());
     let mut fs_page = vec![0u8; PAGE as usize];
     fs_page[..4].copy_from_slice(&FS_MAGIC.to_le_bytes());
-    let mut img = ImageBuilder::new();
-    let stub_len = stub.len() as u32;
-    img.place("boot stub", STUB_ADDR, stub)?;
-    img.place("magic page", MAGIC_PAGE_PHYS, magic)?;
-    img.place("FS page", FS_PAGE_PHYS, fs_page)?;
-    img.place("host page tables", TABLES_BASE, tables.bytes.clone())?;
-    let data_end = g.d.end();
-    img.place("kernel data", data_base, g.d.as_slice().to_vec())?;
-    img.place("kernel code", code_base, code)?;
-    let mut layout = vec![
-        LayoutRegion {
-            name: "multiboot header".into(),
-            start: crate::image::LOAD_ADDR,
-            end: STUB_ADDR,
-        },
-        LayoutRegion {
-            name: "boot stub".into(),
-            start: STUB_ADDR,
-            end: STUB_ADDR + stub_len,
-        },
-        LayoutRegion {
-            name: "magic page".into(),
-            start: MAGIC_PAGE_PHYS,
-            end: MAGIC_PAGE_PHYS + PAGE,
-        },
-        LayoutRegion {
-            name: "FS page".into(),
-            start: FS_PAGE_PHYS,
-            end: FS_PAGE_PHYS + PAGE,
-        },
-        LayoutRegion {
-            name: "host page tables".into(),
-            start: TABLES_BASE,
-            end: data_base,
-        },
-        LayoutRegion {
-            name: "kernel data".into(),
-            start: data_base,
-            end: data_end,
-        },
-        LayoutRegion {
-            name: "kernel code".into(),
-            start: code_base,
-            end: code_end,
-        },
-    ];
-    for (name, phys, bytes) in std::mem::take(&mut b.blobs) {
-        let len = bytes.len() as u32;
-        img.place(name.clone(), phys, bytes)?;
-        layout.push(LayoutRegion {
-            name,
-            start: phys,
-            end: phys.saturating_add(len),
-        });
-    }
-    layout.sort_by_key(|r| r.start);
-    let image = img.build(STUB_ADDR)?;
+    let (image, layout) = build_image(ImageParts {
+        stub,
+        fs_page,
+        tables: &tables.bytes,
+        data_base,
+        data: g.d.as_slice().to_vec(),
+        code_base,
+        code,
+        blobs: std::mem::take(&mut b.blobs),
+    })?;
 
     // ---- symbols -------------------------------------------------------------
     symbols.insert("entry".into(), STUB_ADDR);
@@ -1083,9 +1055,19 @@ pub(super) fn build(mut b: HostKernelBuilder) -> Result<Testbed, BuildError> {
     })
 }
 
+/// Builder values narrowed to the 32-bit kernel.
+struct RunArgs {
+    entry: u32,
+    arg1: u32,
+    cookie_addr: Option<u32>,
+    n_items: u32,
+    dumps: Vec<super::DumpRegion>,
+}
+
 /// Setup, the call loop and the summary.
-fn emit_main(g: &mut Gen, b: &mut HostKernelBuilder, entry: u32, n_items: u32) -> R {
+fn emit_main(g: &mut Gen, b: &mut HostKernelBuilder, run: &RunArgs) -> R {
     let mode = b.mode;
+    let (entry, n_items) = (run.entry, run.n_items);
     let n_vcpus = b.vcpus.len() as u32;
     let start = g.a.create_label();
     g.export("start", start)?;
@@ -1124,33 +1106,7 @@ fn emit_main(g: &mut Gen, b: &mut HostKernelBuilder, entry: u32, n_items: u32) -
 
     // CPUID features.
     let feat = g.s.features;
-    g.a.mov(eax, 1u32)?;
-    g.a.cpuid()?;
-    for (bit, flag) in [(1u32 << 9, FEATURE_APIC), (1 << 11, FEATURE_SEP)] {
-        let mut no = g.a.create_label();
-        g.a.test(edx, bit)?;
-        g.a.jz(no)?;
-        g.a.or(dword_ptr(feat), flag)?;
-        g.mark(&mut no)?;
-    }
-    let mut no_ext = g.a.create_label();
-    g.a.mov(eax, 0x8000_0000u32)?;
-    g.a.cpuid()?;
-    g.a.cmp(eax, 0x8000_0001u32)?;
-    g.a.jb(no_ext)?;
-    g.a.mov(eax, 0x8000_0001u32)?;
-    g.a.cpuid()?;
-    for (bits, flags) in [
-        (1u32 << 20, FEATURE_NX | FEATURE_EFER),
-        ((1 << 29) | (1 << 11), FEATURE_SCE | FEATURE_EFER),
-    ] {
-        let mut no = g.a.create_label();
-        g.a.test(edx, bits)?;
-        g.a.jz(no)?;
-        g.a.or(dword_ptr(feat), flags)?;
-        g.mark(&mut no)?;
-    }
-    g.mark(&mut no_ext)?;
+    emit_cpuid_features(g)?;
 
     // Paging.
     let mut cr4_bits = Cr4::PGE | Cr4::OSFXSR | Cr4::OSXMMEXCPT;
@@ -1197,42 +1153,7 @@ fn emit_main(g: &mut Gen, b: &mut HostKernelBuilder, entry: u32, n_items: u32) -
     g.mark(&mut no_sep)?;
 
     // Local APIC.
-    let mut have_apic = g.a.create_label();
-    g.a.test(dword_ptr(feat), FEATURE_APIC)?;
-    g.a.jnz(have_apic)?;
-    g.text(&format!(
-        "{PREFIX}ERROR no local APIC (CPUID.1:EDX.APIC=0)\n"
-    ))?;
-    g.exit_with(EXIT_FAIL)?;
-    g.mark(&mut have_apic)?;
-    g.a.mov(ecx, MSR_APIC_BASE)?;
-    g.a.rdmsr()?;
-    g.a.or(eax, 1u32 << 11)?; // globally enabled
-    g.a.wrmsr()?;
-    g.a.and(eax, 0xffff_f000u32)?;
-    g.a.cmp(eax, LAPIC_VIRT)?;
-    let mut base_ok = g.a.create_label();
-    g.a.je(base_ok)?;
-    g.text(&format!(
-        "{PREFIX}ERROR the APIC base MSR does not point at {LAPIC_VIRT:#010x}\n"
-    ))?;
-    g.exit_with(EXIT_FAIL)?;
-    g.mark(&mut base_ok)?;
-    g.a.mov(ebx, LAPIC_VIRT)?;
-    g.a.mov(eax, dword_ptr(ebx + LAPIC_SVR))?;
-    g.a.and(eax, !0x1ffu32)?;
-    g.a.or(eax, 0x100u32 | u32::from(SPURIOUS_VECTOR))?;
-    g.a.mov(dword_ptr(ebx + LAPIC_SVR), eax)?;
-    g.a.mov(eax, dword_ptr(ebx + LAPIC_VER))?;
-    g.a.mov(dword_ptr(g.s.apic_ver), eax)?;
-    for (off, value) in [
-        (LAPIC_LVT_LINT0, LVT_DM_NMI),
-        (LAPIC_LVT_LINT1, LVT_DM_NMI),
-        (LAPIC_LVT_PERF, LVT_DM_NMI),
-        (LAPIC_LVT_THERM, LVT_DM_NMI | LVT_MASKED),
-    ] {
-        g.a.mov(dword_ptr(ebx + off), value)?;
-    }
+    emit_apic_setup(g, b.x2apic)?;
 
     // HOST and APIC lines.
     g.text(&format!("{PREFIX}HOST cr0="))?;
@@ -1276,21 +1197,7 @@ fn emit_main(g: &mut Gen, b: &mut HostKernelBuilder, entry: u32, n_items: u32) -
     g.field_hex("features", feat)?;
     g.a.call(g.r.putnl)?;
 
-    g.text(&format!("{PREFIX}APIC base="))?;
-    g.a.mov(ecx, MSR_APIC_BASE)?;
-    g.a.rdmsr()?;
-    g.a.call(g.r.puthex)?;
-    g.field_hex("ver", g.s.apic_ver)?;
-    for (key, off) in [
-        ("lint0", LAPIC_LVT_LINT0),
-        ("lint1", LAPIC_LVT_LINT1),
-        ("perf", LAPIC_LVT_PERF),
-        ("therm", LAPIC_LVT_THERM),
-        ("svr", LAPIC_SVR),
-    ] {
-        g.field_hex(key, LAPIC_VIRT + off)?;
-    }
-    g.a.call(g.r.putnl)?;
+    emit_apic_line(g, b.x2apic)?;
 
     // ---- the call loop ---------------------------------------------------------
     let trip_loop = g.a.create_label();
@@ -1306,7 +1213,7 @@ fn emit_main(g: &mut Gen, b: &mut HostKernelBuilder, entry: u32, n_items: u32) -
     g.a.mov(eax, dword_ptr(g.s.vcpu))?;
     g.a.mov(eax, dword_ptr(eax * 4 + g.t.arg2_table))?;
     g.a.mov(dword_ptr(g.s.arg2), eax)?;
-    g.a.mov(dword_ptr(g.s.arg1), b.arg1)?;
+    g.a.mov(dword_ptr(g.s.arg1), run.arg1)?;
     g.a.mov(eax, dword_ptr(g.s.trip))?;
     g.a.imul_3(eax, eax, 0x9e37_79b9u32)?;
     g.a.mov(ecx, dword_ptr(g.s.vcpu))?;
@@ -1314,7 +1221,7 @@ fn emit_main(g: &mut Gen, b: &mut HostKernelBuilder, entry: u32, n_items: u32) -
     g.a.xor(eax, ecx)?;
     g.a.xor(eax, super::COOKIE_SEED)?;
     g.a.mov(dword_ptr(g.s.cookie), eax)?;
-    if let Some(addr) = b.cookie_addr {
+    if let Some(addr) = run.cookie_addr {
         g.a.mov(dword_ptr(addr), eax)?;
     }
     for slot in [
@@ -1601,8 +1508,7 @@ fn emit_main(g: &mut Gen, b: &mut HostKernelBuilder, entry: u32, n_items: u32) -
     g.text(&format!("{PREFIX}NMI count="))?;
     g.dec_mem(g.s.nmi_count)?;
     g.a.call(g.r.putnl)?;
-    let dumps = b.dumps.clone();
-    g.emit_dumps(&dumps)?;
+    g.emit_dumps(&run.dumps)?;
 
     // Verdict.
     let fail = g.a.create_label();

@@ -1,4 +1,4 @@
-//! The generated 32-bit host kernel: it plays the embedding hypervisor.
+//! The generated host kernel: it plays the embedding hypervisor.
 //!
 //! [`HostKernelBuilder`] produces a bootable [`Testbed`]: a multiboot image
 //! holding a small kernel generated with iced-x86's code assembler, its page
@@ -6,7 +6,12 @@
 //! caller's blobs (a switcher, a VM structure, …) at the caller's physical
 //! addresses, mapped where the caller says.
 //!
-//! # What the kernel does
+//! The image is always a 32-bit multiboot kernel. In [`HostMode::Legacy32`]
+//! and [`HostMode::Pae`] the whole kernel is 32-bit code; in
+//! [`HostMode::Amd64`] a 32-bit boot stub enters long mode and the kernel
+//! runs as 64-bit code (see [the AMD64 host](#the-amd64-host)).
+//!
+//! # What the 32-bit kernel does
 //!
 //! 1. Loads its own GDT (writable, so a switcher can clear the TSS busy bit),
 //!    IDT (vectors 0–31 print `EXC` and exit with 0x12; NMI counts; the APIC
@@ -26,10 +31,61 @@
 //! 5. Prints per-VCPU and global counters, dumps the requested regions as hex,
 //!    and exits through isa-debug-exit: 0x10 pass, 0x11 fail.
 //!
-//! The serial protocol is described in [`crate::transcript`].
+//! # The AMD64 host
+//!
+//! With [`HostMode::Amd64`] the 32-bit boot stub checks CPUID for long mode
+//! (an `ERROR` line and the failure code without it), loads the kernel's
+//! GDT, sets CR4.PAE|PGE|OSFXSR|OSXMMEXCPT, CR3 (the 4-level tables are
+//! data, built by [`crate::paging`], PML4 at [`TABLES_BASE`]), EFER.LME and
+//! CR0.PG|WP|NE|MP|ET|PE, and far-jumps to [`SEL64_CODE`]. The 64-bit kernel
+//! then:
+//!
+//! 1. loads its writable GDT (64-bit code [`SEL64_CODE`], data
+//!    [`SEL64_DATA`] and an alias [`SEL64_DATA_ALT`], a 16-byte TSS
+//!    descriptor [`SEL64_TSS`], a 16-byte LDT descriptor [`SEL64_LDT`], a
+//!    32-bit code segment [`SEL64_CODE32`] for compatibility mode, then the
+//!    caller's entries from [`SEL64_FIRST_EXTRA`]); a 64-bit IDT (16-byte
+//!    gates; exceptions on IST1, NMI on IST2) whose handlers print the same
+//!    `EXC` line with 64-bit `eip`/`cr2`; `ltr`, `lldt`;
+//! 2. loads DS/ES/SS/FS/GS with [`SEL64_DATA`], then FS.base =
+//!    [`FS_BASE64`], GS.base = [`GS_BASE64`] and KERNEL_GS_BASE =
+//!    [`KERNEL_GS_BASE64`] through their MSRs (FS.base and GS.base map the
+//!    FS page, so `fs:0` reads [`FS_MAGIC`] and `gs:0` reads [`GS_MAGIC`]);
+//! 3. sets EFER.NXE/SCE as the 32-bit kernel does, SYSENTER_CS =
+//!    [`SEL64_CODE`], STAR = [`STAR_VALUE`], LSTAR = [`LSTAR_VALUE`],
+//!    SFMASK = [`SFMASK_VALUE`], CR8 = 0, and programs the local APIC like
+//!    the 32-bit kernel;
+//! 4. for each trip and VCPU runs the pre-call hook, loads RBX, RBP and
+//!    R12–R15 with trip-dependent patterns ([`pattern64`]), snapshots
+//!    ([`items::default_items64`]), calls the entry with the System V AMD64
+//!    convention, `u32 entry(u64 arg1 /* RDI */, u32 arg2 /* ESI */)`, with
+//!    RSP 16-byte aligned at the `call`, DF=0 and IF=1, snapshots again,
+//!    compares (64-bit items; `MISMATCH` values are 16 hex digits), checks
+//!    EAX (the upper half of RAX is not checked), runs the post-call hook,
+//!    and reloads DS/ES/SS/FS/GS and the three base MSRs for the next call.
+//!    The callee may clobber RAX, RCX, RDX, RSI, RDI, R8–R11 and the status
+//!    flags, as System V allows; everything else is compared.
+//!
+//! Hooks get a 64-bit [`CodeAssembler`] there ([`HookCtx::bitness`] is 64);
+//! every slot is still a 32-bit address in low memory, usable as an
+//! absolute `dword_ptr(slot)` operand in both bitnesses.
+//!
+//! # x2APIC
+//!
+//! [`HostKernelBuilder::x2apic`] switches the local APIC to x2APIC mode in
+//! every host mode (IA32_APIC_BASE.EXTD with EN), when CPUID.1:ECX.x2APIC
+//! (bit 21) reports it, programs and reads the LVTs through the x2APIC MSRs
+//! (`0x800 + (offset >> 4)`), and snapshots them through MSRs. Without the
+//! CPUID bit the kernel prints `@@ERROR x2APIC requested …` and exits with
+//! the failure code before the first call. QEMU 7.2's TCG never reports the
+//! bit (and silently ignores EXTD; the x2APIC MSRs read 0 without a fault);
+//! QEMU 9.0 and later emulate x2APIC under TCG (checked with 10.0.2 for all
+//! three host modes).
 
 mod arena;
+mod common;
 mod emit;
+mod emit64;
 pub mod items;
 
 use std::collections::BTreeMap;
@@ -39,10 +95,13 @@ use iced_x86::code_asm::{CodeAssembler, CodeLabel};
 use iced_x86::IcedError;
 
 pub use arena::DataArena;
-pub use items::{default_items, Seg, SnapItem, SnapSource, EFLAGS_STATUS_BITS};
+pub use items::{
+    default_items, default_items64, default_items_x2apic, Seg, SnapItem, SnapItem64, SnapSource,
+    SnapSource64, EFLAGS_STATUS_BITS,
+};
 
 use crate::image::{ImageError, TempImage};
-use crate::paging::{HostMode, PageTables, PagingError, Translation, PAGE};
+use crate::paging::{HostMode, PageMap, PageTables, PagingError, Translation, PAGE};
 use crate::qemu::{run_image, QemuConfig, QemuError, RunResult};
 
 /// Kernel 32-bit code selector (GDT index 1).
@@ -59,6 +118,51 @@ pub const SEL_LDT: u16 = 0x28;
 pub const SEL_FIRST_EXTRA: u16 = 0x30;
 /// FS: LDT entry 0 (TI = 1, RPL 0), based at the FS page.
 pub const SEL_LDT_FS: u16 = 0x04;
+
+/// AMD64 host: kernel 64-bit code selector (GDT index 1, L = 1).
+pub const SEL64_CODE: u16 = 0x08;
+/// AMD64 host: kernel flat data selector (GDT index 2); also in FS and GS.
+pub const SEL64_DATA: u16 = 0x10;
+/// AMD64 host: a second flat data selector (GDT index 3).
+pub const SEL64_DATA_ALT: u16 = 0x18;
+/// AMD64 host: the 64-bit TSS (16-byte descriptor, GDT indexes 4–5).
+pub const SEL64_TSS: u16 = 0x20;
+/// AMD64 host: the LDT (16-byte descriptor, GDT indexes 6–7).
+pub const SEL64_LDT: u16 = 0x30;
+/// AMD64 host: a 32-bit code segment (compatibility mode, GDT index 8).
+pub const SEL64_CODE32: u16 = 0x40;
+/// AMD64 host: first selector of caller-supplied GDT entries.
+pub const SEL64_FIRST_EXTRA: u16 = 0x48;
+
+/// IA32_FS_BASE.
+pub const MSR_FS_BASE: u32 = 0xc000_0100;
+/// IA32_GS_BASE.
+pub const MSR_GS_BASE: u32 = 0xc000_0101;
+/// IA32_KERNEL_GS_BASE (swapped with GS.base by `swapgs`).
+pub const MSR_KERNEL_GS_BASE: u32 = 0xc000_0102;
+/// IA32_STAR (SYSCALL/SYSRET selectors, legacy SYSCALL EIP).
+pub const MSR_STAR: u32 = 0xc000_0081;
+/// IA32_LSTAR (64-bit SYSCALL RIP).
+pub const MSR_LSTAR: u32 = 0xc000_0082;
+/// IA32_FMASK (RFLAGS bits SYSCALL clears).
+pub const MSR_SFMASK: u32 = 0xc000_0084;
+
+/// AMD64 host: FS.base (maps the FS page: `fs:0` reads [`FS_MAGIC`]).
+pub const FS_BASE64: u64 = 0xffff_8000_f5f5_0000;
+/// AMD64 host: GS.base (the second half of the FS page: `gs:0` reads [`GS_MAGIC`]).
+pub const GS_BASE64: u64 = FS_BASE64 + GS_MAGIC_OFF as u64;
+/// AMD64 host: KERNEL_GS_BASE (the user GS base a real kernel keeps there).
+pub const KERNEL_GS_BASE64: u64 = 0x0000_7fff_4b47_5000;
+/// Offset of [`GS_MAGIC`] in the FS page.
+pub const GS_MAGIC_OFF: u32 = 0x800;
+/// The dword at [`GS_MAGIC_OFF`] of the FS page.
+pub const GS_MAGIC: u32 = 0x6565_abcd;
+/// AMD64 host: IA32_STAR (SYSRET CS base 0x23, SYSCALL CS [`SEL64_CODE`], EIP "STAR").
+pub const STAR_VALUE: u64 = 0x0023_0008_5354_4152;
+/// AMD64 host: IA32_LSTAR (a kernel-looking address, never called).
+pub const LSTAR_VALUE: u64 = 0xffff_ffff_8157_a000;
+/// AMD64 host: IA32_FMASK (TF, IF, DF, IOPL, NT, AC: what Linux masks).
+pub const SFMASK_VALUE: u64 = 0x0004_7700;
 
 /// Virtual address of the magic page (mapped only by the host's tables).
 pub const MAGIC_VIRT: u32 = 0x4000_0000;
@@ -109,6 +213,10 @@ pub const FEATURE_SCE: u32 = 1 << 2;
 pub const FEATURE_SEP: u32 = 1 << 3;
 /// The CPU has a local APIC.
 pub const FEATURE_APIC: u32 = 1 << 4;
+/// The CPU has x2APIC (CPUID.1:ECX bit 21).
+pub const FEATURE_X2APIC: u32 = 1 << 5;
+/// The local APIC was switched to x2APIC mode ([`HostKernelBuilder::x2apic`]).
+pub const FEATURE_X2APIC_ON: u32 = 1 << 6;
 
 /// Seed of [`cookie`].
 pub const COOKIE_SEED: u32 = 0x5eed_c0de;
@@ -127,6 +235,25 @@ pub const fn cookie(trip: u32, vcpu: u32) -> u32 {
     trip.wrapping_mul(0x9e37_79b9) ^ vcpu.wrapping_mul(0x85eb_ca6b) ^ COOKIE_SEED
 }
 
+/// AMD64 host: RBX pattern (see [`pattern64`]).
+pub const PATTERN_RBX: u64 = 0xb0b0_b0b0_0b0b_0b0b;
+/// AMD64 host: RBP pattern.
+pub const PATTERN_RBP: u64 = 0xbebe_bebe_ebeb_ebeb;
+/// AMD64 host: R12 pattern.
+pub const PATTERN_R12: u64 = 0x1212_1212_2121_2121;
+/// AMD64 host: R13 pattern.
+pub const PATTERN_R13: u64 = 0x1313_1313_3131_3131;
+/// AMD64 host: R14 pattern.
+pub const PATTERN_R14: u64 = 0x1414_1414_4141_4141;
+/// AMD64 host: R15 pattern.
+pub const PATTERN_R15: u64 = 0x1515_1515_5151_5151;
+
+/// AMD64 host: the value a callee-saved register holds at the call, for a
+/// trip's cookie: `(cookie << 32 | !cookie) ^ pattern`.
+pub const fn pattern64(cookie: u32, pattern: u64) -> u64 {
+    (((cookie as u64) << 32) | (!cookie) as u64) ^ pattern
+}
+
 /// A caller mapping in the host page tables.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Mapping {
@@ -142,6 +269,47 @@ pub struct Mapping {
     pub writable: bool,
 }
 
+/// A caller mapping with a 64-bit virtual address (any canonical address in
+/// [`HostMode::Amd64`], e.g. a switcher at `0xffff_ffff_c040_0000`; below
+/// 4 GiB in the 32-bit modes).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Mapping64 {
+    /// Name for errors and listings.
+    pub name: String,
+    /// Host-virtual address (page aligned, canonical).
+    pub virt: u64,
+    /// Physical address (page aligned).
+    pub phys: u32,
+    /// Length in bytes (rounded up to pages).
+    pub len: u32,
+    /// Writable (CR0.WP is set, so read-only holds in ring 0 too).
+    pub writable: bool,
+}
+
+impl From<Mapping> for Mapping64 {
+    fn from(m: Mapping) -> Self {
+        Self {
+            name: m.name,
+            virt: u64::from(m.virt),
+            phys: m.phys,
+            len: m.len,
+            writable: m.writable,
+        }
+    }
+}
+
+/// A dump region with a 64-bit host-virtual address
+/// ([`HostKernelBuilder::dump64`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DumpRegion64 {
+    /// Name (one token).
+    pub name: String,
+    /// Host-virtual address.
+    pub addr: u64,
+    /// Length in bytes.
+    pub len: u32,
+}
+
 /// A region the kernel prints as hex at the end of the run (and, by default,
 /// after an exception).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -155,16 +323,25 @@ pub struct DumpRegion {
 }
 
 /// What the hooks see: where the loop keeps its state, and the kernel's print
-/// routines. Every slot is a host-virtual (= physical) dword address.
+/// routines. Every slot is a host-virtual (= physical) address below 2 GiB
+/// (a `u32`), so `dword_ptr(slot)` works as an absolute operand in 32-bit
+/// and in 64-bit code.
 ///
-/// Hooks may clobber every general register except ESP, must leave the stack
-/// balanced, and run with DS = ES = the kernel data selector.
+/// Hooks may clobber every general register except ESP/RSP, must leave the
+/// stack balanced, and run with DS = ES = the kernel data selector. In
+/// [`HostMode::Amd64`] hooks are emitted into the 64-bit kernel:
+/// [`HookCtx::bitness`] is 64, the assembler is a 64-bit one, RSP is 16-byte
+/// aligned at the hook's first instruction, `puts` takes RSI, and
+/// [`HookCtx::arg1_slot`] holds a qword.
 pub struct HookCtx<'a> {
+    /// Bitness of the code the hook is emitted into: 32, or 64 in [`HostMode::Amd64`].
+    pub bitness: u32,
     /// Current trip index.
     pub trip_slot: u32,
     /// Current VCPU index (into the `vcpus` list).
     pub vcpu_slot: u32,
-    /// `arg1` for this call (a pre-call hook may overwrite it).
+    /// `arg1` for this call (a pre-call hook may overwrite it). A dword in
+    /// the 32-bit kernels; a qword (RDI) in [`HostMode::Amd64`].
     pub arg1_slot: u32,
     /// `arg2` for this call (a pre-call hook may overwrite it).
     pub arg2_slot: u32,
@@ -178,10 +355,14 @@ pub struct HookCtx<'a> {
     pub hook_fail_slot: u32,
     /// `putc`: prints AL; preserves all registers.
     pub putc: CodeLabel,
-    /// `puts`: prints the NUL-terminated string at ESI; preserves all registers.
+    /// `puts`: prints the NUL-terminated string at ESI (RSI in 64-bit code);
+    /// preserves all registers.
     pub puts: CodeLabel,
     /// `puthex`: prints EAX as 8 hex digits; preserves all registers.
     pub puthex: CodeLabel,
+    /// `puthex64`: prints EDX:EAX (32-bit code) or RAX (64-bit code) as 16
+    /// hex digits; preserves all registers.
+    pub puthex64: CodeLabel,
     /// `putdec`: prints EAX in decimal; preserves all registers.
     pub putdec: CodeLabel,
     /// `putnl`: prints a newline; preserves all registers.
@@ -192,6 +373,7 @@ pub struct HookCtx<'a> {
 impl fmt::Debug for HookCtx<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("HookCtx")
+            .field("bitness", &self.bitness)
             .field("trip_slot", &format_args!("{:#x}", self.trip_slot))
             .field("vcpu_slot", &format_args!("{:#x}", self.vcpu_slot))
             .field("ret_slot", &format_args!("{:#x}", self.ret_slot))
@@ -212,12 +394,19 @@ impl HookCtx<'_> {
 
     /// Emits code printing `text` (no newline); preserves all registers.
     pub fn emit_print(&mut self, a: &mut CodeAssembler, text: &str) -> Result<(), IcedError> {
-        use iced_x86::code_asm::esi;
+        use iced_x86::code_asm::{esi, rsi};
         let addr = self.arena.string(text);
-        a.push(esi)?;
-        a.mov(esi, addr)?;
-        a.call(self.puts)?;
-        a.pop(esi)
+        if self.bitness == 64 {
+            a.push(rsi)?;
+            a.mov(esi, addr)?;
+            a.call(self.puts)?;
+            a.pop(rsi)
+        } else {
+            a.push(esi)?;
+            a.mov(esi, addr)?;
+            a.call(self.puts)?;
+            a.pop(esi)
+        }
     }
 
     /// Emits code printing a `LOG <text>` protocol line.
@@ -294,7 +483,7 @@ pub enum BuildError {
         /// Region name.
         name: String,
         /// Its address.
-        addr: u32,
+        addr: u64,
     },
     /// An address the kernel uses is not mapped by the host tables.
     #[error("{what} at {addr:#010x} is not mapped by the host page tables")]
@@ -302,7 +491,7 @@ pub enum BuildError {
         /// What the address is.
         what: String,
         /// The address.
-        addr: u32,
+        addr: u64,
     },
     /// An address the kernel writes is mapped read-only.
     #[error("{what} at {addr:#010x} is mapped read-only")]
@@ -310,7 +499,32 @@ pub enum BuildError {
         /// What the address is.
         what: String,
         /// The address.
-        addr: u32,
+        addr: u64,
+    },
+    /// A 64-bit value given to a 32-bit host (`entry64`, `arg1_64`,
+    /// `cookie_at64`, `dump64` above 4 GiB in [`HostMode::Legacy32`] or
+    /// [`HostMode::Pae`]).
+    #[error("{what} {value:#x} does not fit the 32-bit {mode} host")]
+    TooWide {
+        /// What the value is.
+        what: &'static str,
+        /// The value.
+        value: u64,
+        /// The host mode.
+        mode: HostMode,
+    },
+    /// A snapshot item of the wrong width: [`SnapItem`] in an AMD64 host or
+    /// [`SnapItem64`] in a 32-bit host.
+    #[error(
+        "snapshot item `{name}` is for a {width}-bit kernel, but the {mode} host kernel is not"
+    )]
+    ItemWidth {
+        /// Item name.
+        name: String,
+        /// The item's width (32 or 64).
+        width: u32,
+        /// The host mode.
+        mode: HostMode,
     },
     /// The identity limit is not a page multiple in (kernel end, 64 MiB].
     #[error("identity limit {0:#010x} must be page aligned and at most 64 MiB")]
@@ -336,16 +550,18 @@ pub struct HostKernelBuilder {
     pub(crate) mode: HostMode,
     pub(crate) pse: bool,
     pub(crate) trips: u32,
-    pub(crate) arg1: u32,
+    pub(crate) arg1: u64,
     pub(crate) vcpus: Vec<u32>,
-    pub(crate) entry: Option<u32>,
+    pub(crate) entry: Option<u64>,
     pub(crate) expected: Expected,
-    pub(crate) cookie_addr: Option<u32>,
-    pub(crate) mappings: Vec<Mapping>,
+    pub(crate) cookie_addr: Option<u64>,
+    pub(crate) mappings: Vec<Mapping64>,
     pub(crate) blobs: Vec<(String, u32, Vec<u8>)>,
-    pub(crate) dumps: Vec<DumpRegion>,
+    pub(crate) dumps: Vec<DumpRegion64>,
     pub(crate) skip: Vec<String>,
     pub(crate) extra_items: Vec<SnapItem>,
+    pub(crate) extra_items64: Vec<SnapItem64>,
+    pub(crate) x2apic: bool,
     pub(crate) pre_hook: Option<HookFn>,
     pub(crate) post_hook: Option<HookFn>,
     pub(crate) trace_trips: u32,
@@ -361,6 +577,7 @@ impl fmt::Debug for HostKernelBuilder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("HostKernelBuilder")
             .field("mode", &self.mode)
+            .field("x2apic", &self.x2apic)
             .field("trips", &self.trips)
             .field("vcpus", &self.vcpus)
             .field("entry", &self.entry)
@@ -390,6 +607,8 @@ impl HostKernelBuilder {
             dumps: Vec::new(),
             skip: Vec::new(),
             extra_items: Vec::new(),
+            extra_items64: Vec::new(),
+            x2apic: false,
             pre_hook: None,
             post_hook: None,
             trace_trips: 2,
@@ -416,6 +635,14 @@ impl HostKernelBuilder {
 
     /// The `arg1` passed on every call (e.g. the HC address of the VM).
     pub fn arg1(mut self, value: u32) -> Self {
+        self.arg1 = u64::from(value);
+        self
+    }
+
+    /// A 64-bit `arg1` (RDI in [`HostMode::Amd64`], e.g. the VM at a high
+    /// canonical HC address). The 32-bit hosts refuse values above 4 GiB
+    /// ([`BuildError::TooWide`]).
+    pub fn arg1_64(mut self, value: u64) -> Self {
         self.arg1 = value;
         self
     }
@@ -426,8 +653,16 @@ impl HostKernelBuilder {
         self
     }
 
-    /// Host-virtual address of `u32 entry(u32 arg1, u32 arg2)` (cdecl).
+    /// Host-virtual address of `u32 entry(u32 arg1, u32 arg2)` (cdecl) in
+    /// the 32-bit hosts, or of `u32 entry(u64 arg1, u32 arg2)` (System V
+    /// AMD64: RDI, ESI; result in EAX) in [`HostMode::Amd64`].
     pub fn entry(mut self, hc_addr: u32) -> Self {
+        self.entry = Some(u64::from(hc_addr));
+        self
+    }
+
+    /// [`HostKernelBuilder::entry`] at a 64-bit host-virtual address.
+    pub fn entry64(mut self, hc_addr: u64) -> Self {
         self.entry = Some(hc_addr);
         self
     }
@@ -440,12 +675,24 @@ impl HostKernelBuilder {
 
     /// Also write the cookie to this host-virtual address before each call.
     pub fn cookie_at(mut self, hc_addr: u32) -> Self {
+        self.cookie_addr = Some(u64::from(hc_addr));
+        self
+    }
+
+    /// [`HostKernelBuilder::cookie_at`] at a 64-bit host-virtual address.
+    pub fn cookie_at64(mut self, hc_addr: u64) -> Self {
         self.cookie_addr = Some(hc_addr);
         self
     }
 
     /// Adds a mapping to the host page tables.
     pub fn map(mut self, mapping: Mapping) -> Self {
+        self.mappings.push(mapping.into());
+        self
+    }
+
+    /// Adds a mapping with a 64-bit virtual address to the host page tables.
+    pub fn map64(mut self, mapping: Mapping64) -> Self {
         self.mappings.push(mapping);
         self
     }
@@ -458,15 +705,27 @@ impl HostKernelBuilder {
 
     /// Places `bytes` at physical `phys` and maps them at host-virtual `virt`.
     pub fn blob_mapped(
-        mut self,
+        self,
         name: &str,
         phys: u32,
         virt: u32,
         bytes: Vec<u8>,
         writable: bool,
     ) -> Self {
+        self.blob_mapped64(name, phys, u64::from(virt), bytes, writable)
+    }
+
+    /// [`HostKernelBuilder::blob_mapped`] at a 64-bit host-virtual address.
+    pub fn blob_mapped64(
+        mut self,
+        name: &str,
+        phys: u32,
+        virt: u64,
+        bytes: Vec<u8>,
+        writable: bool,
+    ) -> Self {
         let len = u32::try_from(bytes.len()).unwrap_or(u32::MAX);
-        self.mappings.push(Mapping {
+        self.mappings.push(Mapping64 {
             name: name.to_owned(),
             virt,
             phys,
@@ -478,8 +737,14 @@ impl HostKernelBuilder {
     }
 
     /// Dumps `len` bytes at host-virtual `addr` as hex at the end of the run.
-    pub fn dump(mut self, name: &str, addr: u32, len: u32) -> Self {
-        self.dumps.push(DumpRegion {
+    pub fn dump(self, name: &str, addr: u32, len: u32) -> Self {
+        self.dump64(name, u64::from(addr), len)
+    }
+
+    /// [`HostKernelBuilder::dump`] at a 64-bit host-virtual address (the
+    /// `DUMP` line then carries 16 hex digits; see [`crate::transcript::Dump::addr64`]).
+    pub fn dump64(mut self, name: &str, addr: u64, len: u32) -> Self {
+        self.dumps.push(DumpRegion64 {
             name: name.to_owned(),
             addr,
             len,
@@ -493,9 +758,25 @@ impl HostKernelBuilder {
         self
     }
 
-    /// Appends a snapshot item after the default ones.
+    /// Appends a snapshot item after the default ones (32-bit hosts only;
+    /// see [`HostKernelBuilder::snapshot_item64`]).
     pub fn snapshot_item(mut self, item: SnapItem) -> Self {
         self.extra_items.push(item);
+        self
+    }
+
+    /// Appends a 64-bit snapshot item after the default ones
+    /// ([`HostMode::Amd64`] only).
+    pub fn snapshot_item64(mut self, item: SnapItem64) -> Self {
+        self.extra_items64.push(item);
+        self
+    }
+
+    /// Switch the local APIC to x2APIC mode and access it through MSRs
+    /// (see [the module docs](self#x2apic)); fails the run with an `ERROR`
+    /// line when CPUID does not report x2APIC.
+    pub fn x2apic(mut self, on: bool) -> Self {
+        self.x2apic = on;
         self
     }
 
@@ -541,7 +822,8 @@ impl HostKernelBuilder {
         self
     }
 
-    /// Appends a raw descriptor to the host GDT (selectors from [`SEL_FIRST_EXTRA`]).
+    /// Appends a raw descriptor to the host GDT (selectors from
+    /// [`SEL_FIRST_EXTRA`], or [`SEL64_FIRST_EXTRA`] in [`HostMode::Amd64`]).
     pub fn gdt_entry(mut self, descriptor: u64) -> Self {
         self.extra_gdt.push(descriptor);
         self
@@ -561,7 +843,11 @@ impl HostKernelBuilder {
 
     /// Generates the kernel and the image.
     pub fn build(self) -> Result<Testbed, BuildError> {
-        emit::build(self)
+        if self.mode.is_long() {
+            emit64::build(self)
+        } else {
+            emit::build(self)
+        }
     }
 }
 
@@ -591,9 +877,9 @@ pub struct KernelAddrs {
     pub gdt: u32,
     /// GDT limit.
     pub gdt_limit: u16,
-    /// The IDT (256 gates).
+    /// The IDT (256 gates; 16-byte gates in [`HostMode::Amd64`]).
     pub idt: u32,
-    /// The 32-bit TSS.
+    /// The TSS (a 64-bit TSS in [`HostMode::Amd64`]).
     pub tss: u32,
     /// The LDT.
     pub ldt: u32,
@@ -691,10 +977,20 @@ impl Testbed {
         self.page_tables.translate(virt)
     }
 
+    /// Walks the host page tables for a 64-bit `virt`.
+    pub fn translate64(&self, virt: u64) -> Option<Translation> {
+        self.page_tables.translate64(virt)
+    }
+
     /// gdb commands for a run with [`QemuConfig::gdb`]: connect to QEMU's
     /// gdbstub and define `$name` for every symbol (e.g. `hbreak *$call_site`).
     pub fn gdb_commands(&self) -> String {
-        let mut out = String::from("set architecture i386\ntarget remote :1234\n");
+        let arch = if self.mode.is_long() {
+            "i386:x86-64"
+        } else {
+            "i386"
+        };
+        let mut out = format!("set architecture {arch}\ntarget remote :1234\n");
         for (name, addr) in &self.symbols {
             out.push_str(&format!("set ${name} = {addr:#010x}\n"));
         }
@@ -719,19 +1015,124 @@ pub(crate) fn page_align(x: u32) -> u32 {
     x.div_ceil(PAGE) * PAGE
 }
 
+/// Checks what every host mode needs; returns the entry address.
+pub(crate) fn validate(b: &HostKernelBuilder) -> Result<u64, BuildError> {
+    let entry = b.entry.ok_or(BuildError::MissingEntry)?;
+    if b.vcpus.is_empty() {
+        return Err(BuildError::NoVcpus);
+    }
+    if b.trips == 0 {
+        return Err(BuildError::ZeroTrips(b.trips));
+    }
+    if b.identity_limit % PAGE != 0 || b.identity_limit > crate::image::PHYS_LIMIT {
+        return Err(BuildError::BadIdentityLimit(b.identity_limit));
+    }
+    if b.extra_gdt.len() > 8000 {
+        return Err(BuildError::GdtTooLarge(b.extra_gdt.len()));
+    }
+    for d in &b.dumps {
+        if !items::is_token(&d.name) {
+            return Err(BuildError::BadName {
+                what: "dump region",
+                name: d.name.clone(),
+            });
+        }
+        if d.len == 0 {
+            return Err(BuildError::EmptyDump {
+                name: d.name.clone(),
+                addr: d.addr,
+            });
+        }
+    }
+    Ok(entry)
+}
+
+/// Every snapshot item name is one token, and no two are equal.
+pub(crate) fn check_item_names<'n>(
+    names: impl Iterator<Item = &'n str> + Clone,
+) -> Result<(), BuildError> {
+    for (i, name) in names.clone().enumerate() {
+        if !items::is_token(name) {
+            return Err(BuildError::BadName {
+                what: "snapshot item",
+                name: name.to_owned(),
+            });
+        }
+        if names.clone().take(i).any(|o| o == name) {
+            return Err(BuildError::DuplicateItem(name.to_owned()));
+        }
+    }
+    Ok(())
+}
+
+/// The host's mappings: low memory identity (page 0 excluded), the magic
+/// page, the local APIC, and the caller's mappings.
+pub(crate) fn host_page_map(b: &HostKernelBuilder) -> Result<PageMap, BuildError> {
+    use crate::paging::{PTE_PCD, PTE_RW};
+    let mut map = PageMap::new(b.mode);
+    map.map(
+        "kernel identity",
+        PAGE,
+        PAGE,
+        b.identity_limit.saturating_sub(PAGE).max(PAGE),
+        PTE_RW,
+    )?;
+    map.map("magic page", MAGIC_VIRT, MAGIC_PAGE_PHYS, PAGE, 0)?;
+    map.map("local APIC", LAPIC_VIRT, LAPIC_VIRT, PAGE, PTE_RW | PTE_PCD)?;
+    for m in &b.mappings {
+        map.map64(
+            &m.name,
+            m.virt,
+            m.phys,
+            m.len,
+            if m.writable { PTE_RW } else { 0 },
+        )?;
+    }
+    Ok(map)
+}
+
+/// The entry, the cookie address and the dump regions are mapped (the
+/// cookie address writable).
+pub(crate) fn check_addresses(
+    tables: &PageTables,
+    b: &HostKernelBuilder,
+    entry: u64,
+) -> Result<(), BuildError> {
+    check_maps(tables, "entry", entry, 1, false)?;
+    if let Some(c) = b.cookie_addr {
+        check_maps(tables, "cookie address", c, 4, true)?;
+    }
+    for d in &b.dumps {
+        check_maps(
+            tables,
+            &format!("dump region `{}`", d.name),
+            d.addr,
+            d.len,
+            false,
+        )?;
+    }
+    Ok(())
+}
+
+/// `value` as a `u32` for a 32-bit host, or [`BuildError::TooWide`].
+pub(crate) fn narrow(what: &'static str, value: u64, mode: HostMode) -> Result<u32, BuildError> {
+    u32::try_from(value).map_err(|_| BuildError::TooWide { what, value, mode })
+}
+
 pub(crate) fn check_maps(
     tables: &PageTables,
     what: &str,
-    addr: u32,
+    addr: u64,
     len: u32,
     write: bool,
 ) -> Result<(), BuildError> {
-    let last = addr.saturating_add(len.max(1) - 1);
-    let mut page = addr & !(PAGE - 1);
+    let page_mask = u64::from(PAGE) - 1;
+    let last = addr.saturating_add(u64::from(len.max(1) - 1));
+    let mut page = addr & !page_mask;
     loop {
         let probe = page.max(addr);
         let t = tables
-            .translate(probe)
+            .translate64(probe)
             .ok_or_else(|| BuildError::Unmapped {
                 what: what.to_owned(),
                 addr: probe,
@@ -742,7 +1143,7 @@ pub(crate) fn check_maps(
                 addr: probe,
             });
         }
-        match page.checked_add(PAGE) {
+        match page.checked_add(u64::from(PAGE)) {
             Some(next) if next <= last => page = next,
             _ => return Ok(()),
         }

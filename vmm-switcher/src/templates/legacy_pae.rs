@@ -84,6 +84,163 @@ fn rc_cpumcpu_from_tr(b: &mut Builder) -> Result<(), BuildError> {
     Ok(())
 }
 
+/// The hypervisor-context (RC, 32-bit) part shared by every switcher whose
+/// hypervisor context is 32-bit or PAE: the far-jump target that loads the
+/// hyper context and `iret`s to `Hyper.eip`, the call trampoline, the C exit
+/// and the assembly exit up to the point where the hyper registers are saved.
+///
+/// In at `FarJmpGCTarget`: EBP = hyper CR3, ESI = RC `CpumCpu`. Out at the
+/// end of the exit: EDX = RC `CpumCpu`, EDI = status, stack = hyper stack.
+pub(crate) fn emit_gc(
+    b: &mut Builder,
+    o: &TemplateOptions,
+    vm: &VmLayout,
+) -> Result<(), BuildError> {
+    b.label("FarJmpGCTarget")?;
+    {
+        let a = b.a();
+        a.mov(cr3, ebp)?;
+        a.mov(edx, esi)?;
+    }
+    if o.trace {
+        trace(b, o, Step::RcEntered)?;
+        b.a().mov(edx, esi)?;
+    }
+    b.a().lidt(fword_ptr(edx + d(l::HYPER_IDTR)))?;
+    b.fixup(K::HyperDs, Slot::Imm, Operand::None);
+    b.a().mov(eax, 0x0000_ffffu32)?;
+    {
+        let a = b.a();
+        a.mov(ds, eax)?;
+        a.mov(es, eax)?;
+        a.xor(eax, eax)?;
+        a.mov(fs, eax)?;
+        a.mov(gs, eax)?;
+        a.mov(eax, dword_ptr(edx + d(l::HYPER_RSP)))?;
+        a.mov(dword_ptr(edx + d(l::HYPER_LSS_ESP)), eax)?;
+        a.lss(esp, fword_ptr(edx + d(l::HYPER_LSS_ESP)))?;
+        // Hyper TSS: clear the busy bit of this VCPU's descriptor, then ltr.
+        a.movzx(eax, word_ptr(edx + d(l::HYPER_TR)))?;
+        a.and(al, 0xf8)?;
+        a.add(
+            eax,
+            dword_ptr(edx + d(l::HYPER_GDTR + offset_of!(cpum::regs::Xdtr64, base))),
+        )?;
+        a.and(dword_ptr(eax + 4), !0x200i32)?;
+        a.ltr(word_ptr(edx + d(l::HYPER_TR)))?;
+        a.lldt(word_ptr(edx + d(l::HYPER_LDTR)))?;
+        // Hyper debug registers.
+        let mut no_dr = a.create_label();
+        a.test(
+            dword_ptr(edx + d(l::USE_FLAGS)),
+            UseFlags::USE_DEBUG_REGS.bits(),
+        )?;
+        a.jz(no_dr)?;
+        for (dr, host_off, n) in [
+            (dr0, l::HOST32_DR0, 0),
+            (dr1, l::HOST32_DR1, 1),
+            (dr2, l::HOST32_DR2, 2),
+            (dr3, l::HOST32_DR3, 3),
+        ] {
+            a.mov(eax, dr)?;
+            a.mov(dword_ptr(edx + d(host_off)), eax)?;
+            a.mov(eax, dword_ptr(edx + d(l::HYPER_DR + 8 * n)))?;
+            a.mov(dr, eax)?;
+        }
+        a.mov(eax, cpum::regs::DR6_INIT as u32)?;
+        a.mov(dr6, eax)?;
+        a.mov(eax, dword_ptr(edx + d(l::HYPER_DR + 8 * 7)))?;
+        a.mov(dr7, eax)?;
+        a.set_label(&mut no_dr)?;
+        a.nop()?;
+    }
+    if o.trace {
+        trace(b, o, Step::RcLoaded)?;
+        b.a().mov(edx, esi)?;
+    }
+    if o.stats {
+        mov_fix(b, ecx, K::GcVmOff, Operand::Value(vm.stat_to_gc))?;
+        adv_stop32(b)?;
+    }
+    {
+        let a = b.a();
+        a.push(dword_ptr(edx + d(l::HYPER_RFLAGS)))?;
+    }
+    b.fixup(K::HyperCs, Slot::Imm, Operand::None);
+    b.a().add_instruction(iced_x86::Instruction::with1(
+        iced_x86::Code::Pushd_imm32,
+        0x0000_ffffi32,
+    )?)?;
+    {
+        let a = b.a();
+        a.push(dword_ptr(edx + d(l::HYPER_RIP)))?;
+        a.mov(eax, dword_ptr(edx + d(l::HYPER_RAX)))?;
+        a.mov(ebx, dword_ptr(edx + d(l::HYPER_RBX)))?;
+        a.mov(ecx, dword_ptr(edx + d(l::HYPER_RCX)))?;
+        a.mov(esi, dword_ptr(edx + d(l::HYPER_RSI)))?;
+        a.mov(edi, dword_ptr(edx + d(l::HYPER_RDI)))?;
+        a.mov(ebp, dword_ptr(edx + d(l::HYPER_RBP)))?;
+        a.mov(edx, dword_ptr(edx + d(l::HYPER_RDX)))?;
+        a.iretd()?;
+    }
+
+    // The call trampoline: [esp] = target, [esp+4] = argument bytes, then the arguments.
+    let to_host = b.named("VMMGCGuestToHostAsm");
+    b.label("vmmGCCallTrampoline")?;
+    {
+        let a = b.a();
+        let mut again = a.create_label();
+        a.pop(eax)?;
+        a.pop(edi)?;
+        a.call(eax)?;
+        a.add(esp, edi)?;
+        a.set_label(&mut again)?;
+        a.call(to_host)?;
+        a.mov(eax, TRAMPOLINE_RESUMED)?;
+        a.jmp(again)?;
+    }
+    // The C-callable exit: u32 status on the stack.
+    b.label("vmmGCGuestToHost")?;
+    b.a().mov(eax, dword_ptr(esp + 4))?;
+    b.a().jmp(to_host)?;
+
+    // The assembly exit: EAX = status, return address on the stack.
+    b.label("VMMGCGuestToHostAsm")?;
+    {
+        let a = b.a();
+        a.push(edx)?;
+        a.push(ecx)?;
+    }
+    rc_cpumcpu_from_tr(b)?;
+    {
+        let a = b.a();
+        a.pop(dword_ptr(edx + d(l::HYPER_RCX)))?;
+        a.pop(dword_ptr(edx + d(l::HYPER_RDX)))?;
+        a.pop(dword_ptr(edx + d(l::HYPER_RIP)))?;
+        a.mov(dword_ptr(edx + d(l::HYPER_RSP)), esp)?;
+        a.mov(dword_ptr(edx + d(l::HYPER_RAX)), eax)?;
+        a.mov(dword_ptr(edx + d(l::HYPER_RBX)), ebx)?;
+        a.mov(dword_ptr(edx + d(l::HYPER_RSI)), esi)?;
+        a.mov(dword_ptr(edx + d(l::HYPER_RDI)), edi)?;
+        a.mov(dword_ptr(edx + d(l::HYPER_RBP)), ebp)?;
+        a.pushfd()?;
+        a.pop(dword_ptr(edx + d(l::HYPER_RFLAGS)))?;
+        a.sldt(word_ptr(edx + d(l::HYPER_LDTR)))?;
+        a.mov(edi, eax)?; // status
+    }
+    if o.stats {
+        mov_fix(b, ecx, K::GcVmOff, Operand::Value(vm.stat_to_hc))?;
+        adv_start32(b)?;
+    }
+    if o.trace {
+        let a = b.a();
+        a.push(edx)?;
+        trace(b, o, Step::RcExit)?;
+        b.a().pop(edx)?;
+    }
+    Ok(())
+}
+
 /// The trace characters one round trip prints with `o.trace`, in order.
 pub fn trace_steps(host: Flavour, target: Flavour, o: &TemplateOptions) -> Vec<Step> {
     use Step as S;
@@ -320,148 +477,7 @@ pub fn build(
 
     // ------------------------------------------------------------ GC: hypervisor context
     b.section(32)?;
-    b.label("FarJmpGCTarget")?;
-    {
-        let a = b.a();
-        a.mov(cr3, ebp)?;
-        a.mov(edx, esi)?;
-    }
-    if o.trace {
-        trace(&mut b, o, Step::RcEntered)?;
-        b.a().mov(edx, esi)?;
-    }
-    b.a().lidt(fword_ptr(edx + d(l::HYPER_IDTR)))?;
-    b.fixup(K::HyperDs, Slot::Imm, Operand::None);
-    b.a().mov(eax, 0x0000_ffffu32)?;
-    {
-        let a = b.a();
-        a.mov(ds, eax)?;
-        a.mov(es, eax)?;
-        a.xor(eax, eax)?;
-        a.mov(fs, eax)?;
-        a.mov(gs, eax)?;
-        a.mov(eax, dword_ptr(edx + d(l::HYPER_RSP)))?;
-        a.mov(dword_ptr(edx + d(l::HYPER_LSS_ESP)), eax)?;
-        a.lss(esp, fword_ptr(edx + d(l::HYPER_LSS_ESP)))?;
-        // Hyper TSS: clear the busy bit of this VCPU's descriptor, then ltr.
-        a.movzx(eax, word_ptr(edx + d(l::HYPER_TR)))?;
-        a.and(al, 0xf8)?;
-        a.add(
-            eax,
-            dword_ptr(edx + d(l::HYPER_GDTR + offset_of!(cpum::regs::Xdtr64, base))),
-        )?;
-        a.and(dword_ptr(eax + 4), !0x200i32)?;
-        a.ltr(word_ptr(edx + d(l::HYPER_TR)))?;
-        a.lldt(word_ptr(edx + d(l::HYPER_LDTR)))?;
-        // Hyper debug registers.
-        let mut no_dr = a.create_label();
-        a.test(
-            dword_ptr(edx + d(l::USE_FLAGS)),
-            UseFlags::USE_DEBUG_REGS.bits(),
-        )?;
-        a.jz(no_dr)?;
-        for (dr, host_off, n) in [
-            (dr0, l::HOST32_DR0, 0),
-            (dr1, l::HOST32_DR1, 1),
-            (dr2, l::HOST32_DR2, 2),
-            (dr3, l::HOST32_DR3, 3),
-        ] {
-            a.mov(eax, dr)?;
-            a.mov(dword_ptr(edx + d(host_off)), eax)?;
-            a.mov(eax, dword_ptr(edx + d(l::HYPER_DR + 8 * n)))?;
-            a.mov(dr, eax)?;
-        }
-        a.mov(eax, cpum::regs::DR6_INIT as u32)?;
-        a.mov(dr6, eax)?;
-        a.mov(eax, dword_ptr(edx + d(l::HYPER_DR + 8 * 7)))?;
-        a.mov(dr7, eax)?;
-        a.set_label(&mut no_dr)?;
-        a.nop()?;
-    }
-    if o.trace {
-        trace(&mut b, o, Step::RcLoaded)?;
-        b.a().mov(edx, esi)?;
-    }
-    if o.stats {
-        mov_fix(&mut b, ecx, K::GcVmOff, Operand::Value(vm.stat_to_gc))?;
-        adv_stop32(&mut b)?;
-    }
-    {
-        let a = b.a();
-        a.push(dword_ptr(edx + d(l::HYPER_RFLAGS)))?;
-    }
-    b.fixup(K::HyperCs, Slot::Imm, Operand::None);
-    b.a().add_instruction(iced_x86::Instruction::with1(
-        iced_x86::Code::Pushd_imm32,
-        0x0000_ffffi32,
-    )?)?;
-    {
-        let a = b.a();
-        a.push(dword_ptr(edx + d(l::HYPER_RIP)))?;
-        a.mov(eax, dword_ptr(edx + d(l::HYPER_RAX)))?;
-        a.mov(ebx, dword_ptr(edx + d(l::HYPER_RBX)))?;
-        a.mov(ecx, dword_ptr(edx + d(l::HYPER_RCX)))?;
-        a.mov(esi, dword_ptr(edx + d(l::HYPER_RSI)))?;
-        a.mov(edi, dword_ptr(edx + d(l::HYPER_RDI)))?;
-        a.mov(ebp, dword_ptr(edx + d(l::HYPER_RBP)))?;
-        a.mov(edx, dword_ptr(edx + d(l::HYPER_RDX)))?;
-        a.iretd()?;
-    }
-
-    // The call trampoline: [esp] = target, [esp+4] = argument bytes, then the arguments.
-    let to_host = b.named("VMMGCGuestToHostAsm");
-    b.label("vmmGCCallTrampoline")?;
-    {
-        let a = b.a();
-        let mut again = a.create_label();
-        a.pop(eax)?;
-        a.pop(edi)?;
-        a.call(eax)?;
-        a.add(esp, edi)?;
-        a.set_label(&mut again)?;
-        a.call(to_host)?;
-        a.mov(eax, TRAMPOLINE_RESUMED)?;
-        a.jmp(again)?;
-    }
-    // The C-callable exit: u32 status on the stack.
-    b.label("vmmGCGuestToHost")?;
-    b.a().mov(eax, dword_ptr(esp + 4))?;
-    b.a().jmp(to_host)?;
-
-    // The assembly exit: EAX = status, return address on the stack.
-    b.label("VMMGCGuestToHostAsm")?;
-    {
-        let a = b.a();
-        a.push(edx)?;
-        a.push(ecx)?;
-    }
-    rc_cpumcpu_from_tr(&mut b)?;
-    {
-        let a = b.a();
-        a.pop(dword_ptr(edx + d(l::HYPER_RCX)))?;
-        a.pop(dword_ptr(edx + d(l::HYPER_RDX)))?;
-        a.pop(dword_ptr(edx + d(l::HYPER_RIP)))?;
-        a.mov(dword_ptr(edx + d(l::HYPER_RSP)), esp)?;
-        a.mov(dword_ptr(edx + d(l::HYPER_RAX)), eax)?;
-        a.mov(dword_ptr(edx + d(l::HYPER_RBX)), ebx)?;
-        a.mov(dword_ptr(edx + d(l::HYPER_RSI)), esi)?;
-        a.mov(dword_ptr(edx + d(l::HYPER_RDI)), edi)?;
-        a.mov(dword_ptr(edx + d(l::HYPER_RBP)), ebp)?;
-        a.pushfd()?;
-        a.pop(dword_ptr(edx + d(l::HYPER_RFLAGS)))?;
-        a.sldt(word_ptr(edx + d(l::HYPER_LDTR)))?;
-        a.mov(edi, eax)?; // status
-    }
-    if o.stats {
-        mov_fix(&mut b, ecx, K::GcVmOff, Operand::Value(vm.stat_to_hc))?;
-        adv_start32(&mut b)?;
-    }
-    if o.trace {
-        let a = b.a();
-        a.push(edx)?;
-        trace(&mut b, o, Step::RcExit)?;
-        b.a().pop(edx)?;
-    }
+    emit_gc(&mut b, o, vm)?;
     // EBP = VCPU offset from CPUM; ECX = host CR3.
     mov_fix(&mut b, ebx, K::GcCpumOff, Operand::Value(0))?;
     {

@@ -1,5 +1,6 @@
 //! Switcher templates, one module per family, and the code pieces they share.
 
+pub mod amd64_legacy;
 pub mod legacy_amd64;
 pub mod legacy_pae;
 pub mod stub;
@@ -426,5 +427,118 @@ pub(crate) fn apic_unmask32(b: &mut Builder, o: &TemplateOptions) -> Result<(), 
     a.nop()?;
     a.set_label(&mut done)?;
     a.pop(ebx)?;
+    Ok(())
+}
+
+/// 64-bit NMI masking. In: R8 = CPUMCPU (HC, 64-bit address). Clobbers RAX,
+/// RBX, RCX, RDX, RDI. Always rewrites `apic_dis_vectors`.
+pub(crate) fn apic_mask64(b: &mut Builder, o: &TemplateOptions) -> Result<(), BuildError> {
+    use cpum::layout as l;
+    let a = b.a();
+    let mut store = a.create_label();
+    a.xor(edi, edi)?;
+    if o.x2apic {
+        let mut mmio = a.create_label();
+        a.cmp(dword_ptr(r8 + l::X2APIC as i32), 0)?;
+        a.je(mmio)?;
+        for (i, (reg, bit)) in NMI_LVTS.iter().enumerate() {
+            let mut skip = a.create_label();
+            if i == 3 {
+                a.mov(ecx, apic::x2apic_msr(apic::reg::VERSION))?;
+                a.rdmsr()?;
+                a.shr(eax, 16)?;
+                a.cmp(al, 5)?;
+                a.jb(skip)?;
+            }
+            a.mov(ecx, apic::x2apic_msr(*reg))?;
+            a.rdmsr()?;
+            a.mov(ebx, eax)?;
+            a.and(ebx, (apic::lvt::MASKED | apic::lvt::MODE_MASK) as i32)?;
+            a.cmp(ebx, apic::lvt::MODE_NMI as i32)?;
+            a.jne(skip)?;
+            a.or(edi, bit.bits() as i32)?;
+            a.or(eax, apic::lvt::MASKED as i32)?;
+            a.wrmsr()?;
+            a.set_label(&mut skip)?;
+        }
+        a.jmp(store)?;
+        a.set_label(&mut mmio)?;
+    }
+    a.mov(rbx, qword_ptr(r8 + l::APIC_BASE as i32))?;
+    a.test(rbx, rbx)?;
+    a.jz(store)?;
+    for (i, (reg, bit)) in NMI_LVTS.iter().enumerate() {
+        let mut skip = if i + 1 == NMI_LVTS.len() {
+            store
+        } else {
+            a.create_label()
+        };
+        if i == 3 {
+            a.mov(eax, dword_ptr(rbx + lvt_disp(apic::reg::VERSION)))?;
+            a.shr(eax, 16)?;
+            a.cmp(al, 5)?;
+            a.jb(skip)?;
+        }
+        a.mov(eax, dword_ptr(rbx + lvt_disp(*reg)))?;
+        a.mov(ecx, eax)?;
+        a.and(ecx, (apic::lvt::MASKED | apic::lvt::MODE_MASK) as i32)?;
+        a.cmp(ecx, apic::lvt::MODE_NMI as i32)?;
+        a.jne(skip)?;
+        a.or(edi, bit.bits() as i32)?;
+        a.or(eax, apic::lvt::MASKED as i32)?;
+        a.mov(dword_ptr(rbx + lvt_disp(*reg)), eax)?;
+        a.mov(eax, dword_ptr(rbx + lvt_disp(*reg)))?;
+        if i + 1 == NMI_LVTS.len() {
+            store = skip;
+        }
+        a.set_label(&mut skip)?;
+    }
+    a.mov(dword_ptr(r8 + l::APIC_DIS_VECTORS as i32), edi)?;
+    Ok(())
+}
+
+/// 64-bit NMI unmasking. In: RDX = CPUMCPU (HC). Preserves RAX, RBX, RDX;
+/// clobbers RCX and flags.
+pub(crate) fn apic_unmask64(b: &mut Builder, o: &TemplateOptions) -> Result<(), BuildError> {
+    use cpum::layout as l;
+    let a = b.a();
+    let mut done = a.create_label();
+    a.push(rbx)?;
+    a.push(rax)?;
+    a.push(rdx)?;
+    a.mov(ebx, dword_ptr(rdx + l::APIC_DIS_VECTORS as i32))?;
+    if o.x2apic {
+        let mut mmio = a.create_label();
+        a.cmp(dword_ptr(rdx + l::X2APIC as i32), 0)?;
+        a.je(mmio)?;
+        for (reg, _bit) in NMI_LVTS.iter() {
+            let mut skip = a.create_label();
+            a.shr(ebx, 1)?;
+            a.jae(skip)?;
+            a.mov(ecx, apic::x2apic_msr(*reg))?;
+            a.rdmsr()?;
+            a.and(eax, !apic::lvt::MASKED as i32)?;
+            a.wrmsr()?;
+            a.set_label(&mut skip)?;
+        }
+        a.jmp(done)?;
+        a.set_label(&mut mmio)?;
+    }
+    a.mov(ecx, ebx)?;
+    a.mov(rbx, qword_ptr(rdx + l::APIC_BASE as i32))?;
+    a.test(rbx, rbx)?;
+    a.jz(done)?;
+    for (reg, _bit) in NMI_LVTS.iter() {
+        let mut skip = a.create_label();
+        a.shr(ecx, 1)?;
+        a.jae(skip)?;
+        a.and(dword_ptr(rbx + lvt_disp(*reg)), !apic::lvt::MASKED as i32)?;
+        a.set_label(&mut skip)?;
+    }
+    a.nop()?;
+    a.set_label(&mut done)?;
+    a.pop(rdx)?;
+    a.pop(rax)?;
+    a.pop(rbx)?;
     Ok(())
 }

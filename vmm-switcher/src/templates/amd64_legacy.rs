@@ -1,0 +1,588 @@
+//! AMD64 host → 32-bit or PAE hypervisor context (`VMMSWITCHER_AMD64_TO_32`,
+//! `VMMSWITCHER_AMD64_TO_PAE`; VirtualBox's `AMD64andLegacy.mac`).
+//!
+//! The C entry is 64-bit, System V: `u32 entry(void *vm /*RDI*/, u32
+//! off_cpumcpu /*ESI*/)`; RBX, RBP, R12–R15, RSP and RFLAGS come back, and so
+//! do the segment selectors, FS.base and GS.base, EFER, the descriptor tables,
+//! CR0/CR3/CR4, the debug registers, SYSENTER_CS and the LVTs.
+//!
+//! Long mode cannot be left in place: the switcher loads the intermediate
+//! PML4, jumps through a 64-bit slot to its identity copy, far-jumps to
+//! compatibility mode there, turns paging off (leaving long mode), clears
+//! EFER.LME, sets CR4.PAE for the target, loads the target's intermediate CR3,
+//! turns paging on and far-jumps into the RC copy — the same hypervisor-side
+//! code as the 32-bit/PAE family. The way back re-enters long mode in the
+//! identity copy and reaches the host address through a 64-bit slot.
+
+use core::mem::offset_of;
+
+use cpum::layout::{self as l, disp};
+use cpum::regs::{Cr0, Cr4, Efer, MSR_EFER, MSR_SYSENTER_CS};
+use cpum::UseFlags;
+use iced_x86::code_asm::*;
+
+use super::legacy_pae::{emit_gc, Flavour};
+use super::{
+    adv_start64, adv_stop64, apic_mask64, apic_unmask64, jmp_far_fix, jmp_rel32_fix, mov_fix,
+    trace, Revision, Step, TemplateOptions, VmLayout,
+};
+use crate::builder::{BuildError, Builder, Operand, Slot};
+use crate::def::{EntryOffsets, Region, SwitcherDef, SwitcherKind, View};
+use crate::fixup::FixupKind as K;
+
+const fn d(off: usize) -> i32 {
+    disp(off)
+}
+
+const MSR_FS_BASE: u32 = 0xc000_0100;
+const MSR_GS_BASE: u32 = 0xc000_0101;
+
+/// A 64-bit data slot filled by a fixup (placeholder all ones).
+fn slot64(
+    b: &mut Builder,
+    name: &'static str,
+    kind: K,
+    operand: Operand,
+) -> Result<(), BuildError> {
+    b.label(name)?;
+    b.fixup(kind, Slot::At(0), operand);
+    b.a().dq(&[u64::MAX])?;
+    Ok(())
+}
+
+/// The 64-bit C entry and the host-saving worker shared by the AMD64-host
+/// switchers, up to the hyper GDT. Out: ESI = RC `CpumCpu`, EBP = hyper CR3,
+/// R8 = HC `CpumCpu`; the intermediate CR3 is not loaded yet.
+pub(crate) fn emit_host_entry64(
+    b: &mut Builder,
+    o: &TemplateOptions,
+    vm: &VmLayout,
+) -> Result<(), BuildError> {
+    // ------------------------------------------------------------ HC0: C entry (64-bit)
+    b.label("vmmR0HostToGuest")?;
+    trace(b, o, Step::Entry)?;
+    let cpum_slot = b.named("pCpumHC");
+    {
+        let a = b.a();
+        a.push(rbp)?;
+        a.push(rbx)?;
+        a.mov(rbx, rdi)?;
+    }
+    if o.stats {
+        b.a().lea(rcx, ptr(rbx + vm.stat_to_gc as i32))?;
+        adv_start64(b)?;
+    }
+    let worker = b.named("vmmR0HostToGuestAsm");
+    {
+        let a = b.a();
+        a.mov(ebp, esi)?;
+        a.pushfq()?;
+        a.cli()?;
+        a.mov(rdx, qword_ptr(cpum_slot))?;
+        // A far-return frame: the worker comes back with `retfq`.
+        a.mov(eax, cs)?;
+        a.push(rax)?;
+        a.call(worker)?;
+    }
+    if o.apic_nmi_masking && o.revision == Revision::B {
+        apic_unmask64(b, o)?;
+    }
+    b.a().popfq()?;
+    if o.stats {
+        let a = b.a();
+        a.mov(r9d, eax)?;
+        a.lea(rcx, ptr(rbx + vm.stat_to_hc as i32))?;
+        adv_stop64(b)?;
+        b.a().mov(eax, r9d)?;
+    }
+    {
+        let a = b.a();
+        a.pop(rbx)?;
+        a.pop(rbp)?;
+        a.ret()?;
+    }
+    slot64(b, "pCpumHC", K::Hc64BitCpum, Operand::None)?;
+
+    // ------------------------------------------------------------ HC0: worker (64-bit)
+    b.label("vmmR0HostToGuestAsm")?;
+    {
+        let a = b.a();
+        a.add(rdx, rbp)?;
+        a.mov(r8, rdx)?;
+        a.mov(qword_ptr(r8 + d(l::HOST64_RBX)), rbx)?;
+        a.mov(qword_ptr(r8 + d(l::HOST64_RDI)), rdi)?;
+        a.mov(qword_ptr(r8 + d(l::HOST64_RSI)), rsi)?;
+        a.mov(qword_ptr(r8 + d(l::HOST64_RBP)), rbp)?;
+        a.mov(qword_ptr(r8 + d(l::HOST64_RSP)), rsp)?;
+        for (i, r) in [r10, r11, r12, r13, r14, r15].into_iter().enumerate() {
+            a.mov(qword_ptr(r8 + d(l::HOST64_R10 + 8 * i)), r)?;
+        }
+        a.mov(word_ptr(r8 + d(l::HOST64_DS)), ds)?;
+        a.mov(word_ptr(r8 + d(l::HOST64_ES)), es)?;
+        a.mov(word_ptr(r8 + d(l::HOST64_FS)), fs)?;
+        a.mov(word_ptr(r8 + d(l::HOST64_GS)), gs)?;
+        a.mov(word_ptr(r8 + d(l::HOST64_SS)), ss)?;
+        a.sldt(word_ptr(r8 + d(l::HOST64_LDTR)))?;
+        a.sidt(ptr(r8 + d(l::HOST64_IDTR)))?;
+        a.sgdt(ptr(r8 + d(l::HOST64_GDTR)))?;
+        a.str(word_ptr(r8 + d(l::HOST64_TR)))?;
+        a.pushfq()?;
+        a.pop(qword_ptr(r8 + d(l::HOST64_RFLAGS)))?;
+        for (msr, off) in [
+            (MSR_FS_BASE, l::HOST64_FS_BASE),
+            (MSR_GS_BASE, l::HOST64_GS_BASE),
+            (MSR_EFER, l::HOST64_EFER),
+        ] {
+            a.mov(ecx, msr)?;
+            a.rdmsr()?;
+            a.mov(dword_ptr(r8 + d(off)), eax)?;
+            a.mov(dword_ptr(r8 + d(off + 4)), edx)?;
+        }
+    }
+    trace(b, o, Step::HostSaved)?;
+    if o.apic_nmi_masking {
+        apic_mask64(b, o)?;
+        trace(b, o, Step::ApicMasked)?;
+    }
+    b.fixup(
+        K::NoSysenterJmp,
+        Slot::At(0),
+        Operand::Label("htg_no_sysenter"),
+    );
+    {
+        let a = b.a();
+        a.mov(ecx, MSR_SYSENTER_CS)?;
+        a.rdmsr()?;
+        a.mov(dword_ptr(r8 + d(l::HOST64_SYSENTER_CS)), eax)?;
+        a.mov(dword_ptr(r8 + d(l::HOST64_SYSENTER_CS + 4)), edx)?;
+        a.xor(eax, eax)?;
+        a.xor(edx, edx)?;
+        a.wrmsr()?;
+    }
+    b.label("htg_no_sysenter")?;
+    {
+        let a = b.a();
+        let mut no_dr = a.create_label();
+        a.and(
+            dword_ptr(r8 + d(l::USE_FLAGS)),
+            !UseFlags::USED_FPU.bits() as i32,
+        )?;
+        a.test(
+            dword_ptr(r8 + d(l::USE_FLAGS)),
+            (UseFlags::USE_DEBUG_REGS | UseFlags::USE_DEBUG_REGS_HOST).bits(),
+        )?;
+        a.jz(no_dr)?;
+        a.mov(rax, dr7)?;
+        a.mov(qword_ptr(r8 + d(l::HOST64_DR7)), rax)?;
+        a.xor(eax, eax)?;
+        a.mov(dr7, rax)?;
+        a.mov(rax, dr6)?;
+        a.mov(qword_ptr(r8 + d(l::HOST64_DR6)), rax)?;
+        a.set_label(&mut no_dr)?;
+        a.mov(rax, cr0)?;
+        a.mov(qword_ptr(r8 + d(l::HOST64_CR0)), rax)?;
+        a.mov(rax, cr3)?;
+        a.mov(qword_ptr(r8 + d(l::HOST64_CR3)), rax)?;
+        a.mov(rcx, cr4)?;
+        a.mov(qword_ptr(r8 + d(l::HOST64_CR4)), rcx)?;
+        // Hyper CR4 (PAE stays on while in long mode; the identity code sets
+        // it for the target) and hyper CR0 (WP clear, TS set).
+        a.and(
+            ecx,
+            (Cr4::MCE | Cr4::PSE | Cr4::PAE | Cr4::VMXE).bits() as i32,
+        )?;
+        a.mov(eax, dword_ptr(r8 + d(l::GUEST_CR4)))?;
+        a.mov(rdx, r8)?;
+        a.sub(rdx, rbp)?; // CPUM
+        a.and(eax, dword_ptr(rdx + d(l::CPUM_CR4_AND_MASK)))?;
+        a.or(eax, dword_ptr(rdx + d(l::CPUM_CR4_OR_MASK)))?;
+        a.or(ecx, eax)?;
+        a.mov(cr4, rcx)?;
+        a.mov(eax, dword_ptr(r8 + d(l::GUEST_CR0)))?;
+        a.and(eax, Cr0::EM.bits() as i32)?;
+        a.or(
+            eax,
+            (Cr0::PE | Cr0::PG | Cr0::TS | Cr0::ET | Cr0::NE | Cr0::MP).bits() as i32,
+        )?;
+        a.mov(cr0, rax)?;
+        a.lgdt(ptr(r8 + d(l::HYPER_GDTR)))?;
+        // Carried through the switch: EBP = hyper CR3, ESI = RC CpumCpu.
+        a.mov(esi, ebp)?;
+        a.mov(ebp, dword_ptr(r8 + d(l::HYPER_CR3)))?;
+    }
+    Ok(())
+}
+
+/// The 64-bit host-restoring exit shared by the AMD64-host switchers, from
+/// `HCExitTarget` (reached at its HC address under the intermediate PML4,
+/// EBP = VCPU offset, EDI = status) to the `retfq`.
+pub(crate) fn emit_host_exit64(b: &mut Builder, o: &TemplateOptions) -> Result<(), BuildError> {
+    b.label("HCExitTarget")?;
+    let cpum_slot = b.named("pCpumHC1");
+    {
+        let a = b.a();
+        // Upper register halves are undefined after the mode switches.
+        a.mov(ebp, ebp)?;
+        a.mov(edi, edi)?;
+        a.mov(r8, qword_ptr(cpum_slot))?;
+        a.add(r8, rbp)?;
+        a.mov(rax, qword_ptr(r8 + d(l::HOST64_CR3)))?;
+        a.mov(cr3, rax)?;
+    }
+    trace(b, o, Step::HostCr3)?;
+    {
+        let a = b.a();
+        a.lgdt(ptr(r8 + d(l::HOST64_GDTR)))?;
+        a.lidt(ptr(r8 + d(l::HOST64_IDTR)))?;
+        a.mov(ax, word_ptr(r8 + d(l::HOST64_SS)))?;
+        a.mov(ss, ax)?;
+        a.mov(rsp, qword_ptr(r8 + d(l::HOST64_RSP)))?;
+        a.movzx(eax, word_ptr(r8 + d(l::HOST64_TR)))?;
+        a.and(al, 0xf8)?;
+        a.add(
+            rax,
+            qword_ptr(r8 + d(l::HOST64_GDTR + offset_of!(cpum::regs::Xdtr64, base))),
+        )?;
+        a.and(dword_ptr(rax + 4), !0x200i32)?;
+        a.ltr(word_ptr(r8 + d(l::HOST64_TR)))?;
+        a.lldt(word_ptr(r8 + d(l::HOST64_LDTR)))?;
+        for (sreg, off) in [
+            (ds, l::HOST64_DS),
+            (es, l::HOST64_ES),
+            (fs, l::HOST64_FS),
+            (gs, l::HOST64_GS),
+        ] {
+            a.mov(ax, word_ptr(r8 + d(off)))?;
+            a.mov(sreg, ax)?;
+        }
+        // Loading FS/GS selectors clobbered the bases; EFER comes back whole.
+        for (msr, off) in [
+            (MSR_FS_BASE, l::HOST64_FS_BASE),
+            (MSR_GS_BASE, l::HOST64_GS_BASE),
+            (MSR_EFER, l::HOST64_EFER),
+        ] {
+            a.mov(ecx, msr)?;
+            a.mov(eax, dword_ptr(r8 + d(off)))?;
+            a.mov(edx, dword_ptr(r8 + d(off + 4)))?;
+            a.wrmsr()?;
+        }
+    }
+    trace(b, o, Step::HostTables)?;
+    b.fixup(
+        K::NoSysenterJmp,
+        Slot::At(0),
+        Operand::Label("gth_no_sysenter"),
+    );
+    {
+        let a = b.a();
+        a.mov(ecx, MSR_SYSENTER_CS)?;
+        a.mov(eax, dword_ptr(r8 + d(l::HOST64_SYSENTER_CS)))?;
+        a.mov(edx, dword_ptr(r8 + d(l::HOST64_SYSENTER_CS + 4)))?;
+        a.wrmsr()?;
+    }
+    b.label("gth_no_sysenter")?;
+    {
+        let a = b.a();
+        let mut no_fpu = a.create_label();
+        a.test(dword_ptr(r8 + d(l::USE_FLAGS)), UseFlags::USED_FPU.bits())?;
+        a.jz(no_fpu)?;
+        a.mov(rax, cr0)?;
+        a.and(rax, !((Cr0::TS | Cr0::EM).bits() as u32) as i32)?;
+        a.mov(cr0, rax)?;
+        a.fxsave(ptr(r8 + d(l::GUEST_FPU)))?;
+        a.fxrstor(ptr(r8 + d(l::HOST32_FPU)))?;
+        a.set_label(&mut no_fpu)?;
+        a.mov(rax, qword_ptr(r8 + d(l::HOST64_CR4)))?;
+        a.mov(cr4, rax)?;
+        a.mov(rax, qword_ptr(r8 + d(l::HOST64_CR0)))?;
+        a.mov(cr0, rax)?;
+        let mut no_dr = a.create_label();
+        let mut no_hyper_dr = a.create_label();
+        a.test(
+            dword_ptr(r8 + d(l::USE_FLAGS)),
+            (UseFlags::USE_DEBUG_REGS | UseFlags::USE_DEBUG_REGS_HOST).bits(),
+        )?;
+        a.jz(no_dr)?;
+        a.xor(eax, eax)?;
+        a.mov(dr7, rax)?;
+        a.test(
+            dword_ptr(r8 + d(l::USE_FLAGS)),
+            UseFlags::USE_DEBUG_REGS.bits(),
+        )?;
+        a.jz(no_hyper_dr)?;
+        for (n, dr) in [dr0, dr1, dr2, dr3].into_iter().enumerate() {
+            a.mov(rax, qword_ptr(r8 + d(l::HOST64_DR0 + 8 * n)))?;
+            a.mov(dr, rax)?;
+        }
+        a.set_label(&mut no_hyper_dr)?;
+        a.mov(rax, qword_ptr(r8 + d(l::HOST64_DR6)))?;
+        a.mov(dr6, rax)?;
+        a.mov(rax, qword_ptr(r8 + d(l::HOST64_DR7)))?;
+        a.mov(dr7, rax)?;
+        a.set_label(&mut no_dr)?;
+        a.mov(rdx, r8)?;
+    }
+    trace(b, o, Step::HostMsrs)?;
+    b.a().mov(rdx, r8)?;
+    if o.apic_nmi_masking && o.revision == Revision::A {
+        apic_unmask64(b, o)?;
+        trace(b, o, Step::ApicUnmasked)?;
+    }
+    trace(b, o, Step::Return)?;
+    {
+        let a = b.a();
+        a.mov(rdx, r8)?;
+        a.mov(eax, edi)?;
+        a.mov(rbx, qword_ptr(rdx + d(l::HOST64_RBX)))?;
+        a.mov(rdi, qword_ptr(rdx + d(l::HOST64_RDI)))?;
+        a.mov(rsi, qword_ptr(rdx + d(l::HOST64_RSI)))?;
+        a.mov(rbp, qword_ptr(rdx + d(l::HOST64_RBP)))?;
+        for (i, r) in [r10, r11, r12, r13, r14, r15].into_iter().enumerate() {
+            a.mov(r, qword_ptr(rdx + d(l::HOST64_R10 + 8 * i)))?;
+        }
+        a.push(qword_ptr(rdx + d(l::HOST64_RFLAGS)))?;
+        a.popfq()?;
+        // REX.W RETF: pops an 8-byte RIP and an 8-byte CS slot.
+        a.add_instruction(iced_x86::Instruction::with(iced_x86::Code::Retfq))?;
+    }
+    Ok(())
+}
+
+/// The trace characters one round trip prints with `o.trace`, in order.
+pub fn trace_steps(o: &TemplateOptions) -> Vec<Step> {
+    use Step as S;
+    let mut v = vec![S::Entry, S::HostSaved];
+    if o.apic_nmi_masking {
+        v.push(S::ApicMasked);
+    }
+    v.extend([
+        S::HostCrSaved,
+        S::InterCr3,
+        S::Compat,
+        S::LongModeOff,
+        S::RcEntered,
+        S::RcLoaded,
+        S::RcExit,
+    ]);
+    v.extend([
+        S::LongModeOn,
+        S::Mode64,
+        S::HostCr3,
+        S::HostTables,
+        S::HostMsrs,
+    ]);
+    if o.apic_nmi_masking && o.revision == Revision::A {
+        v.push(S::ApicUnmasked);
+    }
+    v.push(S::Return);
+    v
+}
+
+/// Builds the switcher from an AMD64 host to `target` paging.
+///
+/// # Errors
+/// [`BuildError`] if a template instruction cannot be assembled (a bug).
+pub fn build(
+    target: Flavour,
+    o: &TemplateOptions,
+    vm: &VmLayout,
+) -> Result<SwitcherDef, BuildError> {
+    let (kind, desc, inter_target) = match target {
+        Flavour::Legacy32 => (
+            SwitcherKind::Amd64To32,
+            "AMD64 to/from 32-bit",
+            K::Inter32BitCr3,
+        ),
+        Flavour::Pae => (
+            SwitcherKind::Amd64ToPae,
+            "AMD64 to/from PAE",
+            K::InterPaeCr3,
+        ),
+    };
+    let mut b = Builder::new(64)?;
+
+    emit_host_entry64(&mut b, o, vm)?;
+    trace(&mut b, o, Step::HostCrSaved)?;
+    mov_fix(&mut b, eax, K::GcCpumOff, Operand::Value(0))?;
+    b.a().add(esi, eax)?;
+    mov_fix(&mut b, eax, K::InterAmd64Cr3, Operand::None)?;
+    b.a().mov(cr3, rax)?;
+    trace(&mut b, o, Step::InterCr3)?;
+    let id_slot = b.named("pIDEnterTarget");
+    b.a().jmp(qword_ptr(id_slot))?;
+    slot64(
+        &mut b,
+        "pIDEnterTarget",
+        K::Hc64BitNoCheck,
+        Operand::Label("IDEnterTarget"),
+    )?;
+
+    // ------------------------------------------------------------ ID0/64: to compatibility mode
+    b.section(64)?;
+    b.label("IDEnterTarget")?;
+    let fp = b.named("fpIDEnter32");
+    b.a().jmp(fword_ptr(fp))?;
+    b.label("fpIDEnter32")?;
+    b.fixup(K::Id32Bit, Slot::At(0), Operand::Label("IDEnter32"));
+    b.a().dd(&[0xffff_ffff])?;
+    b.fixup(K::HyperCs, Slot::At(0), Operand::None);
+    b.a().dd(&[0x0000_ffff])?;
+
+    // ------------------------------------------------------------ ID0/32: leave long mode
+    b.section(32)?;
+    b.label("IDEnter32")?;
+    trace(&mut b, o, Step::Compat)?;
+    {
+        let a = b.a();
+        a.mov(ebx, cr0)?;
+        a.and(ebx, !(Cr0::PG.bits() as u32) as i32)?;
+        a.mov(cr0, ebx)?;
+        a.mov(ecx, MSR_EFER)?;
+        a.rdmsr()?;
+        // SCE too: the hypervisor context never runs SYSCALL; the host's EFER
+        // comes back whole on the way out.
+        a.and(eax, !((Efer::LME | Efer::SCE).bits() as u32) as i32)?;
+        a.wrmsr()?;
+        if target == Flavour::Legacy32 {
+            a.mov(eax, cr4)?;
+            a.and(eax, !(Cr4::PAE.bits() as u32) as i32)?;
+            a.mov(cr4, eax)?;
+        }
+    }
+    trace(&mut b, o, Step::LongModeOff)?;
+    mov_fix(&mut b, eax, inter_target, Operand::None)?;
+    {
+        let a = b.a();
+        a.mov(cr3, eax)?;
+        a.or(ebx, Cr0::PG.bits() as i32)?;
+        a.mov(cr0, ebx)?;
+    }
+    jmp_far_fix(&mut b, K::GcFar32, "FarJmpGCTarget")?;
+
+    // ------------------------------------------------------------ GC: the hypervisor context
+    b.section(32)?;
+    emit_gc(&mut b, o, vm)?;
+    mov_fix(&mut b, ebx, K::GcCpumOff, Operand::Value(0))?;
+    {
+        let a = b.a();
+        a.mov(ebp, edx)?;
+        a.sub(ebp, ebx)?;
+    }
+    mov_fix(&mut b, eax, inter_target, Operand::None)?;
+    b.a().mov(cr3, eax)?;
+    jmp_rel32_fix(&mut b, K::Gc2IdNearRel, "IDExitTarget")?;
+
+    // ------------------------------------------------------------ ID1/32: back into long mode
+    b.section(32)?;
+    b.label("IDExitTarget")?;
+    {
+        let a = b.a();
+        a.mov(ebx, cr0)?;
+        a.and(ebx, !(Cr0::PG.bits() as u32) as i32)?;
+        a.mov(cr0, ebx)?;
+        a.mov(eax, cr4)?;
+        a.or(eax, Cr4::PAE.bits() as i32)?;
+        a.mov(cr4, eax)?;
+    }
+    mov_fix(&mut b, eax, K::InterAmd64Cr3, Operand::None)?;
+    {
+        let a = b.a();
+        a.mov(cr3, eax)?;
+        a.mov(ecx, MSR_EFER)?;
+        a.rdmsr()?;
+        a.or(eax, Efer::LME.bits() as i32)?;
+        a.wrmsr()?;
+        a.or(ebx, Cr0::PG.bits() as i32)?;
+        a.mov(cr0, ebx)?;
+    }
+    trace(&mut b, o, Step::LongModeOn)?;
+    jmp_far_fix(&mut b, K::IdFar32To64BitMode, "IDExit64")?;
+
+    // ------------------------------------------------------------ ID1/64: to the host address
+    b.section(64)?;
+    b.label("IDExit64")?;
+    trace(&mut b, o, Step::Mode64)?;
+    let hc_slot = b.named("pHCExitTarget");
+    b.a().jmp(qword_ptr(hc_slot))?;
+    slot64(
+        &mut b,
+        "pHCExitTarget",
+        K::Hc64Bit,
+        Operand::Label("HCExitTarget"),
+    )?;
+
+    // ------------------------------------------------------------ HC1: host context (64-bit)
+    b.section(64)?;
+    emit_host_exit64(&mut b, o)?;
+    slot64(&mut b, "pCpumHC1", K::Hc64BitCpum, Operand::None)?;
+    b.label("VMMGCGuestToHostAsmHyperCtx")?;
+    b.a().int3()?;
+    b.label("VMMGCGuestToHostAsmGuestCtx")?;
+    b.a().int3()?;
+    let t = b.finish()?;
+
+    let at = |n: &'static str| t.labels.get(n).copied().unwrap_or(0);
+    let end = u32::try_from(t.code.len()).map_err(|_| BuildError::TooLarge)?;
+    let regions = vec![
+        Region {
+            name: "HC0",
+            view: View::Hc,
+            bits: 64,
+            range: 0..at("IDEnterTarget"),
+        },
+        Region {
+            name: "ID0/64",
+            view: View::Id,
+            bits: 64,
+            range: at("IDEnterTarget")..at("IDEnter32"),
+        },
+        Region {
+            name: "ID0",
+            view: View::Id,
+            bits: 32,
+            range: at("IDEnter32")..at("FarJmpGCTarget"),
+        },
+        Region {
+            name: "GC",
+            view: View::Rc,
+            bits: 32,
+            range: at("FarJmpGCTarget")..at("IDExitTarget"),
+        },
+        Region {
+            name: "ID1",
+            view: View::Id,
+            bits: 32,
+            range: at("IDExitTarget")..at("IDExit64"),
+        },
+        Region {
+            name: "ID1/64",
+            view: View::Id,
+            bits: 64,
+            range: at("IDExit64")..at("HCExitTarget"),
+        },
+        Region {
+            name: "HC1",
+            view: View::Hc,
+            bits: 64,
+            range: at("HCExitTarget")..end,
+        },
+    ];
+    let entries = EntryOffsets {
+        r0_host_to_guest: at("vmmR0HostToGuest"),
+        rc_guest_to_host: at("vmmGCGuestToHost"),
+        rc_call_trampoline: at("vmmGCCallTrampoline"),
+        rc_guest_to_host_asm: at("VMMGCGuestToHostAsm"),
+        rc_guest_to_host_asm_hyper_ctx: at("VMMGCGuestToHostAsmHyperCtx"),
+        rc_guest_to_host_asm_guest_ctx: at("VMMGCGuestToHostAsmGuestCtx"),
+    };
+    Ok(SwitcherDef {
+        kind,
+        description: desc.to_string(),
+        code: t.code,
+        fixups: t.fixups,
+        entries,
+        regions,
+        labels: t.labels,
+        data: t.data,
+    })
+}
