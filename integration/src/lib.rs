@@ -59,6 +59,7 @@
 //!
 //! For the protocol see [`transcript`]; for the checks see [`hostkernel`].
 
+pub mod cli;
 pub mod far;
 pub mod hostkernel;
 pub mod image;

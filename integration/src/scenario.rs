@@ -163,15 +163,31 @@ pub struct Scenario {
 impl Scenario {
     /// `kind` with default options and placement, 2 VCPUs × 1000 trips.
     pub fn new(kind: SwitcherKind) -> Self {
+        let amd64_host = matches!(
+            kind,
+            SwitcherKind::Amd64To32
+                | SwitcherKind::Amd64ToPae
+                | SwitcherKind::Amd64ToAmd64
+                | SwitcherKind::Amd64Stub
+        );
         Self {
             kind,
             options: TemplateOptions::default(),
-            placement: Placement::default(),
+            placement: if amd64_host {
+                VmmConfig::amd64_host().placement
+            } else {
+                Placement::default()
+            },
             vcpus: 2,
             trips: 1000,
             mutation: None,
             trampoline_args: None,
         }
+    }
+
+    /// True when the host is in long mode.
+    pub fn amd64_host(&self) -> bool {
+        matches!(self.host_mode(), Ok(HostMode::Amd64))
     }
 
     /// True for the stub switchers.
@@ -196,6 +212,9 @@ impl Scenario {
             | SwitcherKind::X86Stub => Ok(HostMode::Legacy32),
             SwitcherKind::PaeToAmd64 | SwitcherKind::PaeTo32 | SwitcherKind::PaeToPae => {
                 Ok(HostMode::Pae)
+            }
+            SwitcherKind::Amd64To32 | SwitcherKind::Amd64ToPae | SwitcherKind::Amd64Stub => {
+                Ok(HostMode::Amd64)
             }
             k => Err(ScenarioError::NoHost(k)),
         }
@@ -336,6 +355,7 @@ pub fn build(s: &Scenario) -> Result<Built, ScenarioError> {
             len: 0x1000,
             uncached: true,
         }],
+        host_bits: if host == HostMode::Amd64 { 64 } else { 32 },
         ..VmmConfig::default()
     };
     let mut vmm = Vmm::new(cfg)?;
@@ -343,9 +363,20 @@ pub fn build(s: &Scenario) -> Result<Built, ScenarioError> {
     let (helper_rc, _, helper_size) = vmm.helper_area();
     let far_layout = FarLayout::new(helper_rc.0);
     let p = s.placement;
-    let (vm_hc, vm_rc, _) = vmm.vm_addrs();
-    let vm_hc = u32_addr("VM structure HC", vm_hc.0)?;
-    let hma_hc = u32_addr("HMA HC", p.hma_hc.0)?;
+    let (vm_hc64, vm_rc, _) = vmm.vm_addrs();
+    let wide = host == HostMode::Amd64;
+    // Hooks address the HMA with 32-bit addresses: on an AMD64 host through a
+    // low alias of its high canonical HC mapping.
+    let vm_hc = if wide {
+        vm_hc64.0 as u32
+    } else {
+        u32_addr("VM structure HC", vm_hc64.0)?
+    };
+    let hma_hc = if wide {
+        p.hma_hc.0 as u32
+    } else {
+        u32_addr("HMA HC", p.hma_hc.0)?
+    };
     let hc_of = |rc: u32| hma_hc + (rc - p.hma_rc.0);
     let mailbox_hc = hc_of(far_layout.mailbox_rc());
     let cpum_hc = vm_hc + OFF_CPUM as u32;
@@ -462,22 +493,64 @@ pub fn build(s: &Scenario) -> Result<Built, ScenarioError> {
     let (hyper_phys, hyper_tables) = vmm.hyper_tables();
     let apic_on = s.options.apic_nmi_masking;
     let vcpu_args: Vec<u32> = (0..s.vcpus).map(|i| vmm.vcpu_arg(i)).collect();
-    let entry = u32_addr("switcher entry", sw.entries.r0_host_to_guest_hc.0)?;
-    let mut kb = HostKernelBuilder::new(host)
-        .blob_mapped(
-            "core-code",
-            u32_addr("core code", p.code_phys.0)?,
-            u32_addr("core code HC", p.code_hc.0)?,
-            core,
-            true,
-        )
-        .blob_mapped(
-            "hma",
-            u32_addr("HMA", p.hma_phys.0)?,
-            hma_hc,
-            vmm.hma().to_vec(),
-            true,
-        )
+    let entry = if wide {
+        0
+    } else {
+        u32_addr("switcher entry", sw.entries.r0_host_to_guest_hc.0)?
+    };
+    let hma_bytes = vmm.hma().to_vec();
+    let hma_len = hma_bytes.len() as u32;
+    let hma_phys = u32_addr("HMA", p.hma_phys.0)?;
+    let code_phys = u32_addr("core code", p.code_phys.0)?;
+    let hi = |lo: u32| p.hma_hc.0 + u64::from(lo - hma_hc);
+    let mut kb = HostKernelBuilder::new(host);
+    if wide {
+        kb = kb
+            .blob_mapped64("core-code", code_phys, p.code_hc.0, core, true)
+            .blob_mapped64("hma", hma_phys, p.hma_hc.0, hma_bytes, true);
+        // Hook code reaches the HMA with 32-bit addresses: zero-extended
+        // through `[reg+disp]` and sign-extended as absolute displacements.
+        // Map whichever of the two aliases the HC mapping is not.
+        let zero_ext = u64::from(hma_hc);
+        let sign_ext = i64::from(hma_hc as i32) as u64;
+        for (name, virt) in [("hma-alias", zero_ext), ("hma-alias-sx", sign_ext)] {
+            if virt != p.hma_hc.0 && !(name == "hma-alias-sx" && sign_ext == zero_ext) {
+                kb = kb.map64(crate::hostkernel::Mapping64 {
+                    name: name.into(),
+                    virt,
+                    phys: hma_phys,
+                    len: hma_len,
+                    writable: true,
+                });
+            }
+        }
+        kb = kb
+            .entry64(sw.entries.r0_host_to_guest_hc.0)
+            .arg1_64(vm_hc64.0)
+            .cookie_at64(hi(mailbox_hc) + offset_of!(Mailbox, cookie) as u64)
+            .dump64("vm", vm_hc64.0, vmm.hma_layout().vm_size)
+            .dump64(
+                "scratch",
+                hi(hc_of(helper_rc.0 + far_layout.scratch_off)),
+                4,
+            );
+    } else {
+        kb = kb
+            .blob_mapped(
+                "core-code",
+                code_phys,
+                u32_addr("core code HC", p.code_hc.0)?,
+                core,
+                true,
+            )
+            .blob_mapped("hma", hma_phys, hma_hc, hma_bytes, true)
+            .entry(entry)
+            .arg1(vm_hc)
+            .cookie_at(mailbox_hc + offset_of!(Mailbox, cookie) as u32)
+            .dump("vm", vm_hc, vmm.hma_layout().vm_size)
+            .dump("scratch", hc_of(helper_rc.0 + far_layout.scratch_off), 4);
+    }
+    kb = kb
         .blob(
             "intermediate-tables",
             u32_addr("tables", tables_phys.0)?,
@@ -488,13 +561,8 @@ pub fn build(s: &Scenario) -> Result<Built, ScenarioError> {
             u32_addr("hyper tables", hyper_phys.0)?,
             hyper_tables.to_vec(),
         )
-        .entry(entry)
-        .arg1(vm_hc)
         .vcpus(vcpu_args)
-        .trips(s.trips)
-        .cookie_at(mailbox_hc + offset_of!(Mailbox, cookie) as u32)
-        .dump("vm", vm_hc, vmm.hma_layout().vm_size)
-        .dump("scratch", hc_of(helper_rc.0 + far_layout.scratch_off), 4);
+        .trips(s.trips);
     if s.is_stub() {
         kb = kb.expect(Expected::Value(vmm_switcher::templates::stub::STUB_STATUS));
     } else if long {
@@ -553,7 +621,10 @@ fn long_hooks(
         if apic_on {
             a.or(edx, far::expect::APIC)?;
         }
-        a.mov(dword_ptr(mb(offset_of!(Mailbox, want_dis))), 0x7u32)?;
+        a.mov(
+            dword_ptr(abs_addr(h, mb(offset_of!(Mailbox, want_dis)))),
+            0x7u32,
+        )?;
         // Even trips load Guest.fpu in the far world.
         a.test(esi, 1)?;
         a.jnz(no_fpu)?;
@@ -586,7 +657,7 @@ fn long_hooks(
         a.mov(dword_ptr(ebx + d6), eax)?;
         a.mov(dword_ptr(ebx + d6 + 4), 0u32)?;
         a.set_label(&mut no_dbg)?;
-        a.mov(dword_ptr(mb(offset_of!(Mailbox, expect))), edx)?;
+        a.mov(dword_ptr(abs_addr(h, mb(offset_of!(Mailbox, expect)))), edx)?;
         Ok(())
     };
     let post = move |a: &mut CodeAssembler, h: &mut HookCtx| -> Result<(), IcedError> {
@@ -639,10 +710,21 @@ fn guest_fpu_values(
     Ok(())
 }
 
+/// An absolute 32-bit address as a memory-operand displacement: in 64-bit hook
+/// code it is sign-extended, which for the HMA's low alias in the top 2 GiB
+/// is the high canonical HC mapping itself.
+fn abs_addr(h: &HookCtx, addr: u32) -> u64 {
+    if h.bitness == 64 {
+        i64::from(addr as i32) as u64
+    } else {
+        u64::from(addr)
+    }
+}
+
 /// Reports the far side's failure bits (the dword at `fails_hc`) as a `HOOKFAIL`.
 fn far_fails(a: &mut CodeAssembler, h: &HookCtx, fails_hc: u32) -> Result<(), IcedError> {
     let mut ok = a.create_label();
-    a.mov(eax, dword_ptr(fails_hc))?;
+    a.mov(eax, dword_ptr(abs_addr(h, fails_hc)))?;
     a.test(eax, eax)?;
     a.jz(ok)?;
     a.or(eax, HOOKFAIL_FAR)?;
@@ -683,18 +765,19 @@ fn rc_hooks(
         if apic_on {
             a.or(edx, ex::APIC)?;
         }
-        a.mov(dword_ptr(mb(offset_of!(RcMailbox, want_dis))), 0x7u32)?;
         a.mov(
-            dword_ptr(mb(offset_of!(RcMailbox, want_pae))),
+            dword_ptr(abs_addr(h, mb(offset_of!(RcMailbox, want_dis)))),
+            0x7u32,
+        )?;
+        a.mov(
+            dword_ptr(abs_addr(h, mb(offset_of!(RcMailbox, want_pae)))),
             u32::from(pae),
         )?;
         // Even trips: the RC code uses the FPU, finding these Guest values.
         a.test(esi, 1)?;
         a.jnz(no_fpu)?;
         a.or(edx, ex::FPU)?;
-        a.push(edx)?;
         guest_fpu_values(a, h, ebx, esi)?;
-        a.pop(edx)?;
         a.set_label(&mut no_fpu)?;
         // Trips 2 and 3 mod 4: hyper debug registers in use.
         a.test(esi, 2)?;
@@ -717,15 +800,22 @@ fn rc_hooks(
             !UseFlags::USE_DEBUG_REGS.bits(),
         )?;
         a.set_label(&mut dbg_done)?;
-        a.mov(dword_ptr(mb(offset_of!(RcMailbox, expect))), edx)?;
+        a.mov(
+            dword_ptr(abs_addr(h, mb(offset_of!(RcMailbox, expect)))),
+            edx,
+        )?;
         // The host's own FPU and debug registers, which must come back.
         a.fninit()?;
-        a.fldcw(word_ptr(host_fcw))?;
+        a.fldcw(word_ptr(abs_addr(h, host_fcw)))?;
         a.mov(eax, dword_ptr(h.cookie_slot))?;
         a.movd(xmm0, eax)?;
         for (n, dr) in [dr0, dr1, dr2, dr3].into_iter().enumerate() {
             host_dr(a, h, n as u32)?;
-            a.mov(dr, eax)?;
+            if h.bitness == 64 {
+                a.mov(dr, rax)?;
+            } else {
+                a.mov(dr, eax)?;
+            }
         }
         Ok(())
     };
@@ -736,8 +826,8 @@ fn rc_hooks(
         let mut dr_bad = a.create_label();
         let mut dr_ok = a.create_label();
         let mut saved = a.create_label();
-        a.fnstcw(word_ptr(tmp))?;
-        a.movzx(eax, word_ptr(tmp))?;
+        a.fnstcw(word_ptr(abs_addr(h, tmp)))?;
+        a.movzx(eax, word_ptr(abs_addr(h, tmp)))?;
         a.cmp(eax, HOST_FCW)?;
         a.jne(fpu_bad)?;
         a.movd(eax, xmm0)?;
@@ -748,7 +838,11 @@ fn rc_hooks(
         a.set_label(&mut fpu_ok)?;
         for (n, dr) in [dr0, dr1, dr2, dr3].into_iter().enumerate() {
             host_dr(a, h, n as u32)?;
-            a.mov(ecx, dr)?;
+            if h.bitness == 64 {
+                a.mov(rcx, dr)?;
+            } else {
+                a.mov(ecx, dr)?;
+            }
             a.cmp(ecx, eax)?;
             a.jne(dr_bad)?;
         }
@@ -765,7 +859,10 @@ fn rc_hooks(
             eax,
             word_ptr(ebx + (cl::GUEST_FPU + offset_of!(cpum::FxSaveArea, fcw)) as i32),
         )?;
-        a.cmp(eax, dword_ptr(mb(offset_of!(RcMailbox, guest_fcw))))?;
+        a.cmp(
+            eax,
+            dword_ptr(abs_addr(h, mb(offset_of!(RcMailbox, guest_fcw)))),
+        )?;
         a.je(saved)?;
         a.mov(dword_ptr(h.hook_fail_slot), HOOKFAIL_GUEST_FPU_SAVE)?;
         a.set_label(&mut saved)?;
@@ -795,7 +892,7 @@ fn trampoline_hooks(
             a.cmp(dword_ptr(h.vcpu_slot), i as u32)?;
             a.jne(next)?;
             for (k, w) in words.iter().enumerate() {
-                a.mov(dword_ptr(top_hc - bytes + 4 * k as u32), *w)?;
+                a.mov(dword_ptr(abs_addr(h, top_hc - bytes + 4 * k as u32)), *w)?;
             }
             a.mov(dword_ptr(ebx + cl::HYPER_RSP as i32), top_rc - bytes)?;
             a.mov(dword_ptr(ebx + cl::HYPER_RIP as i32), trampoline)?;

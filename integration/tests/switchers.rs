@@ -464,3 +464,74 @@ fn x2apic_option_on_an_xapic_host_takes_the_mmio_path() {
         }
     }
 }
+
+#[test]
+fn amd64_host_family_thousand_trips_both_revisions_and_trampoline() {
+    let Some(q) = qemu() else { return };
+    for kind in [SwitcherKind::Amd64To32, SwitcherKind::Amd64ToPae] {
+        for revision in [Revision::A, Revision::B] {
+            let mut s = Scenario::new(kind);
+            s.options.revision = revision;
+            assert!(
+                s.placement.code_hc.0 > 0xffff_8000_0000_0000,
+                "high canonical HC by default"
+            );
+            let r = go(&s, &q);
+            assert!(
+                r.verified,
+                "{} rev {revision:?}: {:?}",
+                kind.cli_name(),
+                r.failures
+            );
+            assert_eq!(r.round_trips, 2000);
+            let mb = r.rc_mailbox.unwrap();
+            assert_eq!((mb.calls, mb.nm_count, mb.sysenter_cs), (2000, 1000, 0));
+            assert_eq!(
+                mb.efer & 0x500,
+                0,
+                "EFER.LME/LMA off in the 32-bit hypervisor context"
+            );
+            assert_eq!(mb.cr4 & 0x20 != 0, kind == SwitcherKind::Amd64ToPae);
+            for c in &r.cpumcpu {
+                assert_eq!(u64::from(mb.cr3), c.hyper.cr3);
+                assert_eq!(c.guest.r[0], 1000);
+            }
+        }
+        let mut s = Scenario::new(kind);
+        s.trips = 20;
+        s.trampoline_args = Some(vec![5, 6, 7, 8]);
+        let r = go(&s, &q);
+        assert!(
+            r.verified,
+            "{} trampoline: {:?}",
+            kind.cli_name(),
+            r.failures
+        );
+        // Host HC below 4 GiB works too (a 64-bit host may map its kernel low).
+        let mut s = Scenario::new(kind);
+        s.trips = 20;
+        s.placement = Placement::default();
+        let r = go(&s, &q);
+        assert!(r.verified, "{} low HC: {:?}", kind.cli_name(), r.failures);
+    }
+    let mut s = Scenario::new(SwitcherKind::Amd64Stub);
+    s.trips = 50;
+    let r = go(&s, &q);
+    assert!(r.verified, "{:?}", r.failures);
+    assert!(r
+        .run
+        .report
+        .trips
+        .iter()
+        .all(|t| t.ret == vmm_switcher::templates::stub::STUB_STATUS));
+    // A broken AMD64-host switcher is caught: host FPU state not restored.
+    let mut s = Scenario::new(SwitcherKind::Amd64ToPae);
+    s.trips = 10;
+    s.mutation = Some(Mutation::HostFpuNotRestored);
+    let r = go(&s, &q);
+    assert!(
+        !r.verified && r.failures.iter().any(|f| f.contains("host FPU")),
+        "{:?}",
+        r.failures
+    );
+}

@@ -115,6 +115,10 @@ pub struct VmmConfig {
     pub table_pages: u32,
     /// Extra intermediate mappings.
     pub extra_mappings: Vec<ExtraMapping>,
+    /// Bitness of the host (32 for legacy and PAE hosts, 64 for AMD64 hosts):
+    /// it decides which switchers the core holds, as VirtualBox's x86 and
+    /// AMD64 builds do, and where HC addresses may lie.
+    pub host_bits: u32,
 }
 
 impl Default for VmmConfig {
@@ -132,7 +136,20 @@ impl Default for VmmConfig {
             helper_pages: 4,
             table_pages: 64,
             extra_mappings: Vec::new(),
+            host_bits: 32,
         }
+    }
+}
+
+impl VmmConfig {
+    /// The default configuration for an AMD64 host: the same physical and RC
+    /// placement, HC addresses in the top 2 GiB of the canonical space.
+    pub fn amd64_host() -> Self {
+        let mut c = Self::default();
+        c.host_bits = 64;
+        c.placement.code_hc = HcAddr(0xffff_ffff_c040_0000);
+        c.placement.hma_hc = HcAddr(0xffff_ffff_c050_0000);
+        c
     }
 }
 
@@ -168,6 +185,17 @@ pub enum PlacementError {
         b: &'static str,
         /// Second range.
         b_range: Range<u64>,
+    },
+    /// The host bitness is neither 32 nor 64.
+    #[error("host bitness {0} is neither 32 nor 64")]
+    HostBits(u32),
+    /// An HC address is not canonical.
+    #[error("{what} address {addr:#x} is not canonical")]
+    NonCanonical {
+        /// Which address.
+        what: &'static str,
+        /// The address.
+        addr: u64,
     },
     /// The VCPU count is out of range.
     #[error("VCPU count {0} is not in 1..=32")]
@@ -261,8 +289,15 @@ impl Installed {
     }
 }
 
-/// The switchers this build provides.
-pub const AVAILABLE: [SwitcherKind; 8] = [
+/// The switchers a core for an AMD64 host holds.
+pub const AVAILABLE_AMD64_HOST: [SwitcherKind; 3] = [
+    SwitcherKind::Amd64To32,
+    SwitcherKind::Amd64ToPae,
+    SwitcherKind::Amd64Stub,
+];
+
+/// The switchers a core for a 32-bit (legacy or PAE) host holds.
+pub const AVAILABLE_32BIT_HOST: [SwitcherKind; 7] = [
     SwitcherKind::Legacy32To32,
     SwitcherKind::Legacy32ToPae,
     SwitcherKind::Legacy32ToAmd64,
@@ -270,6 +305,28 @@ pub const AVAILABLE: [SwitcherKind; 8] = [
     SwitcherKind::PaeToPae,
     SwitcherKind::PaeToAmd64,
     SwitcherKind::X86Stub,
+];
+
+/// The switchers for a host of `bits` bitness.
+pub fn available_for(bits: u32) -> &'static [SwitcherKind] {
+    if bits == 64 {
+        &AVAILABLE_AMD64_HOST
+    } else {
+        &AVAILABLE_32BIT_HOST
+    }
+}
+
+/// Every switcher this build provides, for some host.
+pub const AVAILABLE: [SwitcherKind; 10] = [
+    SwitcherKind::Legacy32To32,
+    SwitcherKind::Legacy32ToPae,
+    SwitcherKind::Legacy32ToAmd64,
+    SwitcherKind::PaeTo32,
+    SwitcherKind::PaeToPae,
+    SwitcherKind::PaeToAmd64,
+    SwitcherKind::X86Stub,
+    SwitcherKind::Amd64To32,
+    SwitcherKind::Amd64ToPae,
     SwitcherKind::Amd64Stub,
 ];
 
@@ -295,6 +352,12 @@ pub fn build_switcher(
         SwitcherKind::PaeTo32 => legacy_pae::build(F::Pae, F::Legacy32, options, vm)?,
         SwitcherKind::PaeToPae => legacy_pae::build(F::Pae, F::Pae, options, vm)?,
         SwitcherKind::X86Stub => vmm_switcher::templates::stub::build(32, options)?,
+        SwitcherKind::Amd64To32 => {
+            vmm_switcher::templates::amd64_legacy::build(F::Legacy32, options, vm)?
+        }
+        SwitcherKind::Amd64ToPae => {
+            vmm_switcher::templates::amd64_legacy::build(F::Pae, options, vm)?
+        }
         SwitcherKind::Amd64Stub => vmm_switcher::templates::stub::build(64, options)?,
         kind => return Err(VmmError::Select(SelectError::Unavailable { kind })),
     })
@@ -385,7 +448,10 @@ impl Vmm {
         };
         let mut switchers = Vec::new();
         let mut core = Vec::new();
-        for kind in AVAILABLE {
+        if cfg.host_bits != 32 && cfg.host_bits != 64 {
+            return Err(PlacementError::HostBits(cfg.host_bits).into());
+        }
+        for &kind in available_for(cfg.host_bits) {
             let def = build_switcher(kind, &cfg.options, &vm)?;
             let offset = u32::try_from(core.len()).unwrap_or(u32::MAX);
             core.extend_from_slice(&def.code);
@@ -455,9 +521,21 @@ impl Vmm {
         below4g("core-code physical", &code_phys)?;
         below4g("intermediate tables", &tables)?;
         below4g("HMA RC", &rc)?;
-        // 32-bit and PAE hosts run the HC code with 32-bit addresses.
-        below4g("core-code HC", &code_hc)?;
-        below4g("HMA HC", &hma_hc)?;
+        if cfg.host_bits == 64 {
+            for (what, r) in [("core-code HC", &code_hc), ("HMA HC", &hma_hc)] {
+                let canonical = |a: u64| (a >> 47) == 0 || (a >> 47) == 0x1_ffff;
+                if !canonical(r.start) || !canonical(r.end - 1) {
+                    return Err(PlacementError::NonCanonical {
+                        what,
+                        addr: r.start,
+                    });
+                }
+            }
+        } else {
+            // 32-bit and PAE hosts run the HC code with 32-bit addresses.
+            below4g("core-code HC", &code_hc)?;
+            below4g("HMA HC", &hma_hc)?;
+        }
         let phys = [
             ("core-code physical", &code_phys),
             ("HMA physical", &hma_phys),
@@ -536,13 +614,29 @@ impl Vmm {
     fn map_fixed(&mut self) -> Result<(), VmmError> {
         let p = self.cfg.placement;
         let len = self.core.len() as u64;
-        self.map(
-            "core code (HC)",
-            p.code_hc.0,
-            p.code_phys.0,
-            len,
-            MapFlags::WRITABLE,
-        )?;
+        if p.code_hc.0 >= 1 << 32 {
+            // Only long-mode code runs at an HC address above 4 GiB.
+            self.inter
+                .map(
+                    p.code_hc.0,
+                    p.code_phys.0,
+                    len,
+                    MapFlags::WRITABLE,
+                    Flavours::LONG,
+                )
+                .map_err(|source| VmmError::InterMap {
+                    what: "core code (HC)",
+                    source,
+                })?;
+        } else {
+            self.map(
+                "core code (HC)",
+                p.code_hc.0,
+                p.code_phys.0,
+                len,
+                MapFlags::WRITABLE,
+            )?;
+        }
         if p.code_hc.0 != p.code_phys.0 {
             self.map(
                 "core code (identity)",

@@ -38,7 +38,7 @@ fn default_core_maps_every_view_and_relocates_every_switcher() {
     let past = u64::from(p.hma_rc.0) + hma_len + code_len;
     assert!(vmm.intermediate().translate(Flavour::Long, past).is_err());
 
-    assert_eq!(vmm.switchers().len(), vmm::AVAILABLE.len());
+    assert_eq!(vmm.switchers().len(), vmm::available_for(32).len());
     for sw in vmm.switchers() {
         assert_eq!(sw.offset % 32, 0);
         assert_eq!(sw.reloc.applied.len(), sw.def.fixups.len());
@@ -300,4 +300,46 @@ fn stam_registry_reads_the_vm_image() {
         .registry
         .snapshot("*", &st.backing(&vmm.vm_image()[..100]))
         .is_err());
+}
+
+#[test]
+fn amd64_host_core_maps_hc_in_long_mode_only() {
+    let vmm = Vmm::new(VmmConfig::amd64_host()).unwrap();
+    let p = vmm.config().placement;
+    let kinds: Vec<_> = vmm.switchers().iter().map(|s| s.def.kind).collect();
+    assert_eq!(kinds, vmm::AVAILABLE_AMD64_HOST);
+    let t = vmm
+        .intermediate()
+        .translate(Flavour::Long, p.code_hc.0)
+        .unwrap();
+    assert_eq!(t.phys, p.code_phys.0);
+    // The identity and RC views exist in every flavour; the high HC view only in long mode.
+    walk_all(&vmm, p.code_phys.0, p.code_phys.0);
+    walk_all(&vmm, u64::from(p.hma_rc.0), p.hma_phys.0);
+    for sw in vmm.switchers() {
+        assert_eq!(
+            sw.entries.r0_host_to_guest_hc.0,
+            p.code_hc.0 + u64::from(sw.offset)
+        );
+        assert_eq!(sw.reloc.applied.len(), sw.def.fixups.len());
+    }
+    assert!(matches!(
+        vmm.switcher(SwitcherKind::PaeToPae),
+        Err(vmm::mode::SelectError::Unavailable { .. })
+    ));
+    let mut c = VmmConfig::amd64_host();
+    c.placement.code_hc = HcAddr(0x8000_0000_0000);
+    assert!(matches!(
+        Vmm::new(c).unwrap_err(),
+        VmmError::Placement(PlacementError::NonCanonical {
+            what: "core-code HC",
+            ..
+        })
+    ));
+    let mut c = VmmConfig::default();
+    c.host_bits = 16;
+    assert!(matches!(
+        Vmm::new(c).unwrap_err(),
+        VmmError::Placement(PlacementError::HostBits(16))
+    ));
 }

@@ -21,7 +21,7 @@ use cpum::regs::{Cr0, Cr4, Efer, MSR_EFER, MSR_SYSENTER_CS};
 use cpum::UseFlags;
 use iced_x86::code_asm::*;
 
-use super::legacy_pae::{emit_gc, Flavour};
+use super::legacy_pae::{emit_gc, Flavour, HostDrSlots};
 use super::{
     adv_start64, adv_stop64, apic_mask64, apic_unmask64, jmp_far_fix, jmp_rel32_fix, mov_fix,
     trace, Revision, Step, TemplateOptions, VmLayout,
@@ -215,19 +215,16 @@ pub(crate) fn emit_host_entry64(
 
 /// The 64-bit host-restoring exit shared by the AMD64-host switchers, from
 /// `HCExitTarget` (reached at its HC address under the intermediate PML4,
-/// EBP = VCPU offset, EDI = status) to the `retfq`.
+/// RAX = host CR3, EBP = VCPU offset, EDI = status) to the `retfq`.
 pub(crate) fn emit_host_exit64(b: &mut Builder, o: &TemplateOptions) -> Result<(), BuildError> {
     b.label("HCExitTarget")?;
     let cpum_slot = b.named("pCpumHC1");
     {
+        // In: RAX = host CR3, EBP = VCPU offset, EDI = status.
         let a = b.a();
-        // Upper register halves are undefined after the mode switches.
-        a.mov(ebp, ebp)?;
-        a.mov(edi, edi)?;
+        a.mov(cr3, rax)?;
         a.mov(r8, qword_ptr(cpum_slot))?;
         a.add(r8, rbp)?;
-        a.mov(rax, qword_ptr(r8 + d(l::HOST64_CR3)))?;
-        a.mov(cr3, rax)?;
     }
     trace(b, o, Step::HostCr3)?;
     {
@@ -461,7 +458,7 @@ pub fn build(
 
     // ------------------------------------------------------------ GC: the hypervisor context
     b.section(32)?;
-    emit_gc(&mut b, o, vm)?;
+    emit_gc(&mut b, o, vm, HostDrSlots::HOST64)?;
     mov_fix(&mut b, ebx, K::GcCpumOff, Operand::Value(0))?;
     {
         let a = b.a();
@@ -502,8 +499,22 @@ pub fn build(
     b.section(64)?;
     b.label("IDExit64")?;
     trace(&mut b, o, Step::Mode64)?;
+    {
+        // Upper register halves are undefined after the mode switches.
+        let a = b.a();
+        a.mov(ebp, ebp)?;
+        a.mov(edi, edi)?;
+    }
+    // Host CR3 through the RC mapping (the intermediate context does not map
+    // the HMA at its HC address); carried in RAX to the HC copy.
+    mov_fix(&mut b, edx, K::GcCpumOff, Operand::Value(0))?;
     let hc_slot = b.named("pHCExitTarget");
-    b.a().jmp(qword_ptr(hc_slot))?;
+    {
+        let a = b.a();
+        a.add(rdx, rbp)?;
+        a.mov(rax, qword_ptr(rdx + d(l::HOST64_CR3)))?;
+        a.jmp(qword_ptr(hc_slot))?;
+    }
     slot64(
         &mut b,
         "pHCExitTarget",

@@ -84,6 +84,28 @@ fn rc_cpumcpu_from_tr(b: &mut Builder) -> Result<(), BuildError> {
     Ok(())
 }
 
+/// Where the host context keeps DR0–DR3 (the hyper side saves them there).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct HostDrSlots {
+    /// Offset of host DR0 in `CpumCpu*`.
+    pub dr0: usize,
+    /// Bytes between consecutive host DRs (4 for a 32-bit host, 8 for AMD64).
+    pub stride: usize,
+}
+
+impl HostDrSlots {
+    /// A 32-bit host context.
+    pub const HOST32: Self = Self {
+        dr0: l::HOST32_DR0,
+        stride: l::HOST32_DR1 - l::HOST32_DR0,
+    };
+    /// A 64-bit host context.
+    pub const HOST64: Self = Self {
+        dr0: l::HOST64_DR0,
+        stride: 8,
+    };
+}
+
 /// The hypervisor-context (RC, 32-bit) part shared by every switcher whose
 /// hypervisor context is 32-bit or PAE: the far-jump target that loads the
 /// hyper context and `iret`s to `Hyper.eip`, the call trampoline, the C exit
@@ -95,6 +117,7 @@ pub(crate) fn emit_gc(
     b: &mut Builder,
     o: &TemplateOptions,
     vm: &VmLayout,
+    host: HostDrSlots,
 ) -> Result<(), BuildError> {
     b.label("FarJmpGCTarget")?;
     {
@@ -136,14 +159,13 @@ pub(crate) fn emit_gc(
             UseFlags::USE_DEBUG_REGS.bits(),
         )?;
         a.jz(no_dr)?;
-        for (dr, host_off, n) in [
-            (dr0, l::HOST32_DR0, 0),
-            (dr1, l::HOST32_DR1, 1),
-            (dr2, l::HOST32_DR2, 2),
-            (dr3, l::HOST32_DR3, 3),
-        ] {
+        for (n, dr) in [dr0, dr1, dr2, dr3].into_iter().enumerate() {
+            let slot = host.dr0 + host.stride * n;
             a.mov(eax, dr)?;
-            a.mov(dword_ptr(edx + d(host_off)), eax)?;
+            a.mov(dword_ptr(edx + d(slot)), eax)?;
+            if host.stride == 8 {
+                a.mov(dword_ptr(edx + d(slot + 4)), 0u32)?;
+            }
             a.mov(eax, dword_ptr(edx + d(l::HYPER_DR + 8 * n)))?;
             a.mov(dr, eax)?;
         }
@@ -477,7 +499,7 @@ pub fn build(
 
     // ------------------------------------------------------------ GC: hypervisor context
     b.section(32)?;
-    emit_gc(&mut b, o, vm)?;
+    emit_gc(&mut b, o, vm, HostDrSlots::HOST32)?;
     // EBP = VCPU offset from CPUM; ECX = host CR3.
     mov_fix(&mut b, ebx, K::GcCpumOff, Operand::Value(0))?;
     {

@@ -1,0 +1,385 @@
+//! The command line, declared with clap's derive API.
+//!
+//! Every subcommand has `--help`; the doc comments below are the help text.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use vmm_switcher::templates::Revision;
+use vmm_switcher::SwitcherKind;
+
+use crate::scenario::Mutation;
+
+/// See, run, measure and debug world switchers.
+///
+/// A world switcher is the ring-0 code that leaves a host CPU context for a
+/// hypervisor context in another paging mode and comes back with the host
+/// intact. This program builds VirtualBox-style switchers with iced-x86,
+/// relocates them, and executes them for real under QEMU TCG.
+///
+/// Exit status: 0 every switcher verified, 1 a switcher failed verification,
+/// 2 usage or environment error (bad argument, bad placement, QEMU missing).
+#[derive(Debug, Parser)]
+#[command(name = "worldswitch", version, propagate_version = true)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// List every switcher kind: host and guest modes, availability, code size, fixups.
+    List(ListArgs),
+    /// Show one switcher's VMMSWITCHERDEF: fields, regions, entry points, labels, fixup records.
+    Show(ShowArgs),
+    /// Disassemble a switcher's relocated code, annotated with regions, labels and fixups.
+    Disasm(DisasmArgs),
+    /// Relocate a switcher for a placement and write its bytes to a file.
+    Relocate(RelocateArgs),
+    /// Boot the testbed under QEMU and run switchers for real: verdict, instruction counts, STAM.
+    Run(RunArgs),
+    /// Write the bootable multiboot test image (for QEMU, other emulators or GRUB on real x86).
+    Image(ImageArgs),
+    /// Judge a captured COM1 transcript of an image and print the same report `run` prints.
+    Decode(DecodeArgs),
+    /// Dump the VM's STAM samples of a fresh run (or of a saved `run --json`) in a chosen format.
+    Stats(StatsArgs),
+}
+
+/// Where the core code, the hypervisor area and the intermediate tables go.
+///
+/// Each value is an address in hex (`0x` prefix) or decimal, page aligned.
+#[derive(Clone, Copy, Debug, Default, Args)]
+pub struct PlacementArgs {
+    /// Host-context (ring-0 virtual) base: the core code goes here, the
+    /// hypervisor area's host mapping 1 MiB above [default: 0xc0400000].
+    #[arg(long, value_name = "ADDR", value_parser = parse_addr)]
+    pub hc_base: Option<u64>,
+    /// Hypervisor-context (RC) base of the hypervisor area [default: 0xa0000000].
+    #[arg(long, value_name = "ADDR", value_parser = parse_addr)]
+    pub rc_base: Option<u64>,
+    /// Physical base: the core code goes here, the hypervisor area 1 MiB above
+    /// and the intermediate page tables 2 MiB above [default: 0x400000].
+    #[arg(long, value_name = "ADDR", value_parser = parse_addr)]
+    pub phys_base: Option<u64>,
+}
+
+/// The unmask revision (`--revision`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum RevisionArg {
+    /// Unmask the NMI LVTs in the exit path (the earlier seed).
+    A,
+    /// Unmask them after the worker call returns (the later seed).
+    #[default]
+    B,
+}
+
+impl From<RevisionArg> for Revision {
+    fn from(r: RevisionArg) -> Self {
+        match r {
+            RevisionArg::A => Revision::A,
+            RevisionArg::B => Revision::B,
+        }
+    }
+}
+
+/// Template and VM options shared by every subcommand that builds switchers.
+#[derive(Clone, Copy, Debug, Args)]
+pub struct BuildArgs {
+    /// Where the masked APIC NMI vectors are unmasked again.
+    #[arg(long, value_enum, default_value_t = RevisionArg::B)]
+    pub revision: RevisionArg,
+    /// Build without APIC NMI masking.
+    #[arg(long)]
+    pub no_apic: bool,
+    /// Build without the STAM ToGC/ToHC profiles.
+    #[arg(long)]
+    pub no_stats: bool,
+    /// Print one trace character per switch step to COM1 (shows the last step reached).
+    #[arg(long)]
+    pub trace: bool,
+    /// Build the masking code that also handles a host APIC in x2APIC mode (MSRs).
+    #[arg(long)]
+    pub x2apic: bool,
+    /// Number of VCPUs; the host calls them in turn.
+    #[arg(long, value_name = "N", default_value_t = 2)]
+    pub vcpus: u32,
+}
+
+/// How QEMU is run.
+#[derive(Clone, Debug, Args)]
+pub struct QemuArgs {
+    /// Wall-clock limit per boot, in seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+    pub timeout: u64,
+    /// QEMU binary [default: qemu-system-x86_64 on PATH].
+    #[arg(long, value_name = "PATH")]
+    pub qemu: Option<PathBuf>,
+    /// QEMU `-cpu` model [default: QEMU's qemu64].
+    #[arg(long, value_name = "MODEL")]
+    pub cpu: Option<String>,
+    /// Write QEMU's interrupt/reset log (`-d int,cpu_reset,guest_errors`) to FILE.
+    #[arg(long, value_name = "FILE")]
+    pub qemu_log: Option<PathBuf>,
+}
+
+/// `worldswitch list`.
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `worldswitch show`.
+#[derive(Debug, Args)]
+pub struct ShowArgs {
+    /// The switcher (see `worldswitch list`).
+    #[arg(value_name = "SWITCHER", value_parser = parse_switcher)]
+    pub switcher: SwitcherKind,
+    /// Template options.
+    #[command(flatten)]
+    pub build: BuildArgs,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `worldswitch disasm`.
+#[derive(Debug, Args)]
+pub struct DisasmArgs {
+    /// The switcher (see `worldswitch list`).
+    #[arg(value_name = "SWITCHER", value_parser = parse_switcher)]
+    pub switcher: SwitcherKind,
+    /// Placement.
+    #[command(flatten)]
+    pub placement: PlacementArgs,
+    /// Template options.
+    #[command(flatten)]
+    pub build: BuildArgs,
+    /// Print one JSON object per instruction in an array.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `worldswitch relocate`.
+#[derive(Debug, Args)]
+pub struct RelocateArgs {
+    /// The switcher (see `worldswitch list`).
+    #[arg(value_name = "SWITCHER", value_parser = parse_switcher)]
+    pub switcher: SwitcherKind,
+    /// Where to write the relocated bytes.
+    #[arg(long, value_name = "FILE")]
+    pub out: PathBuf,
+    /// Placement.
+    #[command(flatten)]
+    pub placement: PlacementArgs,
+    /// Template options.
+    #[command(flatten)]
+    pub build: BuildArgs,
+    /// Print every fixup (offset, kind, written value) and the entry addresses as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Which switchers to run: names, or `--all` (the default).
+#[derive(Clone, Debug, Args)]
+pub struct Selection {
+    /// Switchers to run (see `worldswitch list`); none means `--all`.
+    #[arg(value_name = "SWITCHER", value_parser = parse_switcher)]
+    pub switchers: Vec<SwitcherKind>,
+    /// Every available switcher that has a testbed host.
+    #[arg(long, conflicts_with = "switchers")]
+    pub all: bool,
+}
+
+/// Options that define a scenario (what the image does).
+#[derive(Clone, Debug, Args)]
+pub struct ScenarioArgs {
+    /// Round trips per VCPU.
+    #[arg(long, value_name = "N", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
+    pub round_trips: u32,
+    /// Template options.
+    #[command(flatten)]
+    pub build: BuildArgs,
+    /// Placement.
+    #[command(flatten)]
+    pub placement: PlacementArgs,
+}
+
+/// `worldswitch run`.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Switchers.
+    #[command(flatten)]
+    pub select: Selection,
+    /// Scenario.
+    #[command(flatten)]
+    pub scenario: ScenarioArgs,
+    /// QEMU.
+    #[command(flatten)]
+    pub qemu: QemuArgs,
+    /// Print one JSON document (schema in the README).
+    #[arg(long)]
+    pub json: bool,
+    /// Start QEMU halted with its gdbstub on :1234; print the gdb command
+    /// line and the switcher's label addresses (one switcher only).
+    #[arg(long)]
+    pub gdb: bool,
+    /// Break the switcher on purpose (one instruction replaced by NOPs) to
+    /// see the testbed catch it.
+    #[arg(long, value_enum, value_name = "BUG")]
+    pub mutate: Option<MutationArg>,
+}
+
+/// A deliberate breakage for `run --mutate`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum MutationArg {
+    /// The host TSS busy bit is not cleared before `ltr`.
+    TssBusyNotCleared,
+    /// Host EBX is not restored.
+    HostEbxNotRestored,
+    /// LINT0 is not unmasked after the trip.
+    LvtNotUnmasked,
+    /// CR4.PAE stays on when returning to a 32-bit host.
+    PaeLeftOn,
+    /// `Guest.fpu` is not loaded although sync was asked.
+    FpuNotSynced,
+    /// The masked-vector register is not cleared first (VirtualBox's bug).
+    DisVectorsNotCleared,
+}
+
+impl From<MutationArg> for Mutation {
+    fn from(m: MutationArg) -> Self {
+        match m {
+            MutationArg::TssBusyNotCleared => Mutation::TssBusyNotCleared,
+            MutationArg::HostEbxNotRestored => Mutation::HostEbxNotRestored,
+            MutationArg::LvtNotUnmasked => Mutation::LvtNotUnmasked,
+            MutationArg::PaeLeftOn => Mutation::PaeLeftOn,
+            MutationArg::FpuNotSynced => Mutation::FpuNotSynced,
+            MutationArg::DisVectorsNotCleared => Mutation::DisVectorsNotCleared,
+        }
+    }
+}
+
+/// `worldswitch image`.
+#[derive(Debug, Args)]
+pub struct ImageArgs {
+    /// Switchers.
+    #[command(flatten)]
+    pub select: Selection,
+    /// Output file; with several switchers, `-<switcher>` is inserted before
+    /// the extension (`ws.bin` → `ws-32-to-amd64.bin`).
+    #[arg(long, value_name = "FILE")]
+    pub out: PathBuf,
+    /// Scenario.
+    #[command(flatten)]
+    pub scenario: ScenarioArgs,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `worldswitch decode`.
+#[derive(Debug, Args)]
+pub struct DecodeArgs {
+    /// The switcher the image ran [default: inferred from the BOOT line].
+    #[arg(value_name = "SWITCHER", value_parser = parse_switcher)]
+    pub switcher: Option<SwitcherKind>,
+    /// Read the transcript from FILE instead of stdin.
+    #[arg(long, value_name = "FILE")]
+    pub input: Option<PathBuf>,
+    /// Round trips per VCPU [default: from the BOOT line].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
+    pub round_trips: Option<u32>,
+    /// VCPUs [default: from the BOOT line].
+    #[arg(long, value_name = "N")]
+    pub vcpus: Option<u32>,
+    /// The unmask revision the image was built with.
+    #[arg(long, value_enum, default_value_t = RevisionArg::B)]
+    pub revision: RevisionArg,
+    /// The image was built with `--no-apic`.
+    #[arg(long)]
+    pub no_apic: bool,
+    /// The image was built with `--no-stats`.
+    #[arg(long)]
+    pub no_stats: bool,
+    /// The image was built with `--trace`.
+    #[arg(long)]
+    pub trace: bool,
+    /// The image was built with `--x2apic`.
+    #[arg(long)]
+    pub x2apic: bool,
+    /// Placement the image was built with.
+    #[command(flatten)]
+    pub placement: PlacementArgs,
+    /// Print the same JSON document `run --json` prints.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Output format of `worldswitch stats`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum StatsFormat {
+    /// VirtualBox's `STAMR3Print` layout.
+    #[default]
+    Text,
+    /// VirtualBox's `STAMR3Snapshot` XML.
+    Xml,
+    /// A serialised `stam::Snapshot`.
+    Json,
+    /// Prometheus text exposition format 0.0.4.
+    Prometheus,
+}
+
+/// `worldswitch stats`.
+#[derive(Debug, Args)]
+pub struct StatsArgs {
+    /// The switcher to run or to pick from `--from` [default: the first available].
+    #[arg(value_name = "SWITCHER", value_parser = parse_switcher)]
+    pub switcher: Option<SwitcherKind>,
+    /// Read a document written by `worldswitch run --json` (`-` for stdin) instead of running.
+    #[arg(long, value_name = "FILE")]
+    pub from: Option<PathBuf>,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = StatsFormat::Text)]
+    pub format: StatsFormat,
+    /// Sample name pattern: globs (`*`, `?`) with `|` alternatives.
+    #[arg(long, value_name = "P", default_value = "/VMM/*")]
+    pub pattern: String,
+    /// Same as `--format json`.
+    #[arg(long)]
+    pub json: bool,
+    /// Scenario (when running).
+    #[command(flatten)]
+    pub scenario: ScenarioArgs,
+    /// QEMU (when running).
+    #[command(flatten)]
+    pub qemu: QemuArgs,
+}
+
+/// Parses an address: `0x`-prefixed hex or decimal, `_` separators allowed.
+///
+/// # Errors
+/// A message naming the value.
+pub fn parse_addr(s: &str) -> Result<u64, String> {
+    let t = s.trim().replace('_', "");
+    let parsed = match t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
+        Some(hex) => u64::from_str_radix(hex, 16),
+        None => t.parse::<u64>(),
+    };
+    parsed.map_err(|_| format!("`{s}` is not an address (hex with 0x, or decimal)"))
+}
+
+/// Parses a switcher's command-line name.
+///
+/// # Errors
+/// A message naming the value and listing the valid names.
+pub fn parse_switcher(s: &str) -> Result<SwitcherKind, String> {
+    SwitcherKind::from_cli_name(s).ok_or_else(|| {
+        let names: Vec<&str> = SwitcherKind::ALL.iter().map(|k| k.cli_name()).collect();
+        format!("unknown switcher `{s}` (one of: {})", names.join(", "))
+    })
+}

@@ -1,0 +1,504 @@
+//! What `run` and `decode` report: the JSON document and its text rendering.
+//!
+//! The JSON document (schema `worldswitch.run/1`) is one object:
+//!
+//! | field | type | meaning |
+//! |---|---|---|
+//! | `schema` | string | `"worldswitch.run/1"` |
+//! | `command` | string | `"run"` or `"decode"` |
+//! | `verified` | bool | every run verified |
+//! | `runs` | array of [`RunJson`] | one per switcher, in the order run |
+//! | `skipped` | array of [`SkippedJson`] | available switchers the testbed cannot host |
+//!
+//! Every address and count is a JSON number; absent values are `null`.
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use serde::Serialize;
+use stam::Snapshot;
+use vmm_switcher::templates::Revision;
+use vmm_switcher::SwitcherKind;
+
+use super::setup;
+use crate::qemu::Outcome;
+use crate::scenario::{Built, Scenario, ScenarioResult};
+use crate::transcript::Report;
+
+/// The schema name of the document `run --json` and `decode --json` print.
+pub const SCHEMA: &str = "worldswitch.run/1";
+
+/// The STAM pattern the run reports carry.
+pub const STAM_PATTERN: &str = "/VMM/*";
+
+/// The whole document.
+#[derive(Clone, Debug, Serialize)]
+pub struct RunDoc {
+    /// [`SCHEMA`].
+    pub schema: &'static str,
+    /// `run` or `decode`.
+    pub command: &'static str,
+    /// Every run verified.
+    pub verified: bool,
+    /// One entry per switcher run.
+    pub runs: Vec<RunJson>,
+    /// Switchers `--all` left out.
+    pub skipped: Vec<SkippedJson>,
+}
+
+/// A switcher `--all` did not run.
+#[derive(Clone, Debug, Serialize)]
+pub struct SkippedJson {
+    /// Its command-line name.
+    pub switcher: &'static str,
+    /// Why.
+    pub reason: String,
+}
+
+/// Where everything was placed (all numbers).
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct PlacementJson {
+    /// HC address of the core-code block.
+    pub code_hc: u64,
+    /// Physical address of the core-code block.
+    pub code_phys: u64,
+    /// RC address of the hypervisor area.
+    pub hma_rc: u32,
+    /// HC address of the hypervisor area.
+    pub hma_hc: u64,
+    /// Physical address of the hypervisor area.
+    pub hma_phys: u64,
+    /// Physical address of the intermediate page tables.
+    pub tables_phys: u64,
+}
+
+/// The last trace step a switcher printed (`--trace`).
+#[derive(Clone, Debug, Serialize)]
+pub struct StepJson {
+    /// The character on COM1.
+    pub char: String,
+    /// The step's name.
+    pub name: String,
+    /// What it means.
+    pub description: &'static str,
+}
+
+/// One state item that differed after a round trip.
+#[derive(Clone, Debug, Serialize)]
+pub struct MismatchJson {
+    /// Trip index.
+    pub trip: u32,
+    /// VCPU index.
+    pub vcpu: u32,
+    /// Snapshot item name (`cr3`, `gdtr.base`, `ebx`, …).
+    pub name: String,
+    /// Value before the call.
+    pub before: u32,
+    /// Value after the call.
+    pub after: u32,
+}
+
+/// One switcher's run.
+#[derive(Clone, Debug, Serialize)]
+pub struct RunJson {
+    /// Command-line name (`32-to-amd64`).
+    pub switcher: &'static str,
+    /// VirtualBox name (`VMMSWITCHER_32_TO_AMD64`).
+    pub vbox_name: &'static str,
+    /// Host paging mode (`32-bit`, `PAE`, `AMD64`).
+    pub host_mode: &'static str,
+    /// Hypervisor-context paging mode.
+    pub guest_mode: &'static str,
+    /// Unmask revision, `"a"` or `"b"`.
+    pub revision: &'static str,
+    /// STAM profiling built in.
+    pub stats: bool,
+    /// APIC NMI masking built in.
+    pub apic_nmi_masking: bool,
+    /// Trace characters built in.
+    pub trace: bool,
+    /// x2APIC-capable masking built in.
+    pub x2apic: bool,
+    /// VCPUs called in turn.
+    pub vcpus: u32,
+    /// Round trips asked per VCPU.
+    pub round_trips_per_vcpu: u32,
+    /// Addresses.
+    pub placement: PlacementJson,
+    /// The deliberate breakage (`run --mutate`), kebab-case; `null` normally.
+    pub mutation: Option<String>,
+    /// Every check passed.
+    pub verified: bool,
+    /// `pass`, `verification-failed`, `host-exception`, `far-exception`,
+    /// `triple-fault`, `timeout`, `qemu-refused`, `exit-status` or
+    /// `incomplete` (a decoded transcript without a `RESULT` line).
+    pub outcome: &'static str,
+    /// Details of the outcome (exception vector and symbolised address, …).
+    pub outcome_detail: Option<String>,
+    /// Why verification failed, one line each (empty when verified).
+    pub failures: Vec<String>,
+    /// State items that differed after a round trip (first few).
+    pub mismatches: Vec<MismatchJson>,
+    /// The last trace step printed (`--trace` only).
+    pub last_step: Option<StepJson>,
+    /// Round trips completed, over all VCPUs.
+    pub round_trips: u64,
+    /// Exact instructions host → hypervisor context (`/VMM/Switcher/ToGC` average).
+    pub instructions_to_guest: Option<u64>,
+    /// Exact instructions hypervisor context → host (`/VMM/Switcher/ToHC` average).
+    pub instructions_to_host: Option<u64>,
+    /// Instructions of the cheapest round trip as the host measures it
+    /// (C call to return, far helper included, no FPU/debug sync).
+    pub instructions_per_round_trip: Option<u64>,
+    /// Instructions of the dearest round trip (FPU and debug sync).
+    pub instructions_per_round_trip_max: Option<u64>,
+    /// NMIs the host took during the run.
+    pub nmis: Option<u32>,
+    /// Wall-clock time of the QEMU boot in seconds (`null` when decoded).
+    pub wall_seconds: Option<f64>,
+    /// The VM's STAM samples after the run (`stam::Snapshot`), `null` without a VM dump.
+    pub stam: Option<Snapshot>,
+}
+
+fn revision_name(r: Revision) -> &'static str {
+    match r {
+        Revision::A => "a",
+        Revision::B => "b",
+    }
+}
+
+/// The kebab-case name of an outcome.
+pub fn outcome_name(o: &Outcome, incomplete: bool) -> &'static str {
+    match o {
+        _ if incomplete => "incomplete",
+        Outcome::Pass => "pass",
+        Outcome::VerificationFailed => "verification-failed",
+        Outcome::HostException(_) => "host-exception",
+        Outcome::FarException(_) => "far-exception",
+        Outcome::TripleFault => "triple-fault",
+        Outcome::Timeout => "timeout",
+        Outcome::QemuRefused(_) => "qemu-refused",
+        Outcome::Other(_) => "exit-status",
+    }
+}
+
+/// The mnemonic of an exception vector.
+pub fn vector_name(v: u8) -> String {
+    let n = match v {
+        0 => "#DE",
+        1 => "#DB",
+        2 => "NMI",
+        3 => "#BP",
+        4 => "#OF",
+        5 => "#BR",
+        6 => "#UD",
+        7 => "#NM",
+        8 => "#DF",
+        10 => "#TS",
+        11 => "#NP",
+        12 => "#SS",
+        13 => "#GP",
+        14 => "#PF",
+        16 => "#MF",
+        17 => "#AC",
+        18 => "#MC",
+        19 => "#XM",
+        _ => return format!("vector {v}"),
+    };
+    n.to_string()
+}
+
+fn symbolize(built: &Built, kind: SwitcherKind, addr: u64) -> String {
+    if let Some(s) = built
+        .vmm
+        .switcher(kind)
+        .ok()
+        .and_then(|sw| setup::symbolize_switcher(sw, addr))
+    {
+        return s;
+    }
+    if let Some((name, off)) = u32::try_from(addr)
+        .ok()
+        .and_then(|a| built.testbed.symbolize(a))
+    {
+        return format!("host kernel {name}+{off:#x}");
+    }
+    "unknown code".into()
+}
+
+fn outcome_detail(
+    o: &Outcome,
+    report: &Report,
+    built: &Built,
+    kind: SwitcherKind,
+    incomplete: bool,
+) -> Option<String> {
+    let mut d = match o {
+        _ if incomplete => {
+            "the transcript ends without a RESULT line (reset, triple fault or hang)".to_string()
+        }
+        Outcome::Pass | Outcome::VerificationFailed => return None,
+        Outcome::HostException(Some(e)) => format!(
+            "{}({:#x}) in the host at eip {:#010x} [{}], cs {:#x}, eflags {:#x}, cr2 {:#x}, trip {}, vcpu {}, phase {:?}",
+            vector_name(e.vector),
+            e.error_code,
+            e.eip,
+            symbolize(built, kind, u64::from(e.eip)),
+            e.cs,
+            e.eflags,
+            e.cr2,
+            e.trip,
+            e.vcpu,
+            e.phase
+        ),
+        Outcome::HostException(None) => "an exception in the host (no EXC line)".into(),
+        Outcome::FarException(Some(f)) => format!(
+            "{}({:#x}) in the hypervisor context at rip {:#x} [{}]",
+            vector_name(f.vector),
+            f.error_code,
+            f.rip,
+            symbolize(built, kind, f.rip)
+        ),
+        Outcome::FarException(None) => {
+            "an exception in the hypervisor context (no FAREXC line)".into()
+        }
+        Outcome::TripleFault => {
+            "QEMU exited with status 0: a triple fault (or reset) under -no-reboot".into()
+        }
+        Outcome::Timeout => "QEMU was killed at the wall-clock limit (--timeout)".into(),
+        Outcome::QemuRefused(err) => format!(
+            "QEMU refused to start: {}",
+            err.lines().next().unwrap_or("").trim()
+        ),
+        Outcome::Other(s) => format!("QEMU exit status {s}"),
+    };
+    if let Some(n) = &report.nested_exception {
+        let _ = write!(
+            d,
+            "; then {}({:#x}) at {:#010x} inside the exception path",
+            vector_name(n.vector),
+            n.error_code,
+            n.eip
+        );
+    }
+    Some(d)
+}
+
+/// Builds the report of one run.
+///
+/// `incomplete` marks a decoded transcript that has no `RESULT` line;
+/// `wall` is the boot's wall-clock time when QEMU ran.
+pub fn run_json(
+    s: &Scenario,
+    built: &Built,
+    r: &ScenarioResult,
+    wall: Option<Duration>,
+    incomplete: bool,
+) -> RunJson {
+    let (host_mode, guest_mode) = setup::modes(s.kind);
+    let p = s.placement;
+    let report = &r.run.report;
+    let stam = r.vm_image.as_deref().and_then(|img| {
+        let st = built.vmm.stam().ok()?;
+        st.registry.snapshot(STAM_PATTERN, &st.backing(img)).ok()
+    });
+    let mut failures = r.failures.clone();
+    if incomplete {
+        for f in &mut failures {
+            if f.starts_with("outcome ") {
+                *f = "no RESULT line: the transcript is cut short".into();
+            }
+        }
+    }
+    RunJson {
+        switcher: s.kind.cli_name(),
+        vbox_name: s.kind.vbox_name(),
+        host_mode,
+        guest_mode,
+        revision: revision_name(s.options.revision),
+        stats: s.options.stats,
+        apic_nmi_masking: s.options.apic_nmi_masking,
+        trace: s.options.trace,
+        x2apic: s.options.x2apic,
+        vcpus: s.vcpus,
+        round_trips_per_vcpu: s.trips,
+        placement: PlacementJson {
+            code_hc: p.code_hc.0,
+            code_phys: p.code_phys.0,
+            hma_rc: p.hma_rc.0,
+            hma_hc: p.hma_hc.0,
+            hma_phys: p.hma_phys.0,
+            tables_phys: p.tables_phys.0,
+        },
+        mutation: s.mutation.map(|m| kebab(&format!("{m:?}"))),
+        verified: r.verified,
+        outcome: outcome_name(&r.run.outcome, incomplete),
+        outcome_detail: outcome_detail(&r.run.outcome, report, built, s.kind, incomplete),
+        failures,
+        mismatches: report
+            .mismatches
+            .iter()
+            .take(16)
+            .map(|m| MismatchJson {
+                trip: m.trip,
+                vcpu: m.vcpu,
+                name: m.name.clone(),
+                before: m.before,
+                after: m.after,
+            })
+            .collect(),
+        last_step: r.last_step.map(|st| StepJson {
+            char: char::from(st.ch()).to_string(),
+            name: format!("{st:?}"),
+            description: st.describe(),
+        }),
+        round_trips: r.round_trips,
+        instructions_to_guest: r.instructions_to_guest,
+        instructions_to_host: r.instructions_to_host,
+        instructions_per_round_trip: r.instructions_per_round_trip,
+        instructions_per_round_trip_max: r.instructions_per_round_trip_max,
+        nmis: report.summary.as_ref().map(|sm| sm.nmis),
+        wall_seconds: wall.map(|w| (w.as_secs_f64() * 1000.0).round() / 1000.0),
+        stam,
+    }
+}
+
+/// `CamelCase` to `kebab-case`.
+fn kebab(name: &str) -> String {
+    let mut out = String::new();
+    for (i, c) in name.chars().enumerate() {
+        if c.is_ascii_uppercase() {
+            if i > 0 {
+                out.push('-');
+            }
+            out.push(c.to_ascii_lowercase());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+fn opt(v: Option<u64>) -> String {
+    v.map_or_else(|| "n/a".into(), |n| n.to_string())
+}
+
+/// The text report of one run (what `run` and `decode` print per switcher).
+pub fn render(r: &RunJson) -> String {
+    let mut s = String::new();
+    if r.guest_mode == "-" {
+        let _ = writeln!(
+            s,
+            "{} ({}, stub for {} hosts: no hypervisor context)",
+            r.switcher, r.vbox_name, r.host_mode
+        );
+    } else {
+        let _ = writeln!(
+            s,
+            "{} ({}, {} host -> {} hypervisor context)",
+            r.switcher, r.vbox_name, r.host_mode, r.guest_mode
+        );
+    }
+    let mut opts = vec![format!("revision {}", r.revision.to_uppercase())];
+    if !r.apic_nmi_masking {
+        opts.push("no APIC masking".into());
+    }
+    if !r.stats {
+        opts.push("no stats".into());
+    }
+    if r.trace {
+        opts.push("trace".into());
+    }
+    if r.x2apic {
+        opts.push("x2APIC".into());
+    }
+    if let Some(m) = &r.mutation {
+        opts.push(format!("MUTATED: {m}"));
+    }
+    let _ = writeln!(
+        s,
+        "  build        {}; {} VCPUs x {} round trips; HC {:#x}, RC {:#x}, phys {:#x}",
+        opts.join(", "),
+        r.vcpus,
+        r.round_trips_per_vcpu,
+        r.placement.code_hc,
+        r.placement.hma_rc,
+        r.placement.code_phys
+    );
+    let wall = r
+        .wall_seconds
+        .map(|w| format!(" in {w:.2} s"))
+        .unwrap_or_default();
+    if r.verified {
+        let _ = writeln!(
+            s,
+            "  verified     yes ({} round trips, host state intact after each{wall})",
+            r.round_trips
+        );
+    } else {
+        let _ = writeln!(
+            s,
+            "  verified     NO: outcome {} ({} round trip{} completed{wall})",
+            r.outcome,
+            r.round_trips,
+            if r.round_trips == 1 { "" } else { "s" }
+        );
+    }
+    if let Some(d) = &r.outcome_detail {
+        let _ = writeln!(s, "  outcome      {d}");
+    }
+    if let Some(st) = &r.last_step {
+        let _ = writeln!(
+            s,
+            "  last step    '{}' {}: {}",
+            st.char, st.name, st.description
+        );
+    }
+    // The outcome is on the lines above; the rest are the checks that failed.
+    for f in r.failures.iter().filter(|f| !f.starts_with("outcome ")) {
+        let _ = writeln!(s, "  failure      {f}");
+    }
+    let _ = writeln!(
+        s,
+        "  to guest     {:>5} instructions per switch (/VMM/Switcher/ToGC average)",
+        opt(r.instructions_to_guest)
+    );
+    let _ = writeln!(
+        s,
+        "  to host      {:>5} instructions per switch (/VMM/Switcher/ToHC average)",
+        opt(r.instructions_to_host)
+    );
+    let _ = writeln!(
+        s,
+        "  round trip   {:>5} .. {} instructions (C call to return, helper included; no sync .. FPU+debug sync)",
+        opt(r.instructions_per_round_trip),
+        opt(r.instructions_per_round_trip_max)
+    );
+    match &r.stam {
+        Some(snap) => {
+            let _ = writeln!(s, "  STAM ({STAM_PATTERN}):");
+            for line in snap.print().lines() {
+                let _ = writeln!(s, "    {line}");
+            }
+        }
+        None => {
+            let _ = writeln!(s, "  STAM         no VM dump in the transcript");
+        }
+    }
+    s
+}
+
+/// The closing line of a text report.
+pub fn render_summary(doc: &RunDoc) -> String {
+    let ok = doc.runs.iter().filter(|r| r.verified).count();
+    let mut s = format!(
+        "{ok} of {} switcher{} verified",
+        doc.runs.len(),
+        if doc.runs.len() == 1 { "" } else { "s" }
+    );
+    for sk in &doc.skipped {
+        let _ = write!(s, "; skipped {}: {}", sk.switcher, sk.reason);
+    }
+    s.push('\n');
+    s
+}

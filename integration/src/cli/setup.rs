@@ -1,0 +1,277 @@
+//! From command-line options to a [`Placement`], a [`Scenario`] and a [`Vmm`].
+
+use std::time::Duration;
+
+use vmm::{ExtraMapping, Placement, Vmm, VmmConfig};
+use vmm_switcher::disasm::view_base;
+use vmm_switcher::templates::TemplateOptions;
+use vmm_switcher::{HcAddr, PhysAddr, RcAddr, SwitcherKind, View};
+
+use super::args::{BuildArgs, PlacementArgs, QemuArgs, ScenarioArgs, Selection};
+use super::CliError;
+use crate::hostkernel::LAPIC_VIRT;
+use crate::qemu::QemuConfig;
+use crate::scenario::Scenario;
+
+/// Distance from the core code to the hypervisor area (HC and physical).
+pub const HMA_GAP: u64 = 0x10_0000;
+/// Distance from the core code to the intermediate tables (physical).
+pub const TABLES_GAP: u64 = 0x20_0000;
+
+/// The placement the options describe for `kind` (the switcher's own default
+/// placement where absent: AMD64 hosts keep their HC addresses in the top
+/// 2 GiB).
+///
+/// # Errors
+/// A value does not fit its address space.
+pub fn placement(p: &PlacementArgs, kind: SwitcherKind) -> Result<Placement, CliError> {
+    let mut pl = Scenario::new(kind).placement;
+    if let Some(hc) = p.hc_base {
+        let hma = hc.checked_add(HMA_GAP).ok_or(CliError::Address {
+            option: "--hc-base",
+            value: hc,
+            why: "leaves no room for the hypervisor area above it",
+        })?;
+        pl.code_hc = HcAddr(hc);
+        pl.hma_hc = HcAddr(hma);
+    }
+    if let Some(rc) = p.rc_base {
+        let rc32 = u32::try_from(rc).map_err(|_| CliError::Address {
+            option: "--rc-base",
+            value: rc,
+            why: "is not a 32-bit hypervisor-context address",
+        })?;
+        pl.hma_rc = RcAddr(rc32);
+    }
+    if let Some(phys) = p.phys_base {
+        let tables = phys
+            .checked_add(TABLES_GAP)
+            .filter(|t| *t < 1 << 32)
+            .ok_or(CliError::Address {
+                option: "--phys-base",
+                value: phys,
+                why: "leaves no room below 4 GiB for the hypervisor area and tables",
+            })?;
+        pl.code_phys = PhysAddr(phys);
+        pl.hma_phys = PhysAddr(phys + HMA_GAP);
+        pl.tables_phys = PhysAddr(tables);
+    }
+    Ok(pl)
+}
+
+/// The template options the flags describe.
+pub fn options(b: &BuildArgs) -> TemplateOptions {
+    TemplateOptions {
+        stats: !b.no_stats,
+        apic_nmi_masking: !b.no_apic,
+        revision: b.revision.into(),
+        trace: b.trace,
+        x2apic: b.x2apic,
+        ..TemplateOptions::default()
+    }
+}
+
+/// The VMM configuration the testbed uses for these options (the local APIC
+/// page mapped in the intermediate context, as [`crate::scenario::build`] does).
+pub fn vmm_config(b: &BuildArgs, placement: Placement, kind: SwitcherKind) -> VmmConfig {
+    VmmConfig {
+        host_bits: host_bits(kind),
+        placement,
+        vcpus: b.vcpus,
+        options: options(b),
+        extra_mappings: vec![ExtraMapping {
+            virt: u64::from(LAPIC_VIRT),
+            phys: u64::from(LAPIC_VIRT),
+            len: 0x1000,
+            uncached: true,
+        }],
+        ..VmmConfig::default()
+    }
+}
+
+/// Builds the VMM core holding `kind` for these options.
+///
+/// # Errors
+/// A bad placement or VCPU count.
+pub fn vmm(b: &BuildArgs, p: &PlacementArgs, kind: SwitcherKind) -> Result<Vmm, CliError> {
+    Ok(Vmm::new(vmm_config(b, placement(p, kind)?, kind))?)
+}
+
+/// The bitness of the host `kind` runs on.
+pub fn host_bits(kind: SwitcherKind) -> u32 {
+    if vmm::AVAILABLE_AMD64_HOST.contains(&kind) || kind == SwitcherKind::Amd64ToAmd64 {
+        64
+    } else {
+        32
+    }
+}
+
+/// The scenario for `kind` and these options.
+///
+/// # Errors
+/// A bad placement.
+pub fn scenario(kind: SwitcherKind, a: &ScenarioArgs) -> Result<Scenario, CliError> {
+    let mut s = Scenario::new(kind);
+    s.options = options(&a.build);
+    s.placement = placement(&a.placement, kind)?;
+    s.vcpus = a.build.vcpus;
+    s.trips = a.round_trips;
+    Ok(s)
+}
+
+/// The QEMU configuration for these options.
+pub fn qemu(q: &QemuArgs, gdb: bool) -> QemuConfig {
+    QemuConfig {
+        binary: q.qemu.clone(),
+        cpu: q.cpu.clone(),
+        gdb,
+        debug_log: q.qemu_log.clone(),
+        // Waiting for a person at a gdb prompt is not a hang.
+        timeout: if gdb {
+            Duration::from_secs(7 * 24 * 3600)
+        } else {
+            Duration::from_secs(q.timeout)
+        },
+    }
+}
+
+/// Whether this build provides `kind`.
+pub fn available(kind: SwitcherKind) -> bool {
+    vmm::AVAILABLE.contains(&kind)
+}
+
+/// Fails with [`CliError::Unavailable`] unless this build provides `kind`.
+///
+/// # Errors
+/// See above.
+pub fn require(kind: SwitcherKind) -> Result<(), CliError> {
+    if available(kind) {
+        Ok(())
+    } else {
+        Err(CliError::Unavailable {
+            kind: kind.cli_name(),
+            available: available_names(),
+        })
+    }
+}
+
+/// The available switchers' names, comma separated.
+pub fn available_names() -> String {
+    SwitcherKind::ALL
+        .into_iter()
+        .filter(|k| available(*k))
+        .map(SwitcherKind::cli_name)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The switchers a selection names: the explicit ones (each must be
+/// available and have a testbed host), or every available switcher with a
+/// testbed host. The second list holds available switchers skipped for want
+/// of a testbed host.
+///
+/// # Errors
+/// An explicitly named switcher is unavailable or cannot be run.
+pub fn select(sel: &Selection) -> Result<(Vec<SwitcherKind>, Vec<SwitcherKind>), CliError> {
+    if sel.all || sel.switchers.is_empty() {
+        let (run, skip): (Vec<_>, Vec<_>) = SwitcherKind::ALL
+            .into_iter()
+            .filter(|k| available(*k))
+            .partition(|k| Scenario::new(*k).host_mode().is_ok());
+        return Ok((run, skip));
+    }
+    let mut out = Vec::new();
+    for &k in &sel.switchers {
+        require(k)?;
+        Scenario::new(k).host_mode()?;
+        if !out.contains(&k) {
+            out.push(k);
+        }
+    }
+    Ok((out, Vec::new()))
+}
+
+/// Host and hypervisor-context paging modes of a switcher kind.
+pub fn modes(kind: SwitcherKind) -> (&'static str, &'static str) {
+    use SwitcherKind as K;
+    match kind {
+        K::Legacy32To32 => ("32-bit", "32-bit"),
+        K::Legacy32ToPae => ("32-bit", "PAE"),
+        K::Legacy32ToAmd64 => ("32-bit", "AMD64"),
+        K::PaeTo32 => ("PAE", "32-bit"),
+        K::PaeToPae => ("PAE", "PAE"),
+        K::PaeToAmd64 => ("PAE", "AMD64"),
+        K::Amd64To32 => ("AMD64", "32-bit"),
+        K::Amd64ToPae => ("AMD64", "PAE"),
+        K::Amd64ToAmd64 => ("AMD64", "AMD64"),
+        K::X86Stub => ("x86", "-"),
+        K::Amd64Stub => ("AMD64", "-"),
+    }
+}
+
+/// A label or entry point of an installed switcher with its address in the
+/// view the code around it executes in.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct LabelAddr {
+    /// Label name (`entry:` prefix for VMMSWITCHERDEF entry points).
+    pub name: String,
+    /// Offset in the switcher's code.
+    pub offset: u32,
+    /// View of the region holding it (`None` outside every region).
+    pub view: Option<View>,
+    /// Address in that view (HC when outside every region).
+    pub addr: u64,
+}
+
+/// Every label and entry point of `sw`, in offset order.
+pub fn labels(sw: &vmm::Installed) -> Vec<LabelAddr> {
+    let def = &sw.def;
+    let mut out: Vec<LabelAddr> = def
+        .labels
+        .iter()
+        .map(|(n, o)| ((*n).to_string(), *o))
+        .chain(
+            def.entries
+                .named()
+                .iter()
+                .map(|(n, o)| (format!("entry:{n}"), *o)),
+        )
+        .map(|(name, offset)| {
+            let view = def.region_of(offset).map(|r| r.view);
+            let base = view_base(&sw.ctx, view.unwrap_or(View::Hc));
+            LabelAddr {
+                name,
+                offset,
+                view,
+                addr: base.wrapping_add(u64::from(offset)),
+            }
+        })
+        .collect();
+    out.sort_by(|a, b| a.offset.cmp(&b.offset).then(a.name.cmp(&b.name)));
+    out
+}
+
+/// Names `addr` as `switcher:label+off` when it lies in `sw`'s code in any view.
+pub fn symbolize_switcher(sw: &vmm::Installed, addr: u64) -> Option<String> {
+    let len = u64::from(sw.def.code_len());
+    let (view, off) = [View::Hc, View::Id, View::Rc].into_iter().find_map(|v| {
+        let base = view_base(&sw.ctx, v);
+        let off = addr.checked_sub(base)?;
+        (off < len).then_some((v, off))
+    })?;
+    let off = u32::try_from(off).ok()?;
+    let best = sw
+        .def
+        .labels
+        .iter()
+        .filter(|(_, o)| **o <= off)
+        .max_by_key(|(_, o)| **o);
+    let what = match best {
+        Some((name, o)) => format!("{name}+{:#x}", off - o),
+        None => format!("+{off:#x}"),
+    };
+    Some(format!(
+        "{} {what} ({view:?} view, offset {off:#x})",
+        sw.def.kind.cli_name()
+    ))
+}
