@@ -354,6 +354,8 @@ pub mod layout {
         HYPER_RDI = CpumCpu32, hyper.rdi => 2216;
         /// `Hyper.rbp`.
         HYPER_RBP = CpumCpu32, hyper.rbp => 2224;
+        /// `Hyper.r[0]` (R8; R9–R15 follow).
+        HYPER_R8 = CpumCpu32, hyper.r => 2240;
         /// `Hyper.rflags`.
         HYPER_RFLAGS = CpumCpu32, hyper.rflags => 2312;
         /// `Hyper.ldtr`.

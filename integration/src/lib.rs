@@ -66,6 +66,7 @@ pub mod image;
 pub mod paging;
 pub mod qemu;
 pub mod rc;
+pub mod rc64;
 pub mod scenario;
 pub mod transcript;
 

@@ -195,6 +195,15 @@ impl Scenario {
         matches!(self.kind, SwitcherKind::X86Stub | SwitcherKind::Amd64Stub)
     }
 
+    /// True for the switchers whose far side is the long-mode helper run in
+    /// the intermediate context (32-bit/PAE host → AMD64).
+    pub fn uses_far_helper(&self) -> bool {
+        matches!(
+            self.kind,
+            SwitcherKind::Legacy32ToAmd64 | SwitcherKind::PaeToAmd64
+        )
+    }
+
     /// True when the switcher enters a long-mode hypervisor context.
     pub fn long_mode_target(&self) -> bool {
         vmm::target_flavour(self.kind) == vmm::Flavour::Long
@@ -213,10 +222,10 @@ impl Scenario {
             SwitcherKind::PaeToAmd64 | SwitcherKind::PaeTo32 | SwitcherKind::PaeToPae => {
                 Ok(HostMode::Pae)
             }
-            SwitcherKind::Amd64To32 | SwitcherKind::Amd64ToPae | SwitcherKind::Amd64Stub => {
-                Ok(HostMode::Amd64)
-            }
-            k => Err(ScenarioError::NoHost(k)),
+            SwitcherKind::Amd64To32
+            | SwitcherKind::Amd64ToPae
+            | SwitcherKind::Amd64ToAmd64
+            | SwitcherKind::Amd64Stub => Ok(HostMode::Amd64),
         }
     }
 }
@@ -336,7 +345,7 @@ fn u32_addr(what: &'static str, addr: u64) -> Result<u32, ScenarioError> {
 /// [`ScenarioError`] for anything that cannot be set up.
 pub fn build(s: &Scenario) -> Result<Built, ScenarioError> {
     let host = s.host_mode()?;
-    let long = s.long_mode_target();
+    let long = s.uses_far_helper();
     if s.trampoline_args.is_some() && long {
         return Err(ScenarioError::NoTrampoline(s.kind));
     }
@@ -396,19 +405,28 @@ pub fn build(s: &Scenario) -> Result<Built, ScenarioError> {
         };
         vmm.write_helper(&far::build(&far_cfg, helper_size as usize)?)?;
     } else {
+        let rc64 = s.kind == SwitcherKind::Amd64ToAmd64;
         let rc_cfg = crate::rc::RcConfig {
             rc: helper_rc.0,
             mailbox_off: far_layout.mailbox_off,
             cpum_rc,
             exit_rc: sw.entries.rc_guest_to_host_asm.0,
-            cs: vmm::layout::sel::CS,
+            cs: if rc64 {
+                vmm::layout::sel::CS64
+            } else {
+                vmm::layout::sel::CS
+            },
             ds: vmm::layout::sel::DS,
             apic: LAPIC_VIRT,
             com1: 0x3f8,
             exit_port: 0xf4,
             exit_code: EXIT_FAR_EXCEPTION,
         };
-        let (blob, e) = crate::rc::build(&rc_cfg, helper_size as usize)?;
+        let (blob, e) = if rc64 {
+            crate::rc64::build(&rc_cfg, helper_size as usize)?
+        } else {
+            crate::rc::build(&rc_cfg, helper_size as usize)?
+        };
         vmm.write_helper(&blob)?;
         let gates: Vec<(u8, RcAddr)> = e
             .handlers
@@ -416,7 +434,11 @@ pub fn build(s: &Scenario) -> Result<Built, ScenarioError> {
             .enumerate()
             .map(|(v, h)| (v as u8, RcAddr(*h)))
             .collect();
-        vmm.set_hyper_idt_gates(&gates);
+        if rc64 {
+            vmm.set_hyper_idt_gates64(&gates);
+        } else {
+            vmm.set_hyper_idt_gates(&gates);
+        }
         rc_entries = Some(e);
     }
     for i in 0..s.vcpus {
@@ -584,7 +606,8 @@ pub fn build(s: &Scenario) -> Result<Built, ScenarioError> {
         kb = trampoline_hooks(kb, cpum_hc, target, tramp, args.clone(), frames)
             .expect(Expected::Value(crate::rc::target_result(args)));
     } else {
-        let pae = vmm::target_flavour(s.kind) == vmm::Flavour::Pae;
+        // Long mode runs with CR4.PAE set as well.
+        let pae = vmm::target_flavour(s.kind) != vmm::Flavour::Legacy32;
         kb = rc_hooks(kb, apic_on, pae, mailbox_hc, cpum_hc)
             .expect(Expected::CookieXor(crate::rc::RET_XOR))
             .dump(
@@ -944,7 +967,7 @@ pub fn judge(s: &Scenario, b: &Built, run: RunResult) -> ScenarioResult {
             vm_dump.and_then(|d| d.read::<CpumCpu32>(OFF_CPUM + b.vmm.vcpu_arg(i) as usize))
         })
         .collect();
-    let long = s.long_mode_target();
+    let long = s.uses_far_helper();
     let mailbox: Option<Mailbox> = r
         .dump("mailbox")
         .filter(|_| long)

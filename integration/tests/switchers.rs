@@ -535,3 +535,45 @@ fn amd64_host_family_thousand_trips_both_revisions_and_trampoline() {
         r.failures
     );
 }
+
+#[test]
+fn amd64_to_amd64_thousand_trips_both_revisions_and_trampoline() {
+    let Some(q) = qemu() else { return };
+    for revision in [Revision::A, Revision::B] {
+        let mut s = Scenario::new(SwitcherKind::Amd64ToAmd64);
+        s.options.revision = revision;
+        let r = go(&s, &q);
+        assert!(r.verified, "rev {revision:?}: {:?}", r.failures);
+        assert_eq!(r.round_trips, 2000);
+        let mb = r.rc_mailbox.unwrap();
+        assert_eq!((mb.calls, mb.nm_count, mb.sysenter_cs), (2000, 1000, 0));
+        assert_eq!(mb.efer & 0x401, 0x400, "EFER.LMA on, SCE parked");
+        assert_eq!(
+            mb.tr & 0xffff,
+            u32::from(vmm::layout::sel::tss(1)),
+            "last trip ran on VCPU 1's TSS"
+        );
+        for c in &r.cpumcpu {
+            assert_eq!(u64::from(mb.cr3), c.hyper.cr3 & 0xffff_ffff);
+            assert_eq!(c.guest.r[0], 1000);
+        }
+    }
+    for args in [vec![], vec![9], vec![1, 2, 3, 4, 5, 6]] {
+        let mut s = Scenario::new(SwitcherKind::Amd64ToAmd64);
+        s.trips = 20;
+        s.trampoline_args = Some(args.clone());
+        let r = go(&s, &q);
+        assert!(r.verified, "{args:?}: {:?}", r.failures);
+        let want = integration::rc::target_result(&args);
+        assert!(r.run.report.trips.iter().all(|t| t.ret == want));
+    }
+    let mut s = Scenario::new(SwitcherKind::Amd64ToAmd64);
+    s.trips = 10;
+    s.mutation = Some(Mutation::HostFpuNotRestored);
+    let r = go(&s, &q);
+    assert!(
+        !r.verified && r.failures.iter().any(|f| f.contains("host FPU")),
+        "{:?}",
+        r.failures
+    );
+}

@@ -785,3 +785,47 @@ fn amd64_host_family_relocates_at_high_canonical_addresses() {
         }
     }
 }
+
+#[test]
+fn amd64_to_amd64_relocates_and_enters_rc_with_the_64bit_selector() {
+    use vmm_switcher::templates::amd64_amd64;
+    let mut c = ctx();
+    c.code_hc = HcAddr(0xffff_ffff_c040_0000);
+    c.vm_hc = HcAddr(0xffff_ffff_c050_0000);
+    c.sel.cs = c.sel.cs64;
+    for o in all_options() {
+        let def = amd64_amd64::build(&o, &VM).expect("builds");
+        let mut code = def.code.clone();
+        let rel = relocate(&def, &mut code, &c).expect("relocates");
+        let lines = vmm_switcher::disasm::lines(&def, &code, &c, &rel);
+        let starts: BTreeSet<(View, u64)> = lines
+            .iter()
+            .filter(|l| l.insn.is_some())
+            .map(|l| (l.view, l.addr))
+            .collect();
+        for l in lines.iter().filter(|l| l.insn.is_some()) {
+            let insn = l.insn.unwrap();
+            if matches!(insn.op0_kind(), OpKind::NearBranch64) {
+                assert!(
+                    starts.contains(&(l.view, insn.near_branch_target())),
+                    "branch at {:#x}",
+                    l.off
+                );
+            }
+        }
+        // The m16:32 pointer into the RC copy carries the 64-bit selector; the exit slot the HC target.
+        let fp = def.labels["fpGCEnter"] as usize;
+        let off = u32::from_le_bytes(code[fp..fp + 4].try_into().unwrap());
+        assert_eq!(u16::from_le_bytes([code[fp + 4], code[fp + 5]]), c.sel.cs64);
+        assert!(starts.contains(&(View::Rc, u64::from(off))));
+        let hc = def.labels["pHCExitTarget"] as usize;
+        let v = u64::from_le_bytes(code[hc..hc + 8].try_into().unwrap());
+        assert_eq!(v, c.code_hc.0 + u64::from(def.labels["HCExitTarget"]));
+        let r = def.vbox_regions();
+        assert!(
+            r.id0.is_empty() && r.id1.is_empty(),
+            "no identity detour: long mode stays on"
+        );
+        assert!(!r.gc.is_empty());
+    }
+}

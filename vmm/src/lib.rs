@@ -290,9 +290,10 @@ impl Installed {
 }
 
 /// The switchers a core for an AMD64 host holds.
-pub const AVAILABLE_AMD64_HOST: [SwitcherKind; 3] = [
+pub const AVAILABLE_AMD64_HOST: [SwitcherKind; 4] = [
     SwitcherKind::Amd64To32,
     SwitcherKind::Amd64ToPae,
+    SwitcherKind::Amd64ToAmd64,
     SwitcherKind::Amd64Stub,
 ];
 
@@ -317,7 +318,7 @@ pub fn available_for(bits: u32) -> &'static [SwitcherKind] {
 }
 
 /// Every switcher this build provides, for some host.
-pub const AVAILABLE: [SwitcherKind; 10] = [
+pub const AVAILABLE: [SwitcherKind; 11] = [
     SwitcherKind::Legacy32To32,
     SwitcherKind::Legacy32ToPae,
     SwitcherKind::Legacy32ToAmd64,
@@ -327,6 +328,7 @@ pub const AVAILABLE: [SwitcherKind; 10] = [
     SwitcherKind::X86Stub,
     SwitcherKind::Amd64To32,
     SwitcherKind::Amd64ToPae,
+    SwitcherKind::Amd64ToAmd64,
     SwitcherKind::Amd64Stub,
 ];
 
@@ -358,8 +360,8 @@ pub fn build_switcher(
         SwitcherKind::Amd64ToPae => {
             vmm_switcher::templates::amd64_legacy::build(F::Pae, options, vm)?
         }
+        SwitcherKind::Amd64ToAmd64 => vmm_switcher::templates::amd64_amd64::build(options, vm)?,
         SwitcherKind::Amd64Stub => vmm_switcher::templates::stub::build(64, options)?,
-        kind => return Err(VmmError::Select(SelectError::Unavailable { kind })),
     })
 }
 
@@ -783,7 +785,13 @@ impl Vmm {
             let _ = self.with_cpumcpu(i, |c| {
                 c.off_cpum = layout::off_cpumcpu(i);
                 c.hyper.gdtr = Xdtr64::new(rc_gdt, gdt_limit);
-                c.hyper.idtr = Xdtr64::new(idt_rc, 256 * 8 - 1);
+                // 64-bit gates are 16 bytes: the IDT page holds 256 of either size.
+                let gate = if active == Some(SwitcherKind::Amd64ToAmd64) {
+                    16
+                } else {
+                    8
+                };
+                c.hyper.idtr = Xdtr64::new(idt_rc, 256 * gate - 1);
                 c.hyper.tr = SelSlot::new(layout::sel::tss(i));
                 c.hyper.rsp = u64::from(stack_top);
                 c.hyper.lss_ss = SelSlot::new(layout::sel::DS);
@@ -849,7 +857,13 @@ impl Vmm {
                 cpumcpu0_off: layout::OFF_CPUMCPU0 as u32,
                 inter_cr3,
                 sel: HyperSelectors {
-                    cs: layout::sel::CS,
+                    // A 64-bit hypervisor context is entered with the 64-bit
+                    // code selector; every other one with the 32-bit one.
+                    cs: if sw.def.kind == SwitcherKind::Amd64ToAmd64 {
+                        layout::sel::CS64
+                    } else {
+                        layout::sel::CS
+                    },
                     ds: layout::sel::DS,
                     tss: layout::sel::TSS,
                     cs64: layout::sel::CS64,
@@ -996,6 +1010,23 @@ impl Vmm {
             g[6..8].copy_from_slice(&((h >> 16) as u16).to_le_bytes());
             let at = base + usize::from(*vector) * 8;
             self.hma[at..at + 8].copy_from_slice(&g);
+        }
+    }
+
+    /// Installs 64-bit interrupt gates (64-bit hyper CS, DPL 0, no IST) in the
+    /// hyper IDT, for a 64-bit hypervisor context.
+    pub fn set_hyper_idt_gates64(&mut self, gates: &[(u8, RcAddr)]) {
+        let base = self.hma_layout.idt as usize;
+        for (vector, handler) in gates {
+            let h = u64::from(handler.0);
+            let mut g = [0u8; 16];
+            g[0..2].copy_from_slice(&(h as u16).to_le_bytes());
+            g[2..4].copy_from_slice(&layout::sel::CS64.to_le_bytes());
+            g[5] = 0x8e;
+            g[6..8].copy_from_slice(&((h >> 16) as u16).to_le_bytes());
+            g[8..12].copy_from_slice(&((h >> 32) as u32).to_le_bytes());
+            let at = base + usize::from(*vector) * 16;
+            self.hma[at..at + 16].copy_from_slice(&g);
         }
     }
 

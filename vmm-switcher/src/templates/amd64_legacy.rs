@@ -342,6 +342,7 @@ pub(crate) fn emit_host_exit64(b: &mut Builder, o: &TemplateOptions) -> Result<(
         // REX.W RETF: pops an 8-byte RIP and an 8-byte CS slot.
         a.add_instruction(iced_x86::Instruction::with(iced_x86::Code::Retfq))?;
     }
+    slot64(b, "pCpumHC1", K::Hc64BitCpum, Operand::None)?;
     Ok(())
 }
 
@@ -525,7 +526,6 @@ pub fn build(
     // ------------------------------------------------------------ HC1: host context (64-bit)
     b.section(64)?;
     emit_host_exit64(&mut b, o)?;
-    slot64(&mut b, "pCpumHC1", K::Hc64BitCpum, Operand::None)?;
     b.label("VMMGCGuestToHostAsmHyperCtx")?;
     b.a().int3()?;
     b.label("VMMGCGuestToHostAsmGuestCtx")?;

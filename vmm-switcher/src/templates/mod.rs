@@ -1,5 +1,6 @@
 //! Switcher templates, one module per family, and the code pieces they share.
 
+pub mod amd64_amd64;
 pub mod amd64_legacy;
 pub mod legacy_amd64;
 pub mod legacy_pae;
