@@ -13,7 +13,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut s = Scenario::new(kind);
     s.trips = trips;
     s.options.trace = args.iter().any(|a| a == "trace");
+    if args.iter().any(|a| a == "x2") {
+        s.host_x2apic = true;
+        s.options.x2apic = true;
+    }
     let mut q = QemuConfig::default();
+    if args.iter().any(|a| a == "x2") {
+        q.cpu = Some("qemu64,+x2apic".into());
+    }
     if args.iter().any(|a| a == "log") {
         q.debug_log = Some("/tmp/ctx/qemu.log".into());
     }

@@ -70,6 +70,8 @@ pub mod expect {
     pub const DBG: u32 = 1 << 1;
     /// NMI masking is on: LVTs masked and `fApicDisVectors` == `want_dis`.
     pub const APIC: u32 = 1 << 2;
+    /// The host APIC is in x2APIC mode: read the LVTs through MSRs.
+    pub const X2APIC: u32 = 1 << 3;
 }
 
 /// What the host and the far helper exchange; lives in the helper area.
@@ -237,7 +239,19 @@ pub fn build(cfg: &FarConfig, area_size: usize) -> Result<Vec<u8>, FarError> {
     a.mov(r8d, cfg.apic)?;
     for (i, reg) in LVTS.iter().enumerate() {
         let mut ok = a.create_label();
+        let mut mmio = a.create_label();
+        let mut have = a.create_label();
+        a.test(
+            dword_ptr(rbx + mb(offset_of!(Mailbox, expect))),
+            expect::X2APIC,
+        )?;
+        a.jz(mmio)?;
+        a.mov(ecx, apic::x2apic_msr(*reg))?;
+        a.rdmsr()?;
+        a.jmp(have)?;
+        a.set_label(&mut mmio)?;
         a.mov(eax, dword_ptr(r8 + *reg as i32))?;
+        a.set_label(&mut have)?;
         a.mov(dword_ptr(rbx + mb(offset_of!(Mailbox, lvt) + 4 * i)), eax)?;
         a.test(eax, apic::lvt::MASKED)?;
         a.jnz(ok)?;

@@ -59,6 +59,12 @@ pub enum QemuError {
     /// A zero timeout.
     #[error("timeout must be positive, got {0:?}")]
     ZeroTimeout(Duration),
+    /// `--version` printed no version.
+    #[error("cannot read QEMU's version from {output:?}")]
+    NoVersion {
+        /// The first line QEMU printed.
+        output: String,
+    },
 }
 
 /// Finds `qemu-system-x86_64` on PATH.
@@ -68,6 +74,47 @@ pub fn find_qemu() -> Result<PathBuf, QemuError> {
         .map(|dir| dir.join(QEMU_BINARY))
         .find(|p| p.is_file())
         .ok_or(QemuError::QemuMissing)
+}
+
+/// The first QEMU major version whose TCG emulates x2APIC.
+pub const X2APIC_MIN_MAJOR: u32 = 9;
+
+/// The CPU model the testbed asks for when the host runs its APIC in x2APIC mode.
+pub const X2APIC_CPU: &str = "qemu64,+x2apic";
+
+/// The version QEMU reports (`major.minor.micro`), from `--version`.
+///
+/// # Errors
+/// QEMU is missing or cannot be run, or its answer has no version.
+pub fn qemu_version() -> Result<(u32, u32, u32), QemuError> {
+    let bin = find_qemu()?;
+    let out = Command::new(&bin)
+        .arg("--version")
+        .output()
+        .map_err(|e| QemuError::Spawn {
+            binary: bin.clone(),
+            source: e,
+        })?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let v = text
+        .split_whitespace()
+        .skip_while(|w| *w != "version")
+        .nth(1)
+        .map(|v| {
+            v.split('.')
+                .map(|p| {
+                    p.trim_matches(|c: char| !c.is_ascii_digit())
+                        .parse::<u32>()
+                        .ok()
+                })
+                .collect::<Vec<_>>()
+        });
+    match v.as_deref() {
+        Some([Some(a), Some(b), Some(c), ..]) => Ok((*a, *b, *c)),
+        _ => Err(QemuError::NoVersion {
+            output: text.lines().next().unwrap_or_default().to_string(),
+        }),
+    }
 }
 
 /// How to run QEMU.

@@ -86,6 +86,8 @@ pub mod expect {
     pub const FPU: u32 = 1 << 1;
     /// The hyper debug registers are in use.
     pub const DBG: u32 = 1 << 2;
+    /// The host APIC is in x2APIC mode: read the LVTs through MSRs.
+    pub const X2APIC: u32 = 1 << 3;
 }
 
 /// Host ⇄ RC code exchange area.
@@ -324,10 +326,22 @@ pub fn build(cfg: &RcConfig, area_size: usize) -> Result<(Vec<u8>, RcEntries), F
         expect::APIC,
     )?;
     a.jz(no_apic)?;
-    a.mov(ecx, cfg.apic)?;
     for (i, reg) in LVTS.iter().enumerate() {
         let mut ok = a.create_label();
+        let mut mmio = a.create_label();
+        let mut have = a.create_label();
+        a.test(
+            dword_ptr(edi + mb(offset_of!(RcMailbox, expect))),
+            expect::X2APIC,
+        )?;
+        a.jz(mmio)?;
+        a.mov(ecx, apic::x2apic_msr(*reg))?;
+        a.rdmsr()?;
+        a.jmp(have)?;
+        a.set_label(&mut mmio)?;
+        a.mov(ecx, cfg.apic)?;
         a.mov(eax, dword_ptr(ecx + *reg as i32))?;
+        a.set_label(&mut have)?;
         a.mov(dword_ptr(edi + mb(offset_of!(RcMailbox, lvt) + 4 * i)), eax)?;
         a.test(eax, apic::lvt::MASKED)?;
         a.jnz(ok)?;

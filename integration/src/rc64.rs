@@ -134,10 +134,22 @@ pub fn build(cfg: &RcConfig, area_size: usize) -> Result<(Vec<u8>, RcEntries), F
     let mut no_apic = a.create_label();
     a.test(field(offset_of!(RcMailbox, expect)), expect::APIC)?;
     a.jz(no_apic)?;
-    a.mov(ecx, cfg.apic)?;
     for (i, reg) in LVTS.iter().enumerate() {
         let mut ok = a.create_label();
+        let mut mmio = a.create_label();
+        let mut have = a.create_label();
+        a.test(
+            dword_ptr(rdi + mb(offset_of!(RcMailbox, expect))),
+            expect::X2APIC,
+        )?;
+        a.jz(mmio)?;
+        a.mov(ecx, apic::x2apic_msr(*reg))?;
+        a.rdmsr()?;
+        a.jmp(have)?;
+        a.set_label(&mut mmio)?;
+        a.mov(ecx, cfg.apic)?;
         a.mov(eax, dword_ptr(rcx + *reg as i32))?;
+        a.set_label(&mut have)?;
         a.mov(field(offset_of!(RcMailbox, lvt) + 4 * i), eax)?;
         a.test(eax, apic::lvt::MASKED)?;
         a.jnz(ok)?;

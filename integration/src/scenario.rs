@@ -154,6 +154,10 @@ pub struct Scenario {
     pub trips: u32,
     /// A deliberate breakage.
     pub mutation: Option<Mutation>,
+    /// Run the host's local APIC in x2APIC mode (`fX2Apic` set for every
+    /// VCPU); needs a CPU with x2APIC (QEMU ≥ 9 under TCG) and the template's
+    /// `x2apic` option.
+    pub host_x2apic: bool,
     /// 32-bit/PAE family only: instead of the checking RC code, call a target
     /// function with these arguments through the switcher's call trampoline
     /// on every trip.
@@ -181,6 +185,7 @@ impl Scenario {
             vcpus: 2,
             trips: 1000,
             mutation: None,
+            host_x2apic: false,
             trampoline_args: None,
         }
     }
@@ -450,6 +455,7 @@ pub fn build(s: &Scenario) -> Result<Built, ScenarioError> {
             } else {
                 0
             };
+            c.x2apic = u32::from(s.host_x2apic);
             c.guest.fpu = cpum::FxSaveArea::initial();
             // Crash markers: progress in Guest.dr[4]; while paging is off, the
             // scratch page at the physical address in Guest.dr[5].
@@ -514,6 +520,7 @@ pub fn build(s: &Scenario) -> Result<Built, ScenarioError> {
     let (tables_phys, tables) = vmm.tables();
     let (hyper_phys, hyper_tables) = vmm.hyper_tables();
     let apic_on = s.options.apic_nmi_masking;
+    let x2 = s.host_x2apic;
     let vcpu_args: Vec<u32> = (0..s.vcpus).map(|i| vmm.vcpu_arg(i)).collect();
     let entry = if wide {
         0
@@ -525,7 +532,7 @@ pub fn build(s: &Scenario) -> Result<Built, ScenarioError> {
     let hma_phys = u32_addr("HMA", p.hma_phys.0)?;
     let code_phys = u32_addr("core code", p.code_phys.0)?;
     let hi = |lo: u32| p.hma_hc.0 + u64::from(lo - hma_hc);
-    let mut kb = HostKernelBuilder::new(host);
+    let mut kb = HostKernelBuilder::new(host).x2apic(x2);
     if wide {
         kb = kb
             .blob_mapped64("core-code", code_phys, p.code_hc.0, core, true)
@@ -588,7 +595,7 @@ pub fn build(s: &Scenario) -> Result<Built, ScenarioError> {
     if s.is_stub() {
         kb = kb.expect(Expected::Value(vmm_switcher::templates::stub::STUB_STATUS));
     } else if long {
-        kb = long_hooks(kb, apic_on, mailbox_hc, cpum_hc)
+        kb = long_hooks(kb, apic_on, x2, mailbox_hc, cpum_hc)
             .expect(Expected::CookieXor(far::RET_XOR))
             .dump("mailbox", mailbox_hc, size_of::<Mailbox>() as u32);
     } else if let (Some(args), Some(e)) = (&s.trampoline_args, &rc_entries) {
@@ -608,7 +615,7 @@ pub fn build(s: &Scenario) -> Result<Built, ScenarioError> {
     } else {
         // Long mode runs with CR4.PAE set as well.
         let pae = vmm::target_flavour(s.kind) != vmm::Flavour::Legacy32;
-        kb = rc_hooks(kb, apic_on, pae, mailbox_hc, cpum_hc)
+        kb = rc_hooks(kb, apic_on, x2, pae, mailbox_hc, cpum_hc)
             .expect(Expected::CookieXor(crate::rc::RET_XOR))
             .dump(
                 "mailbox",
@@ -630,6 +637,7 @@ pub fn build(s: &Scenario) -> Result<Built, ScenarioError> {
 fn long_hooks(
     kb: HostKernelBuilder,
     apic_on: bool,
+    x2: bool,
     mailbox_hc: u32,
     cpum_hc: u32,
 ) -> HostKernelBuilder {
@@ -643,6 +651,9 @@ fn long_hooks(
         a.xor(edx, edx)?;
         if apic_on {
             a.or(edx, far::expect::APIC)?;
+        }
+        if x2 {
+            a.or(edx, far::expect::X2APIC)?;
         }
         a.mov(
             dword_ptr(abs_addr(h, mb(offset_of!(Mailbox, want_dis)))),
@@ -770,6 +781,7 @@ fn host_dr(a: &mut CodeAssembler, h: &HookCtx, n: u32) -> Result<(), IcedError> 
 fn rc_hooks(
     kb: HostKernelBuilder,
     apic_on: bool,
+    x2: bool,
     pae: bool,
     mailbox_hc: u32,
     cpum_hc: u32,
@@ -787,6 +799,9 @@ fn rc_hooks(
         a.xor(edx, edx)?;
         if apic_on {
             a.or(edx, ex::APIC)?;
+        }
+        if x2 {
+            a.or(edx, ex::X2APIC)?;
         }
         a.mov(
             dword_ptr(abs_addr(h, mb(offset_of!(RcMailbox, want_dis)))),

@@ -577,3 +577,65 @@ fn amd64_to_amd64_thousand_trips_both_revisions_and_trampoline() {
         r.failures
     );
 }
+
+/// QEMU able to emulate x2APIC (≥ 9); required in CI, skipped loudly elsewhere.
+fn qemu_x2apic() -> Option<QemuConfig> {
+    let mut q = qemu()?;
+    let (major, minor, micro) = integration::qemu::qemu_version().unwrap_or_else(|e| panic!("{e}"));
+    if major < integration::qemu::X2APIC_MIN_MAJOR {
+        let why = format!(
+            "QEMU {major}.{minor}.{micro} cannot emulate x2APIC under TCG (needs 9 or later)"
+        );
+        if std::env::var("CI").as_deref() == Ok("true") {
+            panic!("CI=true but {why}");
+        }
+        eprintln!("\n*** SKIPPING x2APIC runs: {why} ***\n");
+        return None;
+    }
+    q.cpu = Some(integration::qemu::X2APIC_CPU.into());
+    Some(q)
+}
+
+#[test]
+fn every_switcher_with_the_host_apic_in_x2apic_mode() {
+    let Some(q) = qemu_x2apic() else { return };
+    for kind in vmm::AVAILABLE {
+        if matches!(kind, SwitcherKind::X86Stub | SwitcherKind::Amd64Stub) {
+            continue;
+        }
+        for revision in [Revision::A, Revision::B] {
+            let mut s = Scenario::new(kind);
+            s.options.x2apic = true;
+            s.options.revision = revision;
+            s.host_x2apic = true;
+            let r = go(&s, &q);
+            assert!(
+                r.verified,
+                "{} rev {revision:?} x2APIC: {:?}",
+                kind.cli_name(),
+                r.failures
+            );
+            assert_eq!(r.round_trips, 2000);
+            let seen: Vec<_> = r
+                .cpumcpu
+                .iter()
+                .map(|c| (c.x2apic, c.apic_dis_vectors))
+                .collect();
+            assert!(
+                seen.iter().all(|&(x, d)| x == 1 && d == 0x7),
+                "{}: {seen:?}",
+                kind.cli_name()
+            );
+            let lvts = r
+                .mailbox
+                .map(|m| m.lvt)
+                .or(r.rc_mailbox.map(|m| m.lvt))
+                .unwrap();
+            assert_eq!(
+                lvts.map(|v| v & 0x1_0000),
+                [0x1_0000; 4],
+                "masked, read through the MSRs"
+            );
+        }
+    }
+}
