@@ -146,6 +146,11 @@ pub struct RcMailbox {
     pub scratch: [u32; 3],
     /// RC address of the switcher's exit entry (the RC code calls through it).
     pub exit_entry: u32,
+    /// RC address of the switcher's C-callable exit (status as the argument);
+    /// the RC code leaves through it on trips whose cookie has bit 8 set.
+    pub c_exit_entry: u32,
+    /// Exits taken through the C-callable exit.
+    pub c_exits: u32,
 }
 
 /// Value XORed into the return code.
@@ -166,6 +171,8 @@ pub struct RcConfig {
     pub cpum_rc: u32,
     /// RC address of the switcher's assembly exit entry.
     pub exit_rc: u32,
+    /// RC address of the switcher's C-callable exit.
+    pub c_exit_rc: u32,
     /// Hyper code selector.
     pub cs: u16,
     /// Hyper data selector.
@@ -447,6 +454,17 @@ pub fn build(cfg: &RcConfig, area_size: usize) -> Result<(Vec<u8>, RcEntries), F
     a.shl(eax, 16)?;
     a.xor(eax, dword_ptr(edi + mb(offset_of!(RcMailbox, cookie))))?;
     a.xor(eax, RET_XOR)?;
+    // Every other trip (cookie bit 8) leaves through the C-callable exit
+    // (cdecl: the status on the stack); resumed, the call returns here.
+    let mut asm_exit = a.create_label();
+    a.test(dword_ptr(edi + mb(offset_of!(RcMailbox, cookie))), 0x100)?;
+    a.jz(asm_exit)?;
+    a.add(dword_ptr(edi + mb(offset_of!(RcMailbox, c_exits))), 1)?;
+    a.push(eax)?;
+    a.call(dword_ptr(mbox + offset_of!(RcMailbox, c_exit_entry) as u32))?;
+    a.add(esp, 4)?;
+    a.jmp(entry)?;
+    a.set_label(&mut asm_exit)?;
     a.call(dword_ptr(mbox + offset_of!(RcMailbox, exit_entry) as u32))?;
     a.jmp(entry)?;
 
@@ -577,8 +595,13 @@ pub fn build(cfg: &RcConfig, area_size: usize) -> Result<(Vec<u8>, RcEntries), F
     }
     let mut blob = vec![0u8; area_size];
     blob[..code.len()].copy_from_slice(code);
-    let slot = cfg.mailbox_off as usize + offset_of!(RcMailbox, exit_entry);
-    blob[slot..slot + 4].copy_from_slice(&cfg.exit_rc.to_le_bytes());
+    for (field, value) in [
+        (offset_of!(RcMailbox, exit_entry), cfg.exit_rc),
+        (offset_of!(RcMailbox, c_exit_entry), cfg.c_exit_rc),
+    ] {
+        let slot = cfg.mailbox_off as usize + field;
+        blob[slot..slot + 4].copy_from_slice(&value.to_le_bytes());
+    }
     let ip = |l: &CodeLabel| res.label_ip(l).map(|v| v as u32);
     Ok((
         blob,
@@ -611,6 +634,7 @@ mod tests {
             mailbox_off: 0x3000,
             cpum_rc: 0xa000_00c0,
             exit_rc: 0xa000_d123,
+            c_exit_rc: 0xa000_d100,
             cs: 8,
             ds: 0x10,
             apic: 0xfee0_0000,

@@ -238,6 +238,19 @@ pub fn build(cfg: &RcConfig, area_size: usize) -> Result<(Vec<u8>, RcEntries), F
     a.shl(eax, 16)?;
     a.xor(eax, field(offset_of!(RcMailbox, cookie)))?;
     a.xor(eax, RET_XOR)?;
+    // Every other trip (cookie bit 8) leaves through the C-callable exit
+    // (System V: the status in EDI); resumed, the call returns here.
+    let mut asm_exit = a.create_label();
+    a.test(field(offset_of!(RcMailbox, cookie)), 0x100)?;
+    a.jz(asm_exit)?;
+    a.add(field(offset_of!(RcMailbox, c_exits)), 1)?;
+    a.mov(r11d, field(offset_of!(RcMailbox, c_exit_entry)))?;
+    a.push(rdi)?;
+    a.mov(edi, eax)?;
+    a.call(r11)?;
+    a.pop(rdi)?;
+    a.jmp(entry)?;
+    a.set_label(&mut asm_exit)?;
     a.mov(r11d, field(offset_of!(RcMailbox, exit_entry)))?;
     a.call(r11)?;
     a.jmp(entry)?;
@@ -363,8 +376,13 @@ pub fn build(cfg: &RcConfig, area_size: usize) -> Result<(Vec<u8>, RcEntries), F
     }
     let mut blob = vec![0u8; area_size];
     blob[..code.len()].copy_from_slice(code);
-    let slot = cfg.mailbox_off as usize + offset_of!(RcMailbox, exit_entry);
-    blob[slot..slot + 4].copy_from_slice(&cfg.exit_rc.to_le_bytes());
+    for (field, value) in [
+        (offset_of!(RcMailbox, exit_entry), cfg.exit_rc),
+        (offset_of!(RcMailbox, c_exit_entry), cfg.c_exit_rc),
+    ] {
+        let slot = cfg.mailbox_off as usize + field;
+        blob[slot..slot + 4].copy_from_slice(&value.to_le_bytes());
+    }
     let ip = |l: &CodeLabel| res.label_ip(l).map(|v| v as u32);
     Ok((
         blob,

@@ -416,6 +416,7 @@ pub fn build(s: &Scenario) -> Result<Built, ScenarioError> {
             mailbox_off: far_layout.mailbox_off,
             cpum_rc,
             exit_rc: sw.entries.rc_guest_to_host_asm.0,
+            c_exit_rc: sw.entries.rc_guest_to_host.0,
             cs: if rc64 {
                 vmm::layout::sel::CS64
             } else {

@@ -273,6 +273,11 @@ fn pae_and_32bit_family_thousand_trips_both_revisions() {
             assert_eq!(r.round_trips, 2000);
             let mb = r.rc_mailbox.unwrap();
             assert_eq!(mb.calls, 2000, "the RC code ran every trip");
+            assert!(
+                mb.c_exits > 500 && mb.c_exits < 1500,
+                "both exits used: {} C exits",
+                mb.c_exits
+            );
             assert_eq!(mb.nm_count, 1000, "one lazy-FPU trap per FPU trip");
             assert_eq!(mb.sysenter_cs, 0, "SYSENTER_CS parked while away");
             assert_eq!(mb.efer & 1, 0, "EFER.SCE cleared while away");
@@ -547,6 +552,11 @@ fn amd64_to_amd64_thousand_trips_both_revisions_and_trampoline() {
         assert_eq!(r.round_trips, 2000);
         let mb = r.rc_mailbox.unwrap();
         assert_eq!((mb.calls, mb.nm_count, mb.sysenter_cs), (2000, 1000, 0));
+        assert!(
+            mb.c_exits > 500 && mb.c_exits < 1500,
+            "both exits used: {} C exits",
+            mb.c_exits
+        );
         assert_eq!(mb.efer & 0x401, 0x400, "EFER.LMA on, SCE parked");
         assert_eq!(
             mb.tr & 0xffff,

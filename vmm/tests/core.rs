@@ -343,3 +343,43 @@ fn amd64_host_core_maps_hc_in_long_mode_only() {
         VmmError::Placement(PlacementError::HostBits(16))
     ));
 }
+
+#[test]
+fn trampoline_call_frame_is_pushed_on_the_hyper_stack() {
+    let mut vmm = Vmm::new(VmmConfig::default()).unwrap();
+    vmm.activate(SwitcherKind::PaeToPae).unwrap();
+    let p = vmm.config().placement;
+    let l = *vmm.hma_layout();
+    let target = RcAddr(0xa000_9abc);
+    let rsp = vmm
+        .push_trampoline_call(SwitcherKind::PaeToPae, 1, target, &[11, 22, 33])
+        .unwrap();
+    assert_eq!(rsp, p.hma_rc.0 + l.stack_top(1) - 20);
+    let c = vmm.cpumcpu(1).unwrap();
+    assert_eq!(c.hyper.rsp, u64::from(rsp));
+    assert_eq!(
+        c.hyper.rip,
+        u64::from(
+            vmm.switcher(SwitcherKind::PaeToPae)
+                .unwrap()
+                .entries
+                .rc_call_trampoline
+                .0
+        )
+    );
+    let at = (rsp - p.hma_rc.0) as usize;
+    let words: Vec<u32> = (0..5)
+        .map(|k| u32::from_le_bytes(vmm.hma()[at + 4 * k..at + 4 * k + 4].try_into().unwrap()))
+        .collect();
+    assert_eq!(words, vec![target.0, 12, 11, 22, 33]);
+    // The other VCPU is untouched, and a too-large frame is refused.
+    assert_eq!(
+        vmm.cpumcpu(0).unwrap().hyper.rsp,
+        u64::from(p.hma_rc.0 + l.stack_top(0))
+    );
+    assert!(vmm
+        .push_trampoline_call(SwitcherKind::PaeToPae, 0, target, &[0; 2000])
+        .is_err());
+    // Activating a PAE switcher puts the hyper PAE root in Hyper.cr3.
+    assert_eq!(c.hyper.cr3, u64::from(vmm.hyper_context().cr3_pae()));
+}
