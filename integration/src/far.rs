@@ -201,9 +201,6 @@ pub fn build(cfg: &FarConfig, area_size: usize) -> Result<Vec<u8>, FarError> {
     let mbox = i64::from(cfg.layout.mailbox_rc());
     let mut a = CodeAssembler::new(64)?;
     let mut handlers: Vec<CodeLabel> = (0..32).map(|_| a.create_label()).collect();
-    let mut common = a.create_label();
-    let mut putc = a.create_label();
-    let mut puthex = a.create_label();
     let mut idtr = a.create_label();
 
     // ---- entry: RSI = &Guest (fpu at +0), RDX = &CpumCpu
@@ -399,81 +396,14 @@ pub fn build(cfg: &FarConfig, area_size: usize) -> Result<Vec<u8>, FarError> {
     a.ret()?;
 
     // ---- far exception handlers
-    for (v, h) in handlers.iter_mut().enumerate() {
-        a.set_label(h)?;
-        let has_err = matches!(v, 8 | 10 | 11 | 12 | 13 | 14 | 17 | 21 | 29 | 30);
-        if !has_err {
-            a.push(0)?;
-        }
-        a.push(v as i32)?;
-        a.jmp(common)?;
-    }
-    a.set_label(&mut common)?;
-    for &c in format!("\n{PREFIX}FAREXC vec=").as_bytes() {
-        a.mov(al, u32::from(c))?;
-        a.call(putc)?;
-    }
-    a.mov(rax, qword_ptr(rsp))?;
-    a.call(puthex)?;
-    for &c in b" err=" {
-        a.mov(al, u32::from(c))?;
-        a.call(putc)?;
-    }
-    a.mov(rax, qword_ptr(rsp + 8))?;
-    a.call(puthex)?;
-    for &c in b" rip=" {
-        a.mov(al, u32::from(c))?;
-        a.call(putc)?;
-    }
-    a.mov(rax, qword_ptr(rsp + 16))?;
-    a.call(puthex)?;
-    a.mov(al, u32::from(b'\n'))?;
-    a.call(putc)?;
-    a.mov(eax, cfg.exit_far_exception)?;
-    a.mov(dx, u32::from(cfg.exit_port))?;
-    a.out(dx, eax)?;
-    let mut halt = a.create_label();
-    a.set_label(&mut halt)?;
-    a.hlt()?;
-    a.jmp(halt)?;
-    // putc: AL; preserves RDX and RAX.
-    a.set_label(&mut putc)?;
-    a.push(rdx)?;
-    a.push(rax)?;
-    let mut wait = a.create_label();
-    a.mov(dx, u32::from(cfg.com1) + 5)?;
-    a.set_label(&mut wait)?;
-    a.in_(al, dx)?;
-    a.test(al, 0x20)?;
-    a.jz(wait)?;
-    a.pop(rax)?;
-    a.mov(dx, u32::from(cfg.com1))?;
-    a.out(dx, al)?;
-    a.pop(rdx)?;
-    a.ret()?;
-    // puthex: RAX as 16 hex digits.
-    a.set_label(&mut puthex)?;
-    a.push(rcx)?;
-    a.push(rdx)?;
-    a.mov(rdx, rax)?;
-    a.mov(ecx, 16)?;
-    let mut digit = a.create_label();
-    let mut num = a.create_label();
-    a.set_label(&mut digit)?;
-    a.rol(rdx, 4)?;
-    a.mov(eax, edx)?;
-    a.and(eax, 0xf)?;
-    a.add(al, u32::from(b'0'))?;
-    a.cmp(al, u32::from(b'9'))?;
-    a.jbe(num)?;
-    a.add(al, 7)?;
-    a.set_label(&mut num)?;
-    a.call(putc)?;
-    a.dec(ecx)?;
-    a.jnz(digit)?;
-    a.pop(rdx)?;
-    a.pop(rcx)?;
-    a.ret()?;
+    emit_exception_reporter64(
+        &mut a,
+        &mut handlers,
+        &[],
+        cfg.com1,
+        cfg.exit_port,
+        cfg.exit_far_exception,
+    )?;
     // IDTR image: limit, base of the IDT in the helper area.
     a.set_label(&mut idtr)?;
     a.dw(&[32 * 16 - 1])?;
@@ -500,7 +430,101 @@ pub fn build(cfg: &FarConfig, area_size: usize) -> Result<Vec<u8>, FarError> {
     Ok(blob)
 }
 
-fn idt_gate(target: u64, selector: u16) -> [u8; 16] {
+/// Emits, for 64-bit code, a stub for every vector 0–31 not in `own` (the
+/// caller places those itself), a common reporter that prints
+/// `FAREXC vec= err= rip=` on COM1 and exits through isa-debug-exit with
+/// `exit_code`, and the `putc`/`puthex` routines it uses.
+///
+/// # Errors
+/// iced rejects an instruction.
+pub(crate) fn emit_exception_reporter64(
+    a: &mut CodeAssembler,
+    handlers: &mut [CodeLabel],
+    own: &[usize],
+    com1: u16,
+    exit_port: u16,
+    exit_code: u32,
+) -> Result<(), IcedError> {
+    let mut common = a.create_label();
+    let mut putc = a.create_label();
+    let mut puthex = a.create_label();
+    for (v, h) in handlers.iter_mut().enumerate() {
+        if own.contains(&v) {
+            continue;
+        }
+        a.set_label(h)?;
+        let has_err = matches!(v, 8 | 10 | 11 | 12 | 13 | 14 | 17 | 21 | 29 | 30);
+        if !has_err {
+            a.push(0)?;
+        }
+        a.push(v as i32)?;
+        a.jmp(common)?;
+    }
+    a.set_label(&mut common)?;
+    for &c in format!("\n{PREFIX}FAREXC vec=").as_bytes() {
+        a.mov(al, u32::from(c))?;
+        a.call(putc)?;
+    }
+    for (k, text) in [(0, " err="), (8, " rip="), (16, "")] {
+        a.mov(rax, qword_ptr(rsp + k))?;
+        a.call(puthex)?;
+        for &c in text.as_bytes() {
+            a.mov(al, u32::from(c))?;
+            a.call(putc)?;
+        }
+    }
+    a.mov(al, u32::from(b'\n'))?;
+    a.call(putc)?;
+    a.mov(eax, exit_code)?;
+    a.mov(dx, u32::from(exit_port))?;
+    a.out(dx, eax)?;
+    let mut halt = a.create_label();
+    a.set_label(&mut halt)?;
+    a.hlt()?;
+    a.jmp(halt)?;
+    // putc: AL; preserves RDX and RAX.
+    a.set_label(&mut putc)?;
+    a.push(rdx)?;
+    a.push(rax)?;
+    let mut wait = a.create_label();
+    a.mov(dx, u32::from(com1) + 5)?;
+    a.set_label(&mut wait)?;
+    a.in_(al, dx)?;
+    a.test(al, 0x20)?;
+    a.jz(wait)?;
+    a.pop(rax)?;
+    a.mov(dx, u32::from(com1))?;
+    a.out(dx, al)?;
+    a.pop(rdx)?;
+    a.ret()?;
+    // puthex: RAX as 16 hex digits.
+    a.set_label(&mut puthex)?;
+    a.push(rcx)?;
+    a.push(rdx)?;
+    a.mov(rdx, rax)?;
+    a.mov(ecx, 16)?;
+    let mut digit = a.create_label();
+    let mut num = a.create_label();
+    a.set_label(&mut digit)?;
+    a.rol(rdx, 4)?;
+    a.mov(eax, edx)?;
+    a.and(eax, 0xf)?;
+    a.add(al, u32::from(b'0'))?;
+    a.cmp(al, u32::from(b'9'))?;
+    a.jbe(num)?;
+    a.add(al, 7)?;
+    a.set_label(&mut num)?;
+    a.call(putc)?;
+    a.dec(ecx)?;
+    a.jnz(digit)?;
+    a.pop(rdx)?;
+    a.pop(rcx)?;
+    a.ret()?;
+    Ok(())
+}
+
+/// A 64-bit interrupt gate (present, DPL 0, type 0xE) to `target` through `selector`.
+pub(crate) fn idt_gate(target: u64, selector: u16) -> [u8; 16] {
     let mut g = [0u8; 16];
     g[0..2].copy_from_slice(&(target as u16).to_le_bytes());
     g[2..4].copy_from_slice(&selector.to_le_bytes());

@@ -12,11 +12,10 @@ use cpum::{CpumCpu64, UseFlags};
 use iced_x86::code_asm::*;
 use iced_x86::BlockEncoderOptions;
 
-use crate::far::FarError;
+use crate::far::{emit_exception_reporter64, FarError};
 use crate::rc::{
     ebp_magic, expect, fail, RcConfig, RcEntries, RcMailbox, MAX_TARGET_ARGS, RET_XOR,
 };
-use crate::transcript::PREFIX;
 
 const LVTS: [u32; 4] = [
     apic::reg::LVT_LINT0,
@@ -44,9 +43,6 @@ pub fn build(cfg: &RcConfig, area_size: usize) -> Result<(Vec<u8>, RcEntries), F
     let mut entry = a.create_label();
     let mut handlers: Vec<CodeLabel> = (0..32).map(|_| a.create_label()).collect();
     let mut targets: Vec<CodeLabel> = (0..=MAX_TARGET_ARGS).map(|_| a.create_label()).collect();
-    let mut common = a.create_label();
-    let mut putc = a.create_label();
-    let mut puthex = a.create_label();
     let scratch = |i: usize| dword_ptr(rdi + mb(offset_of!(RcMailbox, scratch) + 4 * i));
     let fail_bit = |a: &mut CodeAssembler, bit: u32| {
         a.or(dword_ptr(rdi + mb(offset_of!(RcMailbox, scratch))), bit)
@@ -255,98 +251,39 @@ pub fn build(cfg: &RcConfig, area_size: usize) -> Result<(Vec<u8>, RcEntries), F
     a.call(r11)?;
     a.jmp(entry)?;
 
-    for (v, h) in handlers.iter_mut().enumerate() {
-        a.set_label(h)?;
-        if v == 7 {
-            a.push(rax)?;
-            a.push(rcx)?;
-            a.push(rdx)?;
-            a.mov(edx, cfg.cpum_rc)?;
-            a.str(ecx)?;
-            a.movzx(ecx, cx)?;
-            a.sub(ecx, dword_ptr(rdx + cc(l::CPUM_HYPER_TSS_SEL0)))?;
-            a.shr(ecx, cpum::HYPER_TSS_STRIDE_SHIFT)?;
-            a.imul_2(ecx, dword_ptr(rdx + cc(l::CPUM_CB_CPUMCPU)))?;
-            a.add(ecx, dword_ptr(rdx + cc(l::CPUM_OFF_CPUMCPU0)))?;
-            a.add(rdx, rcx)?;
-            a.mov(rax, cr0)?;
-            a.and(rax, !(Cr0::TS.bits() as u32) as i32)?;
-            a.mov(cr0, rax)?;
-            a.fxsave(ptr(rdx + cc(l::HOST32_FPU)))?;
-            a.fxrstor(ptr(rdx + cc(l::GUEST_FPU)))?;
-            a.or(dword_ptr(rdx + cc(l::USE_FLAGS)), UseFlags::USED_FPU.bits())?;
-            a.mov(ecx, mbox as u32)?;
-            a.add(dword_ptr(rcx + mb(offset_of!(RcMailbox, nm_count))), 1)?;
-            a.pop(rdx)?;
-            a.pop(rcx)?;
-            a.pop(rax)?;
-            a.iretq()?;
-            continue;
-        }
-        if !matches!(v, 8 | 10 | 11 | 12 | 13 | 14 | 17 | 21 | 29 | 30) {
-            a.push(0)?;
-        }
-        a.push(v as i32)?;
-        a.jmp(common)?;
-    }
-    a.set_label(&mut common)?;
-    for &c in format!("\n{PREFIX}FAREXC vec=").as_bytes() {
-        a.mov(al, u32::from(c))?;
-        a.call(putc)?;
-    }
-    for (k, text) in [(0, " err="), (8, " rip="), (16, "")] {
-        a.mov(rax, qword_ptr(rsp + k))?;
-        a.call(puthex)?;
-        for &c in text.as_bytes() {
-            a.mov(al, u32::from(c))?;
-            a.call(putc)?;
-        }
-    }
-    a.mov(al, u32::from(b'\n'))?;
-    a.call(putc)?;
-    a.mov(eax, cfg.exit_code)?;
-    a.mov(dx, u32::from(cfg.exit_port))?;
-    a.out(dx, eax)?;
-    let mut halt = a.create_label();
-    a.set_label(&mut halt)?;
-    a.hlt()?;
-    a.jmp(halt)?;
-    a.set_label(&mut putc)?;
-    a.push(rdx)?;
+    // #NM: the lazy FPU switch; every other vector is reported.
+    a.set_label(&mut handlers[7])?;
     a.push(rax)?;
-    let mut wait = a.create_label();
-    a.mov(dx, u32::from(cfg.com1) + 5)?;
-    a.set_label(&mut wait)?;
-    a.in_(al, dx)?;
-    a.test(al, 0x20)?;
-    a.jz(wait)?;
-    a.pop(rax)?;
-    a.mov(dx, u32::from(cfg.com1))?;
-    a.out(dx, al)?;
-    a.pop(rdx)?;
-    a.ret()?;
-    a.set_label(&mut puthex)?;
     a.push(rcx)?;
     a.push(rdx)?;
-    a.mov(rdx, rax)?;
-    a.mov(ecx, 16)?;
-    let mut digit = a.create_label();
-    let mut num = a.create_label();
-    a.set_label(&mut digit)?;
-    a.rol(rdx, 4)?;
-    a.mov(eax, edx)?;
-    a.and(eax, 0xf)?;
-    a.add(al, u32::from(b'0'))?;
-    a.cmp(al, u32::from(b'9'))?;
-    a.jbe(num)?;
-    a.add(al, 7)?;
-    a.set_label(&mut num)?;
-    a.call(putc)?;
-    a.dec(ecx)?;
-    a.jnz(digit)?;
+    a.mov(edx, cfg.cpum_rc)?;
+    a.str(ecx)?;
+    a.movzx(ecx, cx)?;
+    a.sub(ecx, dword_ptr(rdx + cc(l::CPUM_HYPER_TSS_SEL0)))?;
+    a.shr(ecx, cpum::HYPER_TSS_STRIDE_SHIFT)?;
+    a.imul_2(ecx, dword_ptr(rdx + cc(l::CPUM_CB_CPUMCPU)))?;
+    a.add(ecx, dword_ptr(rdx + cc(l::CPUM_OFF_CPUMCPU0)))?;
+    a.add(rdx, rcx)?;
+    a.mov(rax, cr0)?;
+    a.and(rax, !(Cr0::TS.bits() as u32) as i32)?;
+    a.mov(cr0, rax)?;
+    a.fxsave(ptr(rdx + cc(l::HOST32_FPU)))?;
+    a.fxrstor(ptr(rdx + cc(l::GUEST_FPU)))?;
+    a.or(dword_ptr(rdx + cc(l::USE_FLAGS)), UseFlags::USED_FPU.bits())?;
+    a.mov(ecx, mbox as u32)?;
+    a.add(dword_ptr(rcx + mb(offset_of!(RcMailbox, nm_count))), 1)?;
     a.pop(rdx)?;
     a.pop(rcx)?;
-    a.ret()?;
+    a.pop(rax)?;
+    a.iretq()?;
+    emit_exception_reporter64(
+        &mut a,
+        &mut handlers,
+        &[7],
+        cfg.com1,
+        cfg.exit_port,
+        cfg.exit_code,
+    )?;
     // Trampoline targets: System V arguments in EDI, ESI, EDX, ECX, R8D, R9D.
     for (n, t) in targets.iter_mut().enumerate() {
         a.set_label(t)?;

@@ -96,7 +96,7 @@ impl Mutation {
             Self::HyperTssBusyNotCleared => {
                 view == View::Rc
                     && insn.code() == Code::And_rm32_imm32
-                    && insn.memory_base() == Register::EAX
+                    && matches!(insn.memory_base(), Register::EAX | Register::RAX)
                     && insn.immediate32() == !0x200
             }
             Self::HostFpuNotRestored => {

@@ -577,6 +577,16 @@ fn amd64_to_amd64_thousand_trips_both_revisions_and_trampoline() {
         let want = integration::rc::target_result(&args);
         assert!(r.run.report.trips.iter().all(|t| t.ret == want));
     }
+    // A fault in the 64-bit hypervisor context is reported through its own IDT.
+    let mut s = Scenario::new(SwitcherKind::Amd64ToAmd64);
+    s.trips = 10;
+    s.mutation = Some(Mutation::HyperTssBusyNotCleared);
+    let r = go(&s, &q);
+    assert!(
+        matches!(&r.run.outcome, Outcome::FarException(Some(e)) if e.vector == 13),
+        "{:?}",
+        r.run.outcome
+    );
     let mut s = Scenario::new(SwitcherKind::Amd64ToAmd64);
     s.trips = 10;
     s.mutation = Some(Mutation::HostFpuNotRestored);

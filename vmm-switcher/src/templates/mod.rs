@@ -72,6 +72,57 @@ pub struct VmLayout {
     pub stat_to_hc: u32,
 }
 
+impl VmLayout {
+    /// A VM layout for examples, benchmarks and tests (not a real VM's).
+    pub const fn sample() -> Self {
+        Self {
+            size: 0x8000,
+            cpum: 0x100,
+            cpum_size: 0x2000,
+            stat_to_gc: 0x40,
+            stat_to_hc: 0x68,
+        }
+    }
+}
+
+/// A complete relocation context at a sample placement (HC 0xc040_0000,
+/// physical 0x40_0000, RC 0xa010_0000, VM at HC 0xc050_0000 / RC 0xa000_0000,
+/// hyper selectors 0x08/0x10/0x18/0x20), for examples, benchmarks and tests.
+pub fn sample_context(vm: &VmLayout) -> crate::RelocContext {
+    use crate::reloc::{CpuFacts, HyperSelectors, InterCr3};
+    use crate::{HcAddr, PhysAddr, RcAddr};
+    crate::RelocContext {
+        code_hc: HcAddr(0xc040_0000),
+        code_id: PhysAddr(0x0040_0000),
+        code_rc: RcAddr(0xa010_0000),
+        vm_hc: HcAddr(0xc050_0000),
+        vm_rc: RcAddr(0xa000_0000),
+        vm_size: vm.size,
+        cpum_off: vm.cpum,
+        cpum_size: vm.cpum_size,
+        cpumcpu0_off: 64,
+        inter_cr3: InterCr3 {
+            legacy32: PhysAddr(0x60_0000),
+            pae: PhysAddr(0x60_1000),
+            amd64: PhysAddr(0x60_2000),
+        },
+        sel: HyperSelectors {
+            cs: 0x08,
+            ds: 0x10,
+            tss: 0x20,
+            cs64: 0x18,
+        },
+        gdt_rc: RcAddr(0xa000_8000),
+        cpu: CpuFacts {
+            nx: true,
+            fxsr: true,
+            host_sysenter: true,
+            host_syscall: true,
+        },
+        apic_rc: None,
+    }
+}
+
 macro_rules! steps {
     ($($name:ident = $ch:literal, $what:literal;)*) => {
         /// The steps a switcher reports when tracing is on: one character each on COM1.

@@ -2,49 +2,13 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 #![allow(dead_code)]
 
-use vmm_switcher::reloc::{CpuFacts, HyperSelectors, InterCr3};
-use vmm_switcher::templates::{legacy_amd64, Revision, TemplateOptions, VmLayout};
-use vmm_switcher::{HcAddr, PhysAddr, RcAddr, RelocContext, SwitcherDef};
+use vmm_switcher::templates::{legacy_amd64, sample_context, Revision, TemplateOptions, VmLayout};
+use vmm_switcher::{RelocContext, SwitcherDef};
 
-pub const VM: VmLayout = VmLayout {
-    size: 0x8000,
-    cpum: 0x100,
-    cpum_size: 0x2000,
-    stat_to_gc: 0x40,
-    stat_to_hc: 0x68,
-};
+pub const VM: VmLayout = VmLayout::sample();
 
 pub fn ctx() -> RelocContext {
-    RelocContext {
-        code_hc: HcAddr(0xc040_0000),
-        code_id: PhysAddr(0x0040_0000),
-        code_rc: RcAddr(0xa010_0000),
-        vm_hc: HcAddr(0xc050_0000),
-        vm_rc: RcAddr(0xa000_0000),
-        vm_size: VM.size,
-        cpum_off: VM.cpum,
-        cpum_size: VM.cpum_size,
-        cpumcpu0_off: 64,
-        inter_cr3: InterCr3 {
-            legacy32: PhysAddr(0x60_0000),
-            pae: PhysAddr(0x60_1000),
-            amd64: PhysAddr(0x60_2000),
-        },
-        sel: HyperSelectors {
-            cs: 0x08,
-            ds: 0x10,
-            tss: 0x20,
-            cs64: 0x18,
-        },
-        gdt_rc: RcAddr(0xa000_8000),
-        cpu: CpuFacts {
-            nx: true,
-            fxsr: true,
-            host_sysenter: true,
-            host_syscall: true,
-        },
-        apic_rc: None,
-    }
+    sample_context(&VM)
 }
 
 pub fn all_options() -> Vec<TemplateOptions> {
