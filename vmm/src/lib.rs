@@ -1057,6 +1057,20 @@ impl Vmm {
         mode::stub_for(host)
     }
 
+    /// The switcher for `host` and `guest` under `prefs` (stubs when the
+    /// hypervisor context is not used, a forced 32-bit shadow).
+    ///
+    /// # Errors
+    /// The choice is not available.
+    pub fn select_with(
+        &self,
+        host: HostPagingMode,
+        guest: GuestMode,
+        prefs: mode::SelectPrefs,
+    ) -> Result<SwitcherKind, SelectError> {
+        mode::select_with(host, guest, prefs, &AVAILABLE)
+    }
+
     /// The switcher VirtualBox's table chooses for `host` and `guest`.
     ///
     /// # Errors

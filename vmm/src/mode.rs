@@ -187,6 +187,46 @@ pub fn table_choice(host: HostPagingMode, guest: GuestMode) -> SwitcherKind {
     }
 }
 
+/// What may override VirtualBox's table when choosing a switcher.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize)]
+pub struct SelectPrefs {
+    /// The hypervisor context is not used (VirtualBox's HM case with raw mode
+    /// off): choose the stub for the host's bitness.
+    pub no_hypervisor_context: bool,
+    /// Shadow a non-long-mode guest with 32-bit paging on PAE and AMD64 hosts
+    /// (VirtualBox's developer override), choosing PAE → 32 and AMD64 → 32.
+    pub force_32bit_shadow: bool,
+}
+
+/// The switcher for `host` and `guest` under `prefs`, if `available` has it.
+///
+/// # Errors
+/// As [`select`].
+pub fn select_with(
+    host: HostPagingMode,
+    guest: GuestMode,
+    prefs: SelectPrefs,
+    available: &[SwitcherKind],
+) -> Result<SwitcherKind, SelectError> {
+    let long_guest = matches!(guest, GuestMode::Amd64 | GuestMode::Amd64Nx);
+    let kind = if prefs.no_hypervisor_context {
+        stub_for(host)
+    } else if prefs.force_32bit_shadow && !long_guest {
+        match host.family() {
+            HostFamily::Legacy32 => SwitcherKind::Legacy32To32,
+            HostFamily::Pae => SwitcherKind::PaeTo32,
+            HostFamily::Amd64 => SwitcherKind::Amd64To32,
+        }
+    } else {
+        return select(host, guest, available);
+    };
+    if available.contains(&kind) {
+        Ok(kind)
+    } else {
+        Err(SelectError::Unavailable { kind })
+    }
+}
+
 /// The stub switcher for `host`'s bitness.
 pub fn stub_for(host: HostPagingMode) -> SwitcherKind {
     match host.family() {
@@ -294,6 +334,58 @@ mod tests {
             })
         );
         assert_eq!(stub_for(H::Amd64GlobalNx), SwitcherKind::Amd64Stub);
+        // Every switcher is reachable from some host, guest and preference.
+        let hosts = [H::Legacy32, H::PaeNx, H::Amd64GlobalNx];
+        let guests = [
+            G::Real,
+            G::Protected,
+            G::Bits32,
+            G::Pae,
+            G::PaeNx,
+            G::Amd64,
+            G::Amd64Nx,
+        ];
+        let mut reached = std::collections::BTreeSet::new();
+        for h in hosts {
+            for g in guests {
+                for (no_ctx, force32) in [(false, false), (false, true), (true, false)] {
+                    let prefs = SelectPrefs {
+                        no_hypervisor_context: no_ctx,
+                        force_32bit_shadow: force32,
+                    };
+                    if let Ok(k) = select_with(h, g, prefs, &all) {
+                        reached.insert(k as u32);
+                    }
+                }
+            }
+        }
+        assert_eq!(reached.len(), SwitcherKind::ALL.len(), "{reached:?}");
+        let p = SelectPrefs {
+            force_32bit_shadow: true,
+            ..SelectPrefs::default()
+        };
+        assert_eq!(
+            select_with(H::PaeNx, G::PaeNx, p, &all),
+            Ok(SwitcherKind::PaeTo32)
+        );
+        assert_eq!(
+            select_with(H::Amd64, G::Amd64, p, &all),
+            Ok(SwitcherKind::Amd64ToAmd64)
+        );
+        assert_eq!(
+            select_with(
+                H::Amd64,
+                G::Bits32,
+                SelectPrefs {
+                    no_hypervisor_context: true,
+                    ..p
+                },
+                &[]
+            ),
+            Err(SelectError::Unavailable {
+                kind: SwitcherKind::Amd64Stub
+            })
+        );
         assert_eq!(stub_for(H::PaeNx), SwitcherKind::X86Stub);
         let msg = select(H::Amd64, G::Amd64, &none).map_err(|e| e.to_string());
         assert_eq!(
