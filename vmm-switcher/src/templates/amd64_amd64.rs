@@ -28,7 +28,7 @@ use super::amd64_legacy::{emit_host_entry64, emit_host_exit64};
 use super::legacy_pae::TRAMPOLINE_RESUMED;
 use super::{adv_start64, adv_stop64, mov_fix, trace, Revision, Step, TemplateOptions, VmLayout};
 use crate::builder::{BuildError, Builder, Operand, Slot};
-use crate::def::{EntryOffsets, Region, SwitcherDef, SwitcherKind, View};
+use crate::def::{Region, SwitcherDef, SwitcherKind, View};
 use crate::fixup::FixupKind as K;
 
 const fn d(off: usize) -> i32 {
@@ -297,22 +297,10 @@ pub fn build(o: &TemplateOptions, vm: &VmLayout) -> Result<SwitcherDef, BuildErr
             range: at("HCExitTarget")..end,
         },
     ];
-    let entries = EntryOffsets {
-        r0_host_to_guest: at("vmmR0HostToGuest"),
-        rc_guest_to_host: at("vmmGCGuestToHost"),
-        rc_call_trampoline: at("vmmGCCallTrampoline"),
-        rc_guest_to_host_asm: at("VMMGCGuestToHostAsm"),
-        rc_guest_to_host_asm_hyper_ctx: at("VMMGCGuestToHostAsmHyperCtx"),
-        rc_guest_to_host_asm_guest_ctx: at("VMMGCGuestToHostAsmGuestCtx"),
-    };
-    Ok(SwitcherDef {
-        kind: SwitcherKind::Amd64ToAmd64,
-        description: "AMD64 to/from AMD64".to_string(),
-        code: t.code,
-        fixups: t.fixups,
-        entries,
+    Ok(super::finish(
+        SwitcherKind::Amd64ToAmd64,
+        "AMD64 to/from AMD64",
+        t,
         regions,
-        labels: t.labels,
-        data: t.data,
-    })
+    ))
 }

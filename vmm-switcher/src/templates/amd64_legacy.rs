@@ -27,7 +27,7 @@ use super::{
     trace, Revision, Step, TemplateOptions, VmLayout,
 };
 use crate::builder::{BuildError, Builder, Operand, Slot};
-use crate::def::{EntryOffsets, Region, SwitcherDef, SwitcherKind, View};
+use crate::def::{Region, SwitcherDef, SwitcherKind, View};
 use crate::fixup::FixupKind as K;
 
 const fn d(off: usize) -> i32 {
@@ -578,22 +578,5 @@ pub fn build(
             range: at("HCExitTarget")..end,
         },
     ];
-    let entries = EntryOffsets {
-        r0_host_to_guest: at("vmmR0HostToGuest"),
-        rc_guest_to_host: at("vmmGCGuestToHost"),
-        rc_call_trampoline: at("vmmGCCallTrampoline"),
-        rc_guest_to_host_asm: at("VMMGCGuestToHostAsm"),
-        rc_guest_to_host_asm_hyper_ctx: at("VMMGCGuestToHostAsmHyperCtx"),
-        rc_guest_to_host_asm_guest_ctx: at("VMMGCGuestToHostAsmGuestCtx"),
-    };
-    Ok(SwitcherDef {
-        kind,
-        description: desc.to_string(),
-        code: t.code,
-        fixups: t.fixups,
-        entries,
-        regions,
-        labels: t.labels,
-        data: t.data,
-    })
+    Ok(super::finish(kind, desc, t, regions))
 }

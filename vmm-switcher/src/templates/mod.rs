@@ -123,6 +123,37 @@ pub fn sample_context(vm: &VmLayout) -> crate::RelocContext {
     }
 }
 
+/// Completes a template: the entry points from the labels every template
+/// defines (`vmmR0HostToGuest`, `vmmGCGuestToHost`, `vmmGCCallTrampoline`,
+/// `VMMGCGuestToHostAsm`, `…HyperCtx`, `…GuestCtx`), the regions given, and
+/// the assembled code, fixups, labels and data slots.
+pub(crate) fn finish(
+    kind: crate::SwitcherKind,
+    description: impl Into<String>,
+    t: crate::builder::Assembled,
+    regions: Vec<crate::def::Region>,
+) -> crate::SwitcherDef {
+    let at = |n: &str| t.labels.get(n).copied().unwrap_or(0);
+    let entries = crate::def::EntryOffsets {
+        r0_host_to_guest: at("vmmR0HostToGuest"),
+        rc_guest_to_host: at("vmmGCGuestToHost"),
+        rc_call_trampoline: at("vmmGCCallTrampoline"),
+        rc_guest_to_host_asm: at("VMMGCGuestToHostAsm"),
+        rc_guest_to_host_asm_hyper_ctx: at("VMMGCGuestToHostAsmHyperCtx"),
+        rc_guest_to_host_asm_guest_ctx: at("VMMGCGuestToHostAsmGuestCtx"),
+    };
+    crate::SwitcherDef {
+        kind,
+        description: description.into(),
+        code: t.code,
+        fixups: t.fixups,
+        entries,
+        regions,
+        labels: t.labels,
+        data: t.data,
+    }
+}
+
 macro_rules! steps {
     ($($name:ident = $ch:literal, $what:literal;)*) => {
         /// The steps a switcher reports when tracing is on: one character each on COM1.
