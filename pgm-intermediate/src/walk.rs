@@ -252,15 +252,7 @@ pub fn walk<M: TableMemory + ?Sized>(
     let (mut writable, mut user, mut no_execute) = (true, true, false);
     for spec in levels(flavour) {
         let index = spec.index(virt);
-        let entry =
-            read_entry(mem, flavour, table + index * flavour.entry_size()).map_err(|source| {
-                WalkError::Memory {
-                    virt,
-                    flavour,
-                    level: spec.level,
-                    source,
-                }
-            })?;
+        let entry = read_at(mem, flavour, spec, table, index, virt)?;
         path.push(WalkStep {
             level: spec.level,
             table,
@@ -274,47 +266,28 @@ pub fn walk<M: TableMemory + ?Sized>(
                 level: spec.level,
             });
         }
-        let reserved = WalkError::Reserved {
-            virt,
-            flavour,
-            level: spec.level,
-            entry,
-        };
-        let pae_root = flavour == Flavour::Pae && spec.level == Level::Pdpt;
-        if pae_root {
-            // PDPTEs carry no R/W, U/S or XD.
-            if entry & PAE_PDPTE_RESERVED != 0 {
-                return Err(reserved);
-            }
-        } else {
+        // PDPTEs carry no R/W, U/S or XD.
+        if !(flavour == Flavour::Pae && spec.level == Level::Pdpt) {
             writable &= entry & EntryFlags::WRITABLE.bits() != 0;
             user &= entry & EntryFlags::USER.bits() != 0;
             no_execute |=
                 flavour != Flavour::Legacy32 && entry & EntryFlags::NO_EXECUTE.bits() != 0;
         }
-        let is_large = entry & EntryFlags::LARGE.bits() != 0;
-        if flavour == Flavour::Long && spec.level == Level::Pml4 && is_large {
-            return Err(reserved);
+        match decode(flavour, spec, virt, entry)? {
+            Decoded::Leaf { size, base } => {
+                return Ok(Translation {
+                    virt,
+                    phys: base + (virt & (size.bytes() - 1)),
+                    page_size: size,
+                    flags: leaf_flags(flavour, entry),
+                    writable,
+                    user,
+                    no_execute,
+                    path,
+                });
+            }
+            Decoded::Table(next) => table = next,
         }
-        let leaf_size = match spec.large {
-            Some(size) if is_large => Some(size),
-            _ if spec.level == Level::Pt => Some(PageSize::Size4K),
-            _ => None,
-        };
-        if let Some(page_size) = leaf_size {
-            let base = leaf_base(flavour, page_size, entry).ok_or(reserved)?;
-            return Ok(Translation {
-                virt,
-                phys: base + (virt & (page_size.bytes() - 1)),
-                page_size,
-                flags: leaf_flags(flavour, entry),
-                writable,
-                user,
-                no_execute,
-                path,
-            });
-        }
-        table = entry & table_addr_mask(flavour);
     }
     // Every hierarchy ends in a PT level, which always returns above.
     Err(WalkError::NotPresent {
@@ -322,6 +295,59 @@ pub fn walk<M: TableMemory + ?Sized>(
         flavour,
         level: Level::Pt,
     })
+}
+
+/// Reads entry `index` of the table at `table`, `spec`'s level, on the way to `virt`.
+fn read_at<M: TableMemory + ?Sized>(
+    mem: &M,
+    flavour: Flavour,
+    spec: &LevelSpec,
+    table: u64,
+    index: u64,
+    virt: u64,
+) -> Result<u64, WalkError> {
+    read_entry(mem, flavour, table + index * flavour.entry_size()).map_err(|source| {
+        WalkError::Memory {
+            virt,
+            flavour,
+            level: spec.level,
+            source,
+        }
+    })
+}
+
+/// Where a present entry leads.
+enum Decoded {
+    /// A page of `size` at `base`.
+    Leaf { size: PageSize, base: u64 },
+    /// The next table's physical address.
+    Table(u64),
+}
+
+/// Decodes a present entry at `spec`'s level, rejecting the reserved-bit
+/// combinations the walk honours (PDPTE reserved bits, PS in a PML4E, reserved
+/// address bits in a large page).
+fn decode(flavour: Flavour, spec: &LevelSpec, virt: u64, entry: u64) -> Result<Decoded, WalkError> {
+    let reserved = WalkError::Reserved {
+        virt,
+        flavour,
+        level: spec.level,
+        entry,
+    };
+    if flavour == Flavour::Pae && spec.level == Level::Pdpt && entry & PAE_PDPTE_RESERVED != 0 {
+        return Err(reserved);
+    }
+    let is_large = entry & EntryFlags::LARGE.bits() != 0;
+    if flavour == Flavour::Long && spec.level == Level::Pml4 && is_large {
+        return Err(reserved);
+    }
+    let size = match spec.large {
+        Some(size) if is_large => size,
+        _ if spec.level == Level::Pt => PageSize::Size4K,
+        _ => return Ok(Decoded::Table(entry & table_addr_mask(flavour))),
+    };
+    let base = leaf_base(flavour, size, entry).ok_or(reserved)?;
+    Ok(Decoded::Leaf { size, base })
 }
 
 /// Page base of a leaf entry, or `None` if its reserved address bits are set.
@@ -389,39 +415,12 @@ fn visit<M: TableMemory + ?Sized>(
         if flavour == Flavour::Long && virt & (1 << 47) != 0 {
             virt |= 0xffff_0000_0000_0000;
         }
-        let entry =
-            read_entry(mem, flavour, table + index * flavour.entry_size()).map_err(|source| {
-                WalkError::Memory {
-                    virt,
-                    flavour,
-                    level: spec.level,
-                    source,
-                }
-            })?;
+        let entry = read_at(mem, flavour, spec, table, index, virt)?;
         if entry & EntryFlags::PRESENT.bits() == 0 {
             continue;
         }
-        let reserved = WalkError::Reserved {
-            virt,
-            flavour,
-            level: spec.level,
-            entry,
-        };
-        if flavour == Flavour::Pae && spec.level == Level::Pdpt && entry & PAE_PDPTE_RESERVED != 0 {
-            return Err(reserved);
-        }
-        let is_large = entry & EntryFlags::LARGE.bits() != 0;
-        if flavour == Flavour::Long && spec.level == Level::Pml4 && is_large {
-            return Err(reserved);
-        }
-        let leaf_size = match spec.large {
-            Some(size) if is_large => Some(size),
-            _ if spec.level == Level::Pt => Some(PageSize::Size4K),
-            _ => None,
-        };
-        match leaf_size {
-            Some(size) => {
-                let phys = leaf_base(flavour, size, entry).ok_or(reserved)?;
+        match decode(flavour, spec, virt, entry)? {
+            Decoded::Leaf { size, base: phys } => {
                 push_merged(
                     out,
                     Mapping {
@@ -432,14 +431,7 @@ fn visit<M: TableMemory + ?Sized>(
                     },
                 );
             }
-            None => visit(
-                mem,
-                flavour,
-                depth + 1,
-                entry & table_addr_mask(flavour),
-                virt,
-                out,
-            )?,
+            Decoded::Table(next) => visit(mem, flavour, depth + 1, next, virt, out)?,
         }
     }
     Ok(())

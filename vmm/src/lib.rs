@@ -586,75 +586,45 @@ impl Vmm {
         Ok(())
     }
 
-    fn map(
-        &mut self,
-        what: &'static str,
-        virt: u64,
-        phys: u64,
-        len: u64,
-        flags: MapFlags,
-    ) -> Result<(), VmmError> {
-        self.inter
-            .map(virt, phys, len, flags, Flavours::all())
-            .map_err(|source| VmmError::InterMap { what, source })
-    }
-
-    /// Maps into the hyper context's tables (what RC code sees under `Hyper.cr3`).
-    fn map_hyper(
-        &mut self,
-        what: &'static str,
-        virt: u64,
-        phys: u64,
-        len: u64,
-        flags: MapFlags,
-    ) -> Result<(), VmmError> {
-        self.hyper
-            .map(virt, phys, len, flags, Flavours::all())
-            .map_err(|source| VmmError::InterMap { what, source })
-    }
-
     fn map_fixed(&mut self) -> Result<(), VmmError> {
         let p = self.cfg.placement;
         let len = self.core.len() as u64;
-        if p.code_hc.0 >= 1 << 32 {
-            // Only long-mode code runs at an HC address above 4 GiB.
-            self.inter
-                .map(
-                    p.code_hc.0,
-                    p.code_phys.0,
-                    len,
-                    MapFlags::WRITABLE,
-                    Flavours::LONG,
-                )
-                .map_err(|source| VmmError::InterMap {
-                    what: "core code (HC)",
-                    source,
-                })?;
+        // Only long-mode code runs at an HC address above 4 GiB.
+        let hc_flavours = if p.code_hc.0 >= 1 << 32 {
+            Flavours::LONG
         } else {
-            self.map(
-                "core code (HC)",
-                p.code_hc.0,
-                p.code_phys.0,
-                len,
-                MapFlags::WRITABLE,
-            )?;
-        }
+            Flavours::all()
+        };
+        map_into(
+            &mut self.inter,
+            "core code (HC)",
+            (p.code_hc.0, p.code_phys.0, len),
+            MapFlags::WRITABLE,
+            hc_flavours,
+        )?;
         if p.code_hc.0 != p.code_phys.0 {
-            self.map(
+            map_into(
+                &mut self.inter,
                 "core code (identity)",
-                p.code_phys.0,
-                p.code_phys.0,
-                len,
+                (p.code_phys.0, p.code_phys.0, len),
                 MapFlags::WRITABLE,
+                Flavours::all(),
             )?;
         }
-        for m in self.cfg.extra_mappings.clone() {
+        for m in &self.cfg.extra_mappings {
             let mut f = MapFlags::WRITABLE;
             if m.uncached {
                 f |= MapFlags::CACHE_DISABLE;
             }
-            self.map("extra mapping", m.virt, m.phys, m.len, f)?;
-            self.map_hyper("extra mapping (hyper)", m.virt, m.phys, m.len, f)?;
+            let range = (m.virt, m.phys, m.len);
+            map_into(&mut self.inter, "extra mapping", range, f, Flavours::all())?;
+            map_into(
+                &mut self.hyper,
+                "extra mapping (hyper)",
+                range,
+                f,
+                Flavours::all(),
+            )?;
         }
         Ok(())
     }
@@ -664,64 +634,48 @@ impl Vmm {
         RcAddr(self.cfg.placement.hma_rc.0 + self.hma_layout.size)
     }
 
-    fn map_rc(&mut self) -> Result<(), VmmError> {
+    /// The ranges the RC view adds to both sets of tables: the names they carry
+    /// in the switcher's tables and in the hyper context's, and `(virt, phys, len)`.
+    fn rc_ranges(&self) -> [(&'static str, &'static str, (u64, u64, u64)); 2] {
         let p = self.cfg.placement;
-        let (hma, code) = (u64::from(self.hma_layout.size), self.core.len() as u64);
+        let hma = u64::from(self.hma_layout.size);
         let code_rc = u64::from(self.code_rc().0);
-        self.map(
-            "hypervisor area (RC)",
-            u64::from(p.hma_rc.0),
-            p.hma_phys.0,
-            hma,
-            MapFlags::WRITABLE,
-        )?;
-        self.map(
-            "core code (RC)",
-            code_rc,
-            p.code_phys.0,
-            code,
-            MapFlags::WRITABLE,
-        )?;
-        let hma_rc = u64::from(p.hma_rc.0);
-        self.map_hyper(
-            "hypervisor area (hyper RC)",
-            hma_rc,
-            p.hma_phys.0,
-            hma,
-            MapFlags::WRITABLE,
-        )?;
-        self.map_hyper(
-            "core code (hyper RC)",
-            code_rc,
-            p.code_phys.0,
-            code,
-            MapFlags::WRITABLE,
-        )
+        [
+            (
+                "hypervisor area (RC)",
+                "hypervisor area (hyper RC)",
+                (u64::from(p.hma_rc.0), p.hma_phys.0, hma),
+            ),
+            (
+                "core code (RC)",
+                "core code (hyper RC)",
+                (code_rc, p.code_phys.0, self.core.len() as u64),
+            ),
+        ]
+    }
+
+    /// Maps the RC ranges into the switcher's tables, then into the hyper
+    /// context's (what RC code sees under `Hyper.cr3`).
+    fn map_rc(&mut self) -> Result<(), VmmError> {
+        let ranges = self.rc_ranges();
+        for (tables, hyper) in [(&mut self.inter, false), (&mut self.hyper, true)] {
+            for (inter_what, hyper_what, range) in ranges {
+                let what = if hyper { hyper_what } else { inter_what };
+                map_into(tables, what, range, MapFlags::WRITABLE, Flavours::all())?;
+            }
+        }
+        Ok(())
     }
 
     fn unmap_rc(&mut self) -> Result<(), VmmError> {
-        let p = self.cfg.placement;
-        let (hma, code) = (u64::from(self.hma_layout.size), self.core.len() as u64);
-        let code_rc = u64::from(self.code_rc().0);
-        self.inter
-            .unmap(u64::from(p.hma_rc.0), hma, Flavours::all())
-            .map_err(|source| VmmError::InterUnmap {
-                what: "hypervisor area (RC)",
-                source,
-            })?;
-        self.inter
-            .unmap(code_rc, code, Flavours::all())
-            .map_err(|source| VmmError::InterUnmap {
-                what: "core code (RC)",
-                source,
-            })?;
-        for (what, virt, len) in [
-            ("hypervisor area (hyper RC)", u64::from(p.hma_rc.0), hma),
-            ("core code (hyper RC)", code_rc, code),
-        ] {
-            self.hyper
-                .unmap(virt, len, Flavours::all())
-                .map_err(|source| VmmError::InterUnmap { what, source })?;
+        let ranges = self.rc_ranges();
+        for (tables, hyper) in [(&mut self.inter, false), (&mut self.hyper, true)] {
+            for (inter_what, hyper_what, (virt, _, len)) in ranges {
+                let what = if hyper { hyper_what } else { inter_what };
+                tables
+                    .unmap(virt, len, Flavours::all())
+                    .map_err(|source| VmmError::InterUnmap { what, source })?;
+            }
         }
         Ok(())
     }
@@ -1182,6 +1136,20 @@ impl Vmm {
             PhysAddr(p.hma_phys.0 + u64::from(off)),
         )
     }
+}
+
+/// Maps `(virt, phys, len)` into one set of intermediate tables, naming the
+/// range in the error.
+fn map_into(
+    tables: &mut IntermediateContext<VecAllocator>,
+    what: &'static str,
+    (virt, phys, len): (u64, u64, u64),
+    flags: MapFlags,
+    flavours: Flavours,
+) -> Result<(), VmmError> {
+    tables
+        .map(virt, phys, len, flags, flavours)
+        .map_err(|source| VmmError::InterMap { what, source })
 }
 
 trait ZeroedFixed {
