@@ -5,11 +5,13 @@
 //! Tests that boot QEMU skip loudly when it is missing, unless `CI=true`.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod support;
+
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 
-use integration::qemu::{find_qemu, QemuConfig, INSTALL_HINT, QEMU_BINARY};
+use integration::qemu::{QemuConfig, INSTALL_HINT, QEMU_BINARY};
 use serde_json::Value;
 use vmm_switcher::SwitcherKind;
 
@@ -56,18 +58,6 @@ fn tmp(name: &str) -> PathBuf {
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("worldswitch-cli");
     std::fs::create_dir_all(&dir).unwrap();
     dir.join(name)
-}
-
-/// QEMU must be there in CI; locally its absence skips loudly.
-fn qemu() -> bool {
-    match find_qemu() {
-        Ok(_) => true,
-        Err(e) if std::env::var("CI").as_deref() == Ok("true") => panic!("CI=true but {e}"),
-        Err(e) => {
-            eprintln!("\n*** SKIPPING worldswitch QEMU test: {e} ***\n");
-            false
-        }
-    }
 }
 
 fn available() -> Vec<&'static str> {
@@ -288,7 +278,7 @@ fn check_run_object(r: &Value) {
 
 #[test]
 fn run_all_json_matches_the_schema_and_the_exit_status() {
-    if !qemu() {
+    if support::qemu().is_none() {
         return;
     }
     let o = ws(&["run", "--all", "--round-trips", "10", "--json"]);
@@ -333,7 +323,7 @@ fn run_all_json_matches_the_schema_and_the_exit_status() {
 
 #[test]
 fn run_text_options_and_a_caught_mutation() {
-    if !qemu() {
+    if support::qemu().is_none() {
         return;
     }
     let t = ok(&[
@@ -432,7 +422,7 @@ fn image_boots_and_decode_judges_the_transcript() {
     for i in j["images"].as_array().unwrap() {
         assert!(PathBuf::from(i["path"].as_str().unwrap()).is_file(), "{i}");
     }
-    if !qemu() {
+    if support::qemu().is_none() {
         return;
     }
     // Boot it the way the README says, capture COM1, decode it.
@@ -462,7 +452,7 @@ fn image_boots_and_decode_judges_the_transcript() {
 
 #[test]
 fn stats_in_every_format_from_a_run_and_from_a_saved_run() {
-    if !qemu() {
+    if support::qemu().is_none() {
         return;
     }
     let base = ["stats", SEED[0], "--round-trips", "10"];

@@ -3,7 +3,9 @@
 //! placement, determinism, and a mutation check.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use integration::qemu::{find_qemu, Outcome, QemuConfig};
+mod support;
+
+use integration::qemu::{Outcome, QemuConfig};
 use integration::scenario::{run, Mutation, Scenario, ScenarioResult};
 use vmm::Placement;
 use vmm_switcher::templates::{Revision, Step};
@@ -11,15 +13,22 @@ use vmm_switcher::{HcAddr, PhysAddr, RcAddr, SwitcherKind};
 
 const KINDS: [SwitcherKind; 2] = [SwitcherKind::Legacy32ToAmd64, SwitcherKind::PaeToAmd64];
 
-/// QEMU must be there in CI; locally its absence skips loudly.
-fn qemu() -> Option<QemuConfig> {
-    match find_qemu() {
-        Ok(_) => Some(QemuConfig::default()),
-        Err(e) if std::env::var("CI").as_deref() == Ok("true") => panic!("CI=true but {e}"),
-        Err(e) => {
-            eprintln!("\n*** SKIPPING switcher tests: {e} ***\n");
-            None
-        }
+/// Runs each mutated switcher for 10 trips and asserts that the testbed
+/// rejects it the way `caught` describes.
+fn assert_caught(cases: &[(SwitcherKind, Mutation, &Caught)], q: &QemuConfig) {
+    for &(kind, m, caught) in cases {
+        let mut s = Scenario::new(kind);
+        s.trips = 10;
+        s.mutation = Some(m);
+        let r = go(&s, q);
+        assert!(!r.verified, "{m:?} on {} was not caught", kind.cli_name());
+        assert!(
+            caught(&r),
+            "{m:?} on {}: wrong outcome {:?} {:?}",
+            kind.cli_name(),
+            r.run.outcome,
+            r.failures
+        );
     }
 }
 
@@ -41,7 +50,7 @@ fn go(s: &Scenario, q: &QemuConfig) -> ScenarioResult {
 
 #[test]
 fn both_switchers_both_revisions_thousand_trips_two_vcpus_deterministic() {
-    let Some(q) = qemu() else { return };
+    let Some(q) = support::qemu() else { return };
     for kind in KINDS {
         for revision in [Revision::A, Revision::B] {
             let mut s = Scenario::new(kind);
@@ -111,7 +120,7 @@ fn both_switchers_both_revisions_thousand_trips_two_vcpus_deterministic() {
 
 #[test]
 fn non_default_placement() {
-    let Some(q) = qemu() else { return };
+    let Some(q) = support::qemu() else { return };
     for kind in KINDS {
         let mut s = Scenario::new(kind);
         s.placement = Placement {
@@ -133,7 +142,7 @@ fn non_default_placement() {
 
 #[test]
 fn every_option_is_honoured() {
-    let Some(q) = qemu() else { return };
+    let Some(q) = support::qemu() else { return };
     let kind = SwitcherKind::Legacy32ToAmd64;
     // Statistics off: no profile is touched.
     let mut s = Scenario::new(kind);
@@ -181,7 +190,7 @@ type Caught = dyn Fn(&ScenarioResult) -> bool;
 
 #[test]
 fn mutation_check_catches_broken_switchers() {
-    let Some(q) = qemu() else { return };
+    let Some(q) = support::qemu() else { return };
     let cases: [(SwitcherKind, Mutation, &Caught); 7] = [
         (
             SwitcherKind::Legacy32ToAmd64,
@@ -226,20 +235,7 @@ fn mutation_check_catches_broken_switchers() {
                 && r.run.report.mismatch_names().contains(&"lvt_lint0")
         }),
     ];
-    for (kind, m, caught) in cases {
-        let mut s = Scenario::new(kind);
-        s.trips = 10;
-        s.mutation = Some(m);
-        let r = go(&s, &q);
-        assert!(!r.verified, "{m:?} on {} was not caught", kind.cli_name());
-        assert!(
-            caught(&r),
-            "{m:?} on {}: wrong outcome {:?} {:?}",
-            kind.cli_name(),
-            r.run.outcome,
-            r.failures
-        );
-    }
+    assert_caught(&cases, &q);
     // A mutation that has no target in this switcher is a typed error.
     let mut s = Scenario::new(SwitcherKind::PaeToAmd64);
     s.mutation = Some(Mutation::PaeLeftOn);
@@ -258,7 +254,7 @@ const RC_KINDS: [SwitcherKind; 4] = [
 
 #[test]
 fn pae_and_32bit_family_thousand_trips_both_revisions() {
-    let Some(q) = qemu() else { return };
+    let Some(q) = support::qemu() else { return };
     for kind in RC_KINDS {
         for revision in [Revision::A, Revision::B] {
             let mut s = Scenario::new(kind);
@@ -301,7 +297,7 @@ fn pae_and_32bit_family_thousand_trips_both_revisions() {
 
 #[test]
 fn call_trampoline_returns_the_target_value() {
-    let Some(q) = qemu() else { return };
+    let Some(q) = support::qemu() else { return };
     for (kind, args) in [
         (SwitcherKind::Legacy32To32, vec![]),
         (SwitcherKind::Legacy32ToPae, vec![7]),
@@ -340,7 +336,7 @@ fn call_trampoline_returns_the_target_value() {
 
 #[test]
 fn mutation_check_pae_and_32bit_family() {
-    let Some(q) = qemu() else { return };
+    let Some(q) = support::qemu() else { return };
     let cases: [(SwitcherKind, Mutation, &Caught); 6] = [
         (
             SwitcherKind::Legacy32To32,
@@ -377,25 +373,12 @@ fn mutation_check_pae_and_32bit_family() {
                 && r.run.report.mismatch_names().contains(&"lvt_lint0")
         }),
     ];
-    for (kind, m, caught) in cases {
-        let mut s = Scenario::new(kind);
-        s.trips = 10;
-        s.mutation = Some(m);
-        let r = go(&s, &q);
-        assert!(!r.verified, "{m:?} on {} was not caught", kind.cli_name());
-        assert!(
-            caught(&r),
-            "{m:?} on {}: wrong outcome {:?} {:?}",
-            kind.cli_name(),
-            r.run.outcome,
-            r.failures
-        );
-    }
+    assert_caught(&cases, &q);
 }
 
 #[test]
 fn pae_and_32bit_family_trace_and_options() {
-    let Some(q) = qemu() else { return };
+    let Some(q) = support::qemu() else { return };
     use vmm_switcher::templates::legacy_pae::{trace_steps, Flavour};
     for (kind, h, t) in [
         (SwitcherKind::Legacy32ToPae, Flavour::Legacy32, Flavour::Pae),
@@ -431,7 +414,7 @@ fn pae_and_32bit_family_trace_and_options() {
 
 #[test]
 fn x86_stub_returns_the_stub_status_and_touches_nothing() {
-    let Some(q) = qemu() else { return };
+    let Some(q) = support::qemu() else { return };
     let mut s = Scenario::new(SwitcherKind::X86Stub);
     s.trips = 100;
     let r = go(&s, &q);
@@ -451,7 +434,7 @@ fn x86_stub_returns_the_stub_status_and_touches_nothing() {
 
 #[test]
 fn x2apic_option_on_an_xapic_host_takes_the_mmio_path() {
-    let Some(q) = qemu() else { return };
+    let Some(q) = support::qemu() else { return };
     for kind in [SwitcherKind::Legacy32ToAmd64, SwitcherKind::PaeToPae] {
         for revision in [Revision::A, Revision::B] {
             let mut s = Scenario::new(kind);
@@ -472,7 +455,7 @@ fn x2apic_option_on_an_xapic_host_takes_the_mmio_path() {
 
 #[test]
 fn amd64_host_family_thousand_trips_both_revisions_and_trampoline() {
-    let Some(q) = qemu() else { return };
+    let Some(q) = support::qemu() else { return };
     for kind in [SwitcherKind::Amd64To32, SwitcherKind::Amd64ToPae] {
         for revision in [Revision::A, Revision::B] {
             let mut s = Scenario::new(kind);
@@ -530,20 +513,19 @@ fn amd64_host_family_thousand_trips_both_revisions_and_trampoline() {
         .iter()
         .all(|t| t.ret == vmm_switcher::templates::stub::STUB_STATUS));
     // A broken AMD64-host switcher is caught: host FPU state not restored.
-    let mut s = Scenario::new(SwitcherKind::Amd64ToPae);
-    s.trips = 10;
-    s.mutation = Some(Mutation::HostFpuNotRestored);
-    let r = go(&s, &q);
-    assert!(
-        !r.verified && r.failures.iter().any(|f| f.contains("host FPU")),
-        "{:?}",
-        r.failures
+    assert_caught(
+        &[(
+            SwitcherKind::Amd64ToPae,
+            Mutation::HostFpuNotRestored,
+            &|r| r.failures.iter().any(|f| f.contains("host FPU")),
+        )],
+        &q,
     );
 }
 
 #[test]
 fn amd64_to_amd64_thousand_trips_both_revisions_and_trampoline() {
-    let Some(q) = qemu() else { return };
+    let Some(q) = support::qemu() else { return };
     for revision in [Revision::A, Revision::B] {
         let mut s = Scenario::new(SwitcherKind::Amd64ToAmd64);
         s.options.revision = revision;
@@ -577,48 +559,30 @@ fn amd64_to_amd64_thousand_trips_both_revisions_and_trampoline() {
         let want = integration::rc::target_result(&args);
         assert!(r.run.report.trips.iter().all(|t| t.ret == want));
     }
-    // A fault in the 64-bit hypervisor context is reported through its own IDT.
-    let mut s = Scenario::new(SwitcherKind::Amd64ToAmd64);
-    s.trips = 10;
-    s.mutation = Some(Mutation::HyperTssBusyNotCleared);
-    let r = go(&s, &q);
-    assert!(
-        matches!(&r.run.outcome, Outcome::FarException(Some(e)) if e.vector == 13),
-        "{:?}",
-        r.run.outcome
+    // A fault in the 64-bit hypervisor context is reported through its own IDT;
+    // host FPU state not restored is caught.
+    assert_caught(
+        &[
+            (
+                SwitcherKind::Amd64ToAmd64,
+                Mutation::HyperTssBusyNotCleared,
+                &|r| matches!(&r.run.outcome, Outcome::FarException(Some(e)) if e.vector == 13),
+            ),
+            (
+                SwitcherKind::Amd64ToAmd64,
+                Mutation::HostFpuNotRestored,
+                &|r| r.failures.iter().any(|f| f.contains("host FPU")),
+            ),
+        ],
+        &q,
     );
-    let mut s = Scenario::new(SwitcherKind::Amd64ToAmd64);
-    s.trips = 10;
-    s.mutation = Some(Mutation::HostFpuNotRestored);
-    let r = go(&s, &q);
-    assert!(
-        !r.verified && r.failures.iter().any(|f| f.contains("host FPU")),
-        "{:?}",
-        r.failures
-    );
-}
-
-/// QEMU able to emulate x2APIC (≥ 9); required in CI, skipped loudly elsewhere.
-fn qemu_x2apic() -> Option<QemuConfig> {
-    let mut q = qemu()?;
-    let (major, minor, micro) = integration::qemu::qemu_version().unwrap_or_else(|e| panic!("{e}"));
-    if major < integration::qemu::X2APIC_MIN_MAJOR {
-        let why = format!(
-            "QEMU {major}.{minor}.{micro} cannot emulate x2APIC under TCG (needs 9 or later)"
-        );
-        if std::env::var("CI").as_deref() == Ok("true") {
-            panic!("CI=true but {why}");
-        }
-        eprintln!("\n*** SKIPPING x2APIC runs: {why} ***\n");
-        return None;
-    }
-    q.cpu = Some(integration::qemu::X2APIC_CPU.into());
-    Some(q)
 }
 
 #[test]
 fn every_switcher_with_the_host_apic_in_x2apic_mode() {
-    let Some(q) = qemu_x2apic() else { return };
+    let Some(q) = support::qemu_x2apic() else {
+        return;
+    };
     for kind in vmm::AVAILABLE {
         if matches!(kind, SwitcherKind::X86Stub | SwitcherKind::Amd64Stub) {
             continue;

@@ -6,6 +6,8 @@
 // Test helpers outside `#[test]` functions panic on purpose.
 #![allow(clippy::expect_used, clippy::panic)]
 
+mod support;
+
 use core::mem::size_of;
 use std::time::Instant;
 
@@ -16,7 +18,7 @@ use integration::hostkernel::{
 };
 use integration::image::ImageError;
 use integration::paging::{HostMode, PagingError};
-use integration::qemu::{find_qemu, Outcome, QemuConfig, RunResult};
+use integration::qemu::{Outcome, QemuConfig, RunResult};
 use integration::transcript::Phase;
 use zerocopy::IntoBytes;
 
@@ -28,27 +30,6 @@ const DUMMY_PHYS: u32 = 0x0060_0000;
 const COOKIE_OFF: u32 = 0x800;
 /// Offset of an all-zero IDT pseudo-descriptor inside the dummy's page.
 const ZERO_IDTR_OFF: u32 = 0x900;
-
-fn qemu_present() -> bool {
-    if find_qemu().is_ok() {
-        return true;
-    }
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!(
-            "qemu-system-x86_64 is missing on CI: apt-get install -y --no-install-recommends qemu-system-x86"
-        );
-    }
-    // Straight to the process's stderr: libtest does not capture this, so the
-    // notice shows even for passing tests.
-    let _ = std::io::Write::write_all(
-        &mut std::io::stderr(),
-        b"\n!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!\n\
-         !!! SKIPPING QEMU TESTBED TEST: qemu-system-x86_64 not found on PATH.        !!!\n\
-         !!! Install: apt-get install -y --no-install-recommends qemu-system-x86      !!!\n\
-         !!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!\n",
-    );
-    false
-}
 
 /// How the dummy misbehaves.
 #[derive(Clone, Copy, Debug)]
@@ -162,7 +143,7 @@ fn run_mutant(mode: HostMode, mutant: Mutant) -> (Testbed, RunResult) {
 }
 
 fn assert_mismatch(mode: HostMode, mutant: Mutant, names: &[&str]) {
-    if !qemu_present() {
+    if support::qemu().is_none() {
         return;
     }
     let (_, r) = run_mutant(mode, mutant);
@@ -179,7 +160,7 @@ fn assert_mismatch(mode: HostMode, mutant: Mutant, names: &[&str]) {
 }
 
 fn baseline(mode: HostMode) {
-    if !qemu_present() {
+    if support::qemu().is_none() {
         return;
     }
     let tb = builder(mode, DUMMY_PHYS, Mutant::None, 1000)
@@ -284,7 +265,7 @@ fn masked_lint0_is_caught() {
 
 #[test]
 fn skipped_item_is_not_compared() {
-    if !qemu_present() {
+    if support::qemu().is_none() {
         return;
     }
     let tb = builder(HostMode::Legacy32, DUMMY_PHYS, Mutant::ClobberEbx, 2)
@@ -297,7 +278,7 @@ fn skipped_item_is_not_compared() {
 
 #[test]
 fn wrong_return_value_is_caught() {
-    if !qemu_present() {
+    if support::qemu().is_none() {
         return;
     }
     let (_, r) = run_mutant(HostMode::Legacy32, Mutant::WrongReturn);
@@ -310,7 +291,7 @@ fn wrong_return_value_is_caught() {
 
 #[test]
 fn ud2_is_a_host_exception_with_its_eip() {
-    if !qemu_present() {
+    if support::qemu().is_none() {
         return;
     }
     let (tb, r) = run_mutant(HostMode::Pae, Mutant::Ud2);
@@ -334,20 +315,13 @@ fn ud2_is_a_host_exception_with_its_eip() {
 
 #[test]
 fn zero_limit_idt_is_a_triple_fault() {
-    if !qemu_present() {
+    if support::qemu().is_none() {
         return;
     }
     let tb = builder(HostMode::Legacy32, DUMMY_PHYS, Mutant::TripleFault, 4)
         .build()
         .expect("testbed builds");
-    let log = std::env::temp_dir().join(format!("wstb-int-{}.log", std::process::id()));
-    let cfg = QemuConfig {
-        debug_log: Some(log.clone()),
-        ..QemuConfig::default()
-    };
-    let r = tb.run(&cfg).expect("QEMU runs");
-    let text = std::fs::read_to_string(&log).unwrap_or_default();
-    let _ = std::fs::remove_file(&log);
+    let (r, text) = support::run_with_int_log(&tb, "wstb-int");
     assert_eq!(r.outcome, Outcome::TripleFault, "{}", r.transcript());
     assert_eq!(r.status, Some(0));
     assert!(text.contains("Triple fault"), "QEMU's -d int log says why");
@@ -355,7 +329,7 @@ fn zero_limit_idt_is_a_triple_fault() {
 
 #[test]
 fn foreign_cr3_faults_on_the_magic_page() {
-    if !qemu_present() {
+    if support::qemu().is_none() {
         return;
     }
     // The host's page directory without the magic page's PDE, as a blob.
@@ -390,7 +364,7 @@ fn foreign_cr3_faults_on_the_magic_page() {
 
 #[test]
 fn switcher_at_a_host_virtual_address_updates_the_vm_structure() {
-    if !qemu_present() {
+    if support::qemu().is_none() {
         return;
     }
     // A VM structure (CPUM + two CPUMCPUs) at HC 0xC010_0000, physical 9 MiB;
@@ -463,7 +437,7 @@ fn switcher_at_a_host_virtual_address_updates_the_vm_structure() {
 
 #[test]
 fn hooks_drive_arguments_checks_and_failures() {
-    if !qemu_present() {
+    if support::qemu().is_none() {
         return;
     }
     // The dummy returns arg1 + arg2. The pre-hook passes the trip as arg1;
@@ -533,7 +507,7 @@ fn hooks_drive_arguments_checks_and_failures() {
 
 #[test]
 fn timeouts_and_refusals_are_outcomes() {
-    if !qemu_present() {
+    if support::qemu().is_none() {
         return;
     }
     let tb = builder(HostMode::Legacy32, DUMMY_PHYS, Mutant::Hang, 1)
@@ -560,7 +534,7 @@ fn timeouts_and_refusals_are_outcomes() {
 
 #[test]
 fn x2apic_option_in_the_32_bit_hosts() {
-    if !qemu_present() {
+    if support::qemu().is_none() {
         return;
     }
     for mode in [HostMode::Legacy32, HostMode::Pae] {
@@ -603,7 +577,7 @@ fn x2apic_option_in_the_32_bit_hosts() {
 
 #[test]
 fn hooks_see_a_32_bit_context() {
-    if !qemu_present() {
+    if support::qemu().is_none() {
         return;
     }
     let tb = builder(HostMode::Pae, DUMMY_PHYS, Mutant::None, 1)

@@ -6,6 +6,8 @@
 //! and return, unless `CI=true`, where they fail.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod support;
+
 use std::time::Instant;
 
 use iced_x86::code_asm::*;
@@ -16,7 +18,7 @@ use integration::hostkernel::{
     PATTERN_RBX, SEL64_CODE, SEL64_DATA, SEL64_LDT, SEL64_TSS, SFMASK_VALUE, STAR_VALUE,
 };
 use integration::paging::{HostMode, PagingError};
-use integration::qemu::{find_qemu, Outcome, QemuConfig, RunResult};
+use integration::qemu::{Outcome, QemuConfig, RunResult};
 use integration::transcript::Phase;
 
 /// XOR key of the dummy's return value.
@@ -29,23 +31,6 @@ const DUMMY_PHYS: u32 = 0x0060_0000;
 const COOKIE_OFF: u64 = 0x800;
 /// Offset of an all-zero IDT pseudo-descriptor inside the dummy's page.
 const ZERO_IDTR_OFF: u64 = 0x900;
-
-fn qemu_present() -> bool {
-    if find_qemu().is_ok() {
-        return true;
-    }
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!(
-            "qemu-system-x86_64 is missing on CI: apt-get install -y --no-install-recommends qemu-system-x86"
-        );
-    }
-    let _ = std::io::Write::write_all(
-        &mut std::io::stderr(),
-        b"\n!!! SKIPPING QEMU TESTBED TEST: qemu-system-x86_64 not found on PATH.\n\
-         !!! Install: apt-get install -y --no-install-recommends qemu-system-x86\n",
-    );
-    false
-}
 
 /// How the dummy misbehaves.
 #[derive(Clone, Copy, Debug)]
@@ -171,7 +156,7 @@ fn assert_mismatch(mutant: Mutant, names: &[&str]) -> RunResult {
 
 #[test]
 fn amd64_host_passes_1000_trips_deterministically() {
-    if !qemu_present() {
+    if support::qemu().is_none() {
         return;
     }
     let tb = builder(Mutant::None, 1000).build().expect("testbed builds");
@@ -238,7 +223,7 @@ fn amd64_host_passes_1000_trips_deterministically() {
 
 #[test]
 fn clobbered_rbx_r12_r15_are_caught() {
-    if !qemu_present() {
+    if support::qemu().is_none() {
         return;
     }
     let r = assert_mismatch(Mutant::ClobberRbx, &["rbx"]);
@@ -253,7 +238,7 @@ fn clobbered_rbx_r12_r15_are_caught() {
 
 #[test]
 fn fs_reload_loses_fs_base_and_is_caught() {
-    if !qemu_present() {
+    if support::qemu().is_none() {
         return;
     }
     // Same selector, so `fs` itself does not change: the base does.
@@ -264,7 +249,7 @@ fn fs_reload_loses_fs_base_and_is_caught() {
 
 #[test]
 fn gs_base_changed_by_wrmsr_is_caught() {
-    if !qemu_present() {
+    if support::qemu().is_none() {
         return;
     }
     let r = assert_mismatch(Mutant::GsBaseWrmsr, &["gs_base", "gs0"]);
@@ -274,7 +259,7 @@ fn gs_base_changed_by_wrmsr_is_caught() {
 
 #[test]
 fn lost_interrupt_flag_and_masked_lint0_are_caught() {
-    if !qemu_present() {
+    if support::qemu().is_none() {
         return;
     }
     let r = assert_mismatch(Mutant::Cli, &["rflags"]);
@@ -285,7 +270,7 @@ fn lost_interrupt_flag_and_masked_lint0_are_caught() {
 
 #[test]
 fn wrong_return_value_is_caught() {
-    if !qemu_present() {
+    if support::qemu().is_none() {
         return;
     }
     let (_, r) = run_mutant(Mutant::WrongReturn);
@@ -298,7 +283,7 @@ fn wrong_return_value_is_caught() {
 
 #[test]
 fn ud2_is_a_host_exception_with_its_64_bit_rip() {
-    if !qemu_present() {
+    if support::qemu().is_none() {
         return;
     }
     let (tb, r) = run_mutant(Mutant::Ud2);
@@ -327,20 +312,13 @@ fn ud2_is_a_host_exception_with_its_64_bit_rip() {
 
 #[test]
 fn zero_limit_idt_is_a_triple_fault() {
-    if !qemu_present() {
+    if support::qemu().is_none() {
         return;
     }
     let tb = builder(Mutant::TripleFault, 4)
         .build()
         .expect("testbed builds");
-    let log = std::env::temp_dir().join(format!("wstb64-int-{}.log", std::process::id()));
-    let cfg = QemuConfig {
-        debug_log: Some(log.clone()),
-        ..QemuConfig::default()
-    };
-    let r = tb.run(&cfg).expect("QEMU runs");
-    let text = std::fs::read_to_string(&log).unwrap_or_default();
-    let _ = std::fs::remove_file(&log);
+    let (r, text) = support::run_with_int_log(&tb, "wstb64-int");
     assert_eq!(r.outcome, Outcome::TripleFault, "{}", r.transcript());
     assert_eq!(r.status, Some(0));
     assert!(text.contains("Triple fault"), "QEMU's -d int log says why");
@@ -348,7 +326,7 @@ fn zero_limit_idt_is_a_triple_fault() {
 
 #[test]
 fn switcher_gets_a_64_bit_vm_address_and_updates_the_vm_structure() {
-    if !qemu_present() {
+    if support::qemu().is_none() {
         return;
     }
     // A "VM structure" at HC 0xffff_ffff_c050_0000 (physical 9 MiB). The
@@ -410,7 +388,7 @@ fn switcher_gets_a_64_bit_vm_address_and_updates_the_vm_structure() {
 
 #[test]
 fn hooks_run_as_64_bit_code() {
-    if !qemu_present() {
+    if support::qemu().is_none() {
         return;
     }
     // The dummy returns arg1 (low half) + arg2 + (arg1 >> 32). The pre-hook
@@ -487,7 +465,7 @@ fn hooks_run_as_64_bit_code() {
 
 #[test]
 fn custom_64_bit_item_and_skips() {
-    if !qemu_present() {
+    if support::qemu().is_none() {
         return;
     }
     // R15 clobbered but skipped; a custom item watching KERNEL_GS_BASE.
@@ -506,7 +484,7 @@ fn custom_64_bit_item_and_skips() {
 
 #[test]
 fn x2apic_option_in_the_amd64_host() {
-    if !qemu_present() {
+    if support::qemu().is_none() {
         return;
     }
     let tb = builder(Mutant::None, 4)
