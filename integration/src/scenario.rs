@@ -19,15 +19,13 @@ use thiserror::Error;
 use vmm::layout::{VmFixed, VmHeader, OFF_CPUM};
 use vmm::{ExtraMapping, Placement, Vmm, VmmConfig, VmmError};
 use vmm_switcher::templates::{Step, TemplateOptions};
-use vmm_switcher::{RcAddr, SwitcherKind, View};
+use vmm_switcher::{RcAddr, SideMode, SwitcherKind, View};
 
 use crate::far::{self, FarConfig, FarLayout, Mailbox};
 use crate::hostkernel::{BuildError, Expected, HookCtx, HostKernelBuilder, Testbed, LAPIC_VIRT};
 use crate::paging::HostMode;
-use crate::qemu::{Outcome, QemuConfig, RunResult};
+use crate::qemu::{Outcome, QemuConfig, RunResult, EXIT_FAR_EXCEPTION};
 
-/// isa-debug-exit value for an exception in the far world.
-pub const EXIT_FAR_EXCEPTION: u32 = 0x13;
 /// `HOOKFAIL` code: the switcher left a SYNC flag set in `fUseFlags`.
 pub const HOOKFAIL_SYNC_LEFT: u32 = 0x5c;
 /// `HOOKFAIL` codes with this bit carry the far helper's failure bits below it.
@@ -192,7 +190,7 @@ impl Scenario {
 
     /// True when the host is in long mode.
     pub fn amd64_host(&self) -> bool {
-        matches!(self.host_mode(), Ok(HostMode::Amd64))
+        self.host_mode() == HostMode::Amd64
     }
 
     /// True for the stub switchers.
@@ -214,23 +212,13 @@ impl Scenario {
         vmm::target_flavour(self.kind) == vmm::Flavour::Long
     }
 
-    /// The host mode a switcher needs.
-    ///
-    /// # Errors
-    /// The switcher has no 32-bit or PAE host side in this testbed.
-    pub fn host_mode(&self) -> Result<HostMode, ScenarioError> {
-        match self.kind {
-            SwitcherKind::Legacy32ToAmd64
-            | SwitcherKind::Legacy32To32
-            | SwitcherKind::Legacy32ToPae
-            | SwitcherKind::X86Stub => Ok(HostMode::Legacy32),
-            SwitcherKind::PaeToAmd64 | SwitcherKind::PaeTo32 | SwitcherKind::PaeToPae => {
-                Ok(HostMode::Pae)
-            }
-            SwitcherKind::Amd64To32
-            | SwitcherKind::Amd64ToPae
-            | SwitcherKind::Amd64ToAmd64
-            | SwitcherKind::Amd64Stub => Ok(HostMode::Amd64),
+    /// The host mode the testbed runs the switcher on (a 32-bit host for the
+    /// x86 stub).
+    pub fn host_mode(&self) -> HostMode {
+        match self.kind.host() {
+            SideMode::Bits32 => HostMode::Legacy32,
+            SideMode::Pae => HostMode::Pae,
+            SideMode::Amd64 => HostMode::Amd64,
         }
     }
 }
@@ -244,9 +232,6 @@ pub enum ScenarioError {
     /// The switcher is not built.
     #[error("{0}")]
     Select(#[from] vmm::mode::SelectError),
-    /// The testbed has no host environment for this switcher.
-    #[error("no testbed host environment for switcher {}", .0.cli_name())]
-    NoHost(SwitcherKind),
     /// The far helper did not build.
     #[error("far helper: {0}")]
     Far(#[from] far::FarError),
@@ -349,7 +334,7 @@ fn u32_addr(what: &'static str, addr: u64) -> Result<u32, ScenarioError> {
 /// # Errors
 /// [`ScenarioError`] for anything that cannot be set up.
 pub fn build(s: &Scenario) -> Result<Built, ScenarioError> {
-    let host = s.host_mode()?;
+    let host = s.host_mode();
     let long = s.uses_far_helper();
     if s.trampoline_args.is_some() && long {
         return Err(ScenarioError::NoTrampoline(s.kind));

@@ -90,6 +90,53 @@ impl SwitcherKind {
     pub fn from_cli_name(name: &str) -> Option<Self> {
         Self::ALL.into_iter().find(|k| k.cli_name() == name)
     }
+
+    /// The host paging mode the switcher leaves and comes back to. The x86
+    /// stub serves 32-bit and PAE hosts alike and reports [`SideMode::Bits32`].
+    pub const fn host(self) -> SideMode {
+        match self {
+            Self::Legacy32To32 | Self::Legacy32ToPae | Self::Legacy32ToAmd64 | Self::X86Stub => {
+                SideMode::Bits32
+            }
+            Self::PaeTo32 | Self::PaeToPae | Self::PaeToAmd64 => SideMode::Pae,
+            Self::Amd64To32 | Self::Amd64ToPae | Self::Amd64ToAmd64 | Self::Amd64Stub => {
+                SideMode::Amd64
+            }
+        }
+    }
+
+    /// The paging mode of the hypervisor context the switcher enters; `None`
+    /// for the stubs, which enter none.
+    pub const fn guest(self) -> Option<SideMode> {
+        match self {
+            Self::Legacy32To32 | Self::PaeTo32 | Self::Amd64To32 => Some(SideMode::Bits32),
+            Self::Legacy32ToPae | Self::PaeToPae | Self::Amd64ToPae => Some(SideMode::Pae),
+            Self::Legacy32ToAmd64 | Self::PaeToAmd64 | Self::Amd64ToAmd64 => Some(SideMode::Amd64),
+            Self::X86Stub | Self::Amd64Stub => None,
+        }
+    }
+}
+
+/// The paging mode on one side of a switch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub enum SideMode {
+    /// 32-bit paging.
+    Bits32,
+    /// PAE paging.
+    Pae,
+    /// Long mode, 4-level paging.
+    Amd64,
+}
+
+impl SideMode {
+    /// How VirtualBox names the mode in its switcher names (`32-bit`, `PAE`, `AMD64`).
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Bits32 => "32-bit",
+            Self::Pae => "PAE",
+            Self::Amd64 => "AMD64",
+        }
+    }
 }
 
 /// Which address view a piece of code executes in.

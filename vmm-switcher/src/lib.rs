@@ -30,6 +30,6 @@ pub mod reloc;
 pub mod templates;
 
 pub use addr::{CodeOffset, HcAddr, PhysAddr, RcAddr};
-pub use def::{SwitcherDef, SwitcherKind, View, VmmSwitcherDefC};
+pub use def::{SideMode, SwitcherDef, SwitcherKind, View, VmmSwitcherDefC};
 pub use fixup::{FixupKind, FixupRecord};
 pub use reloc::{relocate, RelocContext, RelocError, Relocated};

@@ -46,7 +46,7 @@ use thiserror::Error;
 use vmm_switcher::reloc::{CpuFacts, HyperSelectors, InterCr3};
 use vmm_switcher::templates::{legacy_amd64, TemplateOptions, VmLayout};
 use vmm_switcher::{
-    relocate, HcAddr, PhysAddr, RcAddr, RelocContext, RelocError, Relocated, SwitcherDef,
+    relocate, HcAddr, PhysAddr, RcAddr, RelocContext, RelocError, Relocated, SideMode, SwitcherDef,
     SwitcherKind,
 };
 use zerocopy::{FromBytes, IntoBytes};
@@ -369,10 +369,10 @@ pub fn build_switcher(
 /// enter none; they report 32-bit).
 pub fn target_flavour(kind: SwitcherKind) -> Flavour {
     use pgm_intermediate::Flavour as F;
-    match kind {
-        SwitcherKind::Legacy32To32 | SwitcherKind::PaeTo32 | SwitcherKind::Amd64To32 => F::Legacy32,
-        SwitcherKind::Legacy32ToPae | SwitcherKind::PaeToPae | SwitcherKind::Amd64ToPae => F::Pae,
-        _ => F::Long,
+    match kind.guest() {
+        Some(SideMode::Bits32) => F::Legacy32,
+        Some(SideMode::Pae) => F::Pae,
+        Some(SideMode::Amd64) | None => F::Long,
     }
 }
 

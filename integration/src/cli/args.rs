@@ -190,7 +190,7 @@ pub struct Selection {
     /// Switchers to run (see `worldswitch list`); none means `--all`.
     #[arg(value_name = "SWITCHER", value_parser = parse_switcher)]
     pub switchers: Vec<SwitcherKind>,
-    /// Every available switcher that has a testbed host.
+    /// Every available switcher.
     #[arg(long, conflicts_with = "switchers")]
     pub all: bool,
 }

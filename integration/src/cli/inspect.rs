@@ -8,7 +8,6 @@ use vmm_switcher::{SwitcherKind, View};
 
 use super::args::{BuildArgs, DisasmArgs, ListArgs, PlacementArgs, RelocateArgs, ShowArgs};
 use super::{setup, to_json, CliError, Exit};
-use crate::scenario::Scenario;
 
 fn summary_description(kind: SwitcherKind) -> String {
     let (host, guest) = setup::modes(kind);
@@ -39,7 +38,6 @@ pub fn list(a: &ListArgs, out: &mut String) -> Result<Exit, CliError> {
             "host_mode": host,
             "guest_mode": guest,
             "available": sw.is_some(),
-            "runnable": sw.is_some() && Scenario::new(kind).host_mode().is_ok(),
             "code_size": sw.map(|s| s.def.code_len()),
             "fixups": sw.map(|s| s.def.fixups.len()),
             "description": sw.map_or_else(|| summary_description(kind), |s| s.def.description.clone()),

@@ -8,7 +8,6 @@
 //! | `command` | string | `"run"` or `"decode"` |
 //! | `verified` | bool | every run verified |
 //! | `runs` | array of [`RunJson`] | one per switcher, in the order run |
-//! | `skipped` | array of [`SkippedJson`] | available switchers the testbed cannot host |
 //!
 //! Every address and count is a JSON number; absent values are `null`.
 
@@ -42,17 +41,6 @@ pub struct RunDoc {
     pub verified: bool,
     /// One entry per switcher run.
     pub runs: Vec<RunJson>,
-    /// Switchers `--all` left out.
-    pub skipped: Vec<SkippedJson>,
-}
-
-/// A switcher `--all` did not run.
-#[derive(Clone, Debug, Serialize)]
-pub struct SkippedJson {
-    /// Its command-line name.
-    pub switcher: &'static str,
-    /// Why.
-    pub reason: String,
 }
 
 /// Where everything was placed (all numbers).
@@ -496,9 +484,6 @@ pub fn render_summary(doc: &RunDoc) -> String {
         doc.runs.len(),
         if doc.runs.len() == 1 { "" } else { "s" }
     );
-    for sk in &doc.skipped {
-        let _ = write!(s, "; skipped {}: {}", sk.switcher, sk.reason);
-    }
     s.push('\n');
     s
 }

@@ -15,7 +15,7 @@ use super::args::{
     StatsFormat,
 };
 use super::progress::Progress;
-use super::report::{self, RunDoc, RunJson, SkippedJson, SCHEMA};
+use super::report::{self, RunDoc, RunJson, SCHEMA};
 use super::{setup, to_json, CliError, Exit};
 use crate::paging::HostMode;
 use crate::qemu::{self, Outcome, QemuConfig, RunResult};
@@ -27,19 +27,6 @@ fn check_qemu(q: &QemuConfig) -> Result<(), CliError> {
         qemu::find_qemu()?;
     }
     Ok(())
-}
-
-fn skipped(kinds: &[SwitcherKind]) -> Vec<SkippedJson> {
-    kinds
-        .iter()
-        .map(|k| SkippedJson {
-            switcher: k.cli_name(),
-            reason: match Scenario::new(*k).host_mode() {
-                Err(e) => e.to_string(),
-                Ok(_) => "not selected".into(),
-            },
-        })
-        .collect()
 }
 
 fn gdb_banner(s: &Scenario, built: &Built) -> Result<String, CliError> {
@@ -132,7 +119,7 @@ fn emit(doc: &RunDoc, json: bool, out: &mut String) -> Result<Exit, CliError> {
 /// # Errors
 /// Bad options or placement, an unavailable switcher, QEMU missing.
 pub fn run(a: &RunArgs, out: &mut String) -> Result<Exit, CliError> {
-    let (kinds, skip) = setup::select(&a.select)?;
+    let kinds = setup::select(&a.select)?;
     if a.gdb && kinds.len() != 1 {
         return Err(CliError::Usage(format!(
             "--gdb debugs one switcher; name one of: {}",
@@ -187,7 +174,6 @@ pub fn run(a: &RunArgs, out: &mut String) -> Result<Exit, CliError> {
         command: "run",
         verified: runs.iter().all(|r| r.verified),
         runs,
-        skipped: skipped(&skip),
     };
     emit(&doc, a.json, out)
 }
@@ -250,7 +236,7 @@ pub fn decode_command(kind: SwitcherKind, a: &ScenarioArgs) -> String {
 /// # Errors
 /// Bad options or placement, an unavailable switcher, the file cannot be written.
 pub fn image(a: &ImageArgs, out: &mut String) -> Result<Exit, CliError> {
-    let (kinds, skip) = setup::select(&a.select)?;
+    let kinds = setup::select(&a.select)?;
     let several = kinds.len() > 1;
     let mut images = Vec::new();
     for kind in kinds {
@@ -279,9 +265,8 @@ pub fn image(a: &ImageArgs, out: &mut String) -> Result<Exit, CliError> {
             "decode_command": decode_command(kind, &a.scenario),
         }));
     }
-    let skipped = skipped(&skip);
     if a.json {
-        out.push_str(&to_json(&json!({ "images": images, "skipped": skipped }))?);
+        out.push_str(&to_json(&json!({ "images": images }))?);
         return Ok(Exit::Ok);
     }
     for i in &images {
@@ -313,9 +298,6 @@ pub fn image(a: &ImageArgs, out: &mut String) -> Result<Exit, CliError> {
             "  judge:  {}",
             i["decode_command"].as_str().unwrap_or("")
         );
-    }
-    for sk in &skipped {
-        let _ = writeln!(out, "skipped {}: {}", sk.switcher, sk.reason);
     }
     Ok(Exit::Ok)
 }
@@ -388,7 +370,7 @@ pub fn decode(a: &DecodeArgs, out: &mut String) -> Result<Exit, CliError> {
         None => SwitcherKind::ALL
             .into_iter()
             .filter(|k| setup::available(*k))
-            .filter(|k| Scenario::new(*k).host_mode().ok() == Some(host))
+            .filter(|k| Scenario::new(*k).host_mode() == host)
             .collect(),
     };
     let mut chosen: Option<(Scenario, Built)> = None;
@@ -399,12 +381,12 @@ pub fn decode(a: &DecodeArgs, out: &mut String) -> Result<Exit, CliError> {
         s.placement = setup::placement(&a.placement, kind)?;
         s.vcpus = a.vcpus.unwrap_or(boot.vcpus);
         s.trips = a.round_trips.unwrap_or(boot.trips);
-        if s.host_mode()? != host {
+        if s.host_mode() != host {
             return Err(CliError::Transcript(format!(
                 "the transcript is from a {} host, but {} runs on a {} host",
                 boot.mode,
                 kind.cli_name(),
-                s.host_mode()?.name()
+                s.host_mode().name()
             )));
         }
         let built = build(&s)?;
@@ -444,7 +426,6 @@ pub fn decode(a: &DecodeArgs, out: &mut String) -> Result<Exit, CliError> {
         command: "decode",
         verified: r.verified,
         runs: vec![report::run_json(&s, &built, &r, None, incomplete)],
-        skipped: Vec::new(),
     };
     emit(&doc, a.json, out)
 }
@@ -517,7 +498,6 @@ fn stats_run(a: &StatsArgs) -> Result<(Option<Snapshot>, Exit), CliError> {
             switchers: Vec::new(),
             all: true,
         })?
-        .0
         .first()
         .copied()
         .ok_or_else(|| CliError::Usage("no runnable switcher in this build".into()))?,

@@ -5,7 +5,7 @@ use std::time::Duration;
 use vmm::{ExtraMapping, Placement, Vmm, VmmConfig};
 use vmm_switcher::disasm::view_base;
 use vmm_switcher::templates::TemplateOptions;
-use vmm_switcher::{HcAddr, PhysAddr, RcAddr, SwitcherKind, View};
+use vmm_switcher::{HcAddr, PhysAddr, RcAddr, SideMode, SwitcherKind, View};
 
 use super::args::{BuildArgs, PlacementArgs, QemuArgs, ScenarioArgs, Selection};
 use super::CliError;
@@ -165,48 +165,36 @@ pub fn available_names() -> String {
         .join(", ")
 }
 
-/// The switchers a selection names: the explicit ones (each must be
-/// available and have a testbed host), or every available switcher with a
-/// testbed host. The second list holds available switchers skipped for want
-/// of a testbed host.
+/// The switchers a selection names, each once: the explicit ones (each must
+/// be available), or every available switcher.
 ///
 /// # Errors
-/// An explicitly named switcher is unavailable or cannot be run.
-pub fn select(sel: &Selection) -> Result<(Vec<SwitcherKind>, Vec<SwitcherKind>), CliError> {
+/// An explicitly named switcher is unavailable.
+pub fn select(sel: &Selection) -> Result<Vec<SwitcherKind>, CliError> {
     if sel.all || sel.switchers.is_empty() {
-        let (run, skip): (Vec<_>, Vec<_>) = SwitcherKind::ALL
+        return Ok(SwitcherKind::ALL
             .into_iter()
             .filter(|k| available(*k))
-            .partition(|k| Scenario::new(*k).host_mode().is_ok());
-        return Ok((run, skip));
+            .collect());
     }
     let mut out = Vec::new();
     for &k in &sel.switchers {
         require(k)?;
-        Scenario::new(k).host_mode()?;
         if !out.contains(&k) {
             out.push(k);
         }
     }
-    Ok((out, Vec::new()))
+    Ok(out)
 }
 
-/// Host and hypervisor-context paging modes of a switcher kind.
+/// Host and hypervisor-context paging modes of a switcher kind; the x86
+/// stub's host is `x86` (32-bit or PAE), a stub's hypervisor context `-`.
 pub fn modes(kind: SwitcherKind) -> (&'static str, &'static str) {
-    use SwitcherKind as K;
-    match kind {
-        K::Legacy32To32 => ("32-bit", "32-bit"),
-        K::Legacy32ToPae => ("32-bit", "PAE"),
-        K::Legacy32ToAmd64 => ("32-bit", "AMD64"),
-        K::PaeTo32 => ("PAE", "32-bit"),
-        K::PaeToPae => ("PAE", "PAE"),
-        K::PaeToAmd64 => ("PAE", "AMD64"),
-        K::Amd64To32 => ("AMD64", "32-bit"),
-        K::Amd64ToPae => ("AMD64", "PAE"),
-        K::Amd64ToAmd64 => ("AMD64", "AMD64"),
-        K::X86Stub => ("x86", "-"),
-        K::Amd64Stub => ("AMD64", "-"),
-    }
+    let host = match kind {
+        SwitcherKind::X86Stub => "x86",
+        _ => kind.host().name(),
+    };
+    (host, kind.guest().map_or("-", SideMode::name))
 }
 
 /// A label or entry point of an installed switcher with its address in the
