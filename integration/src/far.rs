@@ -26,7 +26,10 @@ use iced_x86::BlockEncoderOptions;
 use thiserror::Error;
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
-use crate::transcript::PREFIX;
+use crate::farcommon::{
+    bit_names, emit_apic_checks, emit_exception_report, emit_exception_stub, emit_record_fails,
+    ApicCheck, ReporterRegs,
+};
 
 /// Failure bits the helper reports.
 pub mod fail {
@@ -164,13 +167,6 @@ pub struct FarConfig {
     pub exit_far_exception: u32,
 }
 
-const LVTS: [u32; 4] = [
-    apic::reg::LVT_LINT0,
-    apic::reg::LVT_LINT1,
-    apic::reg::LVT_PC,
-    apic::reg::LVT_THMR,
-];
-
 fn mb(field: usize) -> i32 {
     field as i32
 }
@@ -202,17 +198,19 @@ pub fn build(cfg: &FarConfig, area_size: usize) -> Result<Vec<u8>, FarError> {
     let mut a = CodeAssembler::new(64)?;
     let mut handlers: Vec<CodeLabel> = (0..32).map(|_| a.create_label()).collect();
     let mut idtr = a.create_label();
+    let field = |f: usize| dword_ptr(rbx + mb(f));
 
     // ---- entry: RSI = &Guest (fpu at +0), RDX = &CpumCpu
     a.lidt(ptr(idtr))?;
     a.mov(r13, rdx)?; // RDMSR below clobbers RDX
     a.mov(rbx, mbox)?;
-    a.add(dword_ptr(rbx + mb(offset_of!(Mailbox, calls))), 1)?;
-    a.xor(r15d, r15d)?; // failure bits of this trip
-                        // EFER.LMA
+    a.add(field(offset_of!(Mailbox, calls)), 1)?;
+    // R15D collects the failure bits of this trip.
+    a.xor(r15d, r15d)?;
+    // EFER.LMA
     a.mov(ecx, MSR_EFER)?;
     a.rdmsr()?;
-    a.mov(dword_ptr(rbx + mb(offset_of!(Mailbox, efer))), eax)?;
+    a.mov(field(offset_of!(Mailbox, efer)), eax)?;
     let mut ok = a.create_label();
     a.test(eax, Efer::LMA.bits() as u32)?;
     a.jnz(ok)?;
@@ -220,7 +218,7 @@ pub fn build(cfg: &FarConfig, area_size: usize) -> Result<Vec<u8>, FarError> {
     a.set_label(&mut ok)?;
     // CS
     a.mov(eax, cs)?;
-    a.mov(dword_ptr(rbx + mb(offset_of!(Mailbox, cs))), eax)?;
+    a.mov(field(offset_of!(Mailbox, cs)), eax)?;
     let mut ok = a.create_label();
     a.cmp(ax, u32::from(cfg.cs64))?;
     a.je(ok)?;
@@ -228,48 +226,28 @@ pub fn build(cfg: &FarConfig, area_size: usize) -> Result<Vec<u8>, FarError> {
     a.set_label(&mut ok)?;
     // APIC: LVTs masked, fApicDisVectors as expected.
     let mut no_apic = a.create_label();
-    a.test(
-        dword_ptr(rbx + mb(offset_of!(Mailbox, expect))),
-        expect::APIC,
-    )?;
+    a.test(field(offset_of!(Mailbox, expect)), expect::APIC)?;
     a.jz(no_apic)?;
     a.mov(r8d, cfg.apic)?;
-    for (i, reg) in LVTS.iter().enumerate() {
-        let mut ok = a.create_label();
-        let mut mmio = a.create_label();
-        let mut have = a.create_label();
-        a.test(
-            dword_ptr(rbx + mb(offset_of!(Mailbox, expect))),
-            expect::X2APIC,
-        )?;
-        a.jz(mmio)?;
-        a.mov(ecx, apic::x2apic_msr(*reg))?;
-        a.rdmsr()?;
-        a.jmp(have)?;
-        a.set_label(&mut mmio)?;
-        a.mov(eax, dword_ptr(r8 + *reg as i32))?;
-        a.set_label(&mut have)?;
-        a.mov(dword_ptr(rbx + mb(offset_of!(Mailbox, lvt) + 4 * i)), eax)?;
-        a.test(eax, apic::lvt::MASKED)?;
-        a.jnz(ok)?;
-        a.or(r15d, fail::LVT)?;
-        a.set_label(&mut ok)?;
-    }
-    let mut ok = a.create_label();
-    a.mov(eax, dword_ptr(r13 + l::APIC_DIS_VECTORS as i32))?;
-    a.mov(dword_ptr(rbx + mb(offset_of!(Mailbox, dis_seen))), eax)?;
-    a.cmp(eax, dword_ptr(rbx + mb(offset_of!(Mailbox, want_dis))))?;
-    a.je(ok)?;
-    a.or(r15d, fail::DIS_VECTORS)?;
-    a.set_label(&mut ok)?;
-    a.nop()?;
+    emit_apic_checks(
+        &mut a,
+        &ApicCheck {
+            expect: field(offset_of!(Mailbox, expect)),
+            x2apic: expect::X2APIC,
+            lvt: field(offset_of!(Mailbox, lvt)),
+            dis_vectors: dword_ptr(r13 + l::APIC_DIS_VECTORS as i32),
+            dis_seen: field(offset_of!(Mailbox, dis_seen)),
+            want_dis: field(offset_of!(Mailbox, want_dis)),
+            fail_lvt: fail::LVT,
+            fail_dis: fail::DIS_VECTORS,
+        },
+        |a, reg| a.mov(eax, dword_ptr(r8 + reg)),
+        |a, bit| a.or(r15d, bit),
+    )?;
     a.set_label(&mut no_apic)?;
     // FPU sync: FCW, MXCSR, XMM0 against Guest.fpu.
     let mut no_fpu = a.create_label();
-    a.test(
-        dword_ptr(rbx + mb(offset_of!(Mailbox, expect))),
-        expect::FPU,
-    )?;
+    a.test(field(offset_of!(Mailbox, expect)), expect::FPU)?;
     a.jz(no_fpu)?;
     {
         // RSI points at Guest.fpu.
@@ -284,8 +262,8 @@ pub fn build(cfg: &FarConfig, area_size: usize) -> Result<Vec<u8>, FarError> {
         a.je(ok1)?;
         a.or(r15d, fail::FCW)?;
         a.set_label(&mut ok1)?;
-        a.stmxcsr(dword_ptr(rbx + mb(offset_of!(Mailbox, scratch) + 4)))?;
-        a.mov(eax, dword_ptr(rbx + mb(offset_of!(Mailbox, scratch) + 4)))?;
+        a.stmxcsr(field(offset_of!(Mailbox, scratch) + 4))?;
+        a.mov(eax, field(offset_of!(Mailbox, scratch) + 4))?;
         a.cmp(
             eax,
             dword_ptr(rsi + fpu(offset_of!(cpum::FxSaveArea, mxcsr))),
@@ -295,8 +273,9 @@ pub fn build(cfg: &FarConfig, area_size: usize) -> Result<Vec<u8>, FarError> {
         a.set_label(&mut ok2)?;
         a.movq(rax, xmm0)?;
         a.cmp(rax, qword_ptr(rsi + fpu(offset_of!(cpum::FxSaveArea, xmm))))?;
-        a.jne(ok3)?; // mismatch path below
-                     // The high quadword, with SSE2 only (QEMU's default CPU lacks SSE4.1).
+        // A mismatch takes the failure path below.
+        a.jne(ok3)?;
+        // The high quadword, with SSE2 only (QEMU's default CPU lacks SSE4.1).
         a.pshufd(xmm1, xmm0, 0x4e)?;
         a.movq(rax, xmm1)?;
         a.cmp(
@@ -313,10 +292,7 @@ pub fn build(cfg: &FarConfig, area_size: usize) -> Result<Vec<u8>, FarError> {
     a.set_label(&mut no_fpu)?;
     // Debug sync: DR0–3 and DR6 against Guest.dr.
     let mut no_dbg = a.create_label();
-    a.test(
-        dword_ptr(rbx + mb(offset_of!(Mailbox, expect))),
-        expect::DBG,
-    )?;
+    a.test(field(offset_of!(Mailbox, expect)), expect::DBG)?;
     a.jz(no_dbg)?;
     {
         let dr_off = |n: usize| (l::GUEST_DR - l::GUEST_FPU + 8 * n) as i32;
@@ -338,23 +314,16 @@ pub fn build(cfg: &FarConfig, area_size: usize) -> Result<Vec<u8>, FarError> {
     }
     a.set_label(&mut no_dbg)?;
     // Record failures.
-    let mut clean = a.create_label();
-    a.test(r15d, r15d)?;
-    a.jz(clean)?;
-    a.or(dword_ptr(rbx + mb(offset_of!(Mailbox, fails))), r15d)?;
-    a.cmp(
-        dword_ptr(rbx + mb(offset_of!(Mailbox, first_fail_cookie))),
-        0,
-    )?;
-    a.jne(clean)?;
-    a.mov(eax, dword_ptr(rbx + mb(offset_of!(Mailbox, cookie))))?;
-    a.mov(
-        dword_ptr(rbx + mb(offset_of!(Mailbox, first_fail_cookie))),
+    emit_record_fails(
+        &mut a,
+        r15d,
         eax,
+        field(offset_of!(Mailbox, fails)),
+        field(offset_of!(Mailbox, first_fail_cookie)),
+        field(offset_of!(Mailbox, cookie)),
     )?;
-    a.set_label(&mut clean)?;
     // Return code: cookie ^ RET_XOR ^ (failures << 16).
-    a.mov(r14d, dword_ptr(rbx + mb(offset_of!(Mailbox, cookie))))?;
+    a.mov(r14d, field(offset_of!(Mailbox, cookie)))?;
     a.xor(r14d, RET_XOR)?;
     a.shl(r15d, 16)?;
     a.xor(r14d, r15d)?;
@@ -431,9 +400,9 @@ pub fn build(cfg: &FarConfig, area_size: usize) -> Result<Vec<u8>, FarError> {
 }
 
 /// Emits, for 64-bit code, a stub for every vector 0–31 not in `own` (the
-/// caller places those itself), a common reporter that prints
+/// caller places those itself) and the common reporter that prints
 /// `FAREXC vec= err= rip=` on COM1 and exits through isa-debug-exit with
-/// `exit_code`, and the `putc`/`puthex` routines it uses.
+/// `exit_code`.
 ///
 /// # Errors
 /// iced rejects an instruction.
@@ -446,81 +415,18 @@ pub(crate) fn emit_exception_reporter64(
     exit_code: u32,
 ) -> Result<(), IcedError> {
     let mut common = a.create_label();
-    let mut putc = a.create_label();
-    let mut puthex = a.create_label();
     for (v, h) in handlers.iter_mut().enumerate() {
-        if own.contains(&v) {
-            continue;
-        }
-        a.set_label(h)?;
-        let has_err = matches!(v, 8 | 10 | 11 | 12 | 13 | 14 | 17 | 21 | 29 | 30);
-        if !has_err {
-            a.push(0)?;
-        }
-        a.push(v as i32)?;
-        a.jmp(common)?;
-    }
-    a.set_label(&mut common)?;
-    for &c in format!("\n{PREFIX}FAREXC vec=").as_bytes() {
-        a.mov(al, u32::from(c))?;
-        a.call(putc)?;
-    }
-    for (k, text) in [(0, " err="), (8, " rip="), (16, "")] {
-        a.mov(rax, qword_ptr(rsp + k))?;
-        a.call(puthex)?;
-        for &c in text.as_bytes() {
-            a.mov(al, u32::from(c))?;
-            a.call(putc)?;
+        if !own.contains(&v) {
+            emit_exception_stub(a, h, v, common)?;
         }
     }
-    a.mov(al, u32::from(b'\n'))?;
-    a.call(putc)?;
-    a.mov(eax, exit_code)?;
-    a.mov(dx, u32::from(exit_port))?;
-    a.out(dx, eax)?;
-    let mut halt = a.create_label();
-    a.set_label(&mut halt)?;
-    a.hlt()?;
-    a.jmp(halt)?;
-    // putc: AL; preserves RDX and RAX.
-    a.set_label(&mut putc)?;
-    a.push(rdx)?;
-    a.push(rax)?;
-    let mut wait = a.create_label();
-    a.mov(dx, u32::from(com1) + 5)?;
-    a.set_label(&mut wait)?;
-    a.in_(al, dx)?;
-    a.test(al, 0x20)?;
-    a.jz(wait)?;
-    a.pop(rax)?;
-    a.mov(dx, u32::from(com1))?;
-    a.out(dx, al)?;
-    a.pop(rdx)?;
-    a.ret()?;
-    // puthex: RAX as 16 hex digits.
-    a.set_label(&mut puthex)?;
-    a.push(rcx)?;
-    a.push(rdx)?;
-    a.mov(rdx, rax)?;
-    a.mov(ecx, 16)?;
-    let mut digit = a.create_label();
-    let mut num = a.create_label();
-    a.set_label(&mut digit)?;
-    a.rol(rdx, 4)?;
-    a.mov(eax, edx)?;
-    a.and(eax, 0xf)?;
-    a.add(al, u32::from(b'0'))?;
-    a.cmp(al, u32::from(b'9'))?;
-    a.jbe(num)?;
-    a.add(al, 7)?;
-    a.set_label(&mut num)?;
-    a.call(putc)?;
-    a.dec(ecx)?;
-    a.jnz(digit)?;
-    a.pop(rdx)?;
-    a.pop(rcx)?;
-    a.ret()?;
-    Ok(())
+    let regs = ReporterRegs {
+        ax: rax,
+        cx: rcx,
+        dx: rdx,
+        sp: rsp,
+    };
+    emit_exception_report(a, &mut common, &regs, com1, exit_port, exit_code)
 }
 
 /// A 64-bit interrupt gate (present, DPL 0, type 0xE) to `target` through `selector`.
@@ -536,10 +442,5 @@ pub(crate) fn idt_gate(target: u64, selector: u16) -> [u8; 16] {
 
 /// Names of the failure bits set in `bits`.
 pub fn fail_names(bits: u32) -> Vec<&'static str> {
-    fail::NAMES
-        .iter()
-        .enumerate()
-        .filter(|(i, _)| bits & (1 << i) != 0)
-        .map(|(_, n)| *n)
-        .collect()
+    bit_names(&fail::NAMES, bits)
 }

@@ -61,6 +61,7 @@
 
 pub mod cli;
 pub mod far;
+mod farcommon;
 pub mod hostkernel;
 pub mod image;
 pub mod paging;

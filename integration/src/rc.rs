@@ -21,13 +21,16 @@ use core::mem::{offset_of, size_of};
 
 use cpum::layout as l;
 use cpum::regs::{Cr0, Cr4, Efer, MSR_EFER, MSR_SYSENTER_CS};
-use cpum::{CpumCpu32, UseFlags};
+use cpum::{CpumCpu32, CpumCpu64, UseFlags};
 use iced_x86::code_asm::*;
 use iced_x86::BlockEncoderOptions;
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
 use crate::far::FarError;
-use crate::transcript::PREFIX;
+use crate::farcommon::{
+    bit_names, emit_apic_checks, emit_exception_report, emit_exception_stub, emit_record_fails,
+    ApicCheck, ReporterRegs,
+};
 
 /// Failure bits the RC code reports.
 pub mod fail {
@@ -210,13 +213,6 @@ pub fn target_result(args: &[u32]) -> u32 {
         })
 }
 
-const LVTS: [u32; 4] = [
-    apic::reg::LVT_LINT0,
-    apic::reg::LVT_LINT1,
-    apic::reg::LVT_PC,
-    apic::reg::LVT_THMR,
-];
-
 fn mb(f: usize) -> i32 {
     f as i32
 }
@@ -236,23 +232,114 @@ pub fn build(cfg: &RcConfig, area_size: usize) -> Result<(Vec<u8>, RcEntries), F
     let mut handlers: Vec<CodeLabel> = (0..32).map(|_| a.create_label()).collect();
     let mut targets: Vec<CodeLabel> = (0..=MAX_TARGET_ARGS).map(|_| a.create_label()).collect();
     let mut common = a.create_label();
-    let mut putc = a.create_label();
-    let mut puthex = a.create_label();
-    let scratch = |i: usize| dword_ptr(edi + mb(offset_of!(RcMailbox, scratch) + 4 * i));
-    let fail_bit = |a: &mut CodeAssembler, bit: u32| {
-        a.or(dword_ptr(edi + mb(offset_of!(RcMailbox, scratch))), bit)
+
+    emit_checks(&mut a, cfg, &mut entry, false)?;
+    // Every other trip (cookie bit 8) leaves through the C-callable exit
+    // (cdecl: the status on the stack); resumed, the call returns here.
+    let mut asm_exit = a.create_label();
+    a.test(dword_ptr(edi + mb(offset_of!(RcMailbox, cookie))), 0x100)?;
+    a.jz(asm_exit)?;
+    a.add(dword_ptr(edi + mb(offset_of!(RcMailbox, c_exits))), 1)?;
+    a.push(eax)?;
+    a.call(dword_ptr(mbox + offset_of!(RcMailbox, c_exit_entry) as u32))?;
+    a.add(esp, 4)?;
+    a.jmp(entry)?;
+    a.set_label(&mut asm_exit)?;
+    a.call(dword_ptr(mbox + offset_of!(RcMailbox, exit_entry) as u32))?;
+    a.jmp(entry)?;
+
+    // Exception handlers: #NM does the lazy FPU switch; the rest report and stop.
+    for (v, h) in handlers.iter_mut().enumerate() {
+        if v == 7 {
+            a.set_label(h)?;
+            emit_lazy_fpu_switch(&mut a, cfg, false)?;
+        } else {
+            emit_exception_stub(&mut a, h, v, common)?;
+        }
+    }
+    let regs = ReporterRegs {
+        ax: eax,
+        cx: ecx,
+        dx: edx,
+        sp: esp,
+    };
+    emit_exception_report(
+        &mut a,
+        &mut common,
+        &regs,
+        cfg.com1,
+        cfg.exit_port,
+        cfg.exit_code,
+    )?;
+    // Trampoline targets (cdecl).
+    for (n, t) in targets.iter_mut().enumerate() {
+        a.set_label(t)?;
+        a.push(ebp)?;
+        a.mov(ebp, esp)?;
+        a.mov(eax, 0x7ab0_0000 | n as u32)?;
+        for i in 0..n {
+            a.mov(ecx, dword_ptr(ebp + (8 + 4 * i) as i32))?;
+            a.imul_3(ecx, ecx, i as i32 + 1)?;
+            a.add(eax, ecx)?;
+        }
+        a.pop(ebp)?;
+        a.ret()?;
+    }
+    finish(a, cfg, area_size, &entry, &handlers, &targets)
+}
+
+/// Emits, at `entry`, the checks both RC flavours make each trip and their
+/// accounting, leaving `cookie ^ RET_XOR ^ (failures << 16)` in EAX.
+///
+/// `wide` selects the 64-bit context ([`crate::rc64`]): RDI and RSI (a
+/// `CpumCpu64`) as the bases, control and debug registers, RBP and RBX
+/// compared at full width, and EFER.LMA expected set besides SCE clear.
+pub(crate) fn emit_checks(
+    a: &mut CodeAssembler,
+    cfg: &RcConfig,
+    entry: &mut CodeLabel,
+    wide: bool,
+) -> Result<(), IcedError> {
+    // Mailbox (EDI/RDI) and CpumCpu (ESI/RSI) addresses.
+    let mbx = |f: usize| if wide { rdi + mb(f) } else { edi + mb(f) };
+    let cpu = |f: usize| if wide { rsi + cc(f) } else { esi + cc(f) };
+    let field = |f: usize| dword_ptr(mbx(f));
+    let scratch = |i: usize| field(offset_of!(RcMailbox, scratch) + 4 * i);
+    let fail_bit = |a: &mut CodeAssembler, bit: u32| a.or(scratch(0), bit);
+    // The accumulator at the context's width: loaded from a control or debug
+    // register, compared with the `CpumCpu` field at `f`.
+    let read_cr = |a: &mut CodeAssembler, cr: AsmRegisterCr| {
+        if wide {
+            a.mov(rax, cr)
+        } else {
+            a.mov(eax, cr)
+        }
+    };
+    let read_dr = |a: &mut CodeAssembler, dr: AsmRegisterDr| {
+        if wide {
+            a.mov(rax, dr)
+        } else {
+            a.mov(eax, dr)
+        }
+    };
+    let cmp_cpu = |a: &mut CodeAssembler, f: usize| {
+        if wide {
+            a.cmp(rax, qword_ptr(cpu(f)))
+        } else {
+            a.cmp(eax, dword_ptr(cpu(f)))
+        }
     };
 
-    a.set_label(&mut entry)?;
-    a.add(dword_ptr(edi + mb(offset_of!(RcMailbox, calls))), 1)?;
+    a.set_label(entry)?;
+    a.add(field(offset_of!(RcMailbox, calls)), 1)?;
     a.mov(scratch(0), 0u32)?;
     // CR3 is Hyper.cr3.
     let mut ok = a.create_label();
-    a.mov(eax, cr3)?;
-    a.mov(dword_ptr(edi + mb(offset_of!(RcMailbox, cr3))), eax)?;
-    a.cmp(eax, dword_ptr(esi + cc(l::HYPER_CR3)))?;
+    read_cr(a, cr3)?;
+    a.mov(field(offset_of!(RcMailbox, cr3)), eax)?;
+    cmp_cpu(a, l::HYPER_CR3)?;
     a.je(ok)?;
-    fail_bit(&mut a, fail::CR3)?;
+    fail_bit(a, fail::CR3)?;
     a.set_label(&mut ok)?;
     // Selectors.
     let mut bad = a.create_label();
@@ -271,316 +358,262 @@ pub fn build(cfg: &RcConfig, area_size: usize) -> Result<(Vec<u8>, RcEntries), F
     }
     a.jmp(ok)?;
     a.set_label(&mut bad)?;
-    fail_bit(&mut a, fail::SEGS)?;
+    fail_bit(a, fail::SEGS)?;
     a.set_label(&mut ok)?;
     // TR is this VCPU's.
     let mut ok = a.create_label();
     a.str(eax)?;
-    a.mov(dword_ptr(edi + mb(offset_of!(RcMailbox, tr))), eax)?;
-    a.cmp(ax, word_ptr(esi + cc(l::HYPER_TR)))?;
+    a.mov(field(offset_of!(RcMailbox, tr)), eax)?;
+    a.cmp(ax, word_ptr(cpu(l::HYPER_TR)))?;
     a.je(ok)?;
-    fail_bit(&mut a, fail::TR)?;
+    fail_bit(a, fail::TR)?;
     a.set_label(&mut ok)?;
     // CR0: PG, PE, TS set; WP clear.
     let mut ok = a.create_label();
-    a.mov(eax, cr0)?;
-    a.mov(dword_ptr(edi + mb(offset_of!(RcMailbox, cr0))), eax)?;
+    read_cr(a, cr0)?;
+    a.mov(field(offset_of!(RcMailbox, cr0)), eax)?;
     a.and(eax, (Cr0::PG | Cr0::PE | Cr0::TS | Cr0::WP).bits() as u32)?;
     a.cmp(eax, (Cr0::PG | Cr0::PE | Cr0::TS).bits() as u32)?;
     a.je(ok)?;
-    fail_bit(&mut a, fail::CR0)?;
+    fail_bit(a, fail::CR0)?;
     a.set_label(&mut ok)?;
     // CR4.PAE as the target flavour.
     let mut ok = a.create_label();
-    a.mov(eax, cr4)?;
-    a.mov(dword_ptr(edi + mb(offset_of!(RcMailbox, cr4))), eax)?;
+    read_cr(a, cr4)?;
+    a.mov(field(offset_of!(RcMailbox, cr4)), eax)?;
     a.and(eax, Cr4::PAE.bits() as u32)?;
     a.shr(eax, Cr4::PAE.bits().trailing_zeros())?;
-    a.cmp(eax, dword_ptr(edi + mb(offset_of!(RcMailbox, want_pae))))?;
+    a.cmp(eax, field(offset_of!(RcMailbox, want_pae)))?;
     a.je(ok)?;
-    fail_bit(&mut a, fail::CR4_PAE)?;
+    fail_bit(a, fail::CR4_PAE)?;
     a.set_label(&mut ok)?;
     // Interrupts off.
     let mut ok = a.create_label();
-    a.pushfd()?;
-    a.pop(eax)?;
-    a.mov(dword_ptr(edi + mb(offset_of!(RcMailbox, eflags))), eax)?;
+    if wide {
+        a.pushfq()?;
+        a.pop(rax)?;
+    } else {
+        a.pushfd()?;
+        a.pop(eax)?;
+    }
+    a.mov(field(offset_of!(RcMailbox, eflags)), eax)?;
     a.test(eax, cpum::regs::Eflags::IF.bits() as u32)?;
     a.jz(ok)?;
-    fail_bit(&mut a, fail::IF)?;
+    fail_bit(a, fail::IF)?;
     a.set_label(&mut ok)?;
-    // SYSENTER_CS parked at 0, EFER.SCE clear.
+    // SYSENTER_CS parked at 0.
     let mut ok = a.create_label();
     a.mov(ecx, MSR_SYSENTER_CS)?;
     a.rdmsr()?;
-    a.mov(dword_ptr(edi + mb(offset_of!(RcMailbox, sysenter_cs))), eax)?;
+    a.mov(field(offset_of!(RcMailbox, sysenter_cs)), eax)?;
     a.test(eax, eax)?;
     a.jz(ok)?;
-    fail_bit(&mut a, fail::SYSENTER)?;
+    fail_bit(a, fail::SYSENTER)?;
     a.set_label(&mut ok)?;
+    // EFER: SCE parked (and long mode active in the 64-bit context).
     let mut ok = a.create_label();
     a.mov(ecx, MSR_EFER)?;
     a.rdmsr()?;
-    a.mov(dword_ptr(edi + mb(offset_of!(RcMailbox, efer))), eax)?;
-    a.test(eax, Efer::SCE.bits() as u32)?;
-    a.jz(ok)?;
-    fail_bit(&mut a, fail::SCE)?;
+    a.mov(field(offset_of!(RcMailbox, efer)), eax)?;
+    if wide {
+        a.and(eax, (Efer::SCE | Efer::LMA).bits() as u32)?;
+        a.cmp(eax, Efer::LMA.bits() as u32)?;
+        a.je(ok)?;
+    } else {
+        a.test(eax, Efer::SCE.bits() as u32)?;
+        a.jz(ok)?;
+    }
+    fail_bit(a, fail::SCE)?;
     a.set_label(&mut ok)?;
     // APIC.
     let mut no_apic = a.create_label();
-    a.test(
-        dword_ptr(edi + mb(offset_of!(RcMailbox, expect))),
-        expect::APIC,
-    )?;
+    a.test(field(offset_of!(RcMailbox, expect)), expect::APIC)?;
     a.jz(no_apic)?;
-    for (i, reg) in LVTS.iter().enumerate() {
-        let mut ok = a.create_label();
-        let mut mmio = a.create_label();
-        let mut have = a.create_label();
-        a.test(
-            dword_ptr(edi + mb(offset_of!(RcMailbox, expect))),
-            expect::X2APIC,
-        )?;
-        a.jz(mmio)?;
-        a.mov(ecx, apic::x2apic_msr(*reg))?;
-        a.rdmsr()?;
-        a.jmp(have)?;
-        a.set_label(&mut mmio)?;
-        a.mov(ecx, cfg.apic)?;
-        a.mov(eax, dword_ptr(ecx + *reg as i32))?;
-        a.set_label(&mut have)?;
-        a.mov(dword_ptr(edi + mb(offset_of!(RcMailbox, lvt) + 4 * i)), eax)?;
-        a.test(eax, apic::lvt::MASKED)?;
-        a.jnz(ok)?;
-        fail_bit(&mut a, fail::LVT)?;
-        a.set_label(&mut ok)?;
-    }
-    let mut ok = a.create_label();
-    a.mov(eax, dword_ptr(esi + cc(l::APIC_DIS_VECTORS)))?;
-    a.mov(dword_ptr(edi + mb(offset_of!(RcMailbox, dis_seen))), eax)?;
-    a.cmp(eax, dword_ptr(edi + mb(offset_of!(RcMailbox, want_dis))))?;
-    a.je(ok)?;
-    fail_bit(&mut a, fail::DIS_VECTORS)?;
-    a.set_label(&mut ok)?;
-    a.nop()?;
+    emit_apic_checks(
+        a,
+        &ApicCheck {
+            expect: field(offset_of!(RcMailbox, expect)),
+            x2apic: expect::X2APIC,
+            lvt: field(offset_of!(RcMailbox, lvt)),
+            dis_vectors: dword_ptr(cpu(l::APIC_DIS_VECTORS)),
+            dis_seen: field(offset_of!(RcMailbox, dis_seen)),
+            want_dis: field(offset_of!(RcMailbox, want_dis)),
+            fail_lvt: fail::LVT,
+            fail_dis: fail::DIS_VECTORS,
+        },
+        |a, reg| {
+            a.mov(ecx, cfg.apic)?;
+            if wide {
+                a.mov(eax, dword_ptr(rcx + reg))
+            } else {
+                a.mov(eax, dword_ptr(ecx + reg))
+            }
+        },
+        fail_bit,
+    )?;
     a.set_label(&mut no_apic)?;
     // Hyper debug registers.
     let mut no_dbg = a.create_label();
     let mut bad = a.create_label();
     let mut ok = a.create_label();
-    a.test(
-        dword_ptr(edi + mb(offset_of!(RcMailbox, expect))),
-        expect::DBG,
-    )?;
+    a.test(field(offset_of!(RcMailbox, expect)), expect::DBG)?;
     a.jz(no_dbg)?;
     for (n, dr) in [(0usize, dr0), (1, dr1), (2, dr2), (3, dr3), (7, dr7)] {
-        a.mov(eax, dr)?;
-        a.cmp(eax, dword_ptr(esi + cc(l::HYPER_DR + 8 * n)))?;
+        read_dr(a, dr)?;
+        cmp_cpu(a, l::HYPER_DR + 8 * n)?;
         a.jne(bad)?;
     }
     a.jmp(ok)?;
     a.set_label(&mut bad)?;
-    fail_bit(&mut a, fail::DR)?;
+    fail_bit(a, fail::DR)?;
     a.set_label(&mut ok)?;
     a.nop()?;
     a.set_label(&mut no_dbg)?;
-    // Registers that must survive the exit and the next entry.
+    // Registers that must survive the exit and the next entry: the EBP
+    // magic and the trip counter in EBX, mirrored in `Guest.r[0]`.
     let mut bad = a.create_label();
     let mut ok = a.create_label();
-    let guest_r0 = cc(offset_of!(CpumCpu32, guest.r));
-    a.mov(eax, ebp)?;
-    a.shr(eax, 16)?;
-    a.cmp(eax, ebp_magic(0) >> 16)?;
-    a.jne(bad)?;
-    a.cmp(ebx, dword_ptr(esi + guest_r0))?;
+    if wide {
+        let guest_r0 = qword_ptr(cpu(offset_of!(CpumCpu64, guest.r)));
+        a.mov(rax, rbp)?;
+        a.shr(rax, 16)?;
+        a.cmp(rax, (ebp_magic(0) >> 16) as i32)?;
+        a.jne(bad)?;
+        a.cmp(rbx, guest_r0)?;
+    } else {
+        let guest_r0 = dword_ptr(cpu(offset_of!(CpumCpu32, guest.r)));
+        a.mov(eax, ebp)?;
+        a.shr(eax, 16)?;
+        a.cmp(eax, ebp_magic(0) >> 16)?;
+        a.jne(bad)?;
+        a.cmp(ebx, guest_r0)?;
+    }
     a.je(ok)?;
     a.set_label(&mut bad)?;
-    fail_bit(&mut a, fail::REGS)?;
+    fail_bit(a, fail::REGS)?;
     a.set_label(&mut ok)?;
-    a.inc(ebx)?;
-    a.mov(dword_ptr(esi + guest_r0), ebx)?;
+    if wide {
+        a.inc(rbx)?;
+        a.mov(qword_ptr(cpu(offset_of!(CpumCpu64, guest.r))), rbx)?;
+    } else {
+        a.inc(ebx)?;
+        a.mov(dword_ptr(cpu(offset_of!(CpumCpu32, guest.r))), ebx)?;
+    }
     // FPU: the first FPU instruction must trap (#NM) and find Guest.fpu loaded.
     let mut no_fpu = a.create_label();
-    a.test(
-        dword_ptr(edi + mb(offset_of!(RcMailbox, expect))),
-        expect::FPU,
-    )?;
+    a.test(field(offset_of!(RcMailbox, expect)), expect::FPU)?;
     a.jz(no_fpu)?;
     {
         let mut trapped = a.create_label();
         let mut loaded = a.create_label();
-        a.mov(eax, dword_ptr(edi + mb(offset_of!(RcMailbox, nm_count))))?;
+        a.mov(eax, field(offset_of!(RcMailbox, nm_count)))?;
         a.mov(scratch(1), eax)?;
-        a.fnstcw(word_ptr(edi + mb(offset_of!(RcMailbox, scratch) + 8)))?;
-        a.mov(eax, dword_ptr(edi + mb(offset_of!(RcMailbox, nm_count))))?;
+        a.fnstcw(word_ptr(mbx(offset_of!(RcMailbox, scratch) + 8)))?;
+        a.mov(eax, field(offset_of!(RcMailbox, nm_count)))?;
         a.cmp(eax, scratch(1))?;
         a.jne(trapped)?;
-        fail_bit(&mut a, fail::NO_NM)?;
+        fail_bit(a, fail::NO_NM)?;
         a.set_label(&mut trapped)?;
-        a.movzx(eax, word_ptr(edi + mb(offset_of!(RcMailbox, scratch) + 8)))?;
+        a.movzx(eax, word_ptr(mbx(offset_of!(RcMailbox, scratch) + 8)))?;
         a.movzx(
             ecx,
-            word_ptr(esi + cc(l::GUEST_FPU + offset_of!(cpum::FxSaveArea, fcw))),
+            word_ptr(cpu(l::GUEST_FPU + offset_of!(cpum::FxSaveArea, fcw))),
         )?;
         a.cmp(eax, ecx)?;
         a.je(loaded)?;
-        fail_bit(&mut a, fail::FPU_LOAD)?;
+        fail_bit(a, fail::FPU_LOAD)?;
         a.set_label(&mut loaded)?;
         // New guest FPU state the switcher must save on the way out.
-        a.mov(eax, dword_ptr(edi + mb(offset_of!(RcMailbox, cookie))))?;
+        a.mov(eax, field(offset_of!(RcMailbox, cookie)))?;
         a.and(eax, 0x0c00)?;
         a.xor(eax, u32::from(cpum::FxSaveArea::FCW_INIT))?;
-        a.mov(dword_ptr(edi + mb(offset_of!(RcMailbox, guest_fcw))), eax)?;
-        a.fldcw(word_ptr(edi + mb(offset_of!(RcMailbox, guest_fcw))))?;
+        a.mov(field(offset_of!(RcMailbox, guest_fcw)), eax)?;
+        a.fldcw(word_ptr(mbx(offset_of!(RcMailbox, guest_fcw))))?;
     }
     a.set_label(&mut no_fpu)?;
-    // Account and return.
-    let mut clean = a.create_label();
+    // Account and derive the return code.
     a.mov(eax, scratch(0))?;
-    a.test(eax, eax)?;
-    a.jz(clean)?;
-    a.or(dword_ptr(edi + mb(offset_of!(RcMailbox, fails))), eax)?;
-    a.cmp(
-        dword_ptr(edi + mb(offset_of!(RcMailbox, first_fail_cookie))),
-        0,
-    )?;
-    a.jne(clean)?;
-    a.mov(ecx, dword_ptr(edi + mb(offset_of!(RcMailbox, cookie))))?;
-    a.mov(
-        dword_ptr(edi + mb(offset_of!(RcMailbox, first_fail_cookie))),
+    emit_record_fails(
+        a,
+        eax,
         ecx,
+        field(offset_of!(RcMailbox, fails)),
+        field(offset_of!(RcMailbox, first_fail_cookie)),
+        field(offset_of!(RcMailbox, cookie)),
     )?;
-    a.set_label(&mut clean)?;
     a.shl(eax, 16)?;
-    a.xor(eax, dword_ptr(edi + mb(offset_of!(RcMailbox, cookie))))?;
-    a.xor(eax, RET_XOR)?;
-    // Every other trip (cookie bit 8) leaves through the C-callable exit
-    // (cdecl: the status on the stack); resumed, the call returns here.
-    let mut asm_exit = a.create_label();
-    a.test(dword_ptr(edi + mb(offset_of!(RcMailbox, cookie))), 0x100)?;
-    a.jz(asm_exit)?;
-    a.add(dword_ptr(edi + mb(offset_of!(RcMailbox, c_exits))), 1)?;
-    a.push(eax)?;
-    a.call(dword_ptr(mbox + offset_of!(RcMailbox, c_exit_entry) as u32))?;
-    a.add(esp, 4)?;
-    a.jmp(entry)?;
-    a.set_label(&mut asm_exit)?;
-    a.call(dword_ptr(mbox + offset_of!(RcMailbox, exit_entry) as u32))?;
-    a.jmp(entry)?;
+    a.xor(eax, field(offset_of!(RcMailbox, cookie)))?;
+    a.xor(eax, RET_XOR)
+}
 
-    // Exception handlers: #NM does the lazy FPU switch; the rest report and stop.
-    for (v, h) in handlers.iter_mut().enumerate() {
-        a.set_label(h)?;
-        if v == 7 {
-            a.push(eax)?;
-            a.push(ecx)?;
-            a.push(edx)?;
-            a.mov(edx, cfg.cpum_rc)?;
-            a.str(ecx)?;
-            a.movzx(ecx, cx)?;
-            a.sub(ecx, dword_ptr(edx + cc(l::CPUM_HYPER_TSS_SEL0)))?;
-            a.shr(ecx, cpum::HYPER_TSS_STRIDE_SHIFT)?;
-            a.imul_2(ecx, dword_ptr(edx + cc(l::CPUM_CB_CPUMCPU)))?;
-            a.add(ecx, dword_ptr(edx + cc(l::CPUM_OFF_CPUMCPU0)))?;
-            a.add(edx, ecx)?;
-            a.mov(eax, cr0)?;
-            a.and(eax, !(Cr0::TS.bits() as u32))?;
-            a.mov(cr0, eax)?;
-            a.fxsave(ptr(edx + cc(l::HOST32_FPU)))?;
-            a.fxrstor(ptr(edx + cc(l::GUEST_FPU)))?;
-            a.or(dword_ptr(edx + cc(l::USE_FLAGS)), UseFlags::USED_FPU.bits())?;
-            a.add(dword_ptr(mbox + offset_of!(RcMailbox, nm_count) as u32), 1)?;
-            a.pop(edx)?;
-            a.pop(ecx)?;
-            a.pop(eax)?;
-            a.iretd()?;
-            continue;
-        }
-        if !matches!(v, 8 | 10 | 11 | 12 | 13 | 14 | 17 | 21 | 29 | 30) {
-            a.push(0)?;
-        }
-        a.push(v as u32)?;
-        a.jmp(common)?;
+/// Emits the `#NM` handler: it finds this VCPU's `CpumCpu` from TR, clears
+/// CR0.TS, saves the host FPU state and loads `Guest.fpu` (the lazy switch),
+/// sets `USED_FPU`, counts the fault in the mailbox and returns. `wide`
+/// selects the 64-bit context.
+pub(crate) fn emit_lazy_fpu_switch(
+    a: &mut CodeAssembler,
+    cfg: &RcConfig,
+    wide: bool,
+) -> Result<(), IcedError> {
+    let mbox = cfg.rc + cfg.mailbox_off;
+    let cpu = |f: usize| if wide { rdx + cc(f) } else { edx + cc(f) };
+    if wide {
+        a.push(rax)?;
+        a.push(rcx)?;
+        a.push(rdx)?;
+    } else {
+        a.push(eax)?;
+        a.push(ecx)?;
+        a.push(edx)?;
     }
-    a.set_label(&mut common)?;
-    for &c in format!("\n{PREFIX}FAREXC vec=").as_bytes() {
-        a.mov(al, u32::from(c))?;
-        a.call(putc)?;
+    a.mov(edx, cfg.cpum_rc)?;
+    a.str(ecx)?;
+    a.movzx(ecx, cx)?;
+    a.sub(ecx, dword_ptr(cpu(l::CPUM_HYPER_TSS_SEL0)))?;
+    a.shr(ecx, cpum::HYPER_TSS_STRIDE_SHIFT)?;
+    a.imul_2(ecx, dword_ptr(cpu(l::CPUM_CB_CPUMCPU)))?;
+    a.add(ecx, dword_ptr(cpu(l::CPUM_OFF_CPUMCPU0)))?;
+    if wide {
+        a.add(rdx, rcx)?;
+        a.mov(rax, cr0)?;
+        a.and(rax, !(Cr0::TS.bits() as u32) as i32)?;
+        a.mov(cr0, rax)?;
+    } else {
+        a.add(edx, ecx)?;
+        a.mov(eax, cr0)?;
+        a.and(eax, !(Cr0::TS.bits() as u32))?;
+        a.mov(cr0, eax)?;
     }
-    a.mov(eax, dword_ptr(esp))?;
-    a.call(puthex)?;
-    for &c in b" err=" {
-        a.mov(al, u32::from(c))?;
-        a.call(putc)?;
+    a.fxsave(ptr(cpu(l::HOST32_FPU)))?;
+    a.fxrstor(ptr(cpu(l::GUEST_FPU)))?;
+    a.or(dword_ptr(cpu(l::USE_FLAGS)), UseFlags::USED_FPU.bits())?;
+    let nm_count = offset_of!(RcMailbox, nm_count);
+    if wide {
+        a.mov(ecx, mbox)?;
+        a.add(dword_ptr(rcx + mb(nm_count)), 1)?;
+        a.pop(rdx)?;
+        a.pop(rcx)?;
+        a.pop(rax)?;
+        a.iretq()
+    } else {
+        a.add(dword_ptr(mbox + nm_count as u32), 1)?;
+        a.pop(edx)?;
+        a.pop(ecx)?;
+        a.pop(eax)?;
+        a.iretd()
     }
-    a.mov(eax, dword_ptr(esp + 4))?;
-    a.call(puthex)?;
-    for &c in b" rip=" {
-        a.mov(al, u32::from(c))?;
-        a.call(putc)?;
-    }
-    a.mov(eax, dword_ptr(esp + 8))?;
-    a.call(puthex)?;
-    a.mov(al, u32::from(b'\n'))?;
-    a.call(putc)?;
-    a.mov(eax, cfg.exit_code)?;
-    a.mov(dx, u32::from(cfg.exit_port))?;
-    a.out(dx, eax)?;
-    let mut halt = a.create_label();
-    a.set_label(&mut halt)?;
-    a.hlt()?;
-    a.jmp(halt)?;
-    a.set_label(&mut putc)?;
-    a.push(edx)?;
-    a.push(eax)?;
-    let mut wait = a.create_label();
-    a.mov(dx, u32::from(cfg.com1) + 5)?;
-    a.set_label(&mut wait)?;
-    a.in_(al, dx)?;
-    a.test(al, 0x20)?;
-    a.jz(wait)?;
-    a.pop(eax)?;
-    a.mov(dx, u32::from(cfg.com1))?;
-    a.out(dx, al)?;
-    a.pop(edx)?;
-    a.ret()?;
-    a.set_label(&mut puthex)?;
-    a.push(ecx)?;
-    a.push(edx)?;
-    a.mov(edx, eax)?;
-    a.mov(ecx, 8)?;
-    let mut digit = a.create_label();
-    let mut num = a.create_label();
-    a.set_label(&mut digit)?;
-    a.rol(edx, 4)?;
-    a.mov(eax, edx)?;
-    a.and(eax, 0xf)?;
-    a.add(al, u32::from(b'0'))?;
-    a.cmp(al, u32::from(b'9'))?;
-    a.jbe(num)?;
-    a.add(al, 7)?;
-    a.set_label(&mut num)?;
-    a.call(putc)?;
-    a.dec(ecx)?;
-    a.jnz(digit)?;
-    a.pop(edx)?;
-    a.pop(ecx)?;
-    a.ret()?;
-    // Trampoline targets (cdecl).
-    for (n, t) in targets.iter_mut().enumerate() {
-        a.set_label(t)?;
-        a.push(ebp)?;
-        a.mov(ebp, esp)?;
-        a.mov(eax, 0x7ab0_0000 | n as u32)?;
-        for i in 0..n {
-            a.mov(ecx, dword_ptr(ebp + (8 + 4 * i) as i32))?;
-            a.imul_3(ecx, ecx, i as i32 + 1)?;
-            a.add(eax, ecx)?;
-        }
-        a.pop(ebp)?;
-        a.ret()?;
-    }
+}
 
+/// Assembles what `a` holds at `cfg.rc` into a blob of `area_size` bytes with
+/// the mailbox's exit-entry slots filled, and resolves the entry points.
+pub(crate) fn finish(
+    mut a: CodeAssembler,
+    cfg: &RcConfig,
+    area_size: usize,
+    entry: &CodeLabel,
+    handlers: &[CodeLabel],
+    targets: &[CodeLabel],
+) -> Result<(Vec<u8>, RcEntries), FarError> {
     let res = a.assemble_options(
         u64::from(cfg.rc),
         BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS,
@@ -606,7 +639,7 @@ pub fn build(cfg: &RcConfig, area_size: usize) -> Result<(Vec<u8>, RcEntries), F
     Ok((
         blob,
         RcEntries {
-            entry: ip(&entry)?,
+            entry: ip(entry)?,
             handlers: handlers.iter().map(ip).collect::<Result<_, _>>()?,
             targets: targets.iter().map(ip).collect::<Result<_, _>>()?,
         },
@@ -615,12 +648,7 @@ pub fn build(cfg: &RcConfig, area_size: usize) -> Result<(Vec<u8>, RcEntries), F
 
 /// Names of the failure bits set in `bits`.
 pub fn fail_names(bits: u32) -> Vec<&'static str> {
-    fail::NAMES
-        .iter()
-        .enumerate()
-        .filter(|(i, _)| bits & (1 << i) != 0)
-        .map(|(_, n)| *n)
-        .collect()
+    bit_names(&fail::NAMES, bits)
 }
 
 #[cfg(test)]
