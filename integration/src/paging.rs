@@ -6,11 +6,16 @@
 //! generated code only loads CR3. Mappings are 4 KiB pages; every conflict
 //! (two owners for one virtual page) is an error naming both owners.
 //! [`PageTables::translate`] (and [`PageTables::translate64`] for 64-bit
-//! virtual addresses) walks the produced bytes the way the MMU does, so tests
-//! prove each mapping from the image itself.
+//! virtual addresses) walks the produced bytes the way the MMU does, with
+//! [`pgm_intermediate::walk`], so tests prove each mapping from the image
+//! itself.
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::ops::Range;
+
+pub use pgm_intermediate::is_canonical;
+use pgm_intermediate::{EntryFlags, Flavour, MemoryError, TableMemory};
 
 /// Page size.
 pub const PAGE: u32 = 0x1000;
@@ -52,6 +57,15 @@ impl HostMode {
         self == HostMode::Amd64
     }
 
+    /// The [`Flavour`] whose tables this mode's CR3 points to.
+    pub fn flavour(self) -> Flavour {
+        match self {
+            HostMode::Legacy32 => Flavour::Legacy32,
+            HostMode::Pae => Flavour::Pae,
+            HostMode::Amd64 => Flavour::Long,
+        }
+    }
+
     /// One past the highest virtual address of the lower canonical half
     /// (4 GiB for the 32-bit modes).
     pub fn virt_limit(self) -> u64 {
@@ -68,20 +82,14 @@ impl fmt::Display for HostMode {
     }
 }
 
-/// `true` if bits 63:47 of `virt` are all equal (a 48-bit canonical address).
-pub const fn is_canonical(virt: u64) -> bool {
-    let top = virt >> 47;
-    top == 0 || top == (1 << 17) - 1
-}
-
 /// Present.
-pub const PTE_P: u64 = 1 << 0;
+pub const PTE_P: u64 = EntryFlags::PRESENT.bits();
 /// Writable.
-pub const PTE_RW: u64 = 1 << 1;
+pub const PTE_RW: u64 = EntryFlags::WRITABLE.bits();
 /// Page-level write-through.
-pub const PTE_PWT: u64 = 1 << 3;
+pub const PTE_PWT: u64 = EntryFlags::WRITE_THROUGH.bits();
 /// Page-level cache disable.
-pub const PTE_PCD: u64 = 1 << 4;
+pub const PTE_PCD: u64 = EntryFlags::CACHE_DISABLE.bits();
 
 /// A named virtual range `[start, end)`. Both ends are `u64`: the top page of
 /// a 32-bit space ends at 4 GiB, and AMD64 hosts use the upper canonical half
@@ -472,14 +480,6 @@ pub struct Translation {
 }
 
 impl PageTables {
-    fn read(&self, phys: u64, size: usize) -> Option<u64> {
-        let off = usize::try_from(phys.checked_sub(u64::from(self.base))?).ok()?;
-        let b = self.bytes.get(off..off.checked_add(size)?)?;
-        let mut v = [0u8; 8];
-        v[..size].copy_from_slice(b);
-        Some(u64::from_le_bytes(v))
-    }
-
     /// Walks the tables like the MMU (tables must lie inside these bytes).
     pub fn translate(&self, virt: u32) -> Option<Translation> {
         self.translate64(u64::from(virt))
@@ -488,49 +488,38 @@ impl PageTables {
     /// [`PageTables::translate`] for a 64-bit virtual address (`None` for
     /// non-canonical addresses, and above 4 GiB in the 32-bit modes).
     pub fn translate64(&self, virt: u64) -> Option<Translation> {
-        const ADDR: u64 = 0x000f_ffff_ffff_f000;
-        let present = |e: u64| e & PTE_P != 0;
-        let finish = |pte: u64| {
-            present(pte).then_some(Translation {
-                phys: ((pte & ADDR) | (virt & 0xfff)) as u32,
-                pte,
-            })
-        };
-        match self.mode {
-            HostMode::Legacy32 => {
-                if virt >= 1 << 32 {
-                    return None;
-                }
-                let pde = self.read(u64::from(self.cr3) + (virt >> 22) * 4, 4)?;
-                if !present(pde) {
-                    return None;
-                }
-                let pt = pde & 0xffff_f000;
-                finish(self.read(pt + ((virt >> 12) & 0x3ff) * 4, 4)?)
-            }
-            HostMode::Pae | HostMode::Amd64 => {
-                let mut table = u64::from(self.cr3);
-                let shifts: &[u64] = if self.mode == HostMode::Pae {
-                    if virt >= 1 << 32 {
-                        return None;
-                    }
-                    &[30, 21]
-                } else {
-                    if !is_canonical(virt) {
-                        return None;
-                    }
-                    &[39, 30, 21]
-                };
-                for &shift in shifts {
-                    let e = self.read(table + ((virt >> shift) & 0x1ff) * 8, 8)?;
-                    if !present(e) {
-                        return None;
-                    }
-                    table = e & ADDR;
-                }
-                finish(self.read(table + ((virt >> 12) & 0x1ff) * 8, 8)?)
-            }
-        }
+        let t =
+            pgm_intermediate::walk(self, self.mode.flavour(), u64::from(self.cr3), virt).ok()?;
+        Some(Translation {
+            phys: t.phys as u32,
+            pte: t.path.leaf()?.entry,
+        })
+    }
+
+    /// Where the 8-byte entry at physical `phys` lies in [`PageTables::bytes`].
+    fn entry_range(&self, phys: u64) -> Option<Range<usize>> {
+        let off = usize::try_from(phys.checked_sub(u64::from(self.base))?).ok()?;
+        Some(off..off.checked_add(8)?)
+    }
+}
+
+/// The table bytes as physical memory from [`PageTables::base`] on.
+impl TableMemory for PageTables {
+    fn read_u64(&self, phys: u64) -> Result<u64, MemoryError> {
+        self.entry_range(phys)
+            .and_then(|r| self.bytes.get(r))
+            .and_then(|b| <[u8; 8]>::try_from(b).ok())
+            .map(u64::from_le_bytes)
+            .ok_or(MemoryError { phys })
+    }
+
+    fn write_u64(&mut self, phys: u64, value: u64) -> Result<(), MemoryError> {
+        let slot = self
+            .entry_range(phys)
+            .and_then(|r| self.bytes.get_mut(r))
+            .ok_or(MemoryError { phys })?;
+        slot.copy_from_slice(&value.to_le_bytes());
+        Ok(())
     }
 }
 
