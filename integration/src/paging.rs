@@ -357,115 +357,72 @@ impl PageMap {
         keys
     }
 
-    /// Shift of the page-table level (one PT covers `1 << shift` bytes).
-    fn pt_shift(&self) -> u32 {
+    /// The levels below the root, root side first, as shifts: one table of
+    /// such a level covers `1 << shift` bytes, so `virt >> shift` names it.
+    fn table_shifts(&self) -> &'static [u32] {
         match self.mode {
-            HostMode::Legacy32 => 22,
-            HostMode::Pae | HostMode::Amd64 => 21,
+            HostMode::Legacy32 => &[22],
+            HostMode::Pae => &[30, 21],
+            HostMode::Amd64 => &[39, 30, 21],
         }
     }
 
     /// Number of 4 KiB table pages [`PageMap::layout`] will produce.
     pub fn table_pages(&self) -> u32 {
-        let pts = self.keys(self.pt_shift()).len() as u32;
-        match self.mode {
-            HostMode::Legacy32 => 1 + pts,
-            HostMode::Pae => 1 + self.keys(30).len() as u32 + pts,
-            HostMode::Amd64 => 1 + self.keys(39).len() as u32 + self.keys(30).len() as u32 + pts,
-        }
+        let below: usize = self
+            .table_shifts()
+            .iter()
+            .map(|&s| self.keys(s).len())
+            .sum();
+        1 + below as u32
     }
 
-    /// Lays the tables out at physical `base` (page aligned).
+    /// Lays the tables out at physical `base` (page aligned): page 0 holds
+    /// the root (page directory, PDPT or PML4), then come the tables of each
+    /// lower level in address order.
     pub fn layout(&self, base: u32) -> PageTables {
-        let n = self.table_pages() as usize;
-        let mut bytes = vec![0u8; n * PAGE as usize];
-        let put32 = |bytes: &mut [u8], off: usize, v: u32| {
-            bytes[off..off + 4].copy_from_slice(&v.to_le_bytes());
+        let size = self.mode.flavour().entry_size() as usize;
+        // Index bits per table: 10 for 4-byte entries, 9 for 8-byte ones.
+        let bits = (PAGE as usize / size).trailing_zeros();
+        let mut bytes = vec![0u8; self.table_pages() as usize * PAGE as usize];
+        // Writes the entry for `key` (its low `bits` bits index the table) in
+        // table page `page`.
+        let mut put = |page: usize, key: u64, value: u64| {
+            let off = page * PAGE as usize + (key & ((1 << bits) - 1)) as usize * size;
+            bytes[off..off + size].copy_from_slice(&value.to_le_bytes()[..size]);
         };
-        let put64 = |bytes: &mut [u8], off: usize, v: u64| {
-            bytes[off..off + 8].copy_from_slice(&v.to_le_bytes());
+        // The keys and first table page of the level above (none: the root).
+        let mut above: Option<(Vec<u64>, usize)> = None;
+        let parent = |above: &Option<(Vec<u64>, usize)>, key: u64| match above {
+            None => 0,
+            Some((keys, first)) => first + keys.binary_search(&(key >> bits)).unwrap_or(0),
         };
-        let page_addr = |i: usize| base + (i as u32) * PAGE;
-        let page_off = |i: usize| i * PAGE as usize;
-        match self.mode {
-            HostMode::Legacy32 => {
-                // Page 0: the page directory; then one page table per used PDE.
-                let pts = self.keys(22);
-                for (i, pde) in pts.iter().enumerate() {
-                    let pt = page_addr(1 + i);
-                    put32(
-                        &mut bytes,
-                        (*pde as usize) * 4,
-                        pt | (PTE_P | PTE_RW) as u32,
-                    );
-                }
-                for (virt, pte) in &self.pages {
-                    let i = pts.binary_search(&(virt >> 22)).unwrap_or(0);
-                    let off = page_off(1 + i) + ((virt >> 12) & 0x3ff) as usize * 4;
-                    put32(&mut bytes, off, pte.phys | pte.flags as u32);
-                }
+        let mut first = 1;
+        for &shift in self.table_shifts() {
+            let keys = self.keys(shift);
+            // PDPTEs take only P (and cache bits); RW/US are reserved.
+            let flags = if self.mode == HostMode::Pae && above.is_none() {
+                PTE_P
+            } else {
+                PTE_P | PTE_RW
+            };
+            for (i, &key) in keys.iter().enumerate() {
+                let table = base + (first + i) as u32 * PAGE;
+                put(parent(&above, key), key, u64::from(table) | flags);
             }
-            HostMode::Pae => {
-                // Page 0: the PDPT (first 32 bytes); then the PDs; then the PTs.
-                let pds = self.keys(30);
-                let pts = self.keys(21);
-                for (i, pdpte) in pds.iter().enumerate() {
-                    // PDPTEs take only P (and cache bits); RW/US are reserved.
-                    put64(
-                        &mut bytes,
-                        *pdpte as usize * 8,
-                        u64::from(page_addr(1 + i)) | PTE_P,
-                    );
-                }
-                self.lower_levels(&mut bytes, base, 1, &pds, &pts);
-            }
-            HostMode::Amd64 => {
-                // Page 0: the PML4; then the PDPTs, the PDs and the PTs.
-                let pdpts = self.keys(39);
-                let pds = self.keys(30);
-                let pts = self.keys(21);
-                for (i, key) in pdpts.iter().enumerate() {
-                    let off = (key & 0x1ff) as usize * 8;
-                    put64(
-                        &mut bytes,
-                        off,
-                        u64::from(page_addr(1 + i)) | PTE_P | PTE_RW,
-                    );
-                }
-                for (i, key) in pds.iter().enumerate() {
-                    let parent = pdpts.binary_search(&(key >> 9)).unwrap_or(0);
-                    let off = page_off(1 + parent) + (key & 0x1ff) as usize * 8;
-                    let pd = page_addr(1 + pdpts.len() + i);
-                    put64(&mut bytes, off, u64::from(pd) | PTE_P | PTE_RW);
-                }
-                self.lower_levels(&mut bytes, base, 1 + pdpts.len(), &pds, &pts);
-            }
+            let next = first + keys.len();
+            above = Some((keys, first));
+            first = next;
+        }
+        for (virt, pte) in &self.pages {
+            let key = virt >> 12;
+            put(parent(&above, key), key, u64::from(pte.phys) | pte.flags);
         }
         PageTables {
             mode: self.mode,
             base,
             cr3: base,
             bytes,
-        }
-    }
-
-    /// Writes the PD entries (PDs start at table page `first_pd`) and the
-    /// PTEs of the 8-byte-entry formats.
-    fn lower_levels(&self, bytes: &mut [u8], base: u32, first_pd: usize, pds: &[u64], pts: &[u64]) {
-        let put64 = |bytes: &mut [u8], off: usize, v: u64| {
-            bytes[off..off + 8].copy_from_slice(&v.to_le_bytes());
-        };
-        let first_pt = first_pd + pds.len();
-        for (i, key) in pts.iter().enumerate() {
-            let pd = pds.binary_search(&(key >> 9)).unwrap_or(0);
-            let off = (first_pd + pd) * PAGE as usize + (key & 0x1ff) as usize * 8;
-            let pt = base + ((first_pt + i) as u32) * PAGE;
-            put64(bytes, off, u64::from(pt) | PTE_P | PTE_RW);
-        }
-        for (virt, pte) in &self.pages {
-            let i = pts.binary_search(&(virt >> 21)).unwrap_or(0);
-            let off = (first_pt + i) * PAGE as usize + ((virt >> 12) & 0x1ff) as usize * 8;
-            put64(bytes, off, u64::from(pte.phys) | pte.flags);
         }
     }
 }
