@@ -26,9 +26,12 @@ use iced_x86::code_asm::*;
 
 use super::amd64_legacy::{emit_host_entry64, emit_host_exit64};
 use super::legacy_pae::TRAMPOLINE_RESUMED;
-use super::{adv_start64, adv_stop64, mov_fix, trace, Revision, Step, TemplateOptions, VmLayout};
+use super::{
+    adv_start64, adv_stop64, ctx_entry_traps, finish, jmp_slot64, load_tr_ldtr, mov_fix,
+    round_trip_steps, trace, Step, TemplateOptions, VmLayout,
+};
 use crate::builder::{BuildError, Builder, Operand, Slot};
-use crate::def::{Region, SwitcherDef, SwitcherKind, View};
+use crate::def::{SwitcherDef, SwitcherKind, View};
 use crate::fixup::FixupKind as K;
 
 const fn d(off: usize) -> i32 {
@@ -38,25 +41,19 @@ const fn d(off: usize) -> i32 {
 /// The trace characters one round trip prints with `o.trace`, in order.
 pub fn trace_steps(o: &TemplateOptions) -> Vec<Step> {
     use Step as S;
-    let mut v = vec![S::Entry, S::HostSaved];
-    if o.apic_nmi_masking {
-        v.push(S::ApicMasked);
-    }
-    v.extend([
-        S::HostCrSaved,
-        S::InterCr3,
-        S::RcEntered,
-        S::RcLoaded,
-        S::RcExit,
-        S::HostCr3,
-        S::HostTables,
-        S::HostMsrs,
-    ]);
-    if o.apic_nmi_masking && o.revision == Revision::A {
-        v.push(S::ApicUnmasked);
-    }
-    v.push(S::Return);
-    v
+    round_trip_steps(
+        o,
+        &[
+            S::HostCrSaved,
+            S::InterCr3,
+            S::RcEntered,
+            S::RcLoaded,
+            S::RcExit,
+            S::HostCr3,
+            S::HostTables,
+            S::HostMsrs,
+        ],
+    )
 }
 
 /// RDX = RC `CpumCpu` of the VCPU whose hyper TSS is in TR (64-bit code). Clobbers RCX.
@@ -97,12 +94,6 @@ const HYPER_GPRS: [(usize, AsmRegister64); 14] = [
 pub fn build(o: &TemplateOptions, vm: &VmLayout) -> Result<SwitcherDef, BuildError> {
     let mut b = Builder::new(64)?;
     emit_host_entry64(&mut b, o, vm)?;
-    trace(&mut b, o, Step::HostCrSaved)?;
-    mov_fix(&mut b, eax, K::GcCpumOff, Operand::Value(0))?;
-    b.a().add(esi, eax)?;
-    mov_fix(&mut b, eax, K::InterAmd64Cr3, Operand::None)?;
-    b.a().mov(cr3, rax)?;
-    trace(&mut b, o, Step::InterCr3)?;
     let fp = b.named("fpGCEnter");
     b.a().jmp(fword_ptr(fp))?;
     b.label("fpGCEnter")?;
@@ -133,15 +124,13 @@ pub fn build(o: &TemplateOptions, vm: &VmLayout) -> Result<SwitcherDef, BuildErr
         a.xor(eax, eax)?;
         a.mov(fs, eax)?;
         a.mov(gs, eax)?;
-        a.movzx(eax, word_ptr(rdx + d(l::HYPER_TR)))?;
-        a.and(al, 0xf8)?;
-        a.add(
-            rax,
-            qword_ptr(rdx + d(l::HYPER_GDTR + offset_of!(cpum::regs::Xdtr64, base))),
+        load_tr_ldtr(
+            a,
+            rdx,
+            l::HYPER_TR,
+            l::HYPER_GDTR + offset_of!(cpum::regs::Xdtr64, base),
+            l::HYPER_LDTR,
         )?;
-        a.and(dword_ptr(rax + 4), !0x200i32)?;
-        a.ltr(word_ptr(rdx + d(l::HYPER_TR)))?;
-        a.lldt(word_ptr(rdx + d(l::HYPER_LDTR)))?;
         // The hypervisor context never runs SYSCALL into the host's LSTAR.
         a.mov(ecx, MSR_EFER)?;
         a.rdmsr()?;
@@ -253,7 +242,6 @@ pub fn build(o: &TemplateOptions, vm: &VmLayout) -> Result<SwitcherDef, BuildErr
     }
     trace(&mut b, o, Step::RcExit)?;
     mov_fix(&mut b, ebx, K::GcCpumOff, Operand::Value(0))?;
-    let hc_slot = b.named("pHCExitTarget");
     {
         let a = b.a();
         a.mov(rbp, r9)?;
@@ -262,45 +250,20 @@ pub fn build(o: &TemplateOptions, vm: &VmLayout) -> Result<SwitcherDef, BuildErr
     }
     mov_fix(&mut b, ecx, K::InterAmd64Cr3, Operand::None)?;
     b.a().mov(cr3, rcx)?;
-    b.a().jmp(qword_ptr(hc_slot))?;
-    b.label("pHCExitTarget")?;
-    b.fixup(K::Hc64Bit, Slot::At(0), Operand::Label("HCExitTarget"));
-    b.a().dq(&[u64::MAX])?;
+    jmp_slot64(&mut b, "pHCExitTarget", K::Hc64Bit, "HCExitTarget")?;
 
     // ------------------------------------------------------------ HC1
     b.section(64)?;
     emit_host_exit64(&mut b, o)?;
-    b.label("VMMGCGuestToHostAsmHyperCtx")?;
-    b.a().int3()?;
-    b.label("VMMGCGuestToHostAsmGuestCtx")?;
-    b.a().int3()?;
-    let t = b.finish()?;
-    let at = |n: &'static str| t.labels.get(n).copied().unwrap_or(0);
-    let end = u32::try_from(t.code.len()).map_err(|_| BuildError::TooLarge)?;
-    let regions = vec![
-        Region {
-            name: "HC0",
-            view: View::Hc,
-            bits: 64,
-            range: 0..at("FarJmpGCTarget"),
-        },
-        Region {
-            name: "GC",
-            view: View::Rc,
-            bits: 64,
-            range: at("FarJmpGCTarget")..at("HCExitTarget"),
-        },
-        Region {
-            name: "HC1",
-            view: View::Hc,
-            bits: 64,
-            range: at("HCExitTarget")..end,
-        },
-    ];
-    Ok(super::finish(
+    ctx_entry_traps(&mut b)?;
+    finish(
         SwitcherKind::Amd64ToAmd64,
         "AMD64 to/from AMD64",
-        t,
-        regions,
-    ))
+        b,
+        &[
+            ("HC0", View::Hc, 64, "vmmR0HostToGuest"),
+            ("GC", View::Rc, 64, "FarJmpGCTarget"),
+            ("HC1", View::Hc, 64, "HCExitTarget"),
+        ],
+    )
 }

@@ -23,11 +23,12 @@ use iced_x86::code_asm::*;
 
 use super::legacy_pae::{emit_gc, Flavour, HostDrSlots};
 use super::{
-    adv_start64, adv_stop64, apic_mask64, apic_unmask64, jmp_far_fix, jmp_rel32_fix, mov_fix,
-    trace, Revision, Step, TemplateOptions, VmLayout,
+    adv_start64, adv_stop64, apic_mask64, apic_unmask64, ctx_entry_traps, finish, jmp_far_fix,
+    jmp_far_id32, jmp_rel32_fix, jmp_slot64, load_tr_ldtr, mov_fix, round_trip_steps, skippable,
+    slot64, trace, Revision, Step, TemplateOptions, VmLayout,
 };
-use crate::builder::{BuildError, Builder, Operand, Slot};
-use crate::def::{Region, SwitcherDef, SwitcherKind, View};
+use crate::builder::{BuildError, Builder, Operand};
+use crate::def::{SwitcherDef, SwitcherKind, View};
 use crate::fixup::FixupKind as K;
 
 const fn d(off: usize) -> i32 {
@@ -37,22 +38,9 @@ const fn d(off: usize) -> i32 {
 const MSR_FS_BASE: u32 = 0xc000_0100;
 const MSR_GS_BASE: u32 = 0xc000_0101;
 
-/// A 64-bit data slot filled by a fixup (placeholder all ones).
-fn slot64(
-    b: &mut Builder,
-    name: &'static str,
-    kind: K,
-    operand: Operand,
-) -> Result<(), BuildError> {
-    b.label(name)?;
-    b.fixup(kind, Slot::At(0), operand);
-    b.a().dq(&[u64::MAX])?;
-    Ok(())
-}
-
 /// The 64-bit C entry and the host-saving worker shared by the AMD64-host
-/// switchers, up to the hyper GDT. Out: ESI = RC `CpumCpu`, EBP = hyper CR3,
-/// R8 = HC `CpumCpu`; the intermediate CR3 is not loaded yet.
+/// switchers, up to the hyper GDT and the intermediate PML4. Out: ESI = RC
+/// `CpumCpu`, EBP = hyper CR3, R8 = HC `CpumCpu`.
 pub(crate) fn emit_host_entry64(
     b: &mut Builder,
     o: &TemplateOptions,
@@ -144,13 +132,7 @@ pub(crate) fn emit_host_entry64(
         apic_mask64(b, o)?;
         trace(b, o, Step::ApicMasked)?;
     }
-    b.fixup(
-        K::NoSysenterJmp,
-        Slot::At(0),
-        Operand::Label("htg_no_sysenter"),
-    );
-    {
-        let a = b.a();
+    skippable(b, K::NoSysenterJmp, "htg_no_sysenter", |a| {
         a.mov(ecx, MSR_SYSENTER_CS)?;
         a.rdmsr()?;
         a.mov(dword_ptr(r8 + d(l::HOST64_SYSENTER_CS)), eax)?;
@@ -158,8 +140,8 @@ pub(crate) fn emit_host_entry64(
         a.xor(eax, eax)?;
         a.xor(edx, edx)?;
         a.wrmsr()?;
-    }
-    b.label("htg_no_sysenter")?;
+        Ok(())
+    })?;
     {
         let a = b.a();
         let mut no_dr = a.create_label();
@@ -210,7 +192,12 @@ pub(crate) fn emit_host_entry64(
         a.mov(esi, ebp)?;
         a.mov(ebp, dword_ptr(r8 + d(l::HYPER_CR3)))?;
     }
-    Ok(())
+    trace(b, o, Step::HostCrSaved)?;
+    mov_fix(b, eax, K::GcCpumOff, Operand::Value(0))?;
+    b.a().add(esi, eax)?;
+    mov_fix(b, eax, K::InterAmd64Cr3, Operand::None)?;
+    b.a().mov(cr3, rax)?;
+    trace(b, o, Step::InterCr3)
 }
 
 /// The 64-bit host-restoring exit shared by the AMD64-host switchers, from
@@ -234,15 +221,13 @@ pub(crate) fn emit_host_exit64(b: &mut Builder, o: &TemplateOptions) -> Result<(
         a.mov(ax, word_ptr(r8 + d(l::HOST64_SS)))?;
         a.mov(ss, ax)?;
         a.mov(rsp, qword_ptr(r8 + d(l::HOST64_RSP)))?;
-        a.movzx(eax, word_ptr(r8 + d(l::HOST64_TR)))?;
-        a.and(al, 0xf8)?;
-        a.add(
-            rax,
-            qword_ptr(r8 + d(l::HOST64_GDTR + offset_of!(cpum::regs::Xdtr64, base))),
+        load_tr_ldtr(
+            a,
+            r8,
+            l::HOST64_TR,
+            l::HOST64_GDTR + offset_of!(cpum::regs::Xdtr64, base),
+            l::HOST64_LDTR,
         )?;
-        a.and(dword_ptr(rax + 4), !0x200i32)?;
-        a.ltr(word_ptr(r8 + d(l::HOST64_TR)))?;
-        a.lldt(word_ptr(r8 + d(l::HOST64_LDTR)))?;
         for (sreg, off) in [
             (ds, l::HOST64_DS),
             (es, l::HOST64_ES),
@@ -265,19 +250,13 @@ pub(crate) fn emit_host_exit64(b: &mut Builder, o: &TemplateOptions) -> Result<(
         }
     }
     trace(b, o, Step::HostTables)?;
-    b.fixup(
-        K::NoSysenterJmp,
-        Slot::At(0),
-        Operand::Label("gth_no_sysenter"),
-    );
-    {
-        let a = b.a();
+    skippable(b, K::NoSysenterJmp, "gth_no_sysenter", |a| {
         a.mov(ecx, MSR_SYSENTER_CS)?;
         a.mov(eax, dword_ptr(r8 + d(l::HOST64_SYSENTER_CS)))?;
         a.mov(edx, dword_ptr(r8 + d(l::HOST64_SYSENTER_CS + 4)))?;
         a.wrmsr()?;
-    }
-    b.label("gth_no_sysenter")?;
+        Ok(())
+    })?;
     {
         let a = b.a();
         let mut no_fpu = a.create_label();
@@ -349,31 +328,23 @@ pub(crate) fn emit_host_exit64(b: &mut Builder, o: &TemplateOptions) -> Result<(
 /// The trace characters one round trip prints with `o.trace`, in order.
 pub fn trace_steps(o: &TemplateOptions) -> Vec<Step> {
     use Step as S;
-    let mut v = vec![S::Entry, S::HostSaved];
-    if o.apic_nmi_masking {
-        v.push(S::ApicMasked);
-    }
-    v.extend([
-        S::HostCrSaved,
-        S::InterCr3,
-        S::Compat,
-        S::LongModeOff,
-        S::RcEntered,
-        S::RcLoaded,
-        S::RcExit,
-    ]);
-    v.extend([
-        S::LongModeOn,
-        S::Mode64,
-        S::HostCr3,
-        S::HostTables,
-        S::HostMsrs,
-    ]);
-    if o.apic_nmi_masking && o.revision == Revision::A {
-        v.push(S::ApicUnmasked);
-    }
-    v.push(S::Return);
-    v
+    round_trip_steps(
+        o,
+        &[
+            S::HostCrSaved,
+            S::InterCr3,
+            S::Compat,
+            S::LongModeOff,
+            S::RcEntered,
+            S::RcLoaded,
+            S::RcExit,
+            S::LongModeOn,
+            S::Mode64,
+            S::HostCr3,
+            S::HostTables,
+            S::HostMsrs,
+        ],
+    )
 }
 
 /// Builds the switcher from an AMD64 host to `target` paging.
@@ -400,31 +371,12 @@ pub fn build(
     let mut b = Builder::new(64)?;
 
     emit_host_entry64(&mut b, o, vm)?;
-    trace(&mut b, o, Step::HostCrSaved)?;
-    mov_fix(&mut b, eax, K::GcCpumOff, Operand::Value(0))?;
-    b.a().add(esi, eax)?;
-    mov_fix(&mut b, eax, K::InterAmd64Cr3, Operand::None)?;
-    b.a().mov(cr3, rax)?;
-    trace(&mut b, o, Step::InterCr3)?;
-    let id_slot = b.named("pIDEnterTarget");
-    b.a().jmp(qword_ptr(id_slot))?;
-    slot64(
-        &mut b,
-        "pIDEnterTarget",
-        K::Hc64BitNoCheck,
-        Operand::Label("IDEnterTarget"),
-    )?;
+    jmp_slot64(&mut b, "pIDEnterTarget", K::Hc64BitNoCheck, "IDEnterTarget")?;
 
     // ------------------------------------------------------------ ID0/64: to compatibility mode
     b.section(64)?;
     b.label("IDEnterTarget")?;
-    let fp = b.named("fpIDEnter32");
-    b.a().jmp(fword_ptr(fp))?;
-    b.label("fpIDEnter32")?;
-    b.fixup(K::Id32Bit, Slot::At(0), Operand::Label("IDEnter32"));
-    b.a().dd(&[0xffff_ffff])?;
-    b.fixup(K::HyperCs, Slot::At(0), Operand::None);
-    b.a().dd(&[0x0000_ffff])?;
+    jmp_far_id32(&mut b, "fpIDEnter32", "IDEnter32")?;
 
     // ------------------------------------------------------------ ID0/32: leave long mode
     b.section(32)?;
@@ -509,74 +461,29 @@ pub fn build(
     // Host CR3 through the RC mapping (the intermediate context does not map
     // the HMA at its HC address); carried in RAX to the HC copy.
     mov_fix(&mut b, edx, K::GcCpumOff, Operand::Value(0))?;
-    let hc_slot = b.named("pHCExitTarget");
     {
         let a = b.a();
         a.add(rdx, rbp)?;
         a.mov(rax, qword_ptr(rdx + d(l::HOST64_CR3)))?;
-        a.jmp(qword_ptr(hc_slot))?;
     }
-    slot64(
-        &mut b,
-        "pHCExitTarget",
-        K::Hc64Bit,
-        Operand::Label("HCExitTarget"),
-    )?;
+    jmp_slot64(&mut b, "pHCExitTarget", K::Hc64Bit, "HCExitTarget")?;
 
     // ------------------------------------------------------------ HC1: host context (64-bit)
     b.section(64)?;
     emit_host_exit64(&mut b, o)?;
-    b.label("VMMGCGuestToHostAsmHyperCtx")?;
-    b.a().int3()?;
-    b.label("VMMGCGuestToHostAsmGuestCtx")?;
-    b.a().int3()?;
-    let t = b.finish()?;
-
-    let at = |n: &'static str| t.labels.get(n).copied().unwrap_or(0);
-    let end = u32::try_from(t.code.len()).map_err(|_| BuildError::TooLarge)?;
-    let regions = vec![
-        Region {
-            name: "HC0",
-            view: View::Hc,
-            bits: 64,
-            range: 0..at("IDEnterTarget"),
-        },
-        Region {
-            name: "ID0/64",
-            view: View::Id,
-            bits: 64,
-            range: at("IDEnterTarget")..at("IDEnter32"),
-        },
-        Region {
-            name: "ID0",
-            view: View::Id,
-            bits: 32,
-            range: at("IDEnter32")..at("FarJmpGCTarget"),
-        },
-        Region {
-            name: "GC",
-            view: View::Rc,
-            bits: 32,
-            range: at("FarJmpGCTarget")..at("IDExitTarget"),
-        },
-        Region {
-            name: "ID1",
-            view: View::Id,
-            bits: 32,
-            range: at("IDExitTarget")..at("IDExit64"),
-        },
-        Region {
-            name: "ID1/64",
-            view: View::Id,
-            bits: 64,
-            range: at("IDExit64")..at("HCExitTarget"),
-        },
-        Region {
-            name: "HC1",
-            view: View::Hc,
-            bits: 64,
-            range: at("HCExitTarget")..end,
-        },
-    ];
-    Ok(super::finish(kind, desc, t, regions))
+    ctx_entry_traps(&mut b)?;
+    finish(
+        kind,
+        desc,
+        b,
+        &[
+            ("HC0", View::Hc, 64, "vmmR0HostToGuest"),
+            ("ID0/64", View::Id, 64, "IDEnterTarget"),
+            ("ID0", View::Id, 32, "IDEnter32"),
+            ("GC", View::Rc, 32, "FarJmpGCTarget"),
+            ("ID1", View::Id, 32, "IDExitTarget"),
+            ("ID1/64", View::Id, 64, "IDExit64"),
+            ("HC1", View::Hc, 64, "HCExitTarget"),
+        ],
+    )
 }

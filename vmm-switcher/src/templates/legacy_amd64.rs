@@ -18,19 +18,22 @@
 //! registers. EBP holds the VCPU offset on the way in and is kept on the hyper
 //! stack across the call.
 
-use core::mem::offset_of;
-
 use cpum::layout::{self as l, disp};
 use cpum::regs::{Cr0, Cr4, Efer, MSR_EFER};
 use cpum::UseFlags;
 use iced_x86::code_asm::*;
 
+use super::legacy_pae::{
+    emit_host_entry32, hc_cpumcpu, restore_host_gprs32, restore_host_segs32, restore_host_tables32,
+    save_host32, trace_hc,
+};
 use super::{
-    adv_start32, adv_start64, adv_stop32, adv_stop64, apic_mask32, apic_unmask32, jmp_far_fix,
-    jmp_rel32_fix, mov_fix, trace, Revision, Step, TemplateOptions, VmLayout,
+    adv_start64, adv_stop64, apic_mask32, apic_unmask32, ctx_entry_traps, finish, jmp_far_fix,
+    jmp_far_id32, jmp_rel32_fix, jmp_slot64, mov_fix, round_trip_steps, slot64, trace, Revision,
+    Step, TemplateOptions, VmLayout,
 };
 use crate::builder::{BuildError, Builder, Operand, Slot};
-use crate::def::{Region, SwitcherDef, SwitcherKind, View};
+use crate::def::{SwitcherDef, SwitcherKind, View};
 use crate::fixup::FixupKind as K;
 
 /// Which host flavour the template is built for.
@@ -76,13 +79,6 @@ fn marker_id(b: &mut Builder, o: &TemplateOptions, n: u32) -> Result<(), BuildEr
     Ok(())
 }
 
-/// EDX = HC address of this VCPU's CPUMCPU (EBP = offset from CPUM).
-fn load_hc_cpumcpu(b: &mut Builder) -> Result<(), BuildError> {
-    mov_fix(b, edx, K::HcCpumOff, Operand::Value(0))?;
-    b.a().add(edx, ebp)?;
-    Ok(())
-}
-
 /// RDX = RC address of this VCPU's CPUMCPU, from the 64-bit CPUM slot.
 fn load_ic_cpumcpu(b: &mut Builder, slot: CodeLabel) -> Result<(), BuildError> {
     let a = b.a();
@@ -94,34 +90,28 @@ fn load_ic_cpumcpu(b: &mut Builder, slot: CodeLabel) -> Result<(), BuildError> {
 /// The trace characters one round trip prints with `o.trace`, in order.
 pub fn trace_steps(o: &TemplateOptions) -> Vec<Step> {
     use Step as S;
-    let mut v = vec![S::Entry, S::HostSaved];
-    if o.apic_nmi_masking {
-        v.push(S::ApicMasked);
-    }
-    v.extend([
-        S::HostCrSaved,
-        S::InterCr3,
-        S::IdEntered,
-        S::PaeOn,
-        S::LongModeOn,
-        S::PagingOn,
-        S::Mode64,
-        S::HyperStack,
-        S::Synced,
-        S::HelperReturned,
-        S::Compat,
-        S::LongModeOff,
-        S::HostPaging,
-        S::HostCr3,
-        S::HostTables,
-        S::HostSegments,
-        S::HostCr,
-    ]);
-    if o.apic_nmi_masking && o.revision == Revision::A {
-        v.push(S::ApicUnmasked);
-    }
-    v.push(S::Return);
-    v
+    round_trip_steps(
+        o,
+        &[
+            S::HostCrSaved,
+            S::InterCr3,
+            S::IdEntered,
+            S::PaeOn,
+            S::LongModeOn,
+            S::PagingOn,
+            S::Mode64,
+            S::HyperStack,
+            S::Synced,
+            S::HelperReturned,
+            S::Compat,
+            S::LongModeOff,
+            S::HostPaging,
+            S::HostCr3,
+            S::HostTables,
+            S::HostSegments,
+            S::HostCr,
+        ],
+    )
 }
 
 /// Builds the switcher for `host`.
@@ -148,40 +138,7 @@ pub fn build(
     let mut b = Builder::new(32)?;
 
     // ---------------------------------------------------------------- HC0: C entry
-    b.label("vmmR0HostToGuest")?;
-    trace(&mut b, o, Step::Entry)?;
-    if o.stats {
-        mov_fix(&mut b, ecx, K::HcVmOff, Operand::Value(vm.stat_to_gc))?;
-        adv_start32(&mut b)?;
-    }
-    {
-        let a = b.a();
-        a.push(ebp)?;
-        a.mov(ebp, dword_ptr(esp + 12))?;
-        a.pushfd()?;
-        a.cli()?;
-    }
-    mov_fix(&mut b, edx, K::HcCpumOff, Operand::Value(0))?;
-    let worker = b.named("vmmR0HostToGuestAsm");
-    {
-        let a = b.a();
-        a.push(cs)?;
-        a.call(worker)?;
-    }
-    if o.apic_nmi_masking && o.revision == Revision::B {
-        // EDX = CPUMCPU (HC) as the exit path leaves it; EAX = status.
-        apic_unmask32(&mut b, o)?;
-    }
-    {
-        let a = b.a();
-        a.popfd()?;
-        a.pop(ebp)?;
-    }
-    if o.stats {
-        mov_fix(&mut b, ecx, K::HcVmOff, Operand::Value(vm.stat_to_hc))?;
-        adv_stop32(&mut b)?;
-    }
-    b.a().ret()?;
+    emit_host_entry32(&mut b, o, vm)?;
 
     // ---------------------------------------------------------------- HC0: the worker
     b.label("vmmR0HostToGuestAsm")?;
@@ -192,34 +149,12 @@ pub fn build(
         a.mov(cr2, eax)?;
     }
     marker32(&mut b, o, 1)?;
-    {
-        let a = b.a();
-        a.mov(dword_ptr(edx + d(l::HOST32_EBX)), ebx)?;
-        a.mov(dword_ptr(edx + d(l::HOST32_EDI)), edi)?;
-        a.mov(dword_ptr(edx + d(l::HOST32_ESI)), esi)?;
-        a.mov(dword_ptr(edx + d(l::HOST32_ESP)), esp)?;
-        a.mov(dword_ptr(edx + d(l::HOST32_EBP)), ebp)?;
-        a.mov(word_ptr(edx + d(l::HOST32_DS)), ds)?;
-        a.mov(word_ptr(edx + d(l::HOST32_ES)), es)?;
-        a.mov(word_ptr(edx + d(l::HOST32_FS)), fs)?;
-        a.mov(word_ptr(edx + d(l::HOST32_GS)), gs)?;
-        a.mov(word_ptr(edx + d(l::HOST32_SS)), ss)?;
-        a.sldt(word_ptr(edx + d(l::HOST32_LDTR)))?;
-        a.sidt(fword_ptr(edx + d(l::HOST32_IDTR)))?;
-        a.sgdt(fword_ptr(edx + d(l::HOST32_GDTR)))?;
-        a.str(word_ptr(edx + d(l::HOST32_TR)))?;
-    }
+    save_host32(b.a())?;
     marker32(&mut b, o, 2)?;
-    if o.trace {
-        trace(&mut b, o, Step::HostSaved)?;
-        load_hc_cpumcpu(&mut b)?;
-    }
+    trace_hc(&mut b, o, Step::HostSaved)?;
     if o.apic_nmi_masking {
         apic_mask32(&mut b, o)?;
-        if o.trace {
-            trace(&mut b, o, Step::ApicMasked)?;
-            load_hc_cpumcpu(&mut b)?;
-        }
+        trace_hc(&mut b, o, Step::ApicMasked)?;
     }
     {
         let a = b.a();
@@ -239,10 +174,7 @@ pub fn build(
     marker32(&mut b, o, 3)?;
     b.a().lgdt(fword_ptr(edx + d(l::HYPER_GDTR)))?;
     marker32(&mut b, o, 4)?;
-    if o.trace {
-        trace(&mut b, o, Step::HostCrSaved)?;
-        load_hc_cpumcpu(&mut b)?;
-    }
+    trace_hc(&mut b, o, Step::HostCrSaved)?;
     mov_fix(&mut b, eax, inter_cr3_hc, Operand::None)?;
     b.a().mov(cr3, eax)?;
     trace(&mut b, o, Step::InterCr3)?;
@@ -300,19 +232,9 @@ pub fn build(
     // ---------------------------------------------------------------- 64-bit, identity addresses
     b.section(64)?;
     let slot = b.named("pCpumIC");
-    let ic_enter_slot = b.named("pICEnterTarget");
     b.label("IDEnter64Mode")?;
-    b.a().jmp(qword_ptr(ic_enter_slot))?;
-    b.label("pICEnterTarget")?;
-    b.fixup(
-        K::Hc64BitNoCheck,
-        Slot::At(0),
-        Operand::Label("ICEnterTarget"),
-    );
-    b.a().dq(&[u64::MAX])?;
-    b.label("pCpumIC")?;
-    b.fixup(K::Gc64BitCpumOff, Slot::At(0), Operand::Value(0));
-    b.a().dq(&[u64::MAX])?;
+    jmp_slot64(&mut b, "pICEnterTarget", K::Hc64BitNoCheck, "ICEnterTarget")?;
+    slot64(&mut b, "pCpumIC", K::Gc64BitCpumOff, Operand::Value(0))?;
 
     b.label("ICEnterTarget")?;
     load_ic_cpumcpu(&mut b, slot)?;
@@ -410,13 +332,7 @@ pub fn build(
     b.a().int3()?;
 
     b.label("VMMGCGuestToHostAsm")?;
-    let fp = b.named("fpIDEnterTarget");
-    b.a().jmp(fword_ptr(fp))?;
-    b.label("fpIDEnterTarget")?;
-    b.fixup(K::Id32Bit, Slot::At(0), Operand::Label("IDExitTarget"));
-    b.a().dd(&[0xffff_ffff])?;
-    b.fixup(K::HyperCs, Slot::At(0), Operand::None);
-    b.a().dd(&[0x0000_ffff])?;
+    jmp_far_id32(&mut b, "fpIDEnterTarget", "IDExitTarget")?;
 
     // ---------------------------------------------------------------- ID1: back to host paging
     b.section(32)?;
@@ -475,7 +391,7 @@ pub fn build(
         a.mov(cr3, esi)?;
     }
     trace(&mut b, o, Step::HostCr3)?;
-    load_hc_cpumcpu(&mut b)?;
+    hc_cpumcpu(&mut b)?;
     {
         let a = b.a();
         a.mov(ebx, edx)?;
@@ -484,43 +400,11 @@ pub fn build(
         a.mov(edx, dword_ptr(ebx + d(l::HOST32_EFER + 4)))?;
         a.wrmsr()?;
         a.mov(edx, ebx)?;
-        a.lgdt(fword_ptr(edx + d(l::HOST32_GDTR)))?;
-        a.lidt(fword_ptr(edx + d(l::HOST32_IDTR)))?;
-        // The host stack first: from here on a fault in the exit path is
-        // delivered through the host IDT on the host stack and reported,
-        // instead of escalating to a triple fault on the unmapped hyper stack.
-        a.lss(esp, fword_ptr(edx + d(l::HOST32_ESP)))?;
-        // The host TSS is still marked busy: clear the busy bit (type bit 1 of
-        // the descriptor's second dword) before `ltr`.
-        a.movzx(eax, word_ptr(edx + d(l::HOST32_TR)))?;
-        a.and(al, 0xf8)?;
-        a.add(
-            eax,
-            dword_ptr(edx + d(l::HOST32_GDTR + offset_of!(cpum::regs::Xdtr32, base))),
-        )?;
-        a.and(dword_ptr(eax + 4), !0x200i32)?;
-        a.ltr(word_ptr(edx + d(l::HOST32_TR)))?;
-        a.lldt(word_ptr(edx + d(l::HOST32_LDTR)))?;
+        restore_host_tables32(a)?;
     }
-    if o.trace {
-        trace(&mut b, o, Step::HostTables)?;
-        load_hc_cpumcpu(&mut b)?;
-    }
-    {
-        let a = b.a();
-        a.mov(eax, dword_ptr(edx + d(l::HOST32_DS)))?;
-        a.mov(ds, eax)?;
-        a.mov(eax, dword_ptr(edx + d(l::HOST32_ES)))?;
-        a.mov(es, eax)?;
-        a.mov(eax, dword_ptr(edx + d(l::HOST32_FS)))?;
-        a.mov(fs, eax)?;
-        a.mov(eax, dword_ptr(edx + d(l::HOST32_GS)))?;
-        a.mov(gs, eax)?;
-    }
-    if o.trace {
-        trace(&mut b, o, Step::HostSegments)?;
-        load_hc_cpumcpu(&mut b)?;
-    }
+    trace_hc(&mut b, o, Step::HostTables)?;
+    restore_host_segs32(b.a())?;
+    trace_hc(&mut b, o, Step::HostSegments)?;
     {
         let a = b.a();
         a.mov(ecx, dword_ptr(edx + d(l::HOST32_CR4)))?;
@@ -528,70 +412,30 @@ pub fn build(
         a.mov(ecx, dword_ptr(edx + d(l::HOST32_CR0)))?;
         a.mov(cr0, ecx)?;
     }
-    if o.trace {
-        trace(&mut b, o, Step::HostCr)?;
-        load_hc_cpumcpu(&mut b)?;
-    }
+    trace_hc(&mut b, o, Step::HostCr)?;
     if o.apic_nmi_masking && o.revision == Revision::A {
         apic_unmask32(&mut b, o)?;
-        if o.trace {
-            trace(&mut b, o, Step::ApicUnmasked)?;
-            load_hc_cpumcpu(&mut b)?;
-        }
+        trace_hc(&mut b, o, Step::ApicUnmasked)?;
     }
-    if o.trace {
-        trace(&mut b, o, Step::Return)?;
-        load_hc_cpumcpu(&mut b)?;
-    }
+    trace_hc(&mut b, o, Step::Return)?;
     {
         let a = b.a();
-        a.mov(edi, dword_ptr(edx + d(l::HOST32_EDI)))?;
-        a.mov(esi, dword_ptr(edx + d(l::HOST32_ESI)))?;
-        a.mov(ebx, dword_ptr(edx + d(l::HOST32_EBX)))?;
-        a.mov(ebp, dword_ptr(edx + d(l::HOST32_EBP)))?;
+        restore_host_gprs32(a)?;
         a.mov(eax, dword_ptr(edx + d(l::RET_CODE)))?;
         a.retf()?;
     }
 
-    b.label("VMMGCGuestToHostAsmHyperCtx")?;
-    b.a().int3()?;
-    b.label("VMMGCGuestToHostAsmGuestCtx")?;
-    b.a().int3()?;
-    let t = b.finish()?;
-
-    let at = |n: &'static str| t.labels.get(n).copied().unwrap_or(0);
-    let end = u32::try_from(t.code.len()).map_err(|_| BuildError::TooLarge)?;
-    let regions = vec![
-        Region {
-            name: "HC0",
-            view: View::Hc,
-            bits: 32,
-            range: 0..at("IDEnterTarget"),
-        },
-        Region {
-            name: "ID0",
-            view: View::Id,
-            bits: 32,
-            range: at("IDEnterTarget")..at("IDEnter64Mode"),
-        },
-        Region {
-            name: "ID0/64",
-            view: View::Id,
-            bits: 64,
-            range: at("IDEnter64Mode")..at("IDExitTarget"),
-        },
-        Region {
-            name: "ID1",
-            view: View::Id,
-            bits: 32,
-            range: at("IDExitTarget")..at("ICExitTarget"),
-        },
-        Region {
-            name: "HC1",
-            view: View::Hc,
-            bits: 32,
-            range: at("ICExitTarget")..end,
-        },
-    ];
-    Ok(super::finish(kind, desc, t, regions))
+    ctx_entry_traps(&mut b)?;
+    finish(
+        kind,
+        desc,
+        b,
+        &[
+            ("HC0", View::Hc, 32, "vmmR0HostToGuest"),
+            ("ID0", View::Id, 32, "IDEnterTarget"),
+            ("ID0/64", View::Id, 64, "IDEnter64Mode"),
+            ("ID1", View::Id, 32, "IDExitTarget"),
+            ("HC1", View::Hc, 32, "ICExitTarget"),
+        ],
+    )
 }

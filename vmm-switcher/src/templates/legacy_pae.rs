@@ -30,11 +30,12 @@ use cpum::UseFlags;
 use iced_x86::code_asm::*;
 
 use super::{
-    adv_start32, adv_stop32, apic_mask32, apic_unmask32, jmp_far_fix, jmp_rel32_fix, mov_fix,
-    trace, Revision, Step, TemplateOptions, VmLayout,
+    adv_start32, adv_stop32, apic_mask32, apic_unmask32, ctx_entry_traps, finish, jmp_far_fix,
+    jmp_rel32_fix, load_tr_ldtr, mov_fix, round_trip_steps, skippable, trace, Revision, Step,
+    TemplateOptions, VmLayout,
 };
 use crate::builder::{BuildError, Builder, Operand, Slot};
-use crate::def::{Region, SwitcherDef, SwitcherKind, View};
+use crate::def::{SwitcherDef, SwitcherKind, View};
 use crate::fixup::FixupKind as K;
 
 /// Status a resumed trampoline returns (where VirtualBox returns its
@@ -64,9 +65,144 @@ const fn d(off: usize) -> i32 {
     disp(off)
 }
 
-fn hc_cpumcpu(b: &mut Builder) -> Result<(), BuildError> {
+/// EDX = HC address of this VCPU's CPUMCPU (EBP = offset from CPUM).
+pub(crate) fn hc_cpumcpu(b: &mut Builder) -> Result<(), BuildError> {
     mov_fix(b, edx, K::HcCpumOff, Operand::Value(0))?;
     b.a().add(edx, ebp)?;
+    Ok(())
+}
+
+/// Traces `step` in 32-bit host code and reloads EDX = HC CPUMCPU after it.
+pub(crate) fn trace_hc(b: &mut Builder, o: &TemplateOptions, step: Step) -> Result<(), BuildError> {
+    if o.trace {
+        trace(b, o, step)?;
+        hc_cpumcpu(b)?;
+    }
+    Ok(())
+}
+
+/// The 32-bit C entry (cdecl `u32 entry(void *vm, u32 off_cpumcpu)`) shared
+/// by the 32-bit/PAE-host switchers: profiles, keeps EBP and EFLAGS, and
+/// far-calls `vmmR0HostToGuestAsm` with EBP = VCPU offset and EDX = HC CPUM;
+/// unmasks the NMI LVTs after it for revision B.
+pub(crate) fn emit_host_entry32(
+    b: &mut Builder,
+    o: &TemplateOptions,
+    vm: &VmLayout,
+) -> Result<(), BuildError> {
+    b.label("vmmR0HostToGuest")?;
+    trace(b, o, Step::Entry)?;
+    if o.stats {
+        mov_fix(b, ecx, K::HcVmOff, Operand::Value(vm.stat_to_gc))?;
+        adv_start32(b)?;
+    }
+    {
+        let a = b.a();
+        a.push(ebp)?;
+        a.mov(ebp, dword_ptr(esp + 12))?;
+        a.pushfd()?;
+        a.cli()?;
+    }
+    mov_fix(b, edx, K::HcCpumOff, Operand::Value(0))?;
+    let worker = b.named("vmmR0HostToGuestAsm");
+    b.a().push(cs)?;
+    b.a().call(worker)?;
+    if o.apic_nmi_masking && o.revision == Revision::B {
+        // EDX = CPUMCPU (HC) as the exit path leaves it; EAX = status.
+        apic_unmask32(b, o)?;
+    }
+    b.a().popfd()?;
+    b.a().pop(ebp)?;
+    if o.stats {
+        mov_fix(b, ecx, K::HcVmOff, Operand::Value(vm.stat_to_hc))?;
+        adv_stop32(b)?;
+    }
+    b.a().ret()?;
+    Ok(())
+}
+
+/// Saves the host's callee-saved registers, ESP, selectors and descriptor
+/// tables into `CpumCpu32::host` at EDX.
+pub(crate) fn save_host32(a: &mut CodeAssembler) -> Result<(), BuildError> {
+    a.mov(dword_ptr(edx + d(l::HOST32_EBX)), ebx)?;
+    a.mov(dword_ptr(edx + d(l::HOST32_EDI)), edi)?;
+    a.mov(dword_ptr(edx + d(l::HOST32_ESI)), esi)?;
+    a.mov(dword_ptr(edx + d(l::HOST32_ESP)), esp)?;
+    a.mov(dword_ptr(edx + d(l::HOST32_EBP)), ebp)?;
+    a.mov(word_ptr(edx + d(l::HOST32_DS)), ds)?;
+    a.mov(word_ptr(edx + d(l::HOST32_ES)), es)?;
+    a.mov(word_ptr(edx + d(l::HOST32_FS)), fs)?;
+    a.mov(word_ptr(edx + d(l::HOST32_GS)), gs)?;
+    a.mov(word_ptr(edx + d(l::HOST32_SS)), ss)?;
+    a.sldt(word_ptr(edx + d(l::HOST32_LDTR)))?;
+    a.sidt(fword_ptr(edx + d(l::HOST32_IDTR)))?;
+    a.sgdt(fword_ptr(edx + d(l::HOST32_GDTR)))?;
+    a.str(word_ptr(edx + d(l::HOST32_TR)))?;
+    Ok(())
+}
+
+/// Reloads the host GDT, IDT, stack, TSS (busy bit cleared first) and LDT
+/// from `CpumCpu32::host` at EDX. Clobbers EAX.
+pub(crate) fn restore_host_tables32(a: &mut CodeAssembler) -> Result<(), BuildError> {
+    a.lgdt(fword_ptr(edx + d(l::HOST32_GDTR)))?;
+    a.lidt(fword_ptr(edx + d(l::HOST32_IDTR)))?;
+    // The host stack first: from here on a fault in the exit path is
+    // delivered through the host IDT on the host stack and reported,
+    // instead of escalating to a triple fault on the unmapped hyper stack.
+    a.lss(esp, fword_ptr(edx + d(l::HOST32_ESP)))?;
+    load_tr_ldtr(
+        a,
+        edx,
+        l::HOST32_TR,
+        l::HOST32_GDTR + offset_of!(cpum::regs::Xdtr32, base),
+        l::HOST32_LDTR,
+    )
+}
+
+/// Reloads the host DS, ES, FS and GS from `CpumCpu32::host` at EDX. Clobbers EAX.
+pub(crate) fn restore_host_segs32(a: &mut CodeAssembler) -> Result<(), BuildError> {
+    for (sreg, off) in [
+        (ds, l::HOST32_DS),
+        (es, l::HOST32_ES),
+        (fs, l::HOST32_FS),
+        (gs, l::HOST32_GS),
+    ] {
+        a.mov(eax, dword_ptr(edx + d(off)))?;
+        a.mov(sreg, eax)?;
+    }
+    Ok(())
+}
+
+/// Reloads the host's EDI, ESI, EBX and EBP from `CpumCpu32::host` at EDX.
+pub(crate) fn restore_host_gprs32(a: &mut CodeAssembler) -> Result<(), BuildError> {
+    a.mov(edi, dword_ptr(edx + d(l::HOST32_EDI)))?;
+    a.mov(esi, dword_ptr(edx + d(l::HOST32_ESI)))?;
+    a.mov(ebx, dword_ptr(edx + d(l::HOST32_EBX)))?;
+    a.mov(ebp, dword_ptr(edx + d(l::HOST32_EBP)))?;
+    Ok(())
+}
+
+/// In identity-mapped code: paging off, CR4.PAE as `to` needs it, `to`'s
+/// intermediate CR3 (through `reg`), paging on. Clobbers EAX and `reg`.
+fn switch_paging(b: &mut Builder, reg: AsmRegister32, to: Flavour) -> Result<(), BuildError> {
+    {
+        let a = b.a();
+        a.mov(eax, cr0)?;
+        a.and(eax, !(Cr0::PG.bits() as u32) as i32)?;
+        a.mov(cr0, eax)?;
+        a.mov(reg, cr4)?;
+        if to == Flavour::Pae {
+            a.or(reg, Cr4::PAE.bits() as i32)?;
+        } else {
+            a.and(reg, !(Cr4::PAE.bits() as u32) as i32)?;
+        }
+        a.mov(cr4, reg)?;
+    }
+    mov_fix(b, reg, to.inter_cr3(), Operand::None)?;
+    let a = b.a();
+    a.mov(cr3, reg)?;
+    a.or(eax, Cr0::PG.bits() as i32)?;
+    a.mov(cr0, eax)?;
     Ok(())
 }
 
@@ -142,16 +278,14 @@ pub(crate) fn emit_gc(
         a.mov(eax, dword_ptr(edx + d(l::HYPER_RSP)))?;
         a.mov(dword_ptr(edx + d(l::HYPER_LSS_ESP)), eax)?;
         a.lss(esp, fword_ptr(edx + d(l::HYPER_LSS_ESP)))?;
-        // Hyper TSS: clear the busy bit of this VCPU's descriptor, then ltr.
-        a.movzx(eax, word_ptr(edx + d(l::HYPER_TR)))?;
-        a.and(al, 0xf8)?;
-        a.add(
-            eax,
-            dword_ptr(edx + d(l::HYPER_GDTR + offset_of!(cpum::regs::Xdtr64, base))),
+        // This VCPU's hyper TSS and LDT.
+        load_tr_ldtr(
+            a,
+            edx,
+            l::HYPER_TR,
+            l::HYPER_GDTR + offset_of!(cpum::regs::Xdtr64, base),
+            l::HYPER_LDTR,
         )?;
-        a.and(dword_ptr(eax + 4), !0x200i32)?;
-        a.ltr(word_ptr(edx + d(l::HYPER_TR)))?;
-        a.lldt(word_ptr(edx + d(l::HYPER_LDTR)))?;
         // Hyper debug registers.
         let mut no_dr = a.create_label();
         a.test(
@@ -266,15 +400,11 @@ pub(crate) fn emit_gc(
 /// The trace characters one round trip prints with `o.trace`, in order.
 pub fn trace_steps(host: Flavour, target: Flavour, o: &TemplateOptions) -> Vec<Step> {
     use Step as S;
-    let mut v = vec![S::Entry, S::HostSaved];
-    if o.apic_nmi_masking {
-        v.push(S::ApicMasked);
-    }
-    v.extend([S::HostCrSaved, S::InterCr3]);
+    let mut middle = vec![S::HostCrSaved, S::InterCr3];
     if host != target {
-        v.push(S::PaeOn);
+        middle.push(S::PaeOn);
     }
-    v.extend([
+    middle.extend([
         S::RcEntered,
         S::RcLoaded,
         S::RcExit,
@@ -282,11 +412,7 @@ pub fn trace_steps(host: Flavour, target: Flavour, o: &TemplateOptions) -> Vec<S
         S::HostTables,
         S::HostMsrs,
     ]);
-    if o.apic_nmi_masking && o.revision == Revision::A {
-        v.push(S::ApicUnmasked);
-    }
-    v.push(S::Return);
-    v
+    round_trip_steps(o, &middle)
 }
 
 /// Builds the switcher from `host` to `target` paging.
@@ -311,80 +437,26 @@ pub fn build(
     let mut b = Builder::new(32)?;
 
     // ------------------------------------------------------------ HC0: C entry
-    b.label("vmmR0HostToGuest")?;
-    trace(&mut b, o, Step::Entry)?;
-    if o.stats {
-        mov_fix(&mut b, ecx, K::HcVmOff, Operand::Value(vm.stat_to_gc))?;
-        adv_start32(&mut b)?;
-    }
-    {
-        let a = b.a();
-        a.push(ebp)?;
-        a.mov(ebp, dword_ptr(esp + 12))?;
-        a.pushfd()?;
-        a.cli()?;
-    }
-    mov_fix(&mut b, edx, K::HcCpumOff, Operand::Value(0))?;
-    let worker = b.named("vmmR0HostToGuestAsm");
-    b.a().push(cs)?;
-    b.a().call(worker)?;
-    if o.apic_nmi_masking && o.revision == Revision::B {
-        apic_unmask32(&mut b, o)?;
-    }
-    b.a().popfd()?;
-    b.a().pop(ebp)?;
-    if o.stats {
-        mov_fix(&mut b, ecx, K::HcVmOff, Operand::Value(vm.stat_to_hc))?;
-        adv_stop32(&mut b)?;
-    }
-    b.a().ret()?;
+    emit_host_entry32(&mut b, o, vm)?;
 
     // ------------------------------------------------------------ HC0: worker
     b.label("vmmR0HostToGuestAsm")?;
     {
         let a = b.a();
         a.add(edx, ebp)?;
-        a.mov(dword_ptr(edx + d(l::HOST32_EBX)), ebx)?;
-        a.mov(dword_ptr(edx + d(l::HOST32_EDI)), edi)?;
-        a.mov(dword_ptr(edx + d(l::HOST32_ESI)), esi)?;
-        a.mov(dword_ptr(edx + d(l::HOST32_ESP)), esp)?;
-        a.mov(dword_ptr(edx + d(l::HOST32_EBP)), ebp)?;
-        a.mov(word_ptr(edx + d(l::HOST32_DS)), ds)?;
-        a.mov(word_ptr(edx + d(l::HOST32_ES)), es)?;
-        a.mov(word_ptr(edx + d(l::HOST32_FS)), fs)?;
-        a.mov(word_ptr(edx + d(l::HOST32_GS)), gs)?;
-        a.mov(word_ptr(edx + d(l::HOST32_SS)), ss)?;
-        a.sldt(word_ptr(edx + d(l::HOST32_LDTR)))?;
-        a.sidt(fword_ptr(edx + d(l::HOST32_IDTR)))?;
-        a.sgdt(fword_ptr(edx + d(l::HOST32_GDTR)))?;
-        a.str(word_ptr(edx + d(l::HOST32_TR)))?;
+        save_host32(a)?;
         a.pushfd()?;
         a.pop(dword_ptr(edx + d(l::HOST32_EFLAGS)))?;
     }
-    if o.trace {
-        trace(&mut b, o, Step::HostSaved)?;
-        hc_cpumcpu(&mut b)?;
-    }
+    trace_hc(&mut b, o, Step::HostSaved)?;
     if o.apic_nmi_masking {
         apic_mask32(&mut b, o)?;
-        if o.trace {
-            trace(&mut b, o, Step::ApicMasked)?;
-            hc_cpumcpu(&mut b)?;
-        }
+        trace_hc(&mut b, o, Step::ApicMasked)?;
     }
     // SYSENTER_CS parked at 0 while away (skipped when the host does not use SYSENTER).
-    b.fixup(
-        K::NoSysenterJmp,
-        Slot::At(0),
-        Operand::Label("htg_no_sysenter"),
-    );
-    {
-        let a = b.a();
+    skippable(&mut b, K::NoSysenterJmp, "htg_no_sysenter", |a| {
         a.mov(ebx, edx)?; // 2 bytes
         a.mov(ecx, MSR_SYSENTER_CS)?; // 5 bytes: the patch covers these 5 bytes + ...
-    }
-    {
-        let a = b.a();
         a.rdmsr()?;
         a.mov(dword_ptr(ebx + d(l::HOST32_SYSENTER_CS)), eax)?;
         a.mov(dword_ptr(ebx + d(l::HOST32_SYSENTER_CS + 4)), edx)?;
@@ -392,24 +464,18 @@ pub fn build(
         a.xor(edx, edx)?;
         a.wrmsr()?;
         a.mov(edx, ebx)?;
-    }
-    b.label("htg_no_sysenter")?;
+        Ok(())
+    })?;
     // EFER.SCE cleared while away (skipped when the host does not use SYSCALL).
-    b.fixup(
-        K::NoSyscallJmp,
-        Slot::At(0),
-        Operand::Label("htg_no_syscall"),
-    );
-    {
-        let a = b.a();
+    skippable(&mut b, K::NoSyscallJmp, "htg_no_syscall", |a| {
         a.mov(ebx, edx)?;
         a.mov(ecx, MSR_EFER)?;
         a.rdmsr()?;
         a.and(eax, !(Efer::SCE.bits() as u32) as i32)?;
         a.wrmsr()?;
         a.mov(edx, ebx)?;
-    }
-    b.label("htg_no_syscall")?;
+        Ok(())
+    })?;
     {
         let a = b.a();
         let mut no_dr = a.create_label();
@@ -473,26 +539,7 @@ pub fn build(
         // ------------------------------------------------------------ ID0: flip PAE
         b.section(32)?;
         b.label("IDEnterTarget")?;
-        {
-            let a = b.a();
-            a.mov(eax, cr0)?;
-            a.and(eax, !(Cr0::PG.bits() as u32) as i32)?;
-            a.mov(cr0, eax)?;
-            a.mov(ecx, cr4)?;
-            if target == Flavour::Pae {
-                a.or(ecx, Cr4::PAE.bits() as i32)?;
-            } else {
-                a.and(ecx, !(Cr4::PAE.bits() as u32) as i32)?;
-            }
-            a.mov(cr4, ecx)?;
-        }
-        mov_fix(&mut b, ecx, target.inter_cr3(), Operand::None)?;
-        {
-            let a = b.a();
-            a.mov(cr3, ecx)?;
-            a.or(eax, Cr0::PG.bits() as i32)?;
-            a.mov(cr0, eax)?;
-        }
+        switch_paging(&mut b, ecx, target)?;
         trace(&mut b, o, Step::PaeOn)?;
     }
     jmp_far_fix(&mut b, K::GcFar32, "FarJmpGCTarget")?;
@@ -515,26 +562,7 @@ pub fn build(
         // ------------------------------------------------------------ ID1: flip PAE back
         b.section(32)?;
         b.label("IDExitTarget")?;
-        {
-            let a = b.a();
-            a.mov(eax, cr0)?;
-            a.and(eax, !(Cr0::PG.bits() as u32) as i32)?;
-            a.mov(cr0, eax)?;
-            a.mov(edx, cr4)?;
-            if host == Flavour::Pae {
-                a.or(edx, Cr4::PAE.bits() as i32)?;
-            } else {
-                a.and(edx, !(Cr4::PAE.bits() as u32) as i32)?;
-            }
-            a.mov(cr4, edx)?;
-        }
-        mov_fix(&mut b, edx, host.inter_cr3(), Operand::None)?;
-        {
-            let a = b.a();
-            a.mov(cr3, edx)?;
-            a.or(eax, Cr0::PG.bits() as i32)?;
-            a.mov(cr0, eax)?;
-        }
+        switch_paging(&mut b, edx, host)?;
         jmp_rel32_fix(&mut b, K::Id2HcNearRel, "HCExitTarget")?;
     } else {
         jmp_rel32_fix(&mut b, K::Gc2HcNearRel, "HCExitTarget")?;
@@ -548,61 +576,28 @@ pub fn build(
     hc_cpumcpu(&mut b)?;
     {
         let a = b.a();
-        a.lgdt(fword_ptr(edx + d(l::HOST32_GDTR)))?;
-        a.lidt(fword_ptr(edx + d(l::HOST32_IDTR)))?;
-        a.lss(esp, fword_ptr(edx + d(l::HOST32_ESP)))?;
-        a.movzx(eax, word_ptr(edx + d(l::HOST32_TR)))?;
-        a.and(al, 0xf8)?;
-        a.add(
-            eax,
-            dword_ptr(edx + d(l::HOST32_GDTR + offset_of!(cpum::regs::Xdtr32, base))),
-        )?;
-        a.and(dword_ptr(eax + 4), !0x200i32)?;
-        a.ltr(word_ptr(edx + d(l::HOST32_TR)))?;
-        a.lldt(word_ptr(edx + d(l::HOST32_LDTR)))?;
-        a.mov(eax, dword_ptr(edx + d(l::HOST32_DS)))?;
-        a.mov(ds, eax)?;
-        a.mov(eax, dword_ptr(edx + d(l::HOST32_ES)))?;
-        a.mov(es, eax)?;
-        a.mov(eax, dword_ptr(edx + d(l::HOST32_FS)))?;
-        a.mov(fs, eax)?;
-        a.mov(eax, dword_ptr(edx + d(l::HOST32_GS)))?;
-        a.mov(gs, eax)?;
+        restore_host_tables32(a)?;
+        restore_host_segs32(a)?;
     }
-    if o.trace {
-        trace(&mut b, o, Step::HostTables)?;
-        hc_cpumcpu(&mut b)?;
-    }
-    b.fixup(
-        K::NoSysenterJmp,
-        Slot::At(0),
-        Operand::Label("gth_no_sysenter"),
-    );
-    {
-        let a = b.a();
+    trace_hc(&mut b, o, Step::HostTables)?;
+    skippable(&mut b, K::NoSysenterJmp, "gth_no_sysenter", |a| {
         a.mov(ebx, edx)?;
         a.mov(ecx, MSR_SYSENTER_CS)?;
         a.mov(eax, dword_ptr(ebx + d(l::HOST32_SYSENTER_CS)))?;
         a.mov(edx, dword_ptr(ebx + d(l::HOST32_SYSENTER_CS + 4)))?;
         a.wrmsr()?;
         a.mov(edx, ebx)?;
-    }
-    b.label("gth_no_sysenter")?;
-    b.fixup(
-        K::NoSyscallJmp,
-        Slot::At(0),
-        Operand::Label("gth_no_syscall"),
-    );
-    {
-        let a = b.a();
+        Ok(())
+    })?;
+    skippable(&mut b, K::NoSyscallJmp, "gth_no_syscall", |a| {
         a.mov(ebx, edx)?;
         a.mov(ecx, MSR_EFER)?;
         a.rdmsr()?;
         a.or(eax, Efer::SCE.bits() as i32)?;
         a.wrmsr()?;
         a.mov(edx, ebx)?;
-    }
-    b.label("gth_no_syscall")?;
+        Ok(())
+    })?;
     {
         // Lazy FPU: the RC code used the FPU, so the guest state goes to
         // Guest.fpu and the host's comes back.
@@ -652,86 +647,35 @@ pub fn build(
         a.set_label(&mut no_dr)?;
         a.nop()?;
     }
-    if o.trace {
-        trace(&mut b, o, Step::HostMsrs)?;
-        hc_cpumcpu(&mut b)?;
-    }
+    trace_hc(&mut b, o, Step::HostMsrs)?;
     if o.apic_nmi_masking && o.revision == Revision::A {
         apic_unmask32(&mut b, o)?;
-        if o.trace {
-            trace(&mut b, o, Step::ApicUnmasked)?;
-            hc_cpumcpu(&mut b)?;
-        }
+        trace_hc(&mut b, o, Step::ApicUnmasked)?;
     }
-    if o.trace {
-        trace(&mut b, o, Step::Return)?;
-        hc_cpumcpu(&mut b)?;
-    }
+    trace_hc(&mut b, o, Step::Return)?;
     {
         let a = b.a();
         a.mov(eax, edi)?;
-        a.mov(edi, dword_ptr(edx + d(l::HOST32_EDI)))?;
-        a.mov(esi, dword_ptr(edx + d(l::HOST32_ESI)))?;
-        a.mov(ebx, dword_ptr(edx + d(l::HOST32_EBX)))?;
-        a.mov(ebp, dword_ptr(edx + d(l::HOST32_EBP)))?;
+        restore_host_gprs32(a)?;
         a.push(dword_ptr(edx + d(l::HOST32_EFLAGS)))?;
         a.popfd()?;
         a.retf()?;
     }
-    b.label("VMMGCGuestToHostAsmHyperCtx")?;
-    b.a().int3()?;
-    b.label("VMMGCGuestToHostAsmGuestCtx")?;
-    b.a().int3()?;
-    let t = b.finish()?;
-
-    let at = |n: &'static str| t.labels.get(n).copied().unwrap_or(0);
-    let end = u32::try_from(t.code.len()).map_err(|_| BuildError::TooLarge)?;
-    let gc_start = at("FarJmpGCTarget");
-    let mut regions = Vec::new();
-    if need_id {
-        regions.push(Region {
-            name: "HC0",
-            view: View::Hc,
-            bits: 32,
-            range: 0..at("IDEnterTarget"),
-        });
-        regions.push(Region {
-            name: "ID0",
-            view: View::Id,
-            bits: 32,
-            range: at("IDEnterTarget")..gc_start,
-        });
-        regions.push(Region {
-            name: "GC",
-            view: View::Rc,
-            bits: 32,
-            range: gc_start..at("IDExitTarget"),
-        });
-        regions.push(Region {
-            name: "ID1",
-            view: View::Id,
-            bits: 32,
-            range: at("IDExitTarget")..at("HCExitTarget"),
-        });
+    ctx_entry_traps(&mut b)?;
+    let regions: &[_] = if need_id {
+        &[
+            ("HC0", View::Hc, 32, "vmmR0HostToGuest"),
+            ("ID0", View::Id, 32, "IDEnterTarget"),
+            ("GC", View::Rc, 32, "FarJmpGCTarget"),
+            ("ID1", View::Id, 32, "IDExitTarget"),
+            ("HC1", View::Hc, 32, "HCExitTarget"),
+        ]
     } else {
-        regions.push(Region {
-            name: "HC0",
-            view: View::Hc,
-            bits: 32,
-            range: 0..gc_start,
-        });
-        regions.push(Region {
-            name: "GC",
-            view: View::Rc,
-            bits: 32,
-            range: gc_start..at("HCExitTarget"),
-        });
-    }
-    regions.push(Region {
-        name: "HC1",
-        view: View::Hc,
-        bits: 32,
-        range: at("HCExitTarget")..end,
-    });
-    Ok(super::finish(kind, desc, t, regions))
+        &[
+            ("HC0", View::Hc, 32, "vmmR0HostToGuest"),
+            ("GC", View::Rc, 32, "FarJmpGCTarget"),
+            ("HC1", View::Hc, 32, "HCExitTarget"),
+        ]
+    };
+    finish(kind, desc, b, regions)
 }

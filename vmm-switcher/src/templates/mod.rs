@@ -6,6 +6,8 @@ pub mod legacy_amd64;
 pub mod legacy_pae;
 pub mod stub;
 
+use core::ops::Add;
+
 use iced_x86::code_asm::*;
 use serde::Serialize;
 
@@ -125,15 +127,31 @@ pub fn sample_context(vm: &VmLayout) -> crate::RelocContext {
 
 /// Completes a template: the entry points from the labels every template
 /// defines (`vmmR0HostToGuest`, `vmmGCGuestToHost`, `vmmGCCallTrampoline`,
-/// `VMMGCGuestToHostAsm`, `…HyperCtx`, `…GuestCtx`), the regions given, and
-/// the assembled code, fixups, labels and data slots.
+/// `VMMGCGuestToHostAsm`, `…HyperCtx`, `…GuestCtx`), the regions, and the
+/// assembled code, fixups, labels and data slots.
+///
+/// `regions` lists every region in code order as `(name, view, bits, label)`:
+/// each starts at its label and runs to the next one's (the last to the end
+/// of the code).
 pub(crate) fn finish(
     kind: crate::SwitcherKind,
     description: impl Into<String>,
-    t: crate::builder::Assembled,
-    regions: Vec<crate::def::Region>,
-) -> crate::SwitcherDef {
+    b: Builder,
+    regions: &[(&'static str, crate::def::View, u32, &'static str)],
+) -> Result<crate::SwitcherDef, BuildError> {
+    let t = b.finish()?;
     let at = |n: &str| t.labels.get(n).copied().unwrap_or(0);
+    let end = u32::try_from(t.code.len()).map_err(|_| BuildError::TooLarge)?;
+    let regions = regions
+        .iter()
+        .enumerate()
+        .map(|(i, &(name, view, bits, start))| crate::def::Region {
+            name,
+            view,
+            bits,
+            range: at(start)..regions.get(i + 1).map_or(end, |next| at(next.3)),
+        })
+        .collect();
     let entries = crate::def::EntryOffsets {
         r0_host_to_guest: at("vmmR0HostToGuest"),
         rc_guest_to_host: at("vmmGCGuestToHost"),
@@ -142,7 +160,7 @@ pub(crate) fn finish(
         rc_guest_to_host_asm_hyper_ctx: at("VMMGCGuestToHostAsmHyperCtx"),
         rc_guest_to_host_asm_guest_ctx: at("VMMGCGuestToHostAsmGuestCtx"),
     };
-    crate::SwitcherDef {
+    Ok(crate::SwitcherDef {
         kind,
         description: description.into(),
         code: t.code,
@@ -151,7 +169,33 @@ pub(crate) fn finish(
         regions,
         labels: t.labels,
         data: t.data,
+    })
+}
+
+/// The `VMMGCGuestToHostAsmHyperCtx` and `…GuestCtx` entries, which the
+/// switchers do not implement: an `int3` each.
+pub(crate) fn ctx_entry_traps(b: &mut Builder) -> Result<(), BuildError> {
+    b.label("VMMGCGuestToHostAsmHyperCtx")?;
+    b.a().int3()?;
+    b.label("VMMGCGuestToHostAsmGuestCtx")?;
+    b.a().int3()?;
+    Ok(())
+}
+
+/// The trace steps of a round trip: the entry and the host save, the NMI
+/// masking when on, `middle`, the unmasking when revision A does it in the
+/// exit path, and the return.
+pub(crate) fn round_trip_steps(o: &TemplateOptions, middle: &[Step]) -> Vec<Step> {
+    let mut v = vec![Step::Entry, Step::HostSaved];
+    if o.apic_nmi_masking {
+        v.push(Step::ApicMasked);
     }
+    v.extend_from_slice(middle);
+    if o.apic_nmi_masking && o.revision == Revision::A {
+        v.push(Step::ApicUnmasked);
+    }
+    v.push(Step::Return);
+    v
 }
 
 macro_rules! steps {
@@ -266,6 +310,94 @@ pub(crate) fn jmp_far_fix(
 ) -> Result<(), BuildError> {
     b.fixup(kind, Slot::At(1), Operand::Label(target));
     b.raw_code(&[0xea, 0xfe, 0xff, 0xff, 0xff, 0xff, 0xff])?;
+    Ok(())
+}
+
+/// A 64-bit data slot named `name` that a fixup fills (placeholder all ones).
+pub(crate) fn slot64(
+    b: &mut Builder,
+    name: &'static str,
+    kind: FixupKind,
+    operand: Operand,
+) -> Result<(), BuildError> {
+    b.label(name)?;
+    b.fixup(kind, Slot::At(0), operand);
+    b.a().dq(&[u64::MAX])?;
+    Ok(())
+}
+
+/// 64-bit `jmp [rip+slot]` to `target`, the slot (named `name`, filled by a
+/// `kind` fixup) right behind it.
+pub(crate) fn jmp_slot64(
+    b: &mut Builder,
+    name: &'static str,
+    kind: FixupKind,
+    target: &'static str,
+) -> Result<(), BuildError> {
+    let slot = b.named(name);
+    b.a().jmp(qword_ptr(slot))?;
+    slot64(b, name, kind, Operand::Label(target))
+}
+
+/// 64-bit `jmp fword [rip+ptr]` to `target`'s identity address in the hyper
+/// CS, the m16:32 pointer (named `name`) right behind it.
+pub(crate) fn jmp_far_id32(
+    b: &mut Builder,
+    name: &'static str,
+    target: &'static str,
+) -> Result<(), BuildError> {
+    let fp = b.named(name);
+    b.a().jmp(fword_ptr(fp))?;
+    b.label(name)?;
+    b.fixup(FixupKind::Id32Bit, Slot::At(0), Operand::Label(target));
+    b.a().dd(&[0xffff_ffff])?;
+    b.fixup(FixupKind::HyperCs, Slot::At(0), Operand::None);
+    b.a().dd(&[0x0000_ffff])?;
+    Ok(())
+}
+
+/// Code the relocator may skip: a `kind` fixup (`NoSysenterJmp`,
+/// `NoSyscallJmp`) on its first five bytes, overwritten with a `jmp rel32` to
+/// `end` (placed right after `body`) when the host does not use the feature.
+pub(crate) fn skippable(
+    b: &mut Builder,
+    kind: FixupKind,
+    end: &'static str,
+    body: impl FnOnce(&mut CodeAssembler) -> Result<(), BuildError>,
+) -> Result<(), BuildError> {
+    b.fixup(kind, Slot::At(0), Operand::Label(end));
+    body(b.a())?;
+    b.label(end)?;
+    Ok(())
+}
+
+/// Loads TR and LDTR from a context at `ctx` (EDX, RDX or R8); `tr`, `ldtr`
+/// and `gdt_base` are the offsets of the saved selectors and of the GDT base.
+/// The TSS is still marked busy from its last use and `ltr` refuses a busy
+/// one, so the busy bit (type bit 1, in the descriptor's second dword) is
+/// cleared first. Clobbers EAX (RAX in 64-bit code).
+pub(crate) fn load_tr_ldtr<R>(
+    a: &mut CodeAssembler,
+    ctx: R,
+    tr: usize,
+    gdt_base: usize,
+    ldtr: usize,
+) -> Result<(), BuildError>
+where
+    R: Copy + Add<i32, Output = AsmMemoryOperand>,
+{
+    use cpum::layout::disp;
+    a.movzx(eax, word_ptr(ctx + disp(tr)))?;
+    a.and(al, 0xf8)?;
+    if a.bitness() == 64 {
+        a.add(rax, qword_ptr(ctx + disp(gdt_base)))?;
+        a.and(dword_ptr(rax + 4), !0x200i32)?;
+    } else {
+        a.add(eax, dword_ptr(ctx + disp(gdt_base)))?;
+        a.and(dword_ptr(eax + 4), !0x200i32)?;
+    }
+    a.ltr(word_ptr(ctx + disp(tr)))?;
+    a.lldt(word_ptr(ctx + disp(ldtr)))?;
     Ok(())
 }
 
@@ -393,47 +525,39 @@ fn lvt_disp(reg: u32) -> i32 {
     reg as i32
 }
 
-/// NMI masking. In: EDX = CPUMCPU (current view). Clobbers EAX, EBX, ECX,
-/// ESI, EDI. Always rewrites `apic_dis_vectors` (0 when there is no APIC),
-/// starting from a cleared register (VirtualBox ORed into host EDI).
-pub(crate) fn apic_mask32(b: &mut Builder, o: &TemplateOptions) -> Result<(), BuildError> {
-    use cpum::layout as l;
-    let a = b.a();
-    let mut store = a.create_label();
-    a.xor(edi, edi)?;
-    if o.x2apic {
-        let mut mmio = a.create_label();
-        a.cmp(dword_ptr(edx + l::X2APIC as i32), 0)?;
-        a.je(mmio)?;
-        // x2APIC: RDMSR/WRMSR clobber EDX; keep CPUMCPU in ESI.
-        a.mov(esi, edx)?;
-        for (i, (reg, bit)) in NMI_LVTS.iter().enumerate() {
-            let mut skip = a.create_label();
-            if i == 3 {
-                a.mov(ecx, apic::x2apic_msr(apic::reg::VERSION))?;
-                a.rdmsr()?;
-                a.shr(eax, 16)?;
-                a.cmp(al, 5)?;
-                a.jb(skip)?;
-            }
-            a.mov(ecx, apic::x2apic_msr(*reg))?;
+/// Masks the NMI LVTs through the x2APIC MSRs, ORing their bits into EDI.
+/// Clobbers EAX, EBX, ECX, EDX.
+fn x2apic_mask_lvts(a: &mut CodeAssembler) -> Result<(), BuildError> {
+    for (i, (reg, bit)) in NMI_LVTS.iter().enumerate() {
+        let mut skip = a.create_label();
+        if i == 3 {
+            a.mov(ecx, apic::x2apic_msr(apic::reg::VERSION))?;
             a.rdmsr()?;
-            a.mov(ebx, eax)?;
-            a.and(ebx, (apic::lvt::MASKED | apic::lvt::MODE_MASK) as i32)?;
-            a.cmp(ebx, apic::lvt::MODE_NMI as i32)?;
-            a.jne(skip)?;
-            a.or(edi, bit.bits() as i32)?;
-            a.or(eax, apic::lvt::MASKED as i32)?;
-            a.wrmsr()?;
-            a.set_label(&mut skip)?;
+            a.shr(eax, 16)?;
+            a.cmp(al, 5)?;
+            a.jb(skip)?;
         }
-        a.mov(edx, esi)?;
-        a.jmp(store)?;
-        a.set_label(&mut mmio)?;
+        a.mov(ecx, apic::x2apic_msr(*reg))?;
+        a.rdmsr()?;
+        a.mov(ebx, eax)?;
+        a.and(ebx, (apic::lvt::MASKED | apic::lvt::MODE_MASK) as i32)?;
+        a.cmp(ebx, apic::lvt::MODE_NMI as i32)?;
+        a.jne(skip)?;
+        a.or(edi, bit.bits() as i32)?;
+        a.or(eax, apic::lvt::MASKED as i32)?;
+        a.wrmsr()?;
+        a.set_label(&mut skip)?;
     }
-    a.mov(ebx, dword_ptr(edx + l::APIC_BASE as i32))?;
-    a.test(ebx, ebx)?;
-    a.jz(store)?;
+    Ok(())
+}
+
+/// Masks the NMI LVTs of the MMIO page at `page` (EBX or RBX), ORing their
+/// bits into EDI; the last check falls through to `store`, which is placed
+/// after the loop. Clobbers EAX, ECX.
+fn mmio_mask_lvts<R>(a: &mut CodeAssembler, page: R, store: CodeLabel) -> Result<(), BuildError>
+where
+    R: Copy + Add<i32, Output = AsmMemoryOperand>,
+{
     for (i, (reg, bit)) in NMI_LVTS.iter().enumerate() {
         let mut skip = if i + 1 == NMI_LVTS.len() {
             store
@@ -442,26 +566,81 @@ pub(crate) fn apic_mask32(b: &mut Builder, o: &TemplateOptions) -> Result<(), Bu
         };
         if i == 3 {
             // Thermal LVT only exists when the max-LVT index is at least 5.
-            a.mov(eax, dword_ptr(ebx + lvt_disp(apic::reg::VERSION)))?;
+            a.mov(eax, dword_ptr(page + lvt_disp(apic::reg::VERSION)))?;
             a.shr(eax, 16)?;
             a.cmp(al, 5)?;
             a.jb(skip)?;
         }
-        a.mov(eax, dword_ptr(ebx + lvt_disp(*reg)))?;
+        a.mov(eax, dword_ptr(page + lvt_disp(*reg)))?;
         a.mov(ecx, eax)?;
         a.and(ecx, (apic::lvt::MASKED | apic::lvt::MODE_MASK) as i32)?;
         a.cmp(ecx, apic::lvt::MODE_NMI as i32)?;
         a.jne(skip)?;
         a.or(edi, bit.bits() as i32)?;
         a.or(eax, apic::lvt::MASKED as i32)?;
-        a.mov(dword_ptr(ebx + lvt_disp(*reg)), eax)?;
+        a.mov(dword_ptr(page + lvt_disp(*reg)), eax)?;
         // Read back: the write has completed before we go on.
-        a.mov(eax, dword_ptr(ebx + lvt_disp(*reg)))?;
-        if i + 1 == NMI_LVTS.len() {
-            store = skip;
-        }
+        a.mov(eax, dword_ptr(page + lvt_disp(*reg)))?;
         a.set_label(&mut skip)?;
     }
+    Ok(())
+}
+
+/// Unmasks, through the x2APIC MSRs, the LVTs whose bits are set in EBX
+/// (consumed). Clobbers EAX, ECX, EDX.
+fn x2apic_unmask_lvts(a: &mut CodeAssembler) -> Result<(), BuildError> {
+    for (reg, _bit) in NMI_LVTS.iter() {
+        let mut skip = a.create_label();
+        a.shr(ebx, 1)?;
+        a.jae(skip)?;
+        a.mov(ecx, apic::x2apic_msr(*reg))?;
+        a.rdmsr()?;
+        a.and(eax, !apic::lvt::MASKED as i32)?;
+        a.wrmsr()?;
+        a.set_label(&mut skip)?;
+    }
+    Ok(())
+}
+
+/// Unmasks, on the MMIO page at `page` (EBX or RBX), the LVTs whose bits are
+/// set in ECX (consumed).
+fn mmio_unmask_lvts<R>(a: &mut CodeAssembler, page: R) -> Result<(), BuildError>
+where
+    R: Copy + Add<i32, Output = AsmMemoryOperand>,
+{
+    for (reg, _bit) in NMI_LVTS.iter() {
+        let mut skip = a.create_label();
+        a.shr(ecx, 1)?;
+        a.jae(skip)?;
+        a.and(dword_ptr(page + lvt_disp(*reg)), !apic::lvt::MASKED as i32)?;
+        a.set_label(&mut skip)?;
+    }
+    Ok(())
+}
+
+/// NMI masking. In: EDX = CPUMCPU (current view). Clobbers EAX, EBX, ECX,
+/// ESI, EDI. Always rewrites `apic_dis_vectors` (0 when there is no APIC),
+/// starting from a cleared register (VirtualBox ORed into host EDI).
+pub(crate) fn apic_mask32(b: &mut Builder, o: &TemplateOptions) -> Result<(), BuildError> {
+    use cpum::layout as l;
+    let a = b.a();
+    let store = a.create_label();
+    a.xor(edi, edi)?;
+    if o.x2apic {
+        let mut mmio = a.create_label();
+        a.cmp(dword_ptr(edx + l::X2APIC as i32), 0)?;
+        a.je(mmio)?;
+        // x2APIC: RDMSR/WRMSR clobber EDX; keep CPUMCPU in ESI.
+        a.mov(esi, edx)?;
+        x2apic_mask_lvts(a)?;
+        a.mov(edx, esi)?;
+        a.jmp(store)?;
+        a.set_label(&mut mmio)?;
+    }
+    a.mov(ebx, dword_ptr(edx + l::APIC_BASE as i32))?;
+    a.test(ebx, ebx)?;
+    a.jz(store)?;
+    mmio_mask_lvts(a, ebx, store)?;
     a.mov(dword_ptr(edx + l::APIC_DIS_VECTORS as i32), edi)?;
     Ok(())
 }
@@ -481,16 +660,7 @@ pub(crate) fn apic_unmask32(b: &mut Builder, o: &TemplateOptions) -> Result<(), 
         a.je(mmio)?;
         a.push(eax)?;
         a.push(edx)?;
-        for (reg, _bit) in NMI_LVTS.iter() {
-            let mut skip = a.create_label();
-            a.shr(ebx, 1)?;
-            a.jae(skip)?;
-            a.mov(ecx, apic::x2apic_msr(*reg))?;
-            a.rdmsr()?;
-            a.and(eax, !apic::lvt::MASKED as i32)?;
-            a.wrmsr()?;
-            a.set_label(&mut skip)?;
-        }
+        x2apic_unmask_lvts(a)?;
         a.pop(edx)?;
         a.pop(eax)?;
         a.jmp(done)?;
@@ -500,13 +670,7 @@ pub(crate) fn apic_unmask32(b: &mut Builder, o: &TemplateOptions) -> Result<(), 
     a.mov(ebx, dword_ptr(edx + l::APIC_BASE as i32))?;
     a.test(ebx, ebx)?;
     a.jz(done)?;
-    for (reg, _bit) in NMI_LVTS.iter() {
-        let mut skip = a.create_label();
-        a.shr(ecx, 1)?;
-        a.jae(skip)?;
-        a.and(dword_ptr(ebx + lvt_disp(*reg)), !apic::lvt::MASKED as i32)?;
-        a.set_label(&mut skip)?;
-    }
+    mmio_unmask_lvts(a, ebx)?;
     a.nop()?;
     a.set_label(&mut done)?;
     a.pop(ebx)?;
@@ -518,64 +682,20 @@ pub(crate) fn apic_unmask32(b: &mut Builder, o: &TemplateOptions) -> Result<(), 
 pub(crate) fn apic_mask64(b: &mut Builder, o: &TemplateOptions) -> Result<(), BuildError> {
     use cpum::layout as l;
     let a = b.a();
-    let mut store = a.create_label();
+    let store = a.create_label();
     a.xor(edi, edi)?;
     if o.x2apic {
         let mut mmio = a.create_label();
         a.cmp(dword_ptr(r8 + l::X2APIC as i32), 0)?;
         a.je(mmio)?;
-        for (i, (reg, bit)) in NMI_LVTS.iter().enumerate() {
-            let mut skip = a.create_label();
-            if i == 3 {
-                a.mov(ecx, apic::x2apic_msr(apic::reg::VERSION))?;
-                a.rdmsr()?;
-                a.shr(eax, 16)?;
-                a.cmp(al, 5)?;
-                a.jb(skip)?;
-            }
-            a.mov(ecx, apic::x2apic_msr(*reg))?;
-            a.rdmsr()?;
-            a.mov(ebx, eax)?;
-            a.and(ebx, (apic::lvt::MASKED | apic::lvt::MODE_MASK) as i32)?;
-            a.cmp(ebx, apic::lvt::MODE_NMI as i32)?;
-            a.jne(skip)?;
-            a.or(edi, bit.bits() as i32)?;
-            a.or(eax, apic::lvt::MASKED as i32)?;
-            a.wrmsr()?;
-            a.set_label(&mut skip)?;
-        }
+        x2apic_mask_lvts(a)?;
         a.jmp(store)?;
         a.set_label(&mut mmio)?;
     }
     a.mov(rbx, qword_ptr(r8 + l::APIC_BASE as i32))?;
     a.test(rbx, rbx)?;
     a.jz(store)?;
-    for (i, (reg, bit)) in NMI_LVTS.iter().enumerate() {
-        let mut skip = if i + 1 == NMI_LVTS.len() {
-            store
-        } else {
-            a.create_label()
-        };
-        if i == 3 {
-            a.mov(eax, dword_ptr(rbx + lvt_disp(apic::reg::VERSION)))?;
-            a.shr(eax, 16)?;
-            a.cmp(al, 5)?;
-            a.jb(skip)?;
-        }
-        a.mov(eax, dword_ptr(rbx + lvt_disp(*reg)))?;
-        a.mov(ecx, eax)?;
-        a.and(ecx, (apic::lvt::MASKED | apic::lvt::MODE_MASK) as i32)?;
-        a.cmp(ecx, apic::lvt::MODE_NMI as i32)?;
-        a.jne(skip)?;
-        a.or(edi, bit.bits() as i32)?;
-        a.or(eax, apic::lvt::MASKED as i32)?;
-        a.mov(dword_ptr(rbx + lvt_disp(*reg)), eax)?;
-        a.mov(eax, dword_ptr(rbx + lvt_disp(*reg)))?;
-        if i + 1 == NMI_LVTS.len() {
-            store = skip;
-        }
-        a.set_label(&mut skip)?;
-    }
+    mmio_mask_lvts(a, rbx, store)?;
     a.mov(dword_ptr(r8 + l::APIC_DIS_VECTORS as i32), edi)?;
     Ok(())
 }
@@ -594,16 +714,7 @@ pub(crate) fn apic_unmask64(b: &mut Builder, o: &TemplateOptions) -> Result<(), 
         let mut mmio = a.create_label();
         a.cmp(dword_ptr(rdx + l::X2APIC as i32), 0)?;
         a.je(mmio)?;
-        for (reg, _bit) in NMI_LVTS.iter() {
-            let mut skip = a.create_label();
-            a.shr(ebx, 1)?;
-            a.jae(skip)?;
-            a.mov(ecx, apic::x2apic_msr(*reg))?;
-            a.rdmsr()?;
-            a.and(eax, !apic::lvt::MASKED as i32)?;
-            a.wrmsr()?;
-            a.set_label(&mut skip)?;
-        }
+        x2apic_unmask_lvts(a)?;
         a.jmp(done)?;
         a.set_label(&mut mmio)?;
     }
@@ -611,13 +722,7 @@ pub(crate) fn apic_unmask64(b: &mut Builder, o: &TemplateOptions) -> Result<(), 
     a.mov(rbx, qword_ptr(rdx + l::APIC_BASE as i32))?;
     a.test(rbx, rbx)?;
     a.jz(done)?;
-    for (reg, _bit) in NMI_LVTS.iter() {
-        let mut skip = a.create_label();
-        a.shr(ecx, 1)?;
-        a.jae(skip)?;
-        a.and(dword_ptr(rbx + lvt_disp(*reg)), !apic::lvt::MASKED as i32)?;
-        a.set_label(&mut skip)?;
-    }
+    mmio_unmask_lvts(a, rbx)?;
     a.nop()?;
     a.set_label(&mut done)?;
     a.pop(rdx)?;

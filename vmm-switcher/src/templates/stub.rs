@@ -7,9 +7,9 @@
 
 use iced_x86::code_asm::*;
 
-use super::TemplateOptions;
+use super::{finish, TemplateOptions};
 use crate::builder::{BuildError, Builder};
-use crate::def::{EntryOffsets, Region, SwitcherDef, SwitcherKind, View};
+use crate::def::{SwitcherDef, SwitcherKind, View};
 
 /// What every stub entry returns (VirtualBox's `VERR_VMM_SWITCHER_STUB`
 /// plays this role; the value is this project's).
@@ -42,38 +42,13 @@ pub fn build(bits: u32, _o: &TemplateOptions) -> Result<SwitcherDef, BuildError>
     let tramp = b.label("vmmGCCallTrampoline")?;
     b.a().int3()?;
     b.a().jmp(tramp)?;
-    let t = b.finish()?;
-    let at = |n: &'static str| t.labels.get(n).copied().unwrap_or(0);
-    let end = u32::try_from(t.code.len()).map_err(|_| BuildError::TooLarge)?;
-    let gc = at("vmmGCCallTrampoline");
-    Ok(SwitcherDef {
+    finish(
         kind,
-        description: format!("{}-bit stub", bits),
-        code: t.code,
-        fixups: t.fixups,
-        entries: EntryOffsets {
-            r0_host_to_guest: at("vmmR0HostToGuest"),
-            rc_guest_to_host: at("vmmGCGuestToHost"),
-            rc_call_trampoline: gc,
-            rc_guest_to_host_asm: at("VMMGCGuestToHostAsm"),
-            rc_guest_to_host_asm_hyper_ctx: at("VMMGCGuestToHostAsmHyperCtx"),
-            rc_guest_to_host_asm_guest_ctx: at("VMMGCGuestToHostAsmGuestCtx"),
-        },
-        regions: vec![
-            Region {
-                name: "HC0",
-                view: View::Hc,
-                bits,
-                range: 0..gc,
-            },
-            Region {
-                name: "GC",
-                view: View::Rc,
-                bits,
-                range: gc..end,
-            },
+        format!("{}-bit stub", bits),
+        b,
+        &[
+            ("HC0", View::Hc, bits, "vmmR0HostToGuest"),
+            ("GC", View::Rc, bits, "vmmGCCallTrampoline"),
         ],
-        labels: t.labels,
-        data: t.data,
-    })
+    )
 }
