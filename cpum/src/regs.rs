@@ -111,6 +111,18 @@ pub const MSR_EFER: u32 = 0xc000_0080;
 pub const MSR_SYSENTER_CS: u32 = 0x174;
 /// MSR number of IA32_APIC_BASE.
 pub const MSR_APIC_BASE: u32 = 0x1b;
+/// MSR number of IA32_STAR (SYSCALL/SYSRET selectors).
+pub const MSR_STAR: u32 = 0xc000_0081;
+/// MSR number of IA32_LSTAR (64-bit SYSCALL target).
+pub const MSR_LSTAR: u32 = 0xc000_0082;
+/// MSR number of IA32_FMASK (RFLAGS bits SYSCALL clears).
+pub const MSR_SFMASK: u32 = 0xc000_0084;
+/// MSR number of IA32_FS_BASE.
+pub const MSR_FS_BASE: u32 = 0xc000_0100;
+/// MSR number of IA32_GS_BASE.
+pub const MSR_GS_BASE: u32 = 0xc000_0101;
+/// MSR number of IA32_KERNEL_GS_BASE (the value SWAPGS exchanges with GS.base).
+pub const MSR_KERNEL_GS_BASE: u32 = 0xc000_0102;
 
 bitflags! {
     /// EFLAGS/RFLAGS (SDM Vol. 1 §3.4.3).

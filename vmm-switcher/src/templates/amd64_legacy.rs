@@ -17,7 +17,7 @@
 use core::mem::offset_of;
 
 use cpum::layout::{self as l, disp};
-use cpum::regs::{Cr0, Cr4, Efer, MSR_EFER, MSR_SYSENTER_CS};
+use cpum::regs::{Cr0, Cr4, Efer, MSR_EFER, MSR_FS_BASE, MSR_GS_BASE, MSR_SYSENTER_CS};
 use cpum::UseFlags;
 use iced_x86::code_asm::*;
 
@@ -34,9 +34,6 @@ use crate::fixup::FixupKind as K;
 const fn d(off: usize) -> i32 {
     disp(off)
 }
-
-const MSR_FS_BASE: u32 = 0xc000_0100;
-const MSR_GS_BASE: u32 = 0xc000_0101;
 
 /// The 64-bit C entry and the host-saving worker shared by the AMD64-host
 /// switchers, up to the hyper GDT and the intermediate PML4. Out: ESI = RC
