@@ -109,8 +109,6 @@ bitflags! {
 pub const MSR_EFER: u32 = 0xc000_0080;
 /// MSR number of IA32_SYSENTER_CS.
 pub const MSR_SYSENTER_CS: u32 = 0x174;
-/// MSR number of IA32_APIC_BASE.
-pub const MSR_APIC_BASE: u32 = 0x1b;
 /// MSR number of IA32_STAR (SYSCALL/SYSRET selectors).
 pub const MSR_STAR: u32 = 0xc000_0081;
 /// MSR number of IA32_LSTAR (64-bit SYSCALL target).

@@ -13,8 +13,8 @@ use std::time::Instant;
 
 use iced_x86::code_asm::*;
 use integration::hostkernel::{
-    cookie, BuildError, Expected, HostKernelBuilder, Mapping, Testbed, LAPIC_LVT_LINT0, LAPIC_VIRT,
-    LVT_MASKED, MAGIC_VIRT, SEL_DATA32, SEL_DATA32_ALT,
+    cookie, BuildError, Expected, HostKernelBuilder, Mapping, Testbed, LAPIC_VIRT, MAGIC_VIRT,
+    SEL_DATA32, SEL_DATA32_ALT,
 };
 use integration::image::ImageError;
 use integration::paging::{HostMode, PagingError};
@@ -78,7 +78,10 @@ fn dummy(hc: u32, mutant: Mutant) -> Vec<u8> {
                 a.mov(cr3, eax)?;
             }
             Mutant::MaskLint0 => {
-                a.or(dword_ptr(LAPIC_VIRT + LAPIC_LVT_LINT0), LVT_MASKED)?;
+                a.or(
+                    dword_ptr(LAPIC_VIRT + apic::reg::LVT_LINT0),
+                    apic::lvt::MASKED,
+                )?;
             }
             Mutant::Ud2 => {
                 // Debug-trace characters first, as a switcher built with tracing prints them.

@@ -14,8 +14,8 @@ use iced_x86::code_asm::*;
 use integration::hostkernel::{
     cookie, pattern64, BuildError, Expected, HostKernelBuilder, Mapping64, SnapItem, SnapItem64,
     SnapSource, SnapSource64, Testbed, FS_BASE64, FS_MAGIC, GS_BASE64, KERNEL_GS_BASE64,
-    LAPIC_LVT_LINT0, LAPIC_VIRT, LSTAR_VALUE, LVT_MASKED, MAGIC_VALUE, MAGIC_VIRT, MSR_GS_BASE,
-    PATTERN_RBX, SEL64_CODE, SEL64_DATA, SEL64_LDT, SEL64_TSS, SFMASK_VALUE, STAR_VALUE,
+    LAPIC_VIRT, LSTAR_VALUE, MAGIC_VALUE, MAGIC_VIRT, MSR_GS_BASE, PATTERN_RBX, SEL64_CODE,
+    SEL64_DATA, SEL64_LDT, SEL64_TSS, SFMASK_VALUE, STAR_VALUE,
 };
 use integration::paging::{HostMode, PagingError};
 use integration::qemu::{Outcome, QemuConfig, RunResult};
@@ -73,13 +73,13 @@ fn dummy(hc: u64, mutant: Mutant) -> Vec<u8> {
             }
             Mutant::Cli => a.cli()?,
             Mutant::MaskLint0 => {
-                a.mov(eax, LAPIC_VIRT + LAPIC_LVT_LINT0)?;
-                a.or(dword_ptr(rax), LVT_MASKED)?;
+                a.mov(eax, LAPIC_VIRT + apic::reg::LVT_LINT0)?;
+                a.or(dword_ptr(rax), apic::lvt::MASKED)?;
             }
             Mutant::MaskLint0Msr => {
-                a.mov(ecx, apic::x2apic_msr(LAPIC_LVT_LINT0))?;
+                a.mov(ecx, apic::x2apic_msr(apic::reg::LVT_LINT0))?;
                 a.rdmsr()?;
-                a.or(eax, LVT_MASKED)?;
+                a.or(eax, apic::lvt::MASKED)?;
                 a.wrmsr()?;
             }
             Mutant::Ud2 => {

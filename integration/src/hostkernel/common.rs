@@ -11,16 +11,15 @@ use std::collections::BTreeMap;
 use iced_x86::code_asm::*;
 use iced_x86::BlockEncoderOptions;
 
-use cpum::regs::{Efer, MSR_APIC_BASE, MSR_EFER, MSR_SYSENTER_CS};
+use cpum::regs::{Efer, MSR_EFER, MSR_SYSENTER_CS};
 
 use super::{
     narrow, page_align, BuildError, DataArena, DumpRegion64, Expected, HookCtx, HookFn,
     HostKernelBuilder, KernelAddrs, LayoutRegion, Testbed, COOKIE_SEED, FEATURE_APIC, FEATURE_EFER,
     FEATURE_NX, FEATURE_SCE, FEATURE_SEP, FEATURE_X2APIC, FEATURE_X2APIC_ON, FS_BASE64,
-    FS_PAGE_PHYS, GS_BASE64, KERNEL_GS_BASE64, LAPIC_LVT_LINT0, LAPIC_LVT_LINT1, LAPIC_LVT_PERF,
-    LAPIC_LVT_THERM, LAPIC_SVR, LAPIC_VER, LAPIC_VIRT, LVT_DM_NMI, LVT_MASKED, MAGIC_PAGE_PHYS,
-    MAGIC_VALUE, MSR_FS_BASE, MSR_GS_BASE, MSR_KERNEL_GS_BASE, SEL64_DATA, SEL_LDT_FS,
-    SPURIOUS_VECTOR, STUB_ADDR, TABLES_BASE,
+    FS_PAGE_PHYS, GS_BASE64, KERNEL_GS_BASE64, LAPIC_VIRT, MAGIC_PAGE_PHYS, MAGIC_VALUE,
+    MSR_FS_BASE, MSR_GS_BASE, MSR_KERNEL_GS_BASE, SEL64_DATA, SEL_LDT_FS, SPURIOUS_VECTOR,
+    STUB_ADDR, TABLES_BASE,
 };
 use crate::image::ImageBuilder;
 use crate::paging::{HostMode, PageTables, PAGE};
@@ -94,19 +93,19 @@ const CPUID1_ECX_X2APIC: u32 = 1 << 21;
 /// The LVT values the kernel programs: LINT0, LINT1 and PERF to NMI
 /// delivery unmasked, THERM to NMI delivery masked.
 const LVT_SETUP: [(u32, u32); 4] = [
-    (LAPIC_LVT_LINT0, LVT_DM_NMI),
-    (LAPIC_LVT_LINT1, LVT_DM_NMI),
-    (LAPIC_LVT_PERF, LVT_DM_NMI),
-    (LAPIC_LVT_THERM, LVT_DM_NMI | LVT_MASKED),
+    (apic::reg::LVT_LINT0, apic::lvt::MODE_NMI),
+    (apic::reg::LVT_LINT1, apic::lvt::MODE_NMI),
+    (apic::reg::LVT_PC, apic::lvt::MODE_NMI),
+    (apic::reg::LVT_THMR, apic::lvt::MODE_NMI | apic::lvt::MASKED),
 ];
 
 /// The `APIC` line's register fields: key and xAPIC offset.
 const APIC_LINE: [(&str, u32); 5] = [
-    ("lint0", LAPIC_LVT_LINT0),
-    ("lint1", LAPIC_LVT_LINT1),
-    ("perf", LAPIC_LVT_PERF),
-    ("therm", LAPIC_LVT_THERM),
-    ("svr", LAPIC_SVR),
+    ("lint0", apic::reg::LVT_LINT0),
+    ("lint1", apic::reg::LVT_LINT1),
+    ("perf", apic::reg::LVT_PC),
+    ("therm", apic::reg::LVT_THMR),
+    ("svr", apic::reg::SVR),
 ];
 
 /// The general registers by their 32-bit and 64-bit names.
@@ -1007,7 +1006,7 @@ pub(super) fn emit_apic_setup(g: &mut Gen, x2apic: bool) -> R {
         g.exit_with(EXIT_FAIL)?;
         g.mark(&mut have_x2)?;
     }
-    g.a.mov(ecx, MSR_APIC_BASE)?;
+    g.a.mov(ecx, apic::APIC_BASE_MSR)?;
     g.a.rdmsr()?;
     g.a.or(eax, APIC_BASE_EN)?; // globally enabled
     g.a.wrmsr()?;
@@ -1024,12 +1023,12 @@ pub(super) fn emit_apic_setup(g: &mut Gen, x2apic: bool) -> R {
 
     if !x2apic {
         g.a.mov(ebx, LAPIC_VIRT)?;
-        let svr = g.lapic(LAPIC_SVR);
+        let svr = g.lapic(apic::reg::SVR);
         g.a.mov(eax, svr)?;
         g.a.and(eax, !0x1ffu32)?;
         g.a.or(eax, 0x100u32 | u32::from(SPURIOUS_VECTOR))?;
         g.a.mov(svr, eax)?;
-        let ver = g.lapic(LAPIC_VER);
+        let ver = g.lapic(apic::reg::VERSION);
         g.a.mov(eax, ver)?;
         let slot = g.s.apic_ver;
         g.a.mov(dword_ptr(slot), eax)?;
@@ -1053,12 +1052,12 @@ pub(super) fn emit_apic_setup(g: &mut Gen, x2apic: bool) -> R {
     g.exit_with(EXIT_FAIL)?;
     g.mark(&mut extd_ok)?;
     g.a.or(dword_ptr(feat), FEATURE_X2APIC_ON)?;
-    g.a.mov(ecx, apic::x2apic_msr(LAPIC_SVR))?;
+    g.a.mov(ecx, apic::x2apic_msr(apic::reg::SVR))?;
     g.a.rdmsr()?;
     g.a.and(eax, !0x1ffu32)?;
     g.a.or(eax, 0x100u32 | u32::from(SPURIOUS_VECTOR))?;
     g.a.wrmsr()?;
-    g.a.mov(ecx, apic::x2apic_msr(LAPIC_VER))?;
+    g.a.mov(ecx, apic::x2apic_msr(apic::reg::VERSION))?;
     g.a.rdmsr()?;
     let slot = g.s.apic_ver;
     g.a.mov(dword_ptr(slot), eax)?;
@@ -1077,7 +1076,7 @@ pub(super) fn emit_apic_setup(g: &mut Gen, x2apic: bool) -> R {
 pub(super) fn emit_apic_line(g: &mut Gen, x2apic: bool) -> R {
     let (puthex, putnl) = (g.r.puthex, g.r.putnl);
     g.text(&format!("{PREFIX}APIC base="))?;
-    g.a.mov(ecx, MSR_APIC_BASE)?;
+    g.a.mov(ecx, apic::APIC_BASE_MSR)?;
     g.a.rdmsr()?;
     g.a.call(puthex)?;
     g.text(" ver=")?;

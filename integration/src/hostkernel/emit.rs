@@ -5,7 +5,7 @@
 use iced_x86::code_asm::*;
 use iced_x86::{Code, Instruction};
 
-use cpum::regs::{Cr0, Cr4, MSR_APIC_BASE, MSR_EFER, MSR_SYSENTER_CS};
+use cpum::regs::{Cr0, Cr4, MSR_EFER, MSR_SYSENTER_CS};
 
 use super::common::{
     descriptor, emit_apic_line, emit_apic_setup, emit_cpuid_features, emit_loop, finish,
@@ -163,7 +163,7 @@ fn emit_source(g: &mut Gen, source: &SnapSource, f: i32) -> R {
             let guard = match *index {
                 MSR_EFER => Some(FEATURE_EFER),
                 MSR_SYSENTER_CS => Some(FEATURE_SEP),
-                MSR_APIC_BASE => Some(FEATURE_APIC),
+                apic::APIC_BASE_MSR => Some(FEATURE_APIC),
                 _ => None,
             };
             let mut absent = a.create_label();

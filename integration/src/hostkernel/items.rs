@@ -8,8 +8,8 @@ use iced_x86::code_asm::CodeAssembler;
 use iced_x86::IcedError;
 
 use super::{
-    LAPIC_LVT_LINT0, LAPIC_LVT_LINT1, LAPIC_LVT_PERF, LAPIC_LVT_THERM, LAPIC_SVR, LAPIC_VIRT,
-    MAGIC_VIRT, MSR_FS_BASE, MSR_GS_BASE, MSR_KERNEL_GS_BASE, MSR_LSTAR, MSR_SFMASK, MSR_STAR,
+    LAPIC_VIRT, MAGIC_VIRT, MSR_FS_BASE, MSR_GS_BASE, MSR_KERNEL_GS_BASE, MSR_LSTAR, MSR_SFMASK,
+    MSR_STAR,
 };
 
 /// A segment register.
@@ -156,11 +156,11 @@ pub fn default_items() -> Vec<SnapItem> {
 
 /// The local APIC registers the snapshots record: name and xAPIC offset.
 pub const APIC_ITEMS: [(&str, u32); 5] = [
-    ("lvt_lint0", LAPIC_LVT_LINT0),
-    ("lvt_lint1", LAPIC_LVT_LINT1),
-    ("lvt_perf", LAPIC_LVT_PERF),
-    ("lvt_therm", LAPIC_LVT_THERM),
-    ("apic_svr", LAPIC_SVR),
+    ("lvt_lint0", apic::reg::LVT_LINT0),
+    ("lvt_lint1", apic::reg::LVT_LINT1),
+    ("lvt_perf", apic::reg::LVT_PC),
+    ("lvt_therm", apic::reg::LVT_THMR),
+    ("apic_svr", apic::reg::SVR),
 ];
 
 /// [`default_items`] for a kernel whose local APIC is in x2APIC mode
@@ -188,7 +188,7 @@ fn default_items_for(x2apic: bool) -> Vec<SnapItem> {
 }
 
 fn default_items_xapic() -> Vec<SnapItem> {
-    use cpum::regs::{MSR_APIC_BASE, MSR_EFER, MSR_SYSENTER_CS};
+    use cpum::regs::{MSR_EFER, MSR_SYSENTER_CS};
     use SnapSource as S;
     vec![
         SnapItem::new("ebx", S::Ebx),
@@ -234,15 +234,15 @@ fn default_items_xapic() -> Vec<SnapItem> {
                 high: false,
             },
         ),
-        SnapItem::new("lvt_lint0", S::Mem(LAPIC_VIRT + LAPIC_LVT_LINT0)),
-        SnapItem::new("lvt_lint1", S::Mem(LAPIC_VIRT + LAPIC_LVT_LINT1)),
-        SnapItem::new("lvt_perf", S::Mem(LAPIC_VIRT + LAPIC_LVT_PERF)),
-        SnapItem::new("lvt_therm", S::Mem(LAPIC_VIRT + LAPIC_LVT_THERM)),
-        SnapItem::new("apic_svr", S::Mem(LAPIC_VIRT + LAPIC_SVR)),
+        SnapItem::new("lvt_lint0", S::Mem(LAPIC_VIRT + apic::reg::LVT_LINT0)),
+        SnapItem::new("lvt_lint1", S::Mem(LAPIC_VIRT + apic::reg::LVT_LINT1)),
+        SnapItem::new("lvt_perf", S::Mem(LAPIC_VIRT + apic::reg::LVT_PC)),
+        SnapItem::new("lvt_therm", S::Mem(LAPIC_VIRT + apic::reg::LVT_THMR)),
+        SnapItem::new("apic_svr", S::Mem(LAPIC_VIRT + apic::reg::SVR)),
         SnapItem::new(
             "apic_base_msr",
             S::Msr {
-                index: MSR_APIC_BASE,
+                index: apic::APIC_BASE_MSR,
                 high: false,
             },
         ),
@@ -387,7 +387,7 @@ impl SnapItem64 {
 /// (MMIO, or the x2APIC MSRs when `x2apic`), the APIC base MSR, `fs:0`,
 /// `gs:0`, the magic page and DR7.
 pub fn default_items64(x2apic: bool) -> Vec<SnapItem64> {
-    use cpum::regs::{MSR_APIC_BASE, MSR_EFER, MSR_SYSENTER_CS};
+    use cpum::regs::{MSR_EFER, MSR_SYSENTER_CS};
     use SnapSource64 as S;
     let mut items = vec![
         SnapItem64::new("rbx", S::Rbx),
@@ -434,7 +434,7 @@ pub fn default_items64(x2apic: bool) -> Vec<SnapItem64> {
         items.push(SnapItem64::new(name, source));
     }
     items.extend([
-        SnapItem64::new("apic_base_msr", S::Msr(MSR_APIC_BASE)),
+        SnapItem64::new("apic_base_msr", S::Msr(apic::APIC_BASE_MSR)),
         SnapItem64::new("fs0", S::FsDword(0)),
         SnapItem64::new("gs0", S::GsDword(0)),
         SnapItem64::new("magic", S::Mem32(u64::from(MAGIC_VIRT))),

@@ -134,18 +134,9 @@ pub const SEL64_CODE32: u16 = 0x40;
 /// AMD64 host: first selector of caller-supplied GDT entries.
 pub const SEL64_FIRST_EXTRA: u16 = 0x48;
 
-/// IA32_FS_BASE.
-pub const MSR_FS_BASE: u32 = 0xc000_0100;
-/// IA32_GS_BASE.
-pub const MSR_GS_BASE: u32 = 0xc000_0101;
-/// IA32_KERNEL_GS_BASE (swapped with GS.base by `swapgs`).
-pub const MSR_KERNEL_GS_BASE: u32 = 0xc000_0102;
-/// IA32_STAR (SYSCALL/SYSRET selectors, legacy SYSCALL EIP).
-pub const MSR_STAR: u32 = 0xc000_0081;
-/// IA32_LSTAR (64-bit SYSCALL RIP).
-pub const MSR_LSTAR: u32 = 0xc000_0082;
-/// IA32_FMASK (RFLAGS bits SYSCALL clears).
-pub const MSR_SFMASK: u32 = 0xc000_0084;
+pub use cpum::regs::{
+    MSR_FS_BASE, MSR_GS_BASE, MSR_KERNEL_GS_BASE, MSR_LSTAR, MSR_SFMASK, MSR_STAR,
+};
 
 /// AMD64 host: FS.base (maps the FS page: `fs:0` reads [`FS_MAGIC`]).
 pub const FS_BASE64: u64 = 0xffff_8000_f5f5_0000;
@@ -173,22 +164,6 @@ pub const FS_MAGIC: u32 = 0xf5f5_abcd;
 
 /// Where the local APIC is mapped (identity, PCD).
 pub const LAPIC_VIRT: u32 = 0xfee0_0000;
-/// APIC version register offset.
-pub const LAPIC_VER: u32 = 0x30;
-/// Spurious-interrupt vector register offset.
-pub const LAPIC_SVR: u32 = 0xf0;
-/// LVT thermal sensor offset.
-pub const LAPIC_LVT_THERM: u32 = 0x330;
-/// LVT performance counter offset.
-pub const LAPIC_LVT_PERF: u32 = 0x340;
-/// LVT LINT0 offset.
-pub const LAPIC_LVT_LINT0: u32 = 0x350;
-/// LVT LINT1 offset.
-pub const LAPIC_LVT_LINT1: u32 = 0x360;
-/// LVT delivery mode NMI.
-pub const LVT_DM_NMI: u32 = 0x400;
-/// LVT mask bit.
-pub const LVT_MASKED: u32 = 1 << 16;
 /// Spurious vector the kernel programs (also handled by the IDT).
 pub const SPURIOUS_VECTOR: u8 = 0xff;
 
