@@ -59,7 +59,6 @@
 //!
 //! For the protocol see [`transcript`]; for the checks see [`hostkernel`].
 
-pub mod cli;
 pub mod far;
 mod farcommon;
 pub mod hostkernel;

@@ -8,7 +8,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use vmm_switcher::templates::Revision;
 use vmm_switcher::SwitcherKind;
 
-use crate::scenario::Mutation;
+use integration::scenario::Mutation;
 
 /// See, run, measure and debug world switchers.
 ///

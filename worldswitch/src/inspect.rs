@@ -6,8 +6,8 @@ use serde::Serialize;
 use serde_json::{json, Value};
 use vmm_switcher::{SwitcherKind, View};
 
-use super::args::{BuildArgs, DisasmArgs, ListArgs, PlacementArgs, RelocateArgs, ShowArgs};
-use super::{setup, to_json, CliError, Exit};
+use crate::args::{BuildArgs, DisasmArgs, ListArgs, PlacementArgs, RelocateArgs, ShowArgs};
+use crate::{setup, to_json, CliError, Exit};
 
 fn summary_description(kind: SwitcherKind) -> String {
     let (host, guest) = setup::modes(kind);
@@ -75,7 +75,7 @@ pub fn list(a: &ListArgs, out: &mut String) -> Result<Exit, CliError> {
 
 fn default_build() -> BuildArgs {
     BuildArgs {
-        revision: super::args::RevisionArg::B,
+        revision: crate::args::RevisionArg::B,
         no_apic: false,
         no_stats: false,
         trace: false,

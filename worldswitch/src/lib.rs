@@ -1,7 +1,7 @@
 //! The `worldswitch` command-line program: see, run, measure and debug
 //! world switchers.
 //!
-//! The binary (`src/bin/worldswitch.rs`) only calls [`main`]; everything
+//! The binary (`src/main.rs`) only calls [`main`]; everything
 //! else lives here so it is documented, tested and reusable:
 //!
 //! | subcommand | does |
@@ -42,7 +42,7 @@ use args::{Cli, Command};
 
 /// The README's Rust examples, compiled and run as doc tests.
 #[cfg(doctest)]
-#[doc = include_str!("../../../README.md")]
+#[doc = include_str!("../../README.md")]
 pub struct ReadmeDoctests;
 
 /// How the program ends.
@@ -88,10 +88,10 @@ pub enum CliError {
     Select(#[from] vmm::mode::SelectError),
     /// The testbed could not be set up (placement, QEMU missing).
     #[error("{0}")]
-    Scenario(#[from] crate::scenario::ScenarioError),
+    Scenario(#[from] integration::scenario::ScenarioError),
     /// QEMU is missing.
     #[error("{0}")]
-    Qemu(#[from] crate::qemu::QemuError),
+    Qemu(#[from] integration::qemu::QemuError),
     /// A file could not be written.
     #[error("cannot write {}: {source}", path.display())]
     Write {

@@ -5,6 +5,7 @@
 //! Tests that boot QEMU skip loudly when it is missing, unless `CI=true`.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+#[path = "../../integration/tests/support/mod.rs"]
 mod support;
 
 use std::io::Write;

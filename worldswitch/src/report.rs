@@ -19,10 +19,10 @@ use stam::Snapshot;
 use vmm_switcher::templates::Revision;
 use vmm_switcher::SwitcherKind;
 
-use super::setup;
-use crate::qemu::Outcome;
-use crate::scenario::{Built, Scenario, ScenarioResult};
-use crate::transcript::Report;
+use crate::setup;
+use integration::qemu::Outcome;
+use integration::scenario::{Built, Scenario, ScenarioResult};
+use integration::transcript::Report;
 
 /// The schema name of the document `run --json` and `decode --json` print.
 pub const SCHEMA: &str = "worldswitch.run/1";

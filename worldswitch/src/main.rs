@@ -1,7 +1,7 @@
 //! `worldswitch`: see, run, measure and debug world switchers.
 //!
-//! Everything lives in [`integration::cli`]; run `worldswitch --help`.
+//! Everything lives in the library crate; run `worldswitch --help`.
 
 fn main() -> std::process::ExitCode {
-    integration::cli::main()
+    worldswitch::main()
 }

@@ -10,17 +10,17 @@ use stam::{Pattern, Snapshot};
 use vmm_switcher::templates::TemplateOptions;
 use vmm_switcher::SwitcherKind;
 
-use super::args::{
+use crate::args::{
     DecodeArgs, ImageArgs, PlacementArgs, RevisionArg, RunArgs, ScenarioArgs, StatsArgs,
     StatsFormat,
 };
-use super::progress::Progress;
-use super::report::{self, RunDoc, RunJson, SCHEMA};
-use super::{setup, to_json, CliError, Exit};
-use crate::paging::HostMode;
-use crate::qemu::{self, Outcome, QemuConfig, RunResult};
-use crate::scenario::{build, judge, run_built, Built, Scenario};
-use crate::transcript::Report;
+use crate::progress::Progress;
+use crate::report::{self, RunDoc, RunJson, SCHEMA};
+use crate::{setup, to_json, CliError, Exit};
+use integration::paging::HostMode;
+use integration::qemu::{self, Outcome, QemuConfig, RunResult};
+use integration::scenario::{build, judge, run_built, Built, Scenario};
+use integration::transcript::Report;
 
 fn check_qemu(q: &QemuConfig) -> Result<(), CliError> {
     if q.binary.is_none() {
@@ -494,7 +494,7 @@ fn stats_from(a: &StatsArgs, path: &Path) -> Result<(Option<Snapshot>, Exit), Cl
 fn stats_run(a: &StatsArgs) -> Result<(Option<Snapshot>, Exit), CliError> {
     let kind = match a.switcher {
         Some(k) => k,
-        None => setup::select(&super::args::Selection {
+        None => setup::select(&crate::args::Selection {
             switchers: Vec::new(),
             all: true,
         })?
@@ -502,7 +502,7 @@ fn stats_run(a: &StatsArgs) -> Result<(Option<Snapshot>, Exit), CliError> {
         .copied()
         .ok_or_else(|| CliError::Usage("no runnable switcher in this build".into()))?,
     };
-    let sel = super::args::Selection {
+    let sel = crate::args::Selection {
         switchers: vec![kind],
         all: false,
     };

@@ -7,11 +7,11 @@ use vmm_switcher::disasm::view_base;
 use vmm_switcher::templates::TemplateOptions;
 use vmm_switcher::{HcAddr, PhysAddr, RcAddr, SideMode, SwitcherKind, View};
 
-use super::args::{BuildArgs, PlacementArgs, QemuArgs, ScenarioArgs, Selection};
-use super::CliError;
-use crate::hostkernel::LAPIC_VIRT;
-use crate::qemu::QemuConfig;
-use crate::scenario::Scenario;
+use crate::args::{BuildArgs, PlacementArgs, QemuArgs, ScenarioArgs, Selection};
+use crate::CliError;
+use integration::hostkernel::LAPIC_VIRT;
+use integration::qemu::QemuConfig;
+use integration::scenario::Scenario;
 
 /// Distance from the core code to the hypervisor area (HC and physical).
 pub const HMA_GAP: u64 = 0x10_0000;
@@ -72,7 +72,7 @@ pub fn options(b: &BuildArgs) -> TemplateOptions {
 }
 
 /// The VMM configuration the testbed uses for these options (the local APIC
-/// page mapped in the intermediate context, as [`crate::scenario::build`] does).
+/// page mapped in the intermediate context, as [`integration::scenario::build`] does).
 pub fn vmm_config(b: &BuildArgs, placement: Placement, kind: SwitcherKind) -> VmmConfig {
     VmmConfig {
         host_bits: host_bits(kind),
