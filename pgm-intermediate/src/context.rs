@@ -1,8 +1,6 @@
 //! [`IntermediateContext`]: the three roots, `map`, `unmap`, `translate`.
 
-use std::collections::BTreeSet;
-
-use crate::walk::{self, levels, read_entry, table_addr_mask};
+use crate::walk::{self, decode, levels, read_at, read_entry, table_addr_mask, Decoded};
 use crate::{
     is_canonical, AllocError, EntryFlags, Flavour, Flavours, Level, MapFlags, Mapping, MemoryError,
     PageAllocator, PageSize, Translation, WalkError, FOUR_GIB, PAGE_SIZE,
@@ -357,12 +355,15 @@ impl<A: PageAllocator> IntermediateContext<A> {
     /// also added to existing directory entries on the way); leaves are
     /// P | A | D | `flags` ([`MapFlags::NO_EXECUTE`] dropped for 32-bit).
     ///
-    /// The whole request is checked first, every page in every flavour:
-    /// a page already mapped to the same frame with the same attributes is
-    /// left as it is (mapping is idempotent), a page mapped differently is a
-    /// [`MapError::Conflict`], and the new tables must fit in
-    /// [`PageAllocator::available_pages`]. Only then are tables allocated and
-    /// entries written, so on error nothing is mapped.
+    /// The whole request is checked first. The page tables it needs are
+    /// counted from the directories alone (work proportional to the tables
+    /// the range spans, not to its pages) and must fit in
+    /// [`PageAllocator::available_pages`], or the request is
+    /// [`MapError::OutOfPages`] before any page is looked at. Then every
+    /// page in every flavour: a page already mapped to the same frame with
+    /// the same attributes is left as it is (mapping is idempotent), a page
+    /// mapped differently is a [`MapError::Conflict`]. Only then are tables
+    /// allocated and entries written, so on error nothing is mapped.
     ///
     /// # Errors
     ///
@@ -382,13 +383,22 @@ impl<A: PageAllocator> IntermediateContext<A> {
         let pages = virt_pages(virt, len, flavours)?;
         check_phys(phys, len, pages, flavours)?;
 
-        // Pass 1: conflicts, and which new tables are needed. A new table is
-        // named by the entry that will point to it: (flavour, its level,
-        // linear address >> the parent level's shift).
-        let mut new_tables = BTreeSet::new();
+        // The page budget, from the directories alone.
+        let last = span(virt, pages).ok_or(RangeError::Wraps { start: virt, len })?;
+        let mut needed = 0usize;
+        for flavour in flavours.flavours() {
+            let root = Some(u64::from(self.cr3(flavour)));
+            let n = self.new_tables(flavour, 0, root, virt, last)?;
+            needed = needed.saturating_add(usize::try_from(n).unwrap_or(usize::MAX));
+        }
+        let available = self.alloc.available_pages();
+        if available < needed {
+            return Err(MapError::OutOfPages { needed, available });
+        }
+
+        // Pass 1: conflicts, page by page.
         for flavour in flavours.flavours() {
             let want = requested_flags(flavour, flags);
-            let specs = levels(flavour);
             for page in 0..pages {
                 let (v, p) = (virt + page * PAGE_SIZE, phys + page * PAGE_SIZE);
                 match self.translate(flavour, v) {
@@ -403,22 +413,12 @@ impl<A: PageAllocator> IntermediateContext<A> {
                             flavour,
                         })
                     }
-                    Err(WalkError::NotPresent { level, .. }) => {
-                        let missing_at = specs.iter().position(|s| s.level == level).unwrap_or(0);
-                        for (parent, _) in specs.iter().zip(specs.iter().skip(1)).skip(missing_at) {
-                            new_tables.insert((flavour, parent.level, v >> parent.shift));
-                        }
-                    }
+                    Err(WalkError::NotPresent { .. }) => {}
                     Err(e) => return Err(e.into()),
                 }
             }
         }
 
-        let needed = new_tables.len();
-        let available = self.alloc.available_pages();
-        if available < needed {
-            return Err(MapError::OutOfPages { needed, available });
-        }
         let mut pool = Vec::with_capacity(needed);
         for _ in 0..needed {
             let phys = self.alloc.alloc_zeroed()?;
@@ -444,6 +444,63 @@ impl<A: PageAllocator> IntermediateContext<A> {
             }
         }
         Ok(())
+    }
+
+    /// How many new tables mapping `start..=last` needs below the
+    /// level-`depth` table at `table` (`None`: that table is itself new and
+    /// counted by the caller).
+    /// Reads only directory entries: existing tables are descended, a
+    /// missing entry's subtree is counted arithmetically, and a large page
+    /// needs none (the page pass reports it as identical or a conflict).
+    fn new_tables(
+        &self,
+        flavour: Flavour,
+        depth: usize,
+        table: Option<u64>,
+        start: u64,
+        last: u64,
+    ) -> Result<u64, WalkError> {
+        let specs = levels(flavour);
+        let Some(spec) = specs.get(depth).filter(|s| s.level != Level::Pt) else {
+            return Ok(0);
+        };
+        let Some(table) = table else {
+            // Every table from this level down is new: one per distinct
+            // entry of each directory level on the way.
+            return Ok(specs
+                .get(depth..specs.len() - 1)
+                .unwrap_or_default()
+                .iter()
+                .map(|s| (last >> s.shift) - (start >> s.shift) + 1)
+                .sum());
+        };
+        let mask = (1u64 << spec.shift) - 1;
+        let mut total = 0u64;
+        for n in (start >> spec.shift)..=(last >> spec.shift) {
+            let sub_start = start.max(n << spec.shift);
+            let sub_last = last.min((n << spec.shift) | mask);
+            let entry = read_at(
+                &self.alloc,
+                flavour,
+                spec,
+                table,
+                spec.index(sub_start),
+                sub_start,
+            )?;
+            let child = if entry & EntryFlags::PRESENT.bits() == 0 {
+                None
+            } else {
+                match decode(flavour, spec, sub_start, entry)? {
+                    Decoded::Leaf { .. } => continue,
+                    Decoded::Table(next) => Some(next),
+                }
+            };
+            // A missing entry needs its own table, then everything below it.
+            let own = u64::from(child.is_none());
+            let below = self.new_tables(flavour, depth + 1, child, sub_start, sub_last)?;
+            total = total.saturating_add(below).saturating_add(own);
+        }
+        Ok(total)
     }
 
     /// Write the path for one unmapped page, taking new tables from `pool`.

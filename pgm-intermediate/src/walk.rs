@@ -298,7 +298,7 @@ pub fn walk<M: TableMemory + ?Sized>(
 }
 
 /// Reads entry `index` of the table at `table`, `spec`'s level, on the way to `virt`.
-fn read_at<M: TableMemory + ?Sized>(
+pub(crate) fn read_at<M: TableMemory + ?Sized>(
     mem: &M,
     flavour: Flavour,
     spec: &LevelSpec,
@@ -317,7 +317,7 @@ fn read_at<M: TableMemory + ?Sized>(
 }
 
 /// Where a present entry leads.
-enum Decoded {
+pub(crate) enum Decoded {
     /// A page of `size` at `base`.
     Leaf { size: PageSize, base: u64 },
     /// The next table's physical address.
@@ -327,7 +327,12 @@ enum Decoded {
 /// Decodes a present entry at `spec`'s level, rejecting the reserved-bit
 /// combinations the walk honours (PDPTE reserved bits, PS in a PML4E, reserved
 /// address bits in a large page).
-fn decode(flavour: Flavour, spec: &LevelSpec, virt: u64, entry: u64) -> Result<Decoded, WalkError> {
+pub(crate) fn decode(
+    flavour: Flavour,
+    spec: &LevelSpec,
+    virt: u64,
+    entry: u64,
+) -> Result<Decoded, WalkError> {
     let reserved = WalkError::Reserved {
         virt,
         flavour,

@@ -12,6 +12,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let ctx = sample_context(&vm);
     let mut code = def.code.clone();
     let rel = relocate(&def, &mut code, &ctx)?;
-    print!("{}", disasm::listing(&def, &code, &ctx, &rel));
+    print!("{}", disasm::listing(&def, &code, &ctx, &rel)?);
     Ok(())
 }

@@ -88,6 +88,9 @@ pub enum BuildError {
     /// A fixup was requested with no instruction following it.
     #[error("fixup {0:?} is not followed by an instruction")]
     DanglingFixup(FixupKind),
+    /// A section bitness x86 does not have.
+    #[error("section bitness {0} is not 16, 32 or 64")]
+    Bitness(u32),
     /// The template grew past 4 GiB (impossible in practice).
     #[error("template too large")]
     TooLarge,
@@ -147,7 +150,7 @@ impl Builder {
     /// An empty template whose first section has `bitness` (16, 32 or 64).
     ///
     /// # Errors
-    /// iced rejects the bitness.
+    /// [`BuildError::Bitness`] when `bitness` is not 16, 32 or 64.
     pub fn new(bitness: u32) -> Result<Self, BuildError> {
         let mut b = Self {
             code: Vec::new(),
@@ -175,8 +178,13 @@ impl Builder {
     /// Closes the current section and opens a new one of `bitness`, 16-byte aligned.
     ///
     /// # Errors
-    /// Assembly of the closed section failed.
+    /// [`BuildError::Bitness`] (checked before the current section is
+    /// closed, so the builder stays usable), or assembly of the closed
+    /// section failed.
     pub fn section(&mut self, bitness: u32) -> Result<(), BuildError> {
+        if !matches!(bitness, 16 | 32 | 64) {
+            return Err(BuildError::Bitness(bitness));
+        }
         self.flush()?;
         while self.code.len() % 16 != 0 {
             self.code.push(0xcc);
@@ -426,6 +434,20 @@ mod tests {
         assert_eq!(t.fixups[1].off, 16);
         assert_eq!(t.fixups[1].operand, Some(0));
         assert_eq!(t.sections, vec![(0, 6, 32), (16, 24, 64)]);
+        Ok(())
+    }
+
+    #[test]
+    fn bad_bitness_is_refused_and_leaves_the_builder_usable() -> Result<(), BuildError> {
+        for bits in [0, 8, 33, 128] {
+            assert!(matches!(Builder::new(bits), Err(BuildError::Bitness(b)) if b == bits));
+        }
+        let mut b = Builder::new(32)?;
+        b.a().nop()?;
+        assert!(matches!(b.section(8), Err(BuildError::Bitness(8))));
+        // The open section is still there.
+        b.a().nop()?;
+        assert_eq!(b.finish()?.code, vec![0x90, 0x90]);
         Ok(())
     }
 

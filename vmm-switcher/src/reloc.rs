@@ -257,6 +257,43 @@ pub enum RelocError {
         /// Why.
         why: &'static str,
     },
+    /// An address computation runs past the end of its view: 2^64 for HC
+    /// addresses, 4 GiB for RC and identity addresses.
+    #[error("{what} at {base:#x} + {len:#x} runs past 2^{bits}")]
+    AddressOverflow {
+        /// What was computed.
+        what: &'static str,
+        /// The base address.
+        base: u64,
+        /// The offset or length added to it.
+        len: u64,
+        /// Width of the view's address space in bits (32 or 64).
+        bits: u32,
+    },
+    /// A region of the definition is not a 32- or 64-bit range inside the code.
+    #[error("region {name} ({bits}-bit, {start:#x}..{end:#x}) is not 32- or 64-bit code inside the {code_len:#x}-byte code")]
+    BadRegion {
+        /// Region name.
+        name: &'static str,
+        /// Its bitness.
+        bits: u32,
+        /// Start offset.
+        start: u32,
+        /// End offset.
+        end: u32,
+        /// Code length.
+        code_len: u32,
+    },
+    /// An entry point lies outside the code.
+    #[error("entry point {name} at {off:#x} is outside the {code_len:#x}-byte code")]
+    EntryOutsideCode {
+        /// Entry name.
+        name: &'static str,
+        /// Its offset.
+        off: u32,
+        /// Code length.
+        code_len: u32,
+    },
     /// `FIX_GC_APIC_BASE_32BIT` without an APIC address in the context.
     #[error("{kind:?} at {off:#x}: the context has no RC APIC address")]
     NoApicAddress {
@@ -313,17 +350,77 @@ struct Ctx<'a> {
     id: u32,
 }
 
+/// `base + len` in a view `bits` wide, or [`RelocError::AddressOverflow`].
+fn add(what: &'static str, base: u64, len: u64, bits: u32) -> Result<u64, RelocError> {
+    let limit = if bits >= 64 {
+        u64::MAX
+    } else {
+        (1 << bits) - 1
+    };
+    base.checked_add(len)
+        .filter(|&v| v <= limit)
+        .ok_or(RelocError::AddressOverflow {
+            what,
+            base,
+            len,
+            bits,
+        })
+}
+
+/// `base..base + len` must end at or below 2^`bits` (its last byte inside the view).
+fn area(what: &'static str, base: u64, len: u64, bits: u32) -> Result<(), RelocError> {
+    if len == 0 {
+        return Ok(());
+    }
+    add(what, base, len - 1, bits).map(|_| ())
+}
+
 impl Ctx<'_> {
     fn view_of(&self, off: u32) -> Option<View> {
         self.def.region_of(off).map(|r| r.view)
     }
 
-    fn addr(&self, view: View, off: u32) -> i64 {
+    /// Address of code offset `off` in `view`.
+    fn addr(&self, view: View, off: u32) -> Result<u64, RelocError> {
+        let off = u64::from(off);
         match view {
-            View::Hc => self.c.code_hc.0.wrapping_add(u64::from(off)) as i64,
-            View::Id => i64::from(self.id) + i64::from(off),
-            View::Rc => i64::from(self.c.code_rc.0) + i64::from(off),
+            View::Hc => add("HC code address", self.c.code_hc.0, off, 64),
+            View::Id => add("identity code address", u64::from(self.id), off, 32),
+            View::Rc => add("RC code address", u64::from(self.c.code_rc.0), off, 32),
         }
+    }
+
+    /// The rel32 of a `kind` field at `off` from `from` code to `target` in `to` code.
+    fn rel32(
+        &self,
+        kind: FixupKind,
+        off: u32,
+        (from, to): (View, View),
+        target: u32,
+    ) -> Result<u32, RelocError> {
+        let src = add("rel32 source", self.addr(from, off)?, 4, 64)?;
+        let dst = self.addr(to, target)?;
+        let bits = self.def.region_of(off).map_or(32, |r| r.bits);
+        if bits == 64 {
+            // RIP-relative: the displacement itself must fit.
+            let delta = i128::from(dst) - i128::from(src);
+            return i32::try_from(delta).map(|d| d as u32).map_err(|_| {
+                RelocError::Rel32OutOfRange {
+                    kind,
+                    off,
+                    delta: i64::try_from(delta).unwrap_or(if delta < 0 {
+                        i64::MIN
+                    } else {
+                        i64::MAX
+                    }),
+                }
+            });
+        }
+        // 32-bit code: EIP arithmetic wraps modulo 2^32, so any two
+        // addresses below 4 GiB reach each other.
+        let s32 = fit32(kind, off, src)?;
+        let d32 = fit32(kind, off, dst)?;
+        Ok(d32.wrapping_sub(s32))
     }
 }
 
@@ -339,7 +436,52 @@ fn cr3(which: &'static str, value: PhysAddr) -> Result<u32, RelocError> {
     u32::try_from(value.0).map_err(|_| RelocError::Cr3Above4G { which, value })
 }
 
+/// Checks the definition's regions and entry points, and that the code and
+/// the VM and CPUM areas fit their views (HC below 2^64, RC and identity
+/// below 4 GiB).
+fn check_def_and_context(def: &SwitcherDef, ctx: &RelocContext, id: u32) -> Result<(), RelocError> {
+    let code_len = def.code_len();
+    for r in &def.regions {
+        if !matches!(r.bits, 32 | 64) || r.range.start > r.range.end || r.range.end > code_len {
+            return Err(RelocError::BadRegion {
+                name: r.name,
+                bits: r.bits,
+                start: r.range.start,
+                end: r.range.end,
+                code_len,
+            });
+        }
+    }
+    for (name, off) in def.entries.named() {
+        if off > code_len {
+            return Err(RelocError::EntryOutsideCode {
+                name,
+                off,
+                code_len,
+            });
+        }
+    }
+    let len = u64::from(code_len);
+    area("HC code", ctx.code_hc.0, len, 64)?;
+    area("identity code", u64::from(id), len, 32)?;
+    area("RC code", u64::from(ctx.code_rc.0), len, 32)?;
+    area("HC VM structure", ctx.vm_hc.0, u64::from(ctx.vm_size), 64)?;
+    area(
+        "RC VM structure",
+        u64::from(ctx.vm_rc.0),
+        u64::from(ctx.vm_size),
+        32,
+    )?;
+    let cpum_end = u64::from(ctx.cpum_off) + u64::from(ctx.cpum_size);
+    area("HC CPUM area", ctx.vm_hc.0, cpum_end, 64)?;
+    area("RC CPUM area", u64::from(ctx.vm_rc.0), cpum_end, 32)
+}
+
 /// Relocates `code` (a copy of `def.code`) for `ctx`, in place.
+///
+/// All address arithmetic is checked: a value that would run past its view
+/// (2^64 for HC, 4 GiB for RC and identity addresses) is a
+/// [`RelocError::AddressOverflow`], in debug and release builds alike.
 ///
 /// # Errors
 /// [`RelocError`] for any failed check; the buffer may then be partly patched
@@ -349,7 +491,6 @@ pub fn relocate(
     code: &mut [u8],
     ctx: &RelocContext,
 ) -> Result<Relocated, RelocError> {
-    use FixupKind as K;
     if code.len() != def.code.len() {
         return Err(RelocError::BufferSize {
             got: code.len(),
@@ -360,216 +501,266 @@ pub fn relocate(
         .code_id
         .as_id32()
         .ok_or(RelocError::IdAbove4G(ctx.code_id))?;
+    check_def_and_context(def, ctx, id)?;
     let cx = Ctx { def, c: ctx, id };
-    let code_len = def.code_len();
     let mut applied = Vec::with_capacity(def.fixups.len());
     for rec in &def.fixups {
-        let (kind, off) = (rec.kind, rec.off);
-        let len = patch_len(kind);
-        if u64::from(off) + u64::from(len) > u64::from(code_len) {
-            return Err(RelocError::FieldOutsideCode {
-                kind,
-                off,
-                len,
-                code_len,
-            });
-        }
-        let (want_src, _) = required_views(kind);
-        if let Some(want) = want_src {
-            let actual = cx.view_of(off);
-            if actual != Some(want) {
-                return Err(RelocError::SourceRegion {
-                    kind,
-                    off,
-                    want,
-                    actual,
-                });
-            }
-        }
-        let operand = || rec.operand.ok_or(RelocError::MissingOperand { kind, off });
-        let target = |want: View| -> Result<u32, RelocError> {
-            let t = operand()?;
-            let actual = cx.view_of(t);
-            if actual != Some(want) {
-                return Err(RelocError::TargetRegion {
-                    kind,
-                    off,
-                    target: t,
-                    want,
-                    actual,
-                });
-            }
-            Ok(t)
+        let Some((value, bytes)) = patch_for(&cx, rec)? else {
+            continue;
         };
-        let in_struct = |limit: u32| -> Result<u32, RelocError> {
-            let o = operand()?;
-            if o >= limit {
-                return Err(RelocError::OperandOutOfRange {
-                    kind,
-                    off,
-                    operand: o,
-                    limit,
-                });
-            }
-            Ok(o)
-        };
-        let rel32 = |from: View, to: View| -> Result<u32, RelocError> {
-            let t = target(to)?;
-            let (src, dst) = (cx.addr(from, off) + 4, cx.addr(to, t));
-            let bits = cx.def.region_of(off).map_or(32, |r| r.bits);
-            if bits == 64 {
-                // RIP-relative: the displacement itself must fit.
-                let delta = dst - src;
-                return i32::try_from(delta)
-                    .map(|d| d as u32)
-                    .map_err(|_| RelocError::Rel32OutOfRange { kind, off, delta });
-            }
-            // 32-bit code: EIP arithmetic wraps modulo 2^32, so any two
-            // addresses below 4 GiB reach each other.
-            let s32 = fit32(kind, off, src as u64)?;
-            let d32 = fit32(kind, off, dst as u64)?;
-            Ok(d32.wrapping_sub(s32))
-        };
-        let cpum_hc = ctx.vm_hc.0.wrapping_add(u64::from(ctx.cpum_off));
-        let cpum_rc = u64::from(ctx.vm_rc.0) + u64::from(ctx.cpum_off);
-        let at = off as usize;
-        let (value, bytes): (u64, Vec<u8>) = match kind {
-            K::Hc2GcNearRel => one32(rel32(View::Hc, View::Rc)?),
-            K::Hc2IdNearRel => one32(rel32(View::Hc, View::Id)?),
-            K::Gc2HcNearRel => one32(rel32(View::Rc, View::Hc)?),
-            K::Gc2IdNearRel => one32(rel32(View::Rc, View::Id)?),
-            K::Id2HcNearRel => one32(rel32(View::Id, View::Hc)?),
-            K::Id2GcNearRel => one32(rel32(View::Id, View::Rc)?),
-            K::GcFar32 => far(
-                fit32(kind, off, cx.addr(View::Rc, target(View::Rc)?) as u64)?,
-                ctx.sel.cs,
-            ),
-            K::GcCpumOff => one32(fit32(
-                kind,
-                off,
-                cpum_rc + u64::from(in_struct(ctx.cpum_size)?),
-            )?),
-            K::GcVmOff => one32(fit32(
-                kind,
-                off,
-                u64::from(ctx.vm_rc.0) + u64::from(in_struct(ctx.vm_size)?),
-            )?),
-            K::HcCpumOff => one32(fit32(
-                kind,
-                off,
-                cpum_hc.wrapping_add(u64::from(in_struct(ctx.cpum_size)?)),
-            )?),
-            K::HcVmOff => one32(fit32(
-                kind,
-                off,
-                ctx.vm_hc.0.wrapping_add(u64::from(in_struct(ctx.vm_size)?)),
-            )?),
-            K::Inter32BitCr3 => one32(cr3("32-bit", ctx.inter_cr3.legacy32)?),
-            K::InterPaeCr3 => one32(cr3("PAE", ctx.inter_cr3.pae)?),
-            K::InterAmd64Cr3 => one32(cr3("AMD64", ctx.inter_cr3.amd64)?),
-            K::Hyper32BitCr3 | K::HyperPaeCr3 | K::HyperAmd64Cr3 => {
-                return Err(RelocError::Unsupported {
-                    kind,
-                    off,
-                    why: "VirtualBox 2.1 only; switchers load Hyper.cr3",
-                })
-            }
-            K::HyperCs => one16(ctx.sel.cs),
-            K::HyperDs => one16(ctx.sel.ds),
-            K::HyperTss => one16(ctx.sel.tss),
-            K::GcTssGdteDw2 => one32(fit32(
-                kind,
-                off,
-                u64::from(ctx.gdt_rc.0) + u64::from(ctx.sel.tss & !7) + 4,
-            )?),
-            K::Cr4Mask | K::Cr4Osfsxr => {
-                return Err(RelocError::Unsupported {
-                    kind,
-                    off,
-                    why: "never implemented by VirtualBox",
-                })
-            }
-            K::NoFxsaveJmp | K::NoSysenterJmp | K::NoSyscallJmp => {
-                let t = in_struct(code_len)?;
-                let jump = match kind {
-                    K::NoFxsaveJmp => !ctx.cpu.fxsr,
-                    K::NoSysenterJmp => !ctx.cpu.host_sysenter,
-                    _ => !ctx.cpu.host_syscall,
-                };
-                if jump {
-                    let rel = i64::from(t) - (i64::from(off) + 5);
-                    let mut b = vec![0xe9];
-                    b.extend_from_slice(&(rel as i32).to_le_bytes());
-                    (1, b)
-                } else {
-                    (0, def.code[at..at + 5].to_vec())
-                }
-            }
-            K::Hc32Bit => one32(fit32(
-                kind,
-                off,
-                cx.addr(View::Hc, target(View::Hc)?) as u64,
-            )?),
-            K::Hc64Bit => one64(cx.addr(View::Hc, target(View::Hc)?) as u64),
-            K::Hc64BitCpum => one64(cpum_hc),
-            K::Hc64BitCs => {
-                return Err(RelocError::Unsupported {
-                    kind,
-                    off,
-                    why: "Darwin hybrid-kernel hosts only",
-                })
-            }
-            K::Id32Bit => one32(fit32(
-                kind,
-                off,
-                cx.addr(View::Id, target(View::Id)?) as u64,
-            )?),
-            K::Id64Bit => one64(cx.addr(View::Id, target(View::Id)?) as u64),
-            K::IdFar32To64BitMode => {
-                let t = target(View::Id)?;
-                if ctx.sel.cs64 == 0 {
-                    return Err(RelocError::NullCs64 { kind, off });
-                }
-                far(fit32(kind, off, cx.addr(View::Id, t) as u64)?, ctx.sel.cs64)
-            }
-            K::GcApicBase32Bit => one32(
-                ctx.apic_rc
-                    .ok_or(RelocError::NoApicAddress { kind, off })?
-                    .0,
-            ),
-            K::Hc64BitNoCheck => one64(cx.addr(View::Id, operand()?) as u64),
-            K::Gc64BitCpumOff => one64(cpum_rc + u64::from(in_struct(ctx.cpum_size)?)),
-            K::GcCpumCpuOff => one32(fit32(
-                kind,
-                off,
-                cpum_rc
-                    + u64::from(ctx.cpumcpu0_off)
-                    + u64::from(in_struct(ctx.cpum_size.saturating_sub(ctx.cpumcpu0_off))?),
-            )?),
-            K::EferOrMask => one32(ctx.cpu.efer_or_mask()),
-            K::TheEnd => continue,
-        };
-        code[at..at + bytes.len()].copy_from_slice(&bytes);
+        let at = rec.off as usize;
+        let field = at
+            .checked_add(bytes.len())
+            .and_then(|end| code.get_mut(at..end))
+            .ok_or(RelocError::FieldOutsideCode {
+                kind: rec.kind,
+                off: rec.off,
+                len: bytes.len() as u32,
+                code_len: def.code_len(),
+            })?;
+        field.copy_from_slice(&bytes);
         applied.push(Applied {
             record: *rec,
             value,
-            len: len.max(bytes.len() as u32),
+            len: patch_len(rec.kind).max(bytes.len() as u32),
         });
     }
-    let e = &def.entries;
-    let rc = |o: u32| RcAddr(ctx.code_rc.0.wrapping_add(o));
     Ok(Relocated {
         applied,
-        entries: EntryAddrs {
-            r0_host_to_guest_hc: HcAddr(ctx.code_hc.0.wrapping_add(u64::from(e.r0_host_to_guest))),
-            rc_guest_to_host: rc(e.rc_guest_to_host),
-            rc_call_trampoline: rc(e.rc_call_trampoline),
-            rc_guest_to_host_asm: rc(e.rc_guest_to_host_asm),
-            rc_guest_to_host_asm_hyper_ctx: rc(e.rc_guest_to_host_asm_hyper_ctx),
-            rc_guest_to_host_asm_guest_ctx: rc(e.rc_guest_to_host_asm_guest_ctx),
-            rc_guest_to_host_asm_id: PhysAddr(u64::from(id) + u64::from(e.rc_guest_to_host_asm)),
-        },
+        entries: entry_addrs(def, ctx, id)?,
     })
+}
+
+/// Entry addresses in every view.
+fn entry_addrs(def: &SwitcherDef, ctx: &RelocContext, id: u32) -> Result<EntryAddrs, RelocError> {
+    let e = &def.entries;
+    let rc = |o: u32| {
+        add("RC entry", u64::from(ctx.code_rc.0), u64::from(o), 32).map(|a| RcAddr(a as u32))
+    };
+    Ok(EntryAddrs {
+        r0_host_to_guest_hc: HcAddr(add(
+            "HC entry",
+            ctx.code_hc.0,
+            u64::from(e.r0_host_to_guest),
+            64,
+        )?),
+        rc_guest_to_host: rc(e.rc_guest_to_host)?,
+        rc_call_trampoline: rc(e.rc_call_trampoline)?,
+        rc_guest_to_host_asm: rc(e.rc_guest_to_host_asm)?,
+        rc_guest_to_host_asm_hyper_ctx: rc(e.rc_guest_to_host_asm_hyper_ctx)?,
+        rc_guest_to_host_asm_guest_ctx: rc(e.rc_guest_to_host_asm_guest_ctx)?,
+        rc_guest_to_host_asm_id: PhysAddr(add(
+            "identity entry",
+            u64::from(id),
+            u64::from(e.rc_guest_to_host_asm),
+            32,
+        )?),
+    })
+}
+
+/// Checks one record's field bounds and source region.
+fn check_record(cx: &Ctx<'_>, rec: &FixupRecord) -> Result<(), RelocError> {
+    let (kind, off) = (rec.kind, rec.off);
+    let len = patch_len(kind);
+    let code_len = cx.def.code_len();
+    if u64::from(off) + u64::from(len) > u64::from(code_len) {
+        return Err(RelocError::FieldOutsideCode {
+            kind,
+            off,
+            len,
+            code_len,
+        });
+    }
+    let (want_src, _) = required_views(kind);
+    if let Some(want) = want_src {
+        let actual = cx.view_of(off);
+        if actual != Some(want) {
+            return Err(RelocError::SourceRegion {
+                kind,
+                off,
+                want,
+                actual,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// What one record writes: `(value, bytes)`, or `None` for the terminator.
+fn patch_for(cx: &Ctx<'_>, rec: &FixupRecord) -> Result<Option<(u64, Vec<u8>)>, RelocError> {
+    use FixupKind as K;
+    if rec.kind == K::TheEnd {
+        return Ok(None);
+    }
+    check_record(cx, rec)?;
+    let (kind, off, ctx) = (rec.kind, rec.off, cx.c);
+    let operand = || rec.operand.ok_or(RelocError::MissingOperand { kind, off });
+    let target = |want: View| -> Result<u32, RelocError> {
+        let t = operand()?;
+        let actual = cx.view_of(t);
+        if actual != Some(want) {
+            return Err(RelocError::TargetRegion {
+                kind,
+                off,
+                target: t,
+                want,
+                actual,
+            });
+        }
+        Ok(t)
+    };
+    let in_struct = |limit: u32| -> Result<u64, RelocError> {
+        let o = operand()?;
+        if o >= limit {
+            return Err(RelocError::OperandOutOfRange {
+                kind,
+                off,
+                operand: o,
+                limit,
+            });
+        }
+        Ok(u64::from(o))
+    };
+    let rel32 = |views: (View, View)| cx.rel32(kind, off, views, target(views.1)?);
+    let cpum_off = u64::from(ctx.cpum_off);
+    let cpum_hc = || add("HC CPUM address", ctx.vm_hc.0, cpum_off, 64);
+    let cpum_rc = || add("RC CPUM address", u64::from(ctx.vm_rc.0), cpum_off, 32);
+    let vm_rc = u64::from(ctx.vm_rc.0);
+    let fit = |v: u64| fit32(kind, off, v);
+    Ok(Some(match kind {
+        K::Hc2GcNearRel => one32(rel32((View::Hc, View::Rc))?),
+        K::Hc2IdNearRel => one32(rel32((View::Hc, View::Id))?),
+        K::Gc2HcNearRel => one32(rel32((View::Rc, View::Hc))?),
+        K::Gc2IdNearRel => one32(rel32((View::Rc, View::Id))?),
+        K::Id2HcNearRel => one32(rel32((View::Id, View::Hc))?),
+        K::Id2GcNearRel => one32(rel32((View::Id, View::Rc))?),
+        K::GcFar32 => far(fit(cx.addr(View::Rc, target(View::Rc)?)?)?, ctx.sel.cs),
+        K::GcCpumOff => one32(fit(add(
+            "RC CPUM field",
+            cpum_rc()?,
+            in_struct(ctx.cpum_size)?,
+            32,
+        )?)?),
+        K::GcVmOff => one32(fit(add(
+            "RC VM field",
+            vm_rc,
+            in_struct(ctx.vm_size)?,
+            32,
+        )?)?),
+        K::HcCpumOff => one32(fit(add(
+            "HC CPUM field",
+            cpum_hc()?,
+            in_struct(ctx.cpum_size)?,
+            64,
+        )?)?),
+        K::HcVmOff => one32(fit(add(
+            "HC VM field",
+            ctx.vm_hc.0,
+            in_struct(ctx.vm_size)?,
+            64,
+        )?)?),
+        K::Inter32BitCr3 => one32(cr3("32-bit", ctx.inter_cr3.legacy32)?),
+        K::InterPaeCr3 => one32(cr3("PAE", ctx.inter_cr3.pae)?),
+        K::InterAmd64Cr3 => one32(cr3("AMD64", ctx.inter_cr3.amd64)?),
+        K::Hyper32BitCr3 | K::HyperPaeCr3 | K::HyperAmd64Cr3 => {
+            return Err(RelocError::Unsupported {
+                kind,
+                off,
+                why: "VirtualBox 2.1 only; switchers load Hyper.cr3",
+            })
+        }
+        K::HyperCs => one16(ctx.sel.cs),
+        K::HyperDs => one16(ctx.sel.ds),
+        K::HyperTss => one16(ctx.sel.tss),
+        K::GcTssGdteDw2 => {
+            let dw2 = u64::from(ctx.sel.tss & !7) + 4;
+            one32(fit(add(
+                "RC TSS descriptor",
+                u64::from(ctx.gdt_rc.0),
+                dw2,
+                32,
+            )?)?)
+        }
+        K::Cr4Mask | K::Cr4Osfsxr => {
+            return Err(RelocError::Unsupported {
+                kind,
+                off,
+                why: "never implemented by VirtualBox",
+            })
+        }
+        K::NoFxsaveJmp | K::NoSysenterJmp | K::NoSyscallJmp => {
+            cond_jump(cx, rec, in_struct(cx.def.code_len())?)?
+        }
+        K::Hc32Bit => one32(fit(cx.addr(View::Hc, target(View::Hc)?)?)?),
+        K::Hc64Bit => one64(cx.addr(View::Hc, target(View::Hc)?)?),
+        K::Hc64BitCpum => one64(cpum_hc()?),
+        K::Hc64BitCs => {
+            return Err(RelocError::Unsupported {
+                kind,
+                off,
+                why: "Darwin hybrid-kernel hosts only",
+            })
+        }
+        K::Id32Bit => one32(fit(cx.addr(View::Id, target(View::Id)?)?)?),
+        K::Id64Bit => one64(cx.addr(View::Id, target(View::Id)?)?),
+        K::IdFar32To64BitMode => {
+            let t = target(View::Id)?;
+            if ctx.sel.cs64 == 0 {
+                return Err(RelocError::NullCs64 { kind, off });
+            }
+            far(fit(cx.addr(View::Id, t)?)?, ctx.sel.cs64)
+        }
+        K::GcApicBase32Bit => one32(
+            ctx.apic_rc
+                .ok_or(RelocError::NoApicAddress { kind, off })?
+                .0,
+        ),
+        K::Hc64BitNoCheck => one64(cx.addr(View::Id, operand()?)?),
+        K::Gc64BitCpumOff => one64(add(
+            "RC CPUM field",
+            cpum_rc()?,
+            in_struct(ctx.cpum_size)?,
+            32,
+        )?),
+        K::GcCpumCpuOff => {
+            let cpumcpu = add("RC CPUMCPU", cpum_rc()?, u64::from(ctx.cpumcpu0_off), 32)?;
+            let limit = ctx.cpum_size.saturating_sub(ctx.cpumcpu0_off);
+            one32(fit(add(
+                "RC CPUMCPU field",
+                cpumcpu,
+                in_struct(limit)?,
+                32,
+            )?)?)
+        }
+        K::EferOrMask => one32(ctx.cpu.efer_or_mask()),
+        K::TheEnd => return Ok(None),
+    }))
+}
+
+/// A conditional `jmp rel32` to code offset `t` (when the CPU or host lacks
+/// the feature), or the original five template bytes.
+fn cond_jump(cx: &Ctx<'_>, rec: &FixupRecord, t: u64) -> Result<(u64, Vec<u8>), RelocError> {
+    let jump = match rec.kind {
+        FixupKind::NoFxsaveJmp => !cx.c.cpu.fxsr,
+        FixupKind::NoSysenterJmp => !cx.c.cpu.host_sysenter,
+        _ => !cx.c.cpu.host_syscall,
+    };
+    let at = rec.off as usize;
+    if jump {
+        let delta = i128::from(t) - (i128::from(rec.off) + 5);
+        let rel = i32::try_from(delta).map_err(|_| RelocError::Rel32OutOfRange {
+            kind: rec.kind,
+            off: rec.off,
+            delta: i64::try_from(delta).unwrap_or(i64::MIN),
+        })?;
+        let mut b = vec![0xe9];
+        b.extend_from_slice(&rel.to_le_bytes());
+        Ok((1, b))
+    } else {
+        // check_record proved the five bytes lie inside the code.
+        let orig = cx.def.code.get(at..at + 5).unwrap_or_default().to_vec();
+        Ok((0, orig))
+    }
 }
 
 fn one16(v: u16) -> (u64, Vec<u8>) {

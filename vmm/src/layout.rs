@@ -76,14 +76,32 @@ const _: () = {
     assert!((OFF_CPUM + OFF_CPUMCPU0) % 64 == 0);
 };
 
-/// Size of the VM structure for `vcpus` VCPUs.
-pub const fn vm_size(vcpus: u32) -> u32 {
-    (size_of::<VmFixed>() + vcpus as usize * CPUMCPU_SIZE) as u32
+/// Size of the VM structure for `vcpus` VCPUs, or `None` if it does not fit
+/// in 32 bits.
+pub const fn vm_size(vcpus: u32) -> Option<u32> {
+    match off_cpumcpu(vcpus) {
+        Some(end) => end.checked_add(OFF_CPUM as u32),
+        None => None,
+    }
 }
 
-/// Byte offset of VCPU `i`'s `CpumCpu32` from `Cpum` (the C entry's second argument).
-pub const fn off_cpumcpu(i: u32) -> u32 {
-    (OFF_CPUMCPU0 + i as usize * CPUMCPU_SIZE) as u32
+/// Byte offset of VCPU `i`'s `CpumCpu32` from `Cpum` (the C entry's second
+/// argument), or `None` if it does not fit in 32 bits.
+pub const fn off_cpumcpu(i: u32) -> Option<u32> {
+    match i.checked_mul(CPUMCPU_SIZE as u32) {
+        Some(o) => o.checked_add(OFF_CPUMCPU0 as u32),
+        None => None,
+    }
+}
+
+/// A layout the 32-bit HMA cannot hold.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{what} of {value:#x} does not fit the 32-bit hypervisor area")]
+pub struct LayoutError {
+    /// Which quantity.
+    pub what: &'static str,
+    /// Its value (a count of VCPUs or pages).
+    pub value: u64,
 }
 
 /// Offsets (from the HMA start) of everything in the hypervisor area.
@@ -111,16 +129,35 @@ pub struct HmaLayout {
 
 impl HmaLayout {
     /// The layout for `vcpus` VCPUs and `helper_pages` pages of helper code.
-    pub fn new(vcpus: u32, helper_pages: u32) -> Self {
-        let vm_size = vm_size(vcpus);
-        let vm_pages = vm_size.div_ceil(PAGE);
-        let gdt = vm_pages * PAGE;
+    ///
+    /// # Errors
+    /// [`LayoutError`] when `vcpus` is past [`MAX_VCPUS`] or the area does
+    /// not fit in 32 bits.
+    pub fn new(vcpus: u32, helper_pages: u32) -> Result<Self, LayoutError> {
+        if vcpus > MAX_VCPUS {
+            return Err(LayoutError {
+                what: "VCPU count",
+                value: u64::from(vcpus),
+            });
+        }
+        let too_large = |what: &'static str, value: u32| LayoutError {
+            what,
+            value: u64::from(value),
+        };
+        let vm_size = vm_size(vcpus).ok_or(too_large("VCPU count", vcpus))?;
+        let gdt = vm_size.div_ceil(PAGE) * PAGE;
         let tss = gdt + PAGE;
         let idt = tss + PAGE;
         let stacks = idt + PAGE;
+        // At most 32 VCPUs: every offset up to here is far below 4 GiB.
         let helper = stacks + vcpus * STACK_PAGES * PAGE;
-        let helper_size = helper_pages * PAGE;
-        Self {
+        let helper_size = helper_pages
+            .checked_mul(PAGE)
+            .ok_or(too_large("helper area", helper_pages))?;
+        let size = helper
+            .checked_add(helper_size)
+            .ok_or(too_large("helper area", helper_pages))?;
+        Ok(Self {
             vm: 0,
             vm_size,
             gdt,
@@ -129,18 +166,24 @@ impl HmaLayout {
             stacks,
             helper,
             helper_size,
-            size: helper + helper_size,
-        }
+            size,
+        })
     }
 
-    /// Offset of VCPU `i`'s TSS.
-    pub fn tss_of(&self, i: u32) -> u32 {
-        self.tss + i * TSS_SIZE
+    /// Offset of VCPU `i`'s TSS, or `None` if it lies past the TSS page.
+    pub fn tss_of(&self, i: u32) -> Option<u32> {
+        let off = i.checked_mul(TSS_SIZE)?;
+        (off < PAGE).then(|| self.tss + off)
     }
 
-    /// Offset of the top of VCPU `i`'s stack.
-    pub fn stack_top(&self, i: u32) -> u32 {
-        self.stacks + (i + 1) * STACK_PAGES * PAGE
+    /// Offset of the top of VCPU `i`'s stack, or `None` if VCPU `i` has no
+    /// stack in this layout.
+    pub fn stack_top(&self, i: u32) -> Option<u32> {
+        let top = i
+            .checked_add(1)?
+            .checked_mul(STACK_PAGES * PAGE)?
+            .checked_add(self.stacks)?;
+        (top <= self.helper).then_some(top)
     }
 }
 
@@ -156,13 +199,22 @@ pub mod sel {
     /// slots, so each also holds a 64-bit TSS descriptor).
     pub const TSS: u16 = 0x20;
 
-    /// TSS selector of VCPU `i`.
-    pub const fn tss(i: u32) -> u16 {
+    /// TSS selector of VCPU `i` (a `u8`, so every value has a selector).
+    pub const fn tss(i: u8) -> u16 {
         TSS + (i as u16) * cpum::HYPER_TSS_STRIDE
     }
 
+    /// TSS selector of VCPU `i`, or `None` past [`crate::layout::MAX_VCPUS`].
+    pub const fn try_tss(i: u32) -> Option<u16> {
+        if i < super::MAX_VCPUS {
+            Some(tss(i as u8))
+        } else {
+            None
+        }
+    }
+
     /// GDT limit for `vcpus` VCPUs.
-    pub const fn gdt_limit(vcpus: u32) -> u16 {
+    pub const fn gdt_limit(vcpus: u8) -> u16 {
         tss(vcpus) - 1
     }
 }
@@ -180,14 +232,14 @@ pub fn tss_descriptor(base: u32) -> [u64; 2] {
 }
 
 /// The hyper GDT: null, CS, DS, CS64, then one TSS descriptor per VCPU.
-pub fn hyper_gdt(tss_rc: impl Fn(u32) -> u32, vcpus: u32) -> Vec<u64> {
+pub fn hyper_gdt(tss_rc: impl Fn(u32) -> u32, vcpus: u8) -> Vec<u64> {
     let mut g = vec![
         0,
         0x00cf_9a00_0000_ffff,
         0x00cf_9200_0000_ffff,
         0x00af_9a00_0000_ffff,
     ];
-    for i in 0..vcpus {
+    for i in 0..u32::from(vcpus) {
         g.extend(tss_descriptor(tss_rc(i)));
     }
     g
@@ -195,30 +247,40 @@ pub fn hyper_gdt(tss_rc: impl Fn(u32) -> u32, vcpus: u32) -> Vec<u64> {
 
 /// The words `CPUMPushHyper` leaves on the hyper stack for the call
 /// trampoline, lowest address first: target, argument byte count, then the
-/// arguments in cdecl order.
+/// arguments in cdecl order. The byte count saturates at `u32::MAX`; callers
+/// bound `args` by the stack they push it on.
 pub fn trampoline_frame(target: u32, args: &[u32]) -> Vec<u32> {
-    let mut v = vec![target, (args.len() * 4) as u32];
+    let bytes = args
+        .len()
+        .checked_mul(4)
+        .and_then(|b| u32::try_from(b).ok())
+        .unwrap_or(u32::MAX);
+    let mut v = vec![target, bytes];
     v.extend_from_slice(args);
     v
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
     #[test]
     fn layout_is_page_granular_and_ordered() {
-        let l = HmaLayout::new(2, 4);
+        let l = HmaLayout::new(2, 4).unwrap();
         assert_eq!(l.vm_size, 256 + 2 * 2560);
         assert_eq!(l.gdt, 0x2000);
         assert_eq!(l.tss, 0x3000);
         assert_eq!(l.idt, 0x4000);
         assert_eq!(l.stacks, 0x5000);
-        assert_eq!(l.stack_top(1), 0x9000);
+        assert_eq!(l.stack_top(1), Some(0x9000));
+        assert_eq!(l.stack_top(2), None);
         assert_eq!(l.helper, 0x9000);
         assert_eq!(l.size, 0xd000);
-        assert_eq!(l.tss_of(1), 0x3080);
-        assert_eq!(off_cpumcpu(1), 64 + 2560);
+        assert_eq!(l.tss_of(1), Some(0x3080));
+        assert_eq!(off_cpumcpu(1), Some(64 + 2560));
+        assert_eq!(off_cpumcpu(u32::MAX), None);
+        assert_eq!(vm_size(u32::MAX), None);
     }
 
     #[test]

@@ -51,7 +51,7 @@ use vmm_switcher::{
 };
 use zerocopy::{FromBytes, IntoBytes};
 
-use crate::layout::{HmaLayout, VmFixed, VmHeader, PAGE};
+use crate::layout::{HmaLayout, VmFixed, VmHeader, PAGE, TSS_SIZE};
 use crate::mode::{GuestMode, HostPagingMode, SelectError};
 
 /// Where the core code, the hypervisor area and the intermediate tables live.
@@ -103,7 +103,7 @@ pub struct ExtraMapping {
 pub struct VmmConfig {
     /// Addresses.
     pub placement: Placement,
-    /// Number of VCPUs (1..=64).
+    /// Number of VCPUs (1..=[`layout::MAX_VCPUS`], i.e. 1..=32).
     pub vcpus: u32,
     /// Template options for every switcher.
     pub options: TemplateOptions,
@@ -174,6 +174,26 @@ pub enum PlacementError {
         /// End.
         end: u64,
     },
+    /// A range starting at `start` and `len` bytes long runs past 2^64.
+    #[error(
+        "{what} range at {start:#x} ({len:#x} bytes) runs past the end of the 64-bit address space"
+    )]
+    Wraps {
+        /// Which range.
+        what: &'static str,
+        /// Start.
+        start: u64,
+        /// Length in bytes.
+        len: u64,
+    },
+    /// The hypervisor area or the core-code block does not fit in 32 bits.
+    #[error("{what} of {value:#x} does not fit the 32-bit hypervisor area")]
+    LayoutTooLarge {
+        /// Which quantity.
+        what: &'static str,
+        /// Its value.
+        value: u64,
+    },
     /// Two physical or virtual ranges overlap.
     #[error("{a} range {a_range:x?} overlaps {b} range {b_range:x?}")]
     Overlap {
@@ -203,6 +223,15 @@ pub enum PlacementError {
     /// The intermediate-table region is too small or misplaced.
     #[error("intermediate table region: {0}")]
     Tables(#[from] pgm_intermediate::RegionError),
+}
+
+impl From<layout::LayoutError> for PlacementError {
+    fn from(e: layout::LayoutError) -> Self {
+        Self::LayoutTooLarge {
+            what: e.what,
+            value: e.value,
+        }
+    }
 }
 
 /// Building or relocating the core failed.
@@ -255,6 +284,29 @@ pub enum VmmError {
     /// The switcher is not available.
     #[error("{0}")]
     Select(#[from] SelectError),
+    /// A switcher's listing could not be made.
+    #[error("disassembly: {0}")]
+    Disasm(#[from] vmm_switcher::disasm::DisasmError),
+    /// A switcher's bytes outside the core-code block (a layout bug).
+    #[error("switcher of {len} bytes at {off:#x} is outside the {cap:#x}-byte core-code block")]
+    CoreRange {
+        /// Offset.
+        off: usize,
+        /// Length.
+        len: usize,
+        /// Block size.
+        cap: usize,
+    },
+    /// A write into the HMA image outside it (a layout bug).
+    #[error("HMA access of {len} bytes at {off:#x} is outside the {cap:#x}-byte image")]
+    HmaRange {
+        /// Offset.
+        off: usize,
+        /// Length.
+        len: usize,
+        /// Image size.
+        cap: usize,
+    },
     /// A VCPU index past the configured count.
     #[error("VCPU {index} does not exist (the VM has {count})")]
     NoSuchVcpu {
@@ -282,9 +334,12 @@ pub struct Installed {
 
 impl Installed {
     /// The relocated bytes of this switcher inside `core`.
+    /// Empty if `core` is not the block this switcher was installed in.
     pub fn code<'a>(&self, core: &'a [u8]) -> &'a [u8] {
         let start = self.offset as usize;
-        core.get(start..start + self.def.code.len())
+        start
+            .checked_add(self.def.code.len())
+            .and_then(|end| core.get(start..end))
             .unwrap_or_default()
     }
 }
@@ -386,6 +441,7 @@ pub struct Vmm {
     inter: IntermediateContext<VecAllocator>,
     hyper: IntermediateContext<VecAllocator>,
     active: Option<SwitcherKind>,
+    addrs: Addrs,
 }
 
 impl core::fmt::Debug for Vmm {
@@ -418,6 +474,45 @@ fn aligned(what: &'static str, addr: u64) -> Result<(), PlacementError> {
     Ok(())
 }
 
+/// Size of the CPUM area (`Cpum` and every `CpumCpu32`) for `vcpus` VCPUs.
+fn cpum_size(vcpus: u32) -> Result<u32, PlacementError> {
+    layout::off_cpumcpu(vcpus).ok_or(PlacementError::VcpuCount(vcpus))
+}
+
+type Named<'a> = (&'static str, &'a Range<u64>);
+
+/// A range the RC view maps: its names in the switcher's and the hyper
+/// context's tables, and `(virt, phys, len)`.
+type RcRange = (&'static str, &'static str, (u64, u64, u64));
+
+/// The first pair of `ranges` that overlaps and is not `allowed`, as an error.
+fn no_overlaps(
+    ranges: &[Named<'_>],
+    allowed: impl Fn(&Named<'_>, &Named<'_>) -> bool,
+) -> Result<(), PlacementError> {
+    for (i, a) in ranges.iter().enumerate() {
+        for b in &ranges[i + 1..] {
+            if overlap(a.1, b.1) && !allowed(a, b) {
+                return Err(PlacementError::Overlap {
+                    a: a.0,
+                    a_range: a.1.clone(),
+                    b: b.0,
+                    b_range: b.1.clone(),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `start..start + len`, or [`PlacementError::Wraps`] if it runs past 2^64.
+fn range(what: &'static str, start: u64, len: u64) -> Result<Range<u64>, PlacementError> {
+    let end = start
+        .checked_add(len)
+        .ok_or(PlacementError::Wraps { what, start, len })?;
+    Ok(start..end)
+}
+
 fn below4g(what: &'static str, r: &Range<u64>) -> Result<(), PlacementError> {
     if r.end > 1 << 32 {
         return Err(PlacementError::Above4G {
@@ -438,26 +533,63 @@ impl Vmm {
         if cfg.vcpus == 0 || cfg.vcpus > layout::MAX_VCPUS {
             return Err(PlacementError::VcpuCount(cfg.vcpus).into());
         }
-        let hma_layout = HmaLayout::new(cfg.vcpus, cfg.helper_pages);
-        let cpum_size = u32::try_from(CPUMCPU_SIZE).unwrap_or(u32::MAX) * cfg.vcpus
-            + u32::try_from(layout::OFF_CPUMCPU0).unwrap_or(0);
-        let vm = VmLayout {
-            size: hma_layout.vm_size,
-            cpum: layout::OFF_CPUM as u32,
-            cpum_size,
-            stat_to_gc: layout::OFF_STAT_TO_GC as u32,
-            stat_to_hc: layout::OFF_STAT_TO_HC as u32,
-        };
-        let mut switchers = Vec::new();
-        let mut core = Vec::new();
         if cfg.host_bits != 32 && cfg.host_bits != 64 {
             return Err(PlacementError::HostBits(cfg.host_bits).into());
         }
+        let hma_layout =
+            HmaLayout::new(cfg.vcpus, cfg.helper_pages).map_err(PlacementError::from)?;
+        let vm = VmLayout {
+            size: hma_layout.vm_size,
+            cpum: layout::OFF_CPUM as u32,
+            cpum_size: cpum_size(cfg.vcpus)?,
+            stat_to_gc: layout::OFF_STAT_TO_GC as u32,
+            stat_to_hc: layout::OFF_STAT_TO_HC as u32,
+        };
+        let (switchers, core) = Self::build_core(&cfg, &vm)?;
+        let p = cfg.placement;
+        Self::check_placement(&cfg, core.len() as u64, u64::from(hma_layout.size))?;
+        // The table region holds the intermediate context, then the hyper context.
+        let half = cfg.table_pages / 2;
+        let alloc =
+            VecAllocator::new(p.tables_phys.0, half as usize).map_err(PlacementError::from)?;
+        let inter = IntermediateContext::new(alloc)?;
+        // check_placement proved the whole table region lies below 4 GiB.
+        let hyper_base = p.tables_phys.0 + u64::from(half) * u64::from(PAGE);
+        let alloc = VecAllocator::new(hyper_base, (cfg.table_pages - half) as usize)
+            .map_err(PlacementError::from)?;
+        let hyper = IntermediateContext::new(alloc)?;
+        let mut vmm = Self {
+            hma: vec![0; hma_layout.size as usize],
+            cfg,
+            hma_layout,
+            switchers,
+            core,
+            inter,
+            hyper,
+            active: None,
+            addrs: Addrs::default(),
+        };
+        vmm.addrs = vmm.compute_addrs()?;
+        vmm.map_fixed()?;
+        vmm.map_rc()?;
+        vmm.init_vm(true)?;
+        vmm.relocate_all()?;
+        Ok(vmm)
+    }
+
+    /// Builds every switcher for the host's bitness and copies them, each
+    /// 32-byte aligned with at least one byte of padding, into one
+    /// page-granular core-code block.
+    fn build_core(cfg: &VmmConfig, vm: &VmLayout) -> Result<(Vec<Installed>, Vec<u8>), VmmError> {
+        let mut switchers = Vec::new();
+        let mut core = Vec::new();
         for &kind in available_for(cfg.host_bits) {
-            let def = build_switcher(kind, &cfg.options, &vm)?;
-            let offset = u32::try_from(core.len()).unwrap_or(u32::MAX);
+            let def = build_switcher(kind, &cfg.options, vm)?;
+            let offset = u32::try_from(core.len()).map_err(|_| PlacementError::LayoutTooLarge {
+                what: "core-code block",
+                value: core.len() as u64,
+            })?;
             core.extend_from_slice(&def.code);
-            // Every switcher starts 32-byte aligned, with at least one byte of padding.
             core.push(0xcc);
             while core.len() % 32 != 0 {
                 core.push(0xcc);
@@ -476,34 +608,13 @@ impl Vmm {
         while core.len() % PAGE as usize != 0 {
             core.push(0xcc);
         }
-        let p = cfg.placement;
-        Self::check_placement(&cfg, core.len() as u64, u64::from(hma_layout.size))?;
-        // The table region holds the intermediate context, then the hyper context.
-        let half = cfg.table_pages / 2;
-        let alloc =
-            VecAllocator::new(p.tables_phys.0, half as usize).map_err(PlacementError::from)?;
-        let inter = IntermediateContext::new(alloc)?;
-        let hyper_base = p.tables_phys.0 + u64::from(half) * u64::from(PAGE);
-        let alloc = VecAllocator::new(hyper_base, (cfg.table_pages - half) as usize)
-            .map_err(PlacementError::from)?;
-        let hyper = IntermediateContext::new(alloc)?;
-        let mut vmm = Self {
-            hma: vec![0; hma_layout.size as usize],
-            cfg,
-            hma_layout,
-            switchers,
-            core,
-            inter,
-            hyper,
-            active: None,
-        };
-        vmm.map_fixed()?;
-        vmm.map_rc()?;
-        vmm.init_vm(true);
-        vmm.relocate_all()?;
-        Ok(vmm)
+        Ok((switchers, core))
     }
 
+    /// Checks alignment, address-space limits and overlaps of every range;
+    /// all arithmetic is checked, so a range that would cross 2^64 is
+    /// [`PlacementError::Wraps`] and one that must stay below 4 GiB but does
+    /// not is [`PlacementError::Above4G`].
     fn check_placement(cfg: &VmmConfig, code_len: u64, hma_len: u64) -> Result<(), PlacementError> {
         let p = &cfg.placement;
         aligned("core-code HC", p.code_hc.0)?;
@@ -512,21 +623,29 @@ impl Vmm {
         aligned("HMA HC", p.hma_hc.0)?;
         aligned("HMA physical", p.hma_phys.0)?;
         aligned("intermediate tables", p.tables_phys.0)?;
-        let code_phys = p.code_phys.0..p.code_phys.0 + code_len;
-        let hma_phys = p.hma_phys.0..p.hma_phys.0 + hma_len;
-        let tables =
-            p.tables_phys.0..p.tables_phys.0 + u64::from(cfg.table_pages) * u64::from(PAGE);
-        let code_hc = p.code_hc.0..p.code_hc.0 + code_len;
-        let hma_hc = p.hma_hc.0..p.hma_hc.0 + hma_len;
+        let tables_len = u64::from(cfg.table_pages) * u64::from(PAGE);
+        let code_phys = range("core-code physical", p.code_phys.0, code_len)?;
+        let hma_phys = range("HMA physical", p.hma_phys.0, hma_len)?;
+        let tables = range("intermediate tables", p.tables_phys.0, tables_len)?;
+        let code_hc = range("core-code HC", p.code_hc.0, code_len)?;
+        let hma_hc = range("HMA HC", p.hma_hc.0, hma_len)?;
         // The RC window holds the HMA, then the core code's RC copy.
-        let rc = u64::from(p.hma_rc.0)..u64::from(p.hma_rc.0) + hma_len + code_len;
+        let rc_len = hma_len
+            .checked_add(code_len)
+            .ok_or(PlacementError::LayoutTooLarge {
+                what: "RC window",
+                value: hma_len,
+            })?;
+        let rc = range("HMA RC", u64::from(p.hma_rc.0), rc_len)?;
         below4g("core-code physical", &code_phys)?;
         below4g("intermediate tables", &tables)?;
         below4g("HMA RC", &rc)?;
         if cfg.host_bits == 64 {
             for (what, r) in [("core-code HC", &code_hc), ("HMA HC", &hma_hc)] {
                 let canonical = |a: u64| (a >> 47) == 0 || (a >> 47) == 0x1_ffff;
-                if !canonical(r.start) || !canonical(r.end - 1) {
+                // Both ends in the same canonical half: no hole in between.
+                let last = r.end.saturating_sub(1).max(r.start);
+                if !canonical(r.start) || !canonical(last) || (r.start >> 47) != (last >> 47) {
                     return Err(PlacementError::NonCanonical {
                         what,
                         addr: r.start,
@@ -543,18 +662,7 @@ impl Vmm {
             ("HMA physical", &hma_phys),
             ("intermediate tables", &tables),
         ];
-        for (i, (a, ra)) in phys.iter().enumerate() {
-            for (b, rb) in &phys[i + 1..] {
-                if overlap(ra, rb) {
-                    return Err(PlacementError::Overlap {
-                        a,
-                        a_range: (*ra).clone(),
-                        b,
-                        b_range: (*rb).clone(),
-                    });
-                }
-            }
-        }
+        no_overlaps(&phys, |_, _| false)?;
         // Virtual ranges that share the intermediate context must not collide;
         // the core code's HC and identity ranges may coincide exactly.
         let virt = [
@@ -562,28 +670,13 @@ impl Vmm {
             ("core-code identity", &code_phys),
             ("HMA RC", &rc),
         ];
-        for (i, (a, ra)) in virt.iter().enumerate() {
-            for (b, rb) in &virt[i + 1..] {
-                let identical = ra == rb && *b == "core-code identity";
-                if overlap(ra, rb) && !identical {
-                    return Err(PlacementError::Overlap {
-                        a,
-                        a_range: (*ra).clone(),
-                        b,
-                        b_range: (*rb).clone(),
-                    });
-                }
-            }
-        }
-        if overlap(&code_hc, &hma_hc) {
-            return Err(PlacementError::Overlap {
-                a: "core-code HC",
-                a_range: code_hc,
-                b: "HMA HC",
-                b_range: hma_hc,
-            });
-        }
-        Ok(())
+        no_overlaps(&virt, |(_, ra), (b, rb)| {
+            ra == rb && *b == "core-code identity"
+        })?;
+        no_overlaps(
+            &[("core-code HC", &code_hc), ("HMA HC", &hma_hc)],
+            |_, _| false,
+        )
     }
 
     fn map_fixed(&mut self) -> Result<(), VmmError> {
@@ -630,17 +723,17 @@ impl Vmm {
     }
 
     /// RC address of the core code's RC copy (right after the HMA).
-    fn code_rc(&self) -> RcAddr {
-        RcAddr(self.cfg.placement.hma_rc.0 + self.hma_layout.size)
+    fn code_rc(&self) -> Result<RcAddr, PlacementError> {
+        self.rc(self.hma_layout.size).map(RcAddr)
     }
 
     /// The ranges the RC view adds to both sets of tables: the names they carry
     /// in the switcher's tables and in the hyper context's, and `(virt, phys, len)`.
-    fn rc_ranges(&self) -> [(&'static str, &'static str, (u64, u64, u64)); 2] {
+    fn rc_ranges(&self) -> Result<[RcRange; 2], PlacementError> {
         let p = self.cfg.placement;
         let hma = u64::from(self.hma_layout.size);
-        let code_rc = u64::from(self.code_rc().0);
-        [
+        let code_rc = u64::from(self.code_rc()?.0);
+        Ok([
             (
                 "hypervisor area (RC)",
                 "hypervisor area (hyper RC)",
@@ -651,13 +744,13 @@ impl Vmm {
                 "core code (hyper RC)",
                 (code_rc, p.code_phys.0, self.core.len() as u64),
             ),
-        ]
+        ])
     }
 
     /// Maps the RC ranges into the switcher's tables, then into the hyper
     /// context's (what RC code sees under `Hyper.cr3`).
     fn map_rc(&mut self) -> Result<(), VmmError> {
-        let ranges = self.rc_ranges();
+        let ranges = self.rc_ranges()?;
         for (tables, hyper) in [(&mut self.inter, false), (&mut self.hyper, true)] {
             for (inter_what, hyper_what, range) in ranges {
                 let what = if hyper { hyper_what } else { inter_what };
@@ -668,7 +761,7 @@ impl Vmm {
     }
 
     fn unmap_rc(&mut self) -> Result<(), VmmError> {
-        let ranges = self.rc_ranges();
+        let ranges = self.rc_ranges()?;
         for (tables, hyper) in [(&mut self.inter, false), (&mut self.hyper, true)] {
             for (inter_what, hyper_what, (virt, _, len)) in ranges {
                 let what = if hyper { hyper_what } else { inter_what };
@@ -680,14 +773,39 @@ impl Vmm {
         Ok(())
     }
 
-    fn rc(&self, off: u32) -> u32 {
-        self.cfg.placement.hma_rc.0 + off
+    /// RC address of HMA offset `off`.
+    fn rc(&self, off: u32) -> Result<u32, PlacementError> {
+        let base = self.cfg.placement.hma_rc.0;
+        base.checked_add(off).ok_or(PlacementError::Above4G {
+            what: "HMA RC",
+            start: u64::from(base),
+            end: u64::from(base) + u64::from(off),
+        })
+    }
+
+    /// HC address of HMA offset `off`.
+    fn hc(&self, off: u32) -> Result<u64, PlacementError> {
+        let base = self.cfg.placement.hma_hc.0;
+        base.checked_add(u64::from(off))
+            .ok_or(PlacementError::Wraps {
+                what: "HMA HC",
+                start: base,
+                len: u64::from(off),
+            })
     }
 
     /// Writes the parts of the VM structure and HMA that depend on the RC base.
-    fn init_vm(&mut self, first: bool) {
+    fn init_vm(&mut self, first: bool) -> Result<(), VmmError> {
+        self.write_fixed(first)?;
+        for i in 0..self.cfg.vcpus {
+            self.init_vcpu(i, first)?;
+        }
+        self.write_gdt_and_tss()
+    }
+
+    /// The VM header and the VM-wide CPUM fields.
+    fn write_fixed(&mut self, first: bool) -> Result<(), VmmError> {
         let l = self.hma_layout;
-        let p = self.cfg.placement;
         let mut fixed = VmFixed::read_from_prefix(&self.hma)
             .map(|(f, _)| f)
             .unwrap_or_else(|_| VmFixed::new_zeroed_fixed());
@@ -696,8 +814,8 @@ impl Vmm {
         fixed.header.cb_self = l.vm_size;
         fixed.header.cpu_count = self.cfg.vcpus;
         fixed.header.off_cpum = layout::OFF_CPUM as u32;
-        fixed.header.vm_rc = self.rc(l.vm);
-        fixed.header.vm_hc = p.hma_hc.0 + u64::from(l.vm);
+        fixed.header.vm_rc = self.rc(l.vm)?;
+        fixed.header.vm_hc = self.hc(l.vm)?;
         if first {
             fixed.header.stat_switcher_to_gc = Default::default();
             fixed.header.stat_switcher_to_hc = Default::default();
@@ -722,87 +840,151 @@ impl Vmm {
         };
         fixed.cpum.cr4_and_mask = and.bits() as u32;
         fixed.cpum.cr4_or_mask = or.bits() as u32;
-        self.hma[..size_of::<VmFixed>()].copy_from_slice(fixed.as_bytes());
-        let vcpus = self.cfg.vcpus;
+        self.hma_slice(0, size_of::<VmFixed>())?
+            .copy_from_slice(fixed.as_bytes());
+        Ok(())
+    }
+
+    /// VCPU `i`'s hyper context: GDTR, IDTR, TR, stack, segments and, once
+    /// a switcher is active, its CR3 and CS.
+    fn init_vcpu(&mut self, i: u32, first: bool) -> Result<(), VmmError> {
+        let l = self.hma_layout;
+        let vcpus = self.vcpus_u8()?;
         let gdt_limit = layout::sel::gdt_limit(vcpus);
-        let idt_rc = u64::from(self.rc(l.idt));
+        let idt_rc = u64::from(self.rc(l.idt)?);
         let active = self.active;
         let cr3 = active.map(|k| self.hyper.cr3(target_flavour(k)));
-        for i in 0..vcpus {
-            let old_rc_base = self
-                .cpumcpu(i)
-                .map(|c| c.hyper.gdtr.base.get())
-                .unwrap_or(0);
-            let rc_gdt = u64::from(self.rc(l.gdt));
-            let stack_top = self.rc(l.stack_top(i));
-            let helper = self.rc(l.helper);
-            let _ = self.with_cpumcpu(i, |c| {
-                c.off_cpum = layout::off_cpumcpu(i);
-                c.hyper.gdtr = Xdtr64::new(rc_gdt, gdt_limit);
-                // 64-bit gates are 16 bytes: the IDT page holds 256 of either size.
-                let gate = if active == Some(SwitcherKind::Amd64ToAmd64) {
-                    16
+        let old_rc_base = self.cpumcpu(i)?.hyper.gdtr.base.get();
+        let rc_gdt = u64::from(self.rc(l.gdt)?);
+        let stack_top = self.rc(self.stack_top(i)?)?;
+        let helper = self.rc(l.helper)?;
+        let off_cpum = self.try_vcpu_arg(i)?;
+        let tr = layout::sel::try_tss(i).ok_or(VmmError::NoSuchVcpu {
+            index: i,
+            count: self.cfg.vcpus,
+        })?;
+        self.with_cpumcpu(i, |c| {
+            c.off_cpum = off_cpum;
+            c.hyper.gdtr = Xdtr64::new(rc_gdt, gdt_limit);
+            // 64-bit gates are 16 bytes: the IDT page holds 256 of either size.
+            let gate = if active == Some(SwitcherKind::Amd64ToAmd64) {
+                16
+            } else {
+                8
+            };
+            c.hyper.idtr = Xdtr64::new(idt_rc, 256 * gate - 1);
+            c.hyper.tr = SelSlot::new(tr);
+            c.hyper.rsp = u64::from(stack_top);
+            c.hyper.lss_ss = SelSlot::new(layout::sel::DS);
+            c.hyper.ds = SelSlot::new(layout::sel::DS);
+            c.hyper.ss = SelSlot::new(layout::sel::DS);
+            if first {
+                c.hyper.rflags = cpum::regs::Eflags::RA1.bits();
+            }
+            if let (Some(kind), Some(cr3)) = (active, cr3) {
+                c.hyper.cr3 = u64::from(cr3);
+                let long = target_flavour(kind) == Flavour::Long;
+                c.hyper.cs = SelSlot::new(if long {
+                    layout::sel::CS64
                 } else {
-                    8
-                };
-                c.hyper.idtr = Xdtr64::new(idt_rc, 256 * gate - 1);
-                c.hyper.tr = SelSlot::new(layout::sel::tss(i));
-                c.hyper.rsp = u64::from(stack_top);
-                c.hyper.lss_ss = SelSlot::new(layout::sel::DS);
-                c.hyper.ds = SelSlot::new(layout::sel::DS);
-                c.hyper.ss = SelSlot::new(layout::sel::DS);
-                if first {
-                    c.hyper.rflags = cpum::regs::Eflags::RA1.bits();
-                }
-                if let (Some(kind), Some(cr3)) = (active, cr3) {
-                    c.hyper.cr3 = u64::from(cr3);
-                    let long = target_flavour(kind) == Flavour::Long;
-                    c.hyper.cs = SelSlot::new(if long {
-                        layout::sel::CS64
-                    } else {
-                        layout::sel::CS
-                    });
-                }
-                // A helper entry inside the old HMA moves with it.
-                if c.hyper.rip == 0 {
-                    c.hyper.rip = u64::from(helper);
-                } else if old_rc_base != 0 {
-                    c.hyper.rip = c.hyper.rip.wrapping_sub(old_rc_base).wrapping_add(rc_gdt);
-                }
-            });
+                    layout::sel::CS
+                });
+            }
+            // A helper entry inside the old HMA moves with it.
+            if c.hyper.rip == 0 {
+                c.hyper.rip = u64::from(helper);
+            } else if old_rc_base != 0 {
+                c.hyper.rip = c.hyper.rip.wrapping_sub(old_rc_base).wrapping_add(rc_gdt);
+            }
+        })
+    }
+
+    /// The hyper GDT and every VCPU's TSS (SS0:ESP0 on its stack, no I/O bitmap).
+    fn write_gdt_and_tss(&mut self) -> Result<(), VmmError> {
+        let l = self.hma_layout;
+        let vcpus = self.vcpus_u8()?;
+        let mut tss_rc = Vec::with_capacity(usize::from(vcpus));
+        for i in 0..self.cfg.vcpus {
+            tss_rc.push(self.rc(self.tss_of(i)?)?);
         }
-        let gdt = layout::hyper_gdt(|i| self.rc(l.tss_of(i)), vcpus);
-        let g = l.gdt as usize;
+        let gdt = layout::hyper_gdt(|i| tss_rc.get(i as usize).copied().unwrap_or(0), vcpus);
         let bytes = gdt.as_bytes();
-        self.hma[g..g + bytes.len()].copy_from_slice(bytes);
-        // Each TSS: SS0:ESP0 on its VCPU's stack; no I/O bitmap.
-        for i in 0..vcpus {
-            let t = l.tss_of(i) as usize;
-            let esp0 = self.rc(l.stack_top(i));
-            self.hma[t + 4..t + 8].copy_from_slice(&esp0.to_le_bytes());
-            self.hma[t + 8..t + 10].copy_from_slice(&layout::sel::DS.to_le_bytes());
-            self.hma[t + 102..t + 104].copy_from_slice(&104u16.to_le_bytes());
+        self.hma_slice(l.gdt as usize, bytes.len())?
+            .copy_from_slice(bytes);
+        for i in 0..self.cfg.vcpus {
+            let t = self.tss_of(i)? as usize;
+            let esp0 = self.rc(self.stack_top(i)?)?;
+            let tss = self.hma_slice(t, TSS_SIZE as usize)?;
+            tss[4..8].copy_from_slice(&esp0.to_le_bytes());
+            tss[8..10].copy_from_slice(&layout::sel::DS.to_le_bytes());
+            tss[102..104].copy_from_slice(&104u16.to_le_bytes());
         }
+        Ok(())
+    }
+
+    /// The VCPU count as the selector helpers take it (at most [`layout::MAX_VCPUS`]).
+    fn vcpus_u8(&self) -> Result<u8, PlacementError> {
+        u8::try_from(self.cfg.vcpus)
+            .ok()
+            .filter(|&v| u32::from(v) <= layout::MAX_VCPUS)
+            .ok_or(PlacementError::VcpuCount(self.cfg.vcpus))
+    }
+
+    /// HMA offset of the top of VCPU `i`'s stack.
+    fn stack_top(&self, i: u32) -> Result<u32, VmmError> {
+        self.hma_layout.stack_top(i).ok_or(VmmError::NoSuchVcpu {
+            index: i,
+            count: self.cfg.vcpus,
+        })
+    }
+
+    /// HMA offset of VCPU `i`'s TSS.
+    fn tss_of(&self, i: u32) -> Result<u32, VmmError> {
+        self.hma_layout.tss_of(i).ok_or(VmmError::NoSuchVcpu {
+            index: i,
+            count: self.cfg.vcpus,
+        })
+    }
+
+    /// `len` bytes of the HMA image at `off`.
+    fn hma_slice(&mut self, off: usize, len: usize) -> Result<&mut [u8], VmmError> {
+        let cap = self.hma.len();
+        off.checked_add(len)
+            .and_then(|end| self.hma.get_mut(off..end))
+            .ok_or(VmmError::HmaRange { off, len, cap })
     }
 
     fn relocate_all(&mut self) -> Result<(), VmmError> {
         let p = self.cfg.placement;
-        let code_rc = self.code_rc();
-        let vm_rc = RcAddr(self.rc(self.hma_layout.vm));
-        let vm_hc = HcAddr(p.hma_hc.0 + u64::from(self.hma_layout.vm));
-        let gdt_rc = RcAddr(self.rc(self.hma_layout.gdt));
+        let code_rc = self.code_rc()?;
+        let vm_rc = RcAddr(self.rc(self.hma_layout.vm)?);
+        let vm_hc = HcAddr(self.hc(self.hma_layout.vm)?);
+        let gdt_rc = RcAddr(self.rc(self.hma_layout.gdt)?);
         let inter_cr3 = InterCr3 {
             legacy32: PhysAddr(u64::from(self.inter.cr3_32())),
             pae: PhysAddr(u64::from(self.inter.cr3_pae())),
             amd64: PhysAddr(u64::from(self.inter.cr3_amd64())),
         };
-        let cpum_size =
-            u32::try_from(CPUMCPU_SIZE).unwrap_or(0) * self.cfg.vcpus + layout::OFF_CPUMCPU0 as u32;
+        let cpum_size = cpum_size(self.cfg.vcpus)?;
         for sw in &mut self.switchers {
+            let at = |what: &'static str, base: u64| {
+                base.checked_add(u64::from(sw.offset))
+                    .ok_or(PlacementError::Wraps {
+                        what,
+                        start: base,
+                        len: u64::from(sw.offset),
+                    })
+            };
             let ctx = RelocContext {
-                code_hc: HcAddr(p.code_hc.0 + u64::from(sw.offset)),
-                code_id: PhysAddr(p.code_phys.0 + u64::from(sw.offset)),
-                code_rc: RcAddr(code_rc.0 + sw.offset),
+                code_hc: HcAddr(at("core-code HC", p.code_hc.0)?),
+                code_id: PhysAddr(at("core-code physical", p.code_phys.0)?),
+                code_rc: code_rc
+                    .checked_add(sw.offset)
+                    .ok_or(PlacementError::Above4G {
+                        what: "core code (RC)",
+                        start: u64::from(code_rc.0),
+                        end: u64::from(code_rc.0) + u64::from(sw.offset),
+                    })?,
                 vm_hc,
                 vm_rc,
                 vm_size: self.hma_layout.vm_size,
@@ -827,7 +1009,16 @@ impl Vmm {
                 apic_rc: None,
             };
             let start = sw.offset as usize;
-            let buf = &mut self.core[start..start + sw.def.code.len()];
+            let cap = self.core.len();
+            let len = sw.def.code.len();
+            let buf = start
+                .checked_add(len)
+                .and_then(|end| self.core.get_mut(start..end))
+                .ok_or(VmmError::CoreRange {
+                    off: start,
+                    len,
+                    cap,
+                })?;
             let reloc = relocate(&sw.def, buf, &ctx).map_err(|source| VmmError::Relocate {
                 kind: sw.def.kind,
                 source,
@@ -859,8 +1050,9 @@ impl Vmm {
         )?;
         self.unmap_rc()?;
         self.cfg = cfg;
+        self.addrs = self.compute_addrs()?;
         self.map_rc()?;
-        self.init_vm(false);
+        self.init_vm(false)?;
         self.relocate_all()
     }
 
@@ -910,7 +1102,7 @@ impl Vmm {
     pub fn activate(&mut self, kind: SwitcherKind) -> Result<&Installed, VmmError> {
         self.switcher(kind)?;
         self.active = Some(kind);
-        self.init_vm(false);
+        self.init_vm(false)?;
         Ok(self.switcher(kind)?)
     }
 
@@ -928,22 +1120,21 @@ impl Vmm {
         args: &[u32],
     ) -> Result<u32, VmmError> {
         let tramp = self.switcher(kind)?.entries.rc_call_trampoline;
+        // Refuse a missing VCPU before anything is written.
+        self.cpumcpu_range(index)?;
+        let top = self.stack_top(index)?;
+        let cap = layout::STACK_PAGES * PAGE / 2;
+        let len = args.len().saturating_add(2).saturating_mul(4);
+        let bytes = u32::try_from(len)
+            .ok()
+            .filter(|&b| b <= cap)
+            .ok_or(VmmError::HelperTooLarge { len, cap })?;
         let words = layout::trampoline_frame(target.0, args);
-        let l = self.hma_layout;
-        let top = l.stack_top(index);
-        let bytes = (words.len() * 4) as u32;
-        if bytes > layout::STACK_PAGES * PAGE / 2 {
-            return Err(VmmError::HelperTooLarge {
-                len: bytes as usize,
-                cap: layout::STACK_PAGES * PAGE / 2,
-            });
-        }
+        // `bytes` is at most half a stack, so the frame stays on VCPU `index`'s stack.
         let at = top - bytes;
-        for (k, w) in words.iter().enumerate() {
-            let o = at as usize + 4 * k;
-            self.hma[o..o + 4].copy_from_slice(&w.to_le_bytes());
-        }
-        let rsp = self.rc(at);
+        self.hma_slice(at as usize, len)?
+            .copy_from_slice(words.as_bytes());
+        let rsp = self.rc(at)?;
         self.with_cpumcpu(index, |c| {
             c.hyper.rsp = u64::from(rsp);
             c.hyper.rip = u64::from(tramp.0);
@@ -963,7 +1154,10 @@ impl Vmm {
             g[5] = 0x8e;
             g[6..8].copy_from_slice(&((h >> 16) as u16).to_le_bytes());
             let at = base + usize::from(*vector) * 8;
-            self.hma[at..at + 8].copy_from_slice(&g);
+            // 256 gates of 8 bytes fill at most the IDT page.
+            if let Some(slot) = self.hma.get_mut(at..at + 8) {
+                slot.copy_from_slice(&g);
+            }
         }
     }
 
@@ -980,7 +1174,10 @@ impl Vmm {
             g[6..8].copy_from_slice(&((h >> 16) as u16).to_le_bytes());
             g[8..12].copy_from_slice(&((h >> 32) as u32).to_le_bytes());
             let at = base + usize::from(*vector) * 16;
-            self.hma[at..at + 16].copy_from_slice(&g);
+            // 256 gates of 16 bytes fill exactly the IDT page.
+            if let Some(slot) = self.hma.get_mut(at..at + 16) {
+                slot.copy_from_slice(&g);
+            }
         }
     }
 
@@ -1051,7 +1248,11 @@ impl Vmm {
                 count: self.cfg.vcpus,
             });
         }
-        let start = layout::OFF_CPUM + layout::off_cpumcpu(index) as usize;
+        let off = layout::off_cpumcpu(index).ok_or(VmmError::NoSuchVcpu {
+            index,
+            count: self.cfg.vcpus,
+        })?;
+        let start = layout::OFF_CPUM + off as usize;
         Ok(start..start + CPUMCPU_SIZE)
     }
 
@@ -1061,7 +1262,8 @@ impl Vmm {
     /// No such VCPU.
     pub fn cpumcpu(&self, index: u32) -> Result<CpumCpu32, VmmError> {
         let r = self.cpumcpu_range(index)?;
-        Ok(CpumCpu32::read_from_bytes(&self.hma[r]).unwrap_or_default())
+        let bytes = self.hma.get(r).unwrap_or_default();
+        Ok(CpumCpu32::read_from_bytes(bytes).unwrap_or_default())
     }
 
     /// Edits VCPU `index`'s `CpumCpu32` in the HMA image.
@@ -1074,25 +1276,39 @@ impl Vmm {
         f: impl FnOnce(&mut CpumCpu32) -> R,
     ) -> Result<R, VmmError> {
         let r = self.cpumcpu_range(index)?;
-        let mut c = CpumCpu32::read_from_bytes(&self.hma[r.clone()]).unwrap_or_default();
+        let (off, len) = (r.start, r.len());
+        let slot = self.hma_slice(off, len)?;
+        let mut c = CpumCpu32::read_from_bytes(slot).unwrap_or_default();
         let out = f(&mut c);
-        self.hma[r].copy_from_slice(c.as_bytes());
+        slot.copy_from_slice(c.as_bytes());
         Ok(out)
     }
 
-    /// The C entry's second argument for VCPU `index` (offset of its `CpumCpu32` from `Cpum`).
+    /// The C entry's second argument for VCPU `index` (offset of its
+    /// `CpumCpu32` from `Cpum`).
+    ///
+    /// # Errors
+    /// [`VmmError::NoSuchVcpu`] for an index past the VCPU count.
+    pub fn try_vcpu_arg(&self, index: u32) -> Result<u32, VmmError> {
+        self.cpumcpu_range(index)?;
+        layout::off_cpumcpu(index).ok_or(VmmError::NoSuchVcpu {
+            index,
+            count: self.cfg.vcpus,
+        })
+    }
+
+    /// The C entry's second argument for VCPU `index`, by the layout's
+    /// formula: for an index past the VCPU count it names no `CpumCpu32`
+    /// ([`Vmm::try_vcpu_arg`] refuses those), and it saturates at `u32::MAX`
+    /// where the offset does not fit.
     pub fn vcpu_arg(&self, index: u32) -> u32 {
-        layout::off_cpumcpu(index)
+        layout::off_cpumcpu(index).unwrap_or(u32::MAX)
     }
 
     /// RC address, physical address and size of the helper-code area.
     pub fn helper_area(&self) -> (RcAddr, PhysAddr, u32) {
-        let l = &self.hma_layout;
-        (
-            RcAddr(self.rc(l.helper)),
-            PhysAddr(self.cfg.placement.hma_phys.0 + u64::from(l.helper)),
-            l.helper_size,
-        )
+        let a = &self.addrs;
+        (a.helper_rc, a.helper_phys, self.hma_layout.helper_size)
     }
 
     /// Copies helper code into the helper area.
@@ -1107,15 +1323,19 @@ impl Vmm {
                 cap: l.helper_size,
             });
         }
-        let s = l.helper as usize;
-        self.hma[s..s + code.len()].copy_from_slice(code);
+        self.hma_slice(l.helper as usize, code.len())?
+            .copy_from_slice(code);
         Ok(())
     }
 
     /// The VM structure's bytes (the start of the HMA image).
     pub fn vm_image(&self) -> &[u8] {
         let l = &self.hma_layout;
-        &self.hma[l.vm as usize..(l.vm + l.vm_size) as usize]
+        let start = l.vm as usize;
+        start
+            .checked_add(l.vm_size as usize)
+            .and_then(|end| self.hma.get(start..end))
+            .unwrap_or_default()
     }
 
     /// The VM's STAM registry (see [`stats`]).
@@ -1128,14 +1348,42 @@ impl Vmm {
 
     /// Addresses of the VM structure in each view.
     pub fn vm_addrs(&self) -> (HcAddr, RcAddr, PhysAddr) {
-        let p = self.cfg.placement;
-        let off = self.hma_layout.vm;
-        (
-            HcAddr(p.hma_hc.0 + u64::from(off)),
-            RcAddr(self.rc(off)),
-            PhysAddr(p.hma_phys.0 + u64::from(off)),
-        )
+        let a = &self.addrs;
+        (a.vm_hc, a.vm_rc, a.vm_phys)
     }
+
+    /// The addresses [`Vmm::vm_addrs`] and [`Vmm::helper_area`] report, for
+    /// the current placement.
+    fn compute_addrs(&self) -> Result<Addrs, VmmError> {
+        let l = &self.hma_layout;
+        let phys = |off: u32| {
+            let base = self.cfg.placement.hma_phys.0;
+            base.checked_add(u64::from(off))
+                .map(PhysAddr)
+                .ok_or(PlacementError::Wraps {
+                    what: "HMA physical",
+                    start: base,
+                    len: u64::from(off),
+                })
+        };
+        Ok(Addrs {
+            vm_hc: HcAddr(self.hc(l.vm)?),
+            vm_rc: RcAddr(self.rc(l.vm)?),
+            vm_phys: phys(l.vm)?,
+            helper_rc: RcAddr(self.rc(l.helper)?),
+            helper_phys: phys(l.helper)?,
+        })
+    }
+}
+
+/// Addresses derived from the placement, computed (checked) whenever it changes.
+#[derive(Clone, Copy, Debug, Default)]
+struct Addrs {
+    vm_hc: HcAddr,
+    vm_rc: RcAddr,
+    vm_phys: PhysAddr,
+    helper_rc: RcAddr,
+    helper_phys: PhysAddr,
 }
 
 /// Maps `(virt, phys, len)` into one set of intermediate tables, naming the

@@ -34,10 +34,12 @@ impl VmStats {
     /// per VCPU, the masked-vector set, the last return code and the use flags.
     ///
     /// # Errors
-    /// A registration failed (a bug: every name and offset here is fixed).
+    /// [`StamError::OutOfBounds`] for the first VCPU past
+    /// [`layout::MAX_VCPUS`]: the region is the largest VM structure.
     pub fn new(vcpus: u32) -> Result<Self, StamError> {
         let mut registry = Registry::new();
-        let vm = registry.add_region("vm", layout::vm_size(vcpus) as usize);
+        let size = layout::vm_size(vcpus.min(layout::MAX_VCPUS)).unwrap_or(0);
+        let vm = registry.add_region("vm", size as usize);
         registry.register_as::<StamProfileAdv>(
             SampleDef::new(TO_GC, StamType::ProfileAdv, StamUnit::TicksPerCall)
                 .description("Host context to the hypervisor helper: C entry to the helper call."),
@@ -51,7 +53,8 @@ impl VmStats {
             offset_of!(VmFixed, header.stat_switcher_to_hc),
         )?;
         for i in 0..vcpus {
-            let base = layout::OFF_CPUM + layout::off_cpumcpu(i) as usize;
+            let base = layout::off_cpumcpu(i)
+                .map_or(usize::MAX, |o| layout::OFF_CPUM.saturating_add(o as usize));
             let per = [
                 (
                     "ApicDisVectors",
@@ -76,7 +79,7 @@ impl VmStats {
                         .visibility(StamVisibility::Always)
                         .description(desc),
                     vm,
-                    base + off,
+                    base.saturating_add(off),
                 )?;
             }
         }

@@ -108,7 +108,7 @@ fn default_core_maps_every_view_and_relocates_every_switcher() {
         );
         assert_eq!(
             c.hyper.rsp,
-            u64::from(p.hma_rc.0 + vmm.hma_layout().stack_top(i))
+            u64::from(p.hma_rc.0 + vmm.hma_layout().stack_top(i).unwrap())
         );
         assert_eq!(c.hyper.lss_ss.sel, layout::sel::DS);
         assert_eq!(c.hyper.rip, u64::from(vmm.helper_area().0 .0));
@@ -354,7 +354,7 @@ fn trampoline_call_frame_is_pushed_on_the_hyper_stack() {
     let rsp = vmm
         .push_trampoline_call(SwitcherKind::PaeToPae, 1, target, &[11, 22, 33])
         .unwrap();
-    assert_eq!(rsp, p.hma_rc.0 + l.stack_top(1) - 20);
+    assert_eq!(rsp, p.hma_rc.0 + l.stack_top(1).unwrap() - 20);
     let c = vmm.cpumcpu(1).unwrap();
     assert_eq!(c.hyper.rsp, u64::from(rsp));
     assert_eq!(
@@ -375,7 +375,7 @@ fn trampoline_call_frame_is_pushed_on_the_hyper_stack() {
     // The other VCPU is untouched, and a too-large frame is refused.
     assert_eq!(
         vmm.cpumcpu(0).unwrap().hyper.rsp,
-        u64::from(p.hma_rc.0 + l.stack_top(0))
+        u64::from(p.hma_rc.0 + l.stack_top(0).unwrap())
     );
     assert!(vmm
         .push_trampoline_call(SwitcherKind::PaeToPae, 0, target, &[0; 2000])

@@ -127,3 +127,59 @@ pub fn assert_mapped(
         }
     }
 }
+
+/// A `VecAllocator` that counts table reads and fails every read past
+/// `read_budget`, and reports at most `limit` free pages.
+#[derive(Debug, Clone)]
+pub struct Metered {
+    pub inner: VecAllocator,
+    pub reads: std::cell::Cell<u64>,
+    pub read_budget: u64,
+    pub limit: usize,
+}
+
+impl Metered {
+    pub fn new(inner: VecAllocator, read_budget: u64, limit: usize) -> Self {
+        Self {
+            inner,
+            reads: std::cell::Cell::new(0),
+            read_budget,
+            limit,
+        }
+    }
+
+    fn count(&self, phys: u64) -> Result<(), MemoryError> {
+        let n = self.reads.get() + 1;
+        self.reads.set(n);
+        if n > self.read_budget {
+            return Err(MemoryError { phys });
+        }
+        Ok(())
+    }
+}
+
+impl TableMemory for Metered {
+    fn read_u64(&self, phys: u64) -> Result<u64, MemoryError> {
+        self.count(phys)?;
+        self.inner.read_u64(phys)
+    }
+    fn write_u64(&mut self, phys: u64, value: u64) -> Result<(), MemoryError> {
+        self.inner.write_u64(phys, value)
+    }
+    fn read_u32(&self, phys: u64) -> Result<u32, MemoryError> {
+        self.count(phys)?;
+        self.inner.read_u32(phys)
+    }
+    fn write_u32(&mut self, phys: u64, value: u32) -> Result<(), MemoryError> {
+        self.inner.write_u32(phys, value)
+    }
+}
+
+impl PageAllocator for Metered {
+    fn alloc_zeroed(&mut self) -> Result<u64, AllocError> {
+        self.inner.alloc_zeroed()
+    }
+    fn available_pages(&self) -> usize {
+        self.inner.available_pages().min(self.limit)
+    }
+}
