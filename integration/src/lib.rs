@@ -13,6 +13,14 @@
 //!   GDT/IDT/TSS/LDT, EFER, SYSENTER_CS, LAPIC LVTs in NMI mode), calls a
 //!   C-callable switcher entry many times and proves the host comes back bit
 //!   for bit (the role of VirtualBox's `VMMR0` calling `pfnHostToGuestR0`);
+//! - [`farside`]: the code a switcher runs on the other side — the RC code
+//!   of the 32-bit/PAE and the 64-bit hypervisor contexts, and the 64-bit
+//!   helper the 32-bit/PAE → AMD64 switchers call in the intermediate
+//!   context — which checks the switch from the inside and reports into a
+//!   mailbox;
+//! - [`scenario`]: a switcher built by the VMM core, its far side and a host
+//!   kernel put together, run and judged (optionally deliberately broken by
+//!   a [`scenario::Mutation`]);
 //! - [`qemu`]: finds and runs `qemu-system-x86_64` with a timeout and
 //!   classifies the exit ([`qemu::Outcome`]);
 //! - [`transcript`]: the serial line protocol and its decoder
@@ -59,14 +67,11 @@
 //!
 //! For the protocol see [`transcript`]; for the checks see [`hostkernel`].
 
-pub mod far;
-mod farcommon;
+pub mod farside;
 pub mod hostkernel;
 pub mod image;
 pub mod paging;
 pub mod qemu;
-pub mod rc;
-pub mod rc64;
 pub mod scenario;
 pub mod transcript;
 

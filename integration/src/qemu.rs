@@ -42,6 +42,24 @@ pub enum QemuError {
     /// The binary is not on PATH.
     #[error("`{QEMU_BINARY}` was not found on PATH; install it with `{INSTALL_HINT}`")]
     QemuMissing,
+    /// The binary named explicitly ([`QemuConfig::binary`]) is not there.
+    #[error("QEMU binary `{}` {why}", path.display())]
+    BinaryMissing {
+        /// The path given.
+        path: PathBuf,
+        /// What is wrong with it (`does not exist`, `is not a file`, …).
+        why: String,
+    },
+    /// QEMU exited with status 1 before the guest printed anything: it
+    /// refused the command line (an unknown `-cpu` model, a `-D` log file it
+    /// cannot open, …) or the binary is not QEMU.
+    #[error("`{}` refused to start: {}", binary.display(), refusal_text(stderr))]
+    Refused {
+        /// The binary run.
+        binary: PathBuf,
+        /// What it printed on stderr.
+        stderr: String,
+    },
     /// Spawning failed.
     #[error("cannot start `{}`: {source}", binary.display())]
     Spawn {
@@ -59,12 +77,29 @@ pub enum QemuError {
     /// A zero timeout.
     #[error("timeout must be positive, got {0:?}")]
     ZeroTimeout(Duration),
+    /// A timeout past [`MAX_TIMEOUT`].
+    #[error("timeout {0:?} is longer than the maximum, {MAX_TIMEOUT:?}")]
+    TimeoutTooLong(Duration),
     /// `--version` printed no version.
     #[error("cannot read QEMU's version from {output:?}")]
     NoVersion {
         /// The first line QEMU printed.
         output: String,
     },
+}
+
+/// QEMU's own words from its stderr, on one line.
+fn refusal_text(stderr: &str) -> String {
+    let lines: Vec<&str> = stderr
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    if lines.is_empty() {
+        "it exited with status 1 and printed nothing (is it QEMU?)".into()
+    } else {
+        lines.join("; ")
+    }
 }
 
 /// Finds `qemu-system-x86_64` on PATH.
@@ -74,6 +109,33 @@ pub fn find_qemu() -> Result<PathBuf, QemuError> {
         .map(|dir| dir.join(QEMU_BINARY))
         .find(|p| p.is_file())
         .ok_or(QemuError::QemuMissing)
+}
+
+/// The binary `config` runs: [`QemuConfig::binary`] when it names an
+/// existing file, else `qemu-system-x86_64` from PATH.
+///
+/// # Errors
+/// [`QemuError::BinaryMissing`] for a named binary that is not a file,
+/// [`QemuError::QemuMissing`] when PATH has none.
+pub fn resolve_binary(config: &QemuConfig) -> Result<PathBuf, QemuError> {
+    let Some(path) = &config.binary else {
+        return find_qemu();
+    };
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_file() => Ok(path.clone()),
+        Ok(_) => Err(QemuError::BinaryMissing {
+            path: path.clone(),
+            why: "is not a file".into(),
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(QemuError::BinaryMissing {
+            path: path.clone(),
+            why: "does not exist".into(),
+        }),
+        Err(e) => Err(QemuError::BinaryMissing {
+            path: path.clone(),
+            why: format!("cannot be read: {e}"),
+        }),
+    }
 }
 
 /// The first QEMU major version whose TCG emulates x2APIC.
@@ -203,7 +265,8 @@ pub enum Outcome {
     TripleFault,
     /// The wall-clock limit expired and QEMU was killed.
     Timeout,
-    /// QEMU refused to start (status 1); its stderr.
+    /// QEMU refused to start (status 1 before the guest printed anything);
+    /// its stderr. [`RunResult::refusal`] turns it into a [`QemuError`].
     QemuRefused(String),
     /// Any other status (signals as 128 + signal number).
     Other(i32),
@@ -211,6 +274,8 @@ pub enum Outcome {
 
 impl Outcome {
     /// Classifies an exit status, taking exception details from `report`.
+    /// Status 1 is a refusal only when the guest never printed its `BOOT`
+    /// line; after it, status 1 is a guest exit like any other.
     pub fn classify(status: i32, stderr: &str, report: &Report) -> Self {
         match status {
             s if s == exit_status(EXIT_PASS) => Outcome::Pass,
@@ -222,7 +287,7 @@ impl Outcome {
                 Outcome::FarException(report.far_exception.clone())
             }
             0 => Outcome::TripleFault,
-            1 => Outcome::QemuRefused(stderr.to_owned()),
+            1 if report.boot.is_none() => Outcome::QemuRefused(stderr.to_owned()),
             s => Outcome::Other(s),
         }
     }
@@ -250,6 +315,18 @@ impl RunResult {
     pub fn transcript(&self) -> String {
         String::from_utf8_lossy(&self.serial).into_owned()
     }
+
+    /// The refusal as an error naming the binary `config` ran, when QEMU
+    /// refused to start.
+    pub fn refusal(&self, config: &QemuConfig) -> Option<QemuError> {
+        match &self.outcome {
+            Outcome::QemuRefused(stderr) => Some(QemuError::Refused {
+                binary: config.binary.clone().unwrap_or_else(|| QEMU_BINARY.into()),
+                stderr: stderr.clone(),
+            }),
+            _ => None,
+        }
+    }
 }
 
 fn exit_code(status: std::process::ExitStatus) -> i32 {
@@ -266,15 +343,22 @@ fn exit_code(status: std::process::ExitStatus) -> i32 {
     -1
 }
 
+/// The longest wall-clock limit a boot may have (one day): a deadline
+/// further away is refused rather than risk an `Instant` overflow.
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(MAX_TIMEOUT_SECS);
+
+/// [`MAX_TIMEOUT`] in seconds, for command-line range checks.
+pub const MAX_TIMEOUT_SECS: u64 = 86_400;
+
 /// Boots `image` under QEMU and waits for it to end or time out.
 pub fn run_image(image: &Path, config: &QemuConfig) -> Result<RunResult, QemuError> {
     if config.timeout.is_zero() {
         return Err(QemuError::ZeroTimeout(config.timeout));
     }
-    let binary = match &config.binary {
-        Some(b) => b.clone(),
-        None => find_qemu()?,
-    };
+    if config.timeout > MAX_TIMEOUT {
+        return Err(QemuError::TimeoutTooLong(config.timeout));
+    }
+    let binary = resolve_binary(config)?;
     let start = Instant::now();
     let mut child = Command::new(&binary)
         .args(config.args(image))
@@ -282,8 +366,8 @@ pub fn run_image(image: &Path, config: &QemuConfig) -> Result<RunResult, QemuErr
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .map_err(|source| match source.kind() {
-            std::io::ErrorKind::NotFound => QemuError::QemuMissing,
+        .map_err(|source| match (source.kind(), &config.binary) {
+            (std::io::ErrorKind::NotFound, None) => QemuError::QemuMissing,
             _ => QemuError::Spawn {
                 binary: binary.clone(),
                 source,
@@ -360,6 +444,65 @@ mod tests {
     }
 
     #[test]
+    fn status_1_after_boot_is_not_a_refusal() {
+        let r = Report::parse(
+            b"@@BOOT mode=pae mbeax=2badb002 trips=2 vcpus=1 items=3 entry=c0000000\n",
+        );
+        assert!(r.boot.is_some(), "{r:?}");
+        assert_eq!(Outcome::classify(1, "", &r), Outcome::Other(1));
+    }
+
+    #[test]
+    fn a_refusal_is_one_line_with_qemus_words() {
+        let run = |stderr: &str| RunResult {
+            outcome: Outcome::QemuRefused(stderr.into()),
+            status: Some(1),
+            serial: Vec::new(),
+            stderr: stderr.into(),
+            report: Report::default(),
+            wall: Duration::ZERO,
+        };
+        let cfg = QemuConfig {
+            binary: Some("/bin/false".into()),
+            ..QemuConfig::default()
+        };
+        let msg = run("").refusal(&cfg).map(|e| e.to_string());
+        let msg = msg.unwrap_or_default();
+        assert!(
+            msg.contains("/bin/false") && msg.contains("printed nothing"),
+            "{msg}"
+        );
+        let msg = run("qemu: unable to find CPU model 'x'\nmore\n")
+            .refusal(&QemuConfig::default())
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert_eq!(
+            msg,
+            format!("`{QEMU_BINARY}` refused to start: qemu: unable to find CPU model 'x'; more")
+        );
+        let pass = RunResult {
+            outcome: Outcome::Pass,
+            ..run("")
+        };
+        assert!(pass.refusal(&cfg).is_none());
+    }
+
+    #[test]
+    fn a_named_binary_must_exist() {
+        for (path, why) in [
+            ("/nonexistent/qemu", "does not exist"),
+            ("/", "is not a file"),
+        ] {
+            let c = QemuConfig {
+                binary: Some(path.into()),
+                ..QemuConfig::default()
+            };
+            let msg = resolve_binary(&c).map_err(|e| e.to_string());
+            assert_eq!(msg, Err(format!("QEMU binary `{path}` {why}")));
+        }
+    }
+
+    #[test]
     fn command_line_has_the_fixed_flags() {
         let c = QemuConfig {
             cpu: Some("max".into()),
@@ -385,6 +528,20 @@ mod tests {
     fn missing_qemu_names_the_install_command() {
         let msg = QemuError::QemuMissing.to_string();
         assert!(msg.contains(INSTALL_HINT), "{msg}");
+    }
+
+    #[test]
+    fn a_timeout_past_the_maximum_is_refused() {
+        for timeout in [MAX_TIMEOUT + Duration::from_nanos(1), Duration::MAX] {
+            let c = QemuConfig {
+                timeout,
+                ..QemuConfig::default()
+            };
+            assert!(matches!(
+                run_image(Path::new("/nonexistent"), &c),
+                Err(QemuError::TimeoutTooLong(t)) if t == timeout
+            ));
+        }
     }
 
     #[test]

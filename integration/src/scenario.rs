@@ -17,11 +17,12 @@ use iced_x86::{Code, Instruction, OpKind, Register};
 use serde::Serialize;
 use thiserror::Error;
 use vmm::layout::{VmFixed, VmHeader, OFF_CPUM};
-use vmm::{ExtraMapping, Placement, Vmm, VmmConfig, VmmError};
+use vmm::{ExtraMapping, Installed, Placement, Vmm, VmmConfig, VmmError};
 use vmm_switcher::templates::{Step, TemplateOptions};
 use vmm_switcher::{RcAddr, SideMode, SwitcherKind, View};
 
-use crate::far::{self, FarConfig, FarLayout, Mailbox};
+use crate::farside::intermediate_amd64::{self, FarConfig, FarLayout, Mailbox};
+use crate::farside::{hyper, hyper_amd64, hyper_legacy, FarError};
 use crate::hostkernel::{BuildError, Expected, HookCtx, HostKernelBuilder, Testbed, LAPIC_VIRT};
 use crate::paging::HostMode;
 use crate::qemu::{Outcome, QemuConfig, RunResult, EXIT_FAR_EXCEPTION};
@@ -40,8 +41,14 @@ pub const HOOKFAIL_GUEST_FPU_SAVE: u32 = 0x72;
 pub const HOST_FCW: u32 = 0x0f7f;
 
 /// A deliberately broken switcher: one instruction of the relocated code is
-/// replaced by NOPs.
+/// replaced by NOPs (or, for [`Mutation::SysenterCsNotRestored`], one jump
+/// is made unconditional).
+///
+/// Each has a command-line name ([`Mutation::name`], also what the `BOOT`
+/// line and the JSON say) and applies to some switchers only
+/// ([`Mutation::applies_to`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum Mutation {
     /// The host TSS busy bit is not cleared before `ltr`.
     TssBusyNotCleared,
@@ -55,13 +62,13 @@ pub enum Mutation {
     FpuNotSynced,
     /// The register collecting masked vectors is not cleared first (VirtualBox's bug).
     DisVectorsNotCleared,
-    /// 32-bit/PAE family: the host FPU state is not restored after the RC code used the FPU.
+    /// Switchers with RC code: the host FPU state is not restored after the RC code used the FPU.
     HostFpuNotRestored,
-    /// 32-bit/PAE family: the host SYSENTER_CS is not restored.
+    /// Switchers with RC code: the host SYSENTER_CS is not restored.
     SysenterCsNotRestored,
-    /// 32-bit/PAE family: the hyper TSS busy bit is not cleared before `ltr`.
+    /// Switchers with RC code: the hyper TSS busy bit is not cleared before `ltr`.
     HyperTssBusyNotCleared,
-    /// 32-bit/PAE family: `Hyper.cr3` is not loaded (RC code runs on the intermediate CR3).
+    /// 32-bit/PAE hypervisor contexts: `Hyper.cr3` is not loaded (RC code runs on the intermediate CR3).
     HyperCr3NotLoaded,
 }
 
@@ -80,7 +87,94 @@ impl Mutation {
         Self::HyperCr3NotLoaded,
     ];
 
-    fn matches(self, insn: &Instruction, view: View, in_id1: bool) -> bool {
+    /// The command-line name (`pae-left-on`, …), as `--mutate`, the `BOOT`
+    /// line and the JSON spell it.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::TssBusyNotCleared => "tss-busy-not-cleared",
+            Self::HostEbxNotRestored => "host-ebx-not-restored",
+            Self::LvtNotUnmasked => "lvt-not-unmasked",
+            Self::PaeLeftOn => "pae-left-on",
+            Self::FpuNotSynced => "fpu-not-synced",
+            Self::DisVectorsNotCleared => "dis-vectors-not-cleared",
+            Self::HostFpuNotRestored => "host-fpu-not-restored",
+            Self::SysenterCsNotRestored => "sysenter-cs-not-restored",
+            Self::HyperTssBusyNotCleared => "hyper-tss-busy-not-cleared",
+            Self::HyperCr3NotLoaded => "hyper-cr3-not-loaded",
+        }
+    }
+
+    /// The mutation whose command-line name is `name`.
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|m| m.name() == name)
+    }
+
+    /// What breaks, in one line (the command line's help).
+    pub const fn description(self) -> &'static str {
+        match self {
+            Self::TssBusyNotCleared => "the host TSS busy bit is not cleared before `ltr`",
+            Self::HostEbxNotRestored => "host EBX is not restored",
+            Self::LvtNotUnmasked => "LINT0 is not unmasked after the trip",
+            Self::PaeLeftOn => "CR4.PAE stays on when returning to a 32-bit host",
+            Self::FpuNotSynced => "`Guest.fpu` is not loaded although sync was asked",
+            Self::DisVectorsNotCleared => {
+                "the masked-vector register is not cleared first (VirtualBox's bug)"
+            }
+            Self::HostFpuNotRestored => {
+                "the host FPU state is not restored after the RC code used the FPU"
+            }
+            Self::SysenterCsNotRestored => "the host SYSENTER_CS is not restored",
+            Self::HyperTssBusyNotCleared => "the hyper TSS busy bit is not cleared before `ltr`",
+            Self::HyperCr3NotLoaded => {
+                "`Hyper.cr3` is not loaded (the RC code runs on the intermediate CR3)"
+            }
+        }
+    }
+
+    /// Whether the switcher `kind` has the code this mutation breaks (with
+    /// the default template options; an option that removes that code, such
+    /// as no NMI masking for [`Mutation::LvtNotUnmasked`], makes
+    /// [`build`] refuse the mutation too).
+    ///
+    /// The stubs have none. The host-side restores of EBX and the host TSS
+    /// are the 32-bit/PAE hosts'; the lazy-FPU restore, the SYSENTER_CS
+    /// restore and the hyper TSS belong to the switchers with RC code (all
+    /// but 32-bit/PAE → AMD64), `Guest.fpu` sync to those without; CR4.PAE
+    /// is cleared on the way back where a 32-bit host's switcher turned it on
+    /// (`32-to-pae`, `32-to-amd64`); `Hyper.cr3` is loaded on the way in by
+    /// the switchers entering a 32-bit/PAE hypervisor context.
+    pub const fn applies_to(self, kind: SwitcherKind) -> bool {
+        let Some(guest) = kind.guest() else {
+            return false;
+        };
+        let host = kind.host();
+        let legacy_host = !matches!(host, SideMode::Amd64);
+        let far_helper = legacy_host && matches!(guest, SideMode::Amd64);
+        match self {
+            Self::TssBusyNotCleared | Self::HostEbxNotRestored => legacy_host,
+            Self::LvtNotUnmasked | Self::DisVectorsNotCleared => true,
+            Self::PaeLeftOn => {
+                matches!(host, SideMode::Bits32) && !matches!(guest, SideMode::Bits32)
+            }
+            Self::FpuNotSynced => far_helper,
+            Self::HostFpuNotRestored
+            | Self::SysenterCsNotRestored
+            | Self::HyperTssBusyNotCleared => !far_helper,
+            Self::HyperCr3NotLoaded => !matches!(guest, SideMode::Amd64),
+        }
+    }
+
+    /// The switchers this mutation applies to, in [`SwitcherKind::ALL`] order.
+    pub fn switchers(self) -> Vec<SwitcherKind> {
+        SwitcherKind::ALL
+            .into_iter()
+            .filter(|k| self.applies_to(*k))
+            .collect()
+    }
+
+    /// Whether `insn` (in `view`; `in_id_exit`: inside the identity-mapped
+    /// section of the way back) is the instruction this mutation replaces.
+    fn matches(self, insn: &Instruction, view: View, in_id_exit: bool) -> bool {
         let mem_disp = |d: usize| {
             insn.op_kind(0) == OpKind::Memory && insn.memory_displacement32() as usize == d
         };
@@ -120,7 +214,9 @@ impl Mutation {
                     && insn.immediate32() == !apic::lvt::MASKED
             }
             Self::PaeLeftOn => {
-                in_id1 && insn.code() == Code::Mov_cr_r32 && insn.op0_register() == Register::CR4
+                in_id_exit
+                    && insn.code() == Code::Mov_cr_r32
+                    && insn.op0_register() == Register::CR4
             }
             Self::FpuNotSynced => {
                 view == View::Id && insn.mnemonic() == iced_x86::Mnemonic::Fxrstor
@@ -135,6 +231,18 @@ impl Mutation {
             }
         }
     }
+}
+
+impl core::fmt::Display for Mutation {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Switchers' command-line names, comma-separated.
+fn cli_names(kinds: &[SwitcherKind]) -> String {
+    let names: Vec<&str> = kinds.iter().map(|k| k.cli_name()).collect();
+    names.join(", ")
 }
 
 /// What to run.
@@ -234,7 +342,7 @@ pub enum ScenarioError {
     Select(#[from] vmm::mode::SelectError),
     /// The far helper did not build.
     #[error("far helper: {0}")]
-    Far(#[from] far::FarError),
+    Far(#[from] FarError),
     /// The host kernel did not build.
     #[error("host kernel: {0}")]
     Kernel(#[from] BuildError),
@@ -242,11 +350,29 @@ pub enum ScenarioError {
     #[error("the call trampoline is not exercised for {}", .0.cli_name())]
     NoTrampoline(SwitcherKind),
     /// Too many trampoline arguments.
-    #[error("{0} trampoline arguments; at most {max}", max = crate::rc::MAX_TARGET_ARGS)]
+    #[error("{0} trampoline arguments; at most {max}", max = hyper::MAX_TARGET_ARGS)]
     TooManyArgs(usize),
     /// The mutation does not apply to this switcher.
-    #[error("mutation {mutation:?} does not apply to {}", kind.cli_name())]
+    #[error(
+        "mutation {} does not apply to {} (only to {})",
+        mutation.name(),
+        kind.cli_name(),
+        cli_names(&mutation.switchers())
+    )]
     MutationNotApplicable {
+        /// The mutation.
+        mutation: Mutation,
+        /// The switcher.
+        kind: SwitcherKind,
+    },
+    /// The mutation applies to this switcher, but the template options left
+    /// out the code it breaks.
+    #[error(
+        "mutation {} finds nothing to break in {} as built with these options",
+        mutation.name(),
+        kind.cli_name()
+    )]
+    MutationTargetMissing {
         /// The mutation.
         mutation: Mutation,
         /// The switcher.
@@ -299,7 +425,7 @@ pub struct ScenarioResult {
     /// The far helper's mailbox (long-mode family), if dumped.
     pub mailbox: Option<Mailbox>,
     /// The RC code's mailbox (32-bit/PAE family), if dumped.
-    pub rc_mailbox: Option<crate::rc::RcMailbox>,
+    pub rc_mailbox: Option<hyper::RcMailbox>,
     /// The last trace step printed (trace option only).
     pub last_step: Option<Step>,
     /// The VM structure's bytes as dumped after the run (read its STAM
@@ -320,7 +446,7 @@ pub struct Built {
     /// The far helper's layout.
     pub far: FarLayout,
     /// The RC code's entry points (32-bit/PAE family).
-    pub rc: Option<crate::rc::RcEntries>,
+    pub rc: Option<hyper::RcEntries>,
     /// Host-virtual address of the mailbox.
     pub mailbox_hc: u32,
 }
@@ -331,20 +457,59 @@ fn u32_addr(what: &'static str, addr: u64) -> Result<u32, ScenarioError> {
 
 /// Builds the VMM core, writes the far-side code, and generates the host kernel image.
 ///
+/// The steps: check the trampoline request, build and activate the VMM core,
+/// work out the addresses the host and the far side use, write the far-side
+/// code and point every VCPU's hyper context at it, take the relocated core
+/// code (broken by the scenario's mutation, if any), and generate the host
+/// kernel that maps all of it and calls the switcher.
+///
 /// # Errors
 /// [`ScenarioError`] for anything that cannot be set up.
 pub fn build(s: &Scenario) -> Result<Built, ScenarioError> {
-    let host = s.host_mode();
-    let long = s.uses_far_helper();
-    if s.trampoline_args.is_some() && long {
+    check_trampoline(s)?;
+    let mut vmm = Vmm::new(vmm_config(s))?;
+    let sw = vmm.activate(s.kind)?.clone();
+    let at = Addresses::new(s, &vmm)?;
+    let rc_entries = write_far_side(s, &mut vmm, &sw, &at)?;
+    init_vcpus(s, &mut vmm, &at, rc_entries.as_ref())?;
+    let core = mutated_core(s, &vmm, &sw)?;
+    let kb = HostKernelBuilder::new(s.host_mode()).x2apic(s.host_x2apic);
+    let kb = map_core_and_hma(kb, s, &vmm, &sw, &at, core)?;
+    let kb = add_tables_and_trips(kb, s, &vmm)?;
+    let kb = add_checks(kb, s, &vmm, &sw, &at, rc_entries.as_ref());
+    let testbed = kb
+        .boot_fields(s.boot_fields())
+        .require_cpu(s.cpu_requirements())
+        .build()?;
+    Ok(Built {
+        vmm,
+        testbed,
+        far: at.far_layout,
+        rc: rc_entries,
+        mailbox_hc: at.mailbox_hc,
+    })
+}
+
+/// The trampoline is exercised only with the RC code (not with the far
+/// helper of the 32-bit/PAE → AMD64 switchers), with at most
+/// [`hyper::MAX_TARGET_ARGS`] arguments.
+fn check_trampoline(s: &Scenario) -> Result<(), ScenarioError> {
+    if s.trampoline_args.is_some() && s.uses_far_helper() {
         return Err(ScenarioError::NoTrampoline(s.kind));
     }
     if let Some(args) = &s.trampoline_args {
-        if args.len() > crate::rc::MAX_TARGET_ARGS {
+        if args.len() > hyper::MAX_TARGET_ARGS {
             return Err(ScenarioError::TooManyArgs(args.len()));
         }
     }
-    let cfg = VmmConfig {
+    Ok(())
+}
+
+/// The VMM core's configuration: the scenario's placement, VCPUs and
+/// options, the host's width, and the local APIC page mapped (uncached) in
+/// the intermediate context at the address the host kernel maps it.
+fn vmm_config(s: &Scenario) -> VmmConfig {
+    VmmConfig {
         placement: s.placement,
         vcpus: s.vcpus,
         options: s.options,
@@ -354,87 +519,178 @@ pub fn build(s: &Scenario) -> Result<Built, ScenarioError> {
             len: 0x1000,
             uncached: true,
         }],
-        host_bits: if host == HostMode::Amd64 { 64 } else { 32 },
+        host_bits: if s.host_mode() == HostMode::Amd64 {
+            64
+        } else {
+            32
+        },
         ..VmmConfig::default()
-    };
-    let mut vmm = Vmm::new(cfg)?;
-    let sw = vmm.activate(s.kind)?.clone();
-    let (helper_rc, _, helper_size) = vmm.helper_area();
-    let far_layout = FarLayout::new(helper_rc.0);
-    let p = s.placement;
-    let (vm_hc64, vm_rc, _) = vmm.vm_addrs();
-    let wide = host == HostMode::Amd64;
-    // Hooks address the HMA with 32-bit addresses: on an AMD64 host through a
-    // low alias of its high canonical HC mapping.
-    let vm_hc = if wide {
-        vm_hc64.0 as u32
-    } else {
-        u32_addr("VM structure HC", vm_hc64.0)?
-    };
-    let hma_hc = if wide {
-        p.hma_hc.0 as u32
-    } else {
-        u32_addr("HMA HC", p.hma_hc.0)?
-    };
-    let hc_of = |rc: u32| hma_hc + (rc - p.hma_rc.0);
-    let mailbox_hc = hc_of(far_layout.mailbox_rc());
-    let cpum_hc = vm_hc + OFF_CPUM as u32;
-    let cpum_rc = vm_rc.0 + OFF_CPUM as u32;
-    let scratch_phys = p.hma_phys.0 + u64::from(helper_rc.0 - p.hma_rc.0 + far_layout.scratch_off);
-    let mut rc_entries = None;
+    }
+}
+
+/// The addresses the host kernel, its hooks and the far side use.
+///
+/// Hooks address the HMA with 32-bit addresses: on an AMD64 host through a
+/// low alias of its high canonical HC mapping (`vm_hc`, `hma_hc` and every
+/// HC address derived from them are such aliases there).
+struct Addresses {
+    /// The host is in long mode.
+    wide: bool,
+    /// RC address of the helper area (the far-side code).
+    helper_rc: u32,
+    /// Size of the helper area in bytes.
+    helper_size: u32,
+    /// Layout of the helper area.
+    far_layout: FarLayout,
+    /// The VM structure's HC address, full width.
+    vm_hc64: u64,
+    /// The VM structure's HC address for hooks.
+    vm_hc: u32,
+    /// The HMA's HC address for hooks.
+    hma_hc: u32,
+    /// The HMA's HC address, full width.
+    hma_hc64: u64,
+    /// The HMA's RC address.
+    hma_rc: u32,
+    /// HC address of the mailbox.
+    mailbox_hc: u32,
+    /// HC address of `Cpum`.
+    cpum_hc: u32,
+    /// RC address of `Cpum`.
+    cpum_rc: u32,
+    /// Physical address of the crash-marker scratch page.
+    scratch_phys: u64,
+}
+
+impl Addresses {
+    fn new(s: &Scenario, vmm: &Vmm) -> Result<Self, ScenarioError> {
+        let p = s.placement;
+        let (helper_rc, _, helper_size) = vmm.helper_area();
+        let far_layout = FarLayout::new(helper_rc.0);
+        let (vm_hc64, vm_rc, _) = vmm.vm_addrs();
+        let wide = s.host_mode() == HostMode::Amd64;
+        let vm_hc = if wide {
+            vm_hc64.0 as u32
+        } else {
+            u32_addr("VM structure HC", vm_hc64.0)?
+        };
+        let hma_hc = if wide {
+            p.hma_hc.0 as u32
+        } else {
+            u32_addr("HMA HC", p.hma_hc.0)?
+        };
+        Ok(Self {
+            wide,
+            helper_rc: helper_rc.0,
+            helper_size,
+            far_layout,
+            vm_hc64: vm_hc64.0,
+            vm_hc,
+            hma_hc,
+            hma_hc64: p.hma_hc.0,
+            hma_rc: p.hma_rc.0,
+            mailbox_hc: hma_hc + (far_layout.mailbox_rc() - p.hma_rc.0),
+            cpum_hc: vm_hc + OFF_CPUM as u32,
+            cpum_rc: vm_rc.0 + OFF_CPUM as u32,
+            scratch_phys: p.hma_phys.0
+                + u64::from(helper_rc.0 - p.hma_rc.0 + far_layout.scratch_off),
+        })
+    }
+
+    /// The HC address (for hooks) of the HMA's RC address `rc`.
+    fn hc_of(&self, rc: u32) -> u32 {
+        self.hma_hc + (rc - self.hma_rc)
+    }
+
+    /// HC address (for hooks) of the crash-marker scratch page.
+    fn scratch_hc(&self) -> u32 {
+        self.hc_of(self.helper_rc + self.far_layout.scratch_off)
+    }
+
+    /// The full-width HC address of the hook address `lo` (the HMA's high
+    /// canonical mapping on an AMD64 host).
+    fn hi(&self, lo: u32) -> u64 {
+        self.hma_hc64 + u64::from(lo - self.hma_hc)
+    }
+}
+
+/// Writes the far-side code into the helper area: nothing for the stubs,
+/// the 64-bit helper for the 32-bit/PAE → AMD64 switchers, else the RC code
+/// of the hypervisor context with the hyper IDT's gates pointing at its
+/// handlers. Returns the RC code's entry points.
+fn write_far_side(
+    s: &Scenario,
+    vmm: &mut Vmm,
+    sw: &Installed,
+    at: &Addresses,
+) -> Result<Option<hyper::RcEntries>, ScenarioError> {
+    let helper_size = at.helper_size as usize;
     if s.is_stub() {
         // Nothing runs on the far side.
-    } else if long {
+        return Ok(None);
+    }
+    if s.uses_far_helper() {
         let far_cfg = FarConfig {
-            layout: far_layout,
+            layout: at.far_layout,
             cs64: vmm::layout::sel::CS64,
             apic: LAPIC_VIRT,
             com1: 0x3f8,
             exit_port: 0xf4,
             exit_far_exception: EXIT_FAR_EXCEPTION,
         };
-        vmm.write_helper(&far::build(&far_cfg, helper_size as usize)?)?;
-    } else {
-        let rc64 = s.kind == SwitcherKind::Amd64ToAmd64;
-        let rc_cfg = crate::rc::RcConfig {
-            rc: helper_rc.0,
-            mailbox_off: far_layout.mailbox_off,
-            cpum_rc,
-            exit_rc: sw.entries.rc_guest_to_host_asm.0,
-            c_exit_rc: sw.entries.rc_guest_to_host.0,
-            cs: if rc64 {
-                vmm::layout::sel::CS64
-            } else {
-                vmm::layout::sel::CS
-            },
-            ds: vmm::layout::sel::DS,
-            apic: LAPIC_VIRT,
-            com1: 0x3f8,
-            exit_port: 0xf4,
-            exit_code: EXIT_FAR_EXCEPTION,
-        };
-        let (blob, e) = if rc64 {
-            crate::rc64::build(&rc_cfg, helper_size as usize)?
-        } else {
-            crate::rc::build(&rc_cfg, helper_size as usize)?
-        };
-        vmm.write_helper(&blob)?;
-        let gates: Vec<(u8, RcAddr)> = e
-            .handlers
-            .iter()
-            .enumerate()
-            .map(|(v, h)| (v as u8, RcAddr(*h)))
-            .collect();
-        if rc64 {
-            vmm.set_hyper_idt_gates64(&gates);
-        } else {
-            vmm.set_hyper_idt_gates(&gates);
-        }
-        rc_entries = Some(e);
+        vmm.write_helper(&intermediate_amd64::build(&far_cfg, helper_size)?)?;
+        return Ok(None);
     }
+    let rc64 = s.kind == SwitcherKind::Amd64ToAmd64;
+    let rc_cfg = hyper::RcConfig {
+        rc: at.helper_rc,
+        mailbox_off: at.far_layout.mailbox_off,
+        cpum_rc: at.cpum_rc,
+        exit_rc: sw.entries.rc_guest_to_host_asm.0,
+        c_exit_rc: sw.entries.rc_guest_to_host.0,
+        cs: if rc64 {
+            vmm::layout::sel::CS64
+        } else {
+            vmm::layout::sel::CS
+        },
+        ds: vmm::layout::sel::DS,
+        apic: LAPIC_VIRT,
+        com1: 0x3f8,
+        exit_port: 0xf4,
+        exit_code: EXIT_FAR_EXCEPTION,
+    };
+    let (blob, e) = if rc64 {
+        hyper_amd64::build(&rc_cfg, helper_size)?
+    } else {
+        hyper_legacy::build(&rc_cfg, helper_size)?
+    };
+    vmm.write_helper(&blob)?;
+    let gates: Vec<(u8, RcAddr)> = e
+        .handlers
+        .iter()
+        .enumerate()
+        .map(|(v, h)| (v as u8, RcAddr(*h)))
+        .collect();
+    if rc64 {
+        vmm.set_hyper_idt_gates64(&gates);
+    } else {
+        vmm.set_hyper_idt_gates(&gates);
+    }
+    Ok(Some(e))
+}
+
+/// Every VCPU's CPUM data: the APIC base when NMI masking is on, the host's
+/// x2APIC mode, the initial `Guest.fpu`, the crash-marker scratch page and,
+/// with RC code, the hyper registers it is entered with.
+fn init_vcpus(
+    s: &Scenario,
+    vmm: &mut Vmm,
+    at: &Addresses,
+    rc_entries: Option<&hyper::RcEntries>,
+) -> Result<(), ScenarioError> {
     for i in 0..s.vcpus {
-        let rc_entry = rc_entries.as_ref().map(|e| e.entry);
-        let cpumcpu_rc = cpum_rc + vmm.vcpu_arg(i);
+        let rc_entry = rc_entries.map(|e| e.entry);
+        let cpumcpu_rc = at.cpum_rc + vmm.vcpu_arg(i);
         vmm.with_cpumcpu(i, |c| {
             c.apic_base = if s.options.apic_nmi_masking {
                 u64::from(LAPIC_VIRT)
@@ -445,112 +701,130 @@ pub fn build(s: &Scenario) -> Result<Built, ScenarioError> {
             c.guest.fpu = cpum::FxSaveArea::initial();
             // Crash markers: progress in Guest.dr[4]; while paging is off, the
             // scratch page at the physical address in Guest.dr[5].
-            c.guest.dr[5] = scratch_phys;
+            c.guest.dr[5] = at.scratch_phys;
             if let Some(entry) = rc_entry {
                 c.hyper.rip = u64::from(entry);
                 c.hyper.rsi = u64::from(cpumcpu_rc);
-                c.hyper.rdi = u64::from(far_layout.mailbox_rc());
-                c.hyper.rbp = u64::from(crate::rc::ebp_magic(i));
+                c.hyper.rdi = u64::from(at.far_layout.mailbox_rc());
+                c.hyper.rbp = u64::from(hyper::ebp_magic(i));
                 c.hyper.rbx = 0;
                 c.hyper.dr[7] = cpum::regs::DR7_INIT;
             }
         })?;
     }
+    Ok(())
+}
 
-    // The relocated core code, possibly mutated.
+/// The relocated core code, broken by the scenario's mutation if it has one.
+fn mutated_core(s: &Scenario, vmm: &Vmm, sw: &Installed) -> Result<Vec<u8>, ScenarioError> {
     let mut core = vmm.core_code().to_vec();
-    if let Some(m) = s.mutation {
-        let code = sw.code(&core).to_vec();
-        let id1 = sw.def.labels.get("IDExitTarget").copied().unwrap_or(0)
-            ..sw.def.labels.get("ICExitTarget").copied().unwrap_or(0);
-        if m == Mutation::SysenterCsNotRestored {
-            // Take the exit path's "host does not use SYSENTER" jump although it does.
-            let exit = sw
-                .def
-                .labels
-                .get("HCExitTarget")
-                .copied()
-                .unwrap_or(u32::MAX);
-            let rec = sw
-                .def
-                .fixups
-                .iter()
-                .find(|f| f.kind == vmm_switcher::FixupKind::NoSysenterJmp && f.off >= exit)
-                .ok_or(ScenarioError::MutationNotApplicable {
-                    mutation: m,
-                    kind: s.kind,
-                })?;
-            let target = rec.operand.unwrap_or(rec.off + 5);
-            let rel = target.wrapping_sub(rec.off + 5);
-            let at = (sw.offset + rec.off) as usize;
-            core[at] = 0xe9;
-            core[at + 1..at + 5].copy_from_slice(&rel.to_le_bytes());
-        } else {
-            let lines = vmm_switcher::disasm::lines(&sw.def, &code, &sw.ctx, &sw.reloc);
-            let hit = lines
-                .iter()
-                .find(|l| {
-                    l.insn
-                        .as_ref()
-                        .is_some_and(|i| m.matches(i, l.view, id1.contains(&l.off)))
-                })
-                .ok_or(ScenarioError::MutationNotApplicable {
-                    mutation: m,
-                    kind: s.kind,
-                })?;
-            let at = (sw.offset + hit.off) as usize;
-            core[at..at + hit.bytes.len()].fill(0x90);
-        }
-    }
-
-    let (tables_phys, tables) = vmm.tables();
-    let (hyper_phys, hyper_tables) = vmm.hyper_tables();
-    let apic_on = s.options.apic_nmi_masking;
-    let x2 = s.host_x2apic;
-    let vcpu_args: Vec<u32> = (0..s.vcpus).map(|i| vmm.vcpu_arg(i)).collect();
-    let entry = if wide {
-        0
-    } else {
-        u32_addr("switcher entry", sw.entries.r0_host_to_guest_hc.0)?
+    let Some(m) = s.mutation else {
+        return Ok(core);
     };
+    if !m.applies_to(s.kind) {
+        return Err(ScenarioError::MutationNotApplicable {
+            mutation: m,
+            kind: s.kind,
+        });
+    }
+    let patched = if m == Mutation::SysenterCsNotRestored {
+        skip_sysenter_cs_restore(&mut core, sw)
+    } else {
+        nop_out(&mut core, sw, m)?
+    };
+    if patched.is_none() {
+        return Err(ScenarioError::MutationTargetMissing {
+            mutation: m,
+            kind: s.kind,
+        });
+    }
+    Ok(core)
+}
+
+/// Makes the way back's "host does not use SYSENTER" jump unconditional, so
+/// the host's SYSENTER_CS is not restored although it is used. `None` when
+/// the switcher has no such jump.
+fn skip_sysenter_cs_restore(core: &mut [u8], sw: &Installed) -> Option<()> {
+    let exit = sw
+        .def
+        .labels
+        .get("HCExitTarget")
+        .copied()
+        .unwrap_or(u32::MAX);
+    let rec = sw
+        .def
+        .fixups
+        .iter()
+        .find(|f| f.kind == vmm_switcher::FixupKind::NoSysenterJmp && f.off >= exit)?;
+    let next = rec.off.checked_add(5)?;
+    let rel = rec.operand.unwrap_or(next).wrapping_sub(next);
+    let at = usize::try_from(sw.offset.checked_add(rec.off)?).ok()?;
+    let jmp = core.get_mut(at..at.checked_add(5)?)?;
+    jmp[0] = 0xe9;
+    jmp[1..].copy_from_slice(&rel.to_le_bytes());
+    Some(())
+}
+
+/// Replaces the first instruction `m` matches in the switcher's relocated
+/// code by NOPs. `None` when no instruction matches.
+fn nop_out(core: &mut [u8], sw: &Installed, m: Mutation) -> Result<Option<()>, ScenarioError> {
+    let code = sw.code(core).to_vec();
+    let id_exit = identity_exit(&sw.def);
+    let lines =
+        vmm_switcher::disasm::lines(&sw.def, &code, &sw.ctx, &sw.reloc).map_err(VmmError::from)?;
+    let Some(hit) = lines.iter().find(|l| {
+        l.insn
+            .as_ref()
+            .is_some_and(|i| m.matches(i, l.view, id_exit.contains(&l.off)))
+    }) else {
+        return Ok(None);
+    };
+    let insn = sw
+        .offset
+        .checked_add(hit.off)
+        .and_then(|at| usize::try_from(at).ok())
+        .and_then(|at| core.get_mut(at..at.checked_add(hit.bytes.len())?));
+    Ok(insn.map(|bytes| bytes.fill(0x90)))
+}
+
+/// The identity-mapped section of the way back: from `IDExitTarget` to the
+/// next host-context label after it (`ICExitTarget` in the 32-bit/PAE →
+/// AMD64 switchers, `HCExitTarget` in the 32-bit/PAE ones); empty when the
+/// switcher has no such section.
+fn identity_exit(def: &vmm_switcher::SwitcherDef) -> core::ops::Range<u32> {
+    let Some(&start) = def.labels.get("IDExitTarget") else {
+        return 0..0;
+    };
+    let end = ["ICExitTarget", "HCExitTarget"]
+        .into_iter()
+        .filter_map(|l| def.labels.get(l).copied())
+        .filter(|&off| off > start)
+        .min()
+        .unwrap_or(start);
+    start..end
+}
+
+/// Maps the core code and the HMA at their host addresses and names the
+/// switcher entry, its argument, the cookie slot and the dumps (the VM
+/// structure, the scratch page). On an AMD64 host the HMA also gets the low
+/// alias the hooks address it through.
+fn map_core_and_hma(
+    mut kb: HostKernelBuilder,
+    s: &Scenario,
+    vmm: &Vmm,
+    sw: &Installed,
+    at: &Addresses,
+    core: Vec<u8>,
+) -> Result<HostKernelBuilder, ScenarioError> {
+    let p = s.placement;
     let hma_bytes = vmm.hma().to_vec();
     let hma_len = hma_bytes.len() as u32;
     let hma_phys = u32_addr("HMA", p.hma_phys.0)?;
     let code_phys = u32_addr("core code", p.code_phys.0)?;
-    let hi = |lo: u32| p.hma_hc.0 + u64::from(lo - hma_hc);
-    let mut kb = HostKernelBuilder::new(host).x2apic(x2);
-    if wide {
-        kb = kb
-            .blob_mapped64("core-code", code_phys, p.code_hc.0, core, true)
-            .blob_mapped64("hma", hma_phys, p.hma_hc.0, hma_bytes, true);
-        // Hook code reaches the HMA with 32-bit addresses: zero-extended
-        // through `[reg+disp]` and sign-extended as absolute displacements.
-        // Map whichever of the two aliases the HC mapping is not.
-        let zero_ext = u64::from(hma_hc);
-        let sign_ext = i64::from(hma_hc as i32) as u64;
-        for (name, virt) in [("hma-alias", zero_ext), ("hma-alias-sx", sign_ext)] {
-            if virt != p.hma_hc.0 && !(name == "hma-alias-sx" && sign_ext == zero_ext) {
-                kb = kb.map64(crate::hostkernel::Mapping64 {
-                    name: name.into(),
-                    virt,
-                    phys: hma_phys,
-                    len: hma_len,
-                    writable: true,
-                });
-            }
-        }
-        kb = kb
-            .entry64(sw.entries.r0_host_to_guest_hc.0)
-            .arg1_64(vm_hc64.0)
-            .cookie_at64(hi(mailbox_hc) + offset_of!(Mailbox, cookie) as u64)
-            .dump64("vm", vm_hc64.0, vmm.hma_layout().vm_size)
-            .dump64(
-                "scratch",
-                hi(hc_of(helper_rc.0 + far_layout.scratch_off)),
-                4,
-            );
-    } else {
-        kb = kb
+    let vm_size = vmm.hma_layout().vm_size;
+    if !at.wide {
+        let entry = u32_addr("switcher entry", sw.entries.r0_host_to_guest_hc.0)?;
+        return Ok(kb
             .blob_mapped(
                 "core-code",
                 code_phys,
@@ -558,14 +832,51 @@ pub fn build(s: &Scenario) -> Result<Built, ScenarioError> {
                 core,
                 true,
             )
-            .blob_mapped("hma", hma_phys, hma_hc, hma_bytes, true)
+            .blob_mapped("hma", hma_phys, at.hma_hc, hma_bytes, true)
             .entry(entry)
-            .arg1(vm_hc)
-            .cookie_at(mailbox_hc + offset_of!(Mailbox, cookie) as u32)
-            .dump("vm", vm_hc, vmm.hma_layout().vm_size)
-            .dump("scratch", hc_of(helper_rc.0 + far_layout.scratch_off), 4);
+            .arg1(at.vm_hc)
+            .cookie_at(at.mailbox_hc + offset_of!(Mailbox, cookie) as u32)
+            .dump("vm", at.vm_hc, vm_size)
+            .dump("scratch", at.scratch_hc(), 4));
     }
     kb = kb
+        .blob_mapped64("core-code", code_phys, p.code_hc.0, core, true)
+        .blob_mapped64("hma", hma_phys, p.hma_hc.0, hma_bytes, true);
+    // Hook code reaches the HMA with 32-bit addresses: zero-extended
+    // through `[reg+disp]` and sign-extended as absolute displacements.
+    // Map whichever of the two aliases the HC mapping is not.
+    let zero_ext = u64::from(at.hma_hc);
+    let sign_ext = i64::from(at.hma_hc as i32) as u64;
+    for (name, virt) in [("hma-alias", zero_ext), ("hma-alias-sx", sign_ext)] {
+        if virt != p.hma_hc.0 && !(name == "hma-alias-sx" && sign_ext == zero_ext) {
+            kb = kb.map64(crate::hostkernel::Mapping64 {
+                name: name.into(),
+                virt,
+                phys: hma_phys,
+                len: hma_len,
+                writable: true,
+            });
+        }
+    }
+    Ok(kb
+        .entry64(sw.entries.r0_host_to_guest_hc.0)
+        .arg1_64(at.vm_hc64)
+        .cookie_at64(at.hi(at.mailbox_hc) + offset_of!(Mailbox, cookie) as u64)
+        .dump64("vm", at.vm_hc64, vm_size)
+        .dump64("scratch", at.hi(at.scratch_hc()), 4))
+}
+
+/// The intermediate and hyper page tables at their physical addresses, the
+/// VCPUs the host calls in turn, and the round trips.
+fn add_tables_and_trips(
+    kb: HostKernelBuilder,
+    s: &Scenario,
+    vmm: &Vmm,
+) -> Result<HostKernelBuilder, ScenarioError> {
+    let (tables_phys, tables) = vmm.tables();
+    let (hyper_phys, hyper_tables) = vmm.hyper_tables();
+    let vcpu_args: Vec<u32> = (0..s.vcpus).map(|i| vmm.vcpu_arg(i)).collect();
+    Ok(kb
         .blob(
             "intermediate-tables",
             u32_addr("tables", tables_phys.0)?,
@@ -577,46 +888,50 @@ pub fn build(s: &Scenario) -> Result<Built, ScenarioError> {
             hyper_tables.to_vec(),
         )
         .vcpus(vcpu_args)
-        .trips(s.trips);
+        .trips(s.trips))
+}
+
+/// What the host expects back from each call and the hooks around it, by
+/// far side: the stub's status; the far helper's verdict; a trampoline
+/// target's value; or the RC code's verdict with the host FPU and debug
+/// registers checked. The far side's mailbox is dumped after the run.
+fn add_checks(
+    kb: HostKernelBuilder,
+    s: &Scenario,
+    vmm: &Vmm,
+    sw: &Installed,
+    at: &Addresses,
+    rc_entries: Option<&hyper::RcEntries>,
+) -> HostKernelBuilder {
+    let apic_on = s.options.apic_nmi_masking;
+    let x2 = s.host_x2apic;
+    let mailbox_hc = at.mailbox_hc;
+    let cpum_hc = at.cpum_hc;
     if s.is_stub() {
-        kb = kb.expect(Expected::Value(vmm_switcher::templates::stub::STUB_STATUS));
-    } else if long {
-        kb = long_hooks(kb, apic_on, x2, mailbox_hc, cpum_hc)
-            .expect(Expected::CookieXor(far::RET_XOR))
-            .dump("mailbox", mailbox_hc, size_of::<Mailbox>() as u32);
-    } else if let (Some(args), Some(e)) = (&s.trampoline_args, &rc_entries) {
+        kb.expect(Expected::Value(vmm_switcher::templates::stub::STUB_STATUS))
+    } else if s.uses_far_helper() {
+        long_hooks(kb, apic_on, x2, mailbox_hc, cpum_hc)
+            .expect(Expected::CookieXor(intermediate_amd64::RET_XOR))
+            .dump("mailbox", mailbox_hc, size_of::<Mailbox>() as u32)
+    } else if let (Some(args), Some(e)) = (&s.trampoline_args, rc_entries) {
         let target = e.targets[args.len()];
         let tramp = sw.entries.rc_call_trampoline.0;
         let l = *vmm.hma_layout();
         let frames: Vec<(u32, u32)> = (0..s.vcpus)
             .map(|i| {
-                (
-                    hc_of(p.hma_rc.0 + l.stack_top(i)),
-                    p.hma_rc.0 + l.stack_top(i),
-                )
+                let top = s.placement.hma_rc.0 + l.stack_top(i).unwrap_or_default();
+                (at.hc_of(top), top)
             })
             .collect();
-        kb = trampoline_hooks(kb, cpum_hc, target, tramp, args.clone(), frames)
-            .expect(Expected::Value(crate::rc::target_result(args)));
+        trampoline_hooks(kb, cpum_hc, target, tramp, args.clone(), frames)
+            .expect(Expected::Value(hyper::target_result(args)))
     } else {
         // Long mode runs with CR4.PAE set as well.
         let pae = vmm::target_flavour(s.kind) != vmm::Flavour::Legacy32;
-        kb = rc_hooks(kb, apic_on, x2, pae, mailbox_hc, cpum_hc)
-            .expect(Expected::CookieXor(crate::rc::RET_XOR))
-            .dump(
-                "mailbox",
-                mailbox_hc,
-                size_of::<crate::rc::RcMailbox>() as u32,
-            );
+        rc_hooks(kb, apic_on, x2, pae, mailbox_hc, cpum_hc)
+            .expect(Expected::CookieXor(hyper::RET_XOR))
+            .dump("mailbox", mailbox_hc, size_of::<hyper::RcMailbox>() as u32)
     }
-    let testbed = kb.build()?;
-    Ok(Built {
-        vmm,
-        testbed,
-        far: far_layout,
-        rc: rc_entries,
-        mailbox_hc,
-    })
 }
 
 /// Hooks for the long-mode family: Guest FPU/debug sync requests and the far helper's verdict.
@@ -636,10 +951,10 @@ fn long_hooks(
         a.add(ebx, cpum_hc)?;
         a.xor(edx, edx)?;
         if apic_on {
-            a.or(edx, far::expect::APIC)?;
+            a.or(edx, intermediate_amd64::expect::APIC)?;
         }
         if x2 {
-            a.or(edx, far::expect::X2APIC)?;
+            a.or(edx, intermediate_amd64::expect::X2APIC)?;
         }
         a.mov(
             dword_ptr(abs_addr(h, mb(offset_of!(Mailbox, want_dis)))),
@@ -648,7 +963,7 @@ fn long_hooks(
         // Even trips load Guest.fpu in the far world.
         a.test(esi, 1)?;
         a.jnz(no_fpu)?;
-        a.or(edx, far::expect::FPU)?;
+        a.or(edx, intermediate_amd64::expect::FPU)?;
         a.or(
             dword_ptr(ebx + cl::USE_FLAGS as i32),
             UseFlags::SYNC_FPU_STATE.bits(),
@@ -658,7 +973,7 @@ fn long_hooks(
         // Trips 2 and 3 mod 4 load Guest DR0-3 and DR6.
         a.test(esi, 2)?;
         a.jz(no_dbg)?;
-        a.or(edx, far::expect::DBG)?;
+        a.or(edx, intermediate_amd64::expect::DBG)?;
         a.or(
             dword_ptr(ebx + cl::USE_FLAGS as i32),
             UseFlags::SYNC_DEBUG_STATE.bits(),
@@ -761,6 +1076,28 @@ fn host_dr(a: &mut CodeAssembler, h: &HookCtx, n: u32) -> Result<(), IcedError> 
     Ok(())
 }
 
+/// What the 32-bit/PAE family's hooks need to know.
+#[derive(Clone, Copy)]
+struct RcHookParams {
+    /// NMI masking is on.
+    apic_on: bool,
+    /// The host APIC is in x2APIC mode.
+    x2: bool,
+    /// The hypervisor context has CR4.PAE set.
+    pae: bool,
+    /// HC address of the RC code's mailbox.
+    mailbox_hc: u32,
+    /// HC address of `Cpum`.
+    cpum_hc: u32,
+}
+
+impl RcHookParams {
+    /// HC address of the mailbox field at offset `f`.
+    fn mb(self, f: usize) -> u32 {
+        self.mailbox_hc + f as u32
+    }
+}
+
 /// Hooks for the 32-bit/PAE family: expectations for the RC code, hyper
 /// debug registers on some trips, and the host FPU and DR0–3 checked after
 /// every trip (the lazy-FPU and debug-register rules seen from the host).
@@ -772,127 +1109,167 @@ fn rc_hooks(
     mailbox_hc: u32,
     cpum_hc: u32,
 ) -> HostKernelBuilder {
-    use crate::rc::{expect as ex, RcMailbox};
-    let mb = move |f: usize| mailbox_hc + f as u32;
+    let p = RcHookParams {
+        apic_on,
+        x2,
+        pae,
+        mailbox_hc,
+        cpum_hc,
+    };
     let pre = move |a: &mut CodeAssembler, h: &mut HookCtx| -> Result<(), IcedError> {
         let host_fcw = h.alloc(&HOST_FCW.to_le_bytes(), 4);
-        let mut no_fpu = a.create_label();
-        let mut no_dbg = a.create_label();
-        let mut dbg_done = a.create_label();
-        a.mov(esi, dword_ptr(h.trip_slot))?;
-        a.mov(ebx, dword_ptr(h.arg2_slot))?;
-        a.add(ebx, cpum_hc)?;
-        a.xor(edx, edx)?;
-        if apic_on {
-            a.or(edx, ex::APIC)?;
-        }
-        if x2 {
-            a.or(edx, ex::X2APIC)?;
-        }
-        a.mov(
-            dword_ptr(abs_addr(h, mb(offset_of!(RcMailbox, want_dis)))),
-            0x7u32,
-        )?;
-        a.mov(
-            dword_ptr(abs_addr(h, mb(offset_of!(RcMailbox, want_pae)))),
-            u32::from(pae),
-        )?;
-        // Even trips: the RC code uses the FPU, finding these Guest values.
-        a.test(esi, 1)?;
-        a.jnz(no_fpu)?;
-        a.or(edx, ex::FPU)?;
-        guest_fpu_values(a, h, ebx, esi)?;
-        a.set_label(&mut no_fpu)?;
-        // Trips 2 and 3 mod 4: hyper debug registers in use.
-        a.test(esi, 2)?;
-        a.jz(no_dbg)?;
-        a.or(edx, ex::DBG)?;
-        a.or(
-            dword_ptr(ebx + cl::USE_FLAGS as i32),
-            UseFlags::USE_DEBUG_REGS.bits(),
-        )?;
-        a.mov(eax, dword_ptr(h.cookie_slot))?;
-        for n in 0..4 {
-            let d = (cl::HYPER_DR + 8 * n) as i32;
-            a.mov(dword_ptr(ebx + d), eax)?;
-            a.add(eax, 0x100)?;
-        }
-        a.jmp(dbg_done)?;
-        a.set_label(&mut no_dbg)?;
-        a.and(
-            dword_ptr(ebx + cl::USE_FLAGS as i32),
-            !UseFlags::USE_DEBUG_REGS.bits(),
-        )?;
-        a.set_label(&mut dbg_done)?;
-        a.mov(
-            dword_ptr(abs_addr(h, mb(offset_of!(RcMailbox, expect)))),
-            edx,
-        )?;
-        // The host's own FPU and debug registers, which must come back.
-        a.fninit()?;
-        a.fldcw(word_ptr(abs_addr(h, host_fcw)))?;
-        a.mov(eax, dword_ptr(h.cookie_slot))?;
-        a.movd(xmm0, eax)?;
-        for (n, dr) in [dr0, dr1, dr2, dr3].into_iter().enumerate() {
-            host_dr(a, h, n as u32)?;
-            if h.bitness == 64 {
-                a.mov(dr, rax)?;
-            } else {
-                a.mov(dr, eax)?;
-            }
-        }
-        Ok(())
+        rc_expectations(a, h, p)?;
+        load_host_fpu_and_dr(a, h, host_fcw)
     };
     let post = move |a: &mut CodeAssembler, h: &mut HookCtx| -> Result<(), IcedError> {
-        let tmp = h.alloc(&[0; 4], 4);
-        let mut fpu_bad = a.create_label();
-        let mut fpu_ok = a.create_label();
-        let mut dr_bad = a.create_label();
-        let mut dr_ok = a.create_label();
-        let mut saved = a.create_label();
-        a.fnstcw(word_ptr(abs_addr(h, tmp)))?;
-        a.movzx(eax, word_ptr(abs_addr(h, tmp)))?;
-        a.cmp(eax, HOST_FCW)?;
-        a.jne(fpu_bad)?;
-        a.movd(eax, xmm0)?;
-        a.cmp(eax, dword_ptr(h.cookie_slot))?;
-        a.je(fpu_ok)?;
-        a.set_label(&mut fpu_bad)?;
-        a.mov(dword_ptr(h.hook_fail_slot), HOOKFAIL_HOST_FPU)?;
-        a.set_label(&mut fpu_ok)?;
-        for (n, dr) in [dr0, dr1, dr2, dr3].into_iter().enumerate() {
-            host_dr(a, h, n as u32)?;
-            if h.bitness == 64 {
-                a.mov(rcx, dr)?;
-            } else {
-                a.mov(ecx, dr)?;
-            }
-            a.cmp(ecx, eax)?;
-            a.jne(dr_bad)?;
-        }
-        a.jmp(dr_ok)?;
-        a.set_label(&mut dr_bad)?;
-        a.mov(dword_ptr(h.hook_fail_slot), HOOKFAIL_HOST_DR)?;
-        a.set_label(&mut dr_ok)?;
-        // On FPU trips the state the RC code left must be in Guest.fpu now.
-        a.test(dword_ptr(h.trip_slot), 1)?;
-        a.jnz(saved)?;
-        a.mov(ebx, dword_ptr(h.arg2_slot))?;
-        a.add(ebx, cpum_hc)?;
-        a.movzx(
-            eax,
-            word_ptr(ebx + (cl::GUEST_FPU + offset_of!(cpum::FxSaveArea, fcw)) as i32),
-        )?;
-        a.cmp(
-            eax,
-            dword_ptr(abs_addr(h, mb(offset_of!(RcMailbox, guest_fcw)))),
-        )?;
-        a.je(saved)?;
-        a.mov(dword_ptr(h.hook_fail_slot), HOOKFAIL_GUEST_FPU_SAVE)?;
-        a.set_label(&mut saved)?;
-        far_fails(a, h, mb(offset_of!(RcMailbox, fails)))
+        check_host_fpu_and_dr(a, h)?;
+        check_guest_fpu_saved(a, h, p)?;
+        far_fails(a, h, p.mb(offset_of!(hyper::RcMailbox, fails)))
     };
     kb.pre_call(pre).post_call(post)
+}
+
+/// Before a trip: the RC code's expectations in its mailbox, and the
+/// `CpumCpu` state they describe — on even trips `Guest.fpu` values for the
+/// RC code to find, on trips 2 and 3 mod 4 the hyper debug registers in use.
+fn rc_expectations(
+    a: &mut CodeAssembler,
+    h: &mut HookCtx,
+    p: RcHookParams,
+) -> Result<(), IcedError> {
+    use hyper::{expect as ex, RcMailbox};
+    let mut no_fpu = a.create_label();
+    let mut no_dbg = a.create_label();
+    let mut dbg_done = a.create_label();
+    a.mov(esi, dword_ptr(h.trip_slot))?;
+    a.mov(ebx, dword_ptr(h.arg2_slot))?;
+    a.add(ebx, p.cpum_hc)?;
+    a.xor(edx, edx)?;
+    if p.apic_on {
+        a.or(edx, ex::APIC)?;
+    }
+    if p.x2 {
+        a.or(edx, ex::X2APIC)?;
+    }
+    a.mov(
+        dword_ptr(abs_addr(h, p.mb(offset_of!(RcMailbox, want_dis)))),
+        0x7u32,
+    )?;
+    a.mov(
+        dword_ptr(abs_addr(h, p.mb(offset_of!(RcMailbox, want_pae)))),
+        u32::from(p.pae),
+    )?;
+    // Even trips: the RC code uses the FPU, finding these Guest values.
+    a.test(esi, 1)?;
+    a.jnz(no_fpu)?;
+    a.or(edx, ex::FPU)?;
+    guest_fpu_values(a, h, ebx, esi)?;
+    a.set_label(&mut no_fpu)?;
+    // Trips 2 and 3 mod 4: hyper debug registers in use.
+    a.test(esi, 2)?;
+    a.jz(no_dbg)?;
+    a.or(edx, ex::DBG)?;
+    a.or(
+        dword_ptr(ebx + cl::USE_FLAGS as i32),
+        UseFlags::USE_DEBUG_REGS.bits(),
+    )?;
+    a.mov(eax, dword_ptr(h.cookie_slot))?;
+    for n in 0..4 {
+        let d = (cl::HYPER_DR + 8 * n) as i32;
+        a.mov(dword_ptr(ebx + d), eax)?;
+        a.add(eax, 0x100)?;
+    }
+    a.jmp(dbg_done)?;
+    a.set_label(&mut no_dbg)?;
+    a.and(
+        dword_ptr(ebx + cl::USE_FLAGS as i32),
+        !UseFlags::USE_DEBUG_REGS.bits(),
+    )?;
+    a.set_label(&mut dbg_done)?;
+    a.mov(
+        dword_ptr(abs_addr(h, p.mb(offset_of!(RcMailbox, expect)))),
+        edx,
+    )
+}
+
+/// Before a trip: the host's own FPU state (FCW [`HOST_FCW`], XMM0 the
+/// cookie; `host_fcw` is the FCW's data slot) and DR0–3, which must come
+/// back.
+fn load_host_fpu_and_dr(
+    a: &mut CodeAssembler,
+    h: &mut HookCtx,
+    host_fcw: u32,
+) -> Result<(), IcedError> {
+    a.fninit()?;
+    a.fldcw(word_ptr(abs_addr(h, host_fcw)))?;
+    a.mov(eax, dword_ptr(h.cookie_slot))?;
+    a.movd(xmm0, eax)?;
+    for (n, dr) in [dr0, dr1, dr2, dr3].into_iter().enumerate() {
+        host_dr(a, h, n as u32)?;
+        if h.bitness == 64 {
+            a.mov(dr, rax)?;
+        } else {
+            a.mov(dr, eax)?;
+        }
+    }
+    Ok(())
+}
+
+/// After a trip: the host's FPU state and DR0–3 are back.
+fn check_host_fpu_and_dr(a: &mut CodeAssembler, h: &mut HookCtx) -> Result<(), IcedError> {
+    let tmp = h.alloc(&[0; 4], 4);
+    let mut fpu_bad = a.create_label();
+    let mut fpu_ok = a.create_label();
+    let mut dr_bad = a.create_label();
+    let mut dr_ok = a.create_label();
+    a.fnstcw(word_ptr(abs_addr(h, tmp)))?;
+    a.movzx(eax, word_ptr(abs_addr(h, tmp)))?;
+    a.cmp(eax, HOST_FCW)?;
+    a.jne(fpu_bad)?;
+    a.movd(eax, xmm0)?;
+    a.cmp(eax, dword_ptr(h.cookie_slot))?;
+    a.je(fpu_ok)?;
+    a.set_label(&mut fpu_bad)?;
+    a.mov(dword_ptr(h.hook_fail_slot), HOOKFAIL_HOST_FPU)?;
+    a.set_label(&mut fpu_ok)?;
+    for (n, dr) in [dr0, dr1, dr2, dr3].into_iter().enumerate() {
+        host_dr(a, h, n as u32)?;
+        if h.bitness == 64 {
+            a.mov(rcx, dr)?;
+        } else {
+            a.mov(ecx, dr)?;
+        }
+        a.cmp(ecx, eax)?;
+        a.jne(dr_bad)?;
+    }
+    a.jmp(dr_ok)?;
+    a.set_label(&mut dr_bad)?;
+    a.mov(dword_ptr(h.hook_fail_slot), HOOKFAIL_HOST_DR)?;
+    a.set_label(&mut dr_ok)
+}
+
+/// After an FPU trip: the FPU state the RC code left is in `Guest.fpu`.
+fn check_guest_fpu_saved(
+    a: &mut CodeAssembler,
+    h: &mut HookCtx,
+    p: RcHookParams,
+) -> Result<(), IcedError> {
+    let mut saved = a.create_label();
+    a.test(dword_ptr(h.trip_slot), 1)?;
+    a.jnz(saved)?;
+    a.mov(ebx, dword_ptr(h.arg2_slot))?;
+    a.add(ebx, p.cpum_hc)?;
+    a.movzx(
+        eax,
+        word_ptr(ebx + (cl::GUEST_FPU + offset_of!(cpum::FxSaveArea, fcw)) as i32),
+    )?;
+    a.cmp(
+        eax,
+        dword_ptr(abs_addr(h, p.mb(offset_of!(hyper::RcMailbox, guest_fcw)))),
+    )?;
+    a.je(saved)?;
+    a.mov(dword_ptr(h.hook_fail_slot), HOOKFAIL_GUEST_FPU_SAVE)?;
+    a.set_label(&mut saved)
 }
 
 /// Hooks for a trampoline run: before every trip, push the call frame on the
@@ -960,6 +1337,11 @@ pub fn judge(s: &Scenario, b: &Built, run: RunResult) -> ScenarioResult {
     if run.outcome != Outcome::Pass {
         failures.push(format!("outcome {:?}", run.outcome));
     }
+    for f in transcript_failures(s, b, r) {
+        if !failures.contains(&f) {
+            failures.push(f);
+        }
+    }
     let calls = u64::from(s.trips) * u64::from(s.vcpus);
     let vm_dump = r.dump("vm");
     let vm: Option<VmFixed> = vm_dump.and_then(|d| d.read::<VmFixed>(0));
@@ -973,10 +1355,10 @@ pub fn judge(s: &Scenario, b: &Built, run: RunResult) -> ScenarioResult {
         .dump("mailbox")
         .filter(|_| long)
         .and_then(|d| d.read::<Mailbox>(0));
-    let rc_mailbox: Option<crate::rc::RcMailbox> = r
+    let rc_mailbox: Option<hyper::RcMailbox> = r
         .dump("mailbox")
         .filter(|_| !long)
-        .and_then(|d| d.read::<crate::rc::RcMailbox>(0));
+        .and_then(|d| d.read::<hyper::RcMailbox>(0));
     let summary = r.summary.as_ref();
     match summary {
         Some(sm) => {
@@ -1003,9 +1385,9 @@ pub fn judge(s: &Scenario, b: &Built, run: RunResult) -> ScenarioResult {
     }
     let names = |bits: u32| {
         if long {
-            far::fail_names(bits).join(", ")
+            intermediate_amd64::fail_names(bits).join(", ")
         } else {
-            crate::rc::fail_names(bits).join(", ")
+            hyper::fail_names(bits).join(", ")
         }
     };
     for h in r.hook_failures.iter().take(2) {
@@ -1099,7 +1481,10 @@ pub fn judge(s: &Scenario, b: &Built, run: RunResult) -> ScenarioResult {
         .map(|sm| u64::from(sm.tsc_max));
     ScenarioResult {
         scenario: s.clone(),
-        outcome: format!("{:?}", run.outcome),
+        outcome: match &r.cpu_refusal {
+            Some(_) => "CpuUnsupported".into(),
+            None => format!("{:?}", run.outcome),
+        },
         verified: failures.is_empty(),
         failures,
         round_trips: summary.map_or(0, |sm| u64::from(sm.calls)),
@@ -1119,3 +1504,513 @@ pub fn judge(s: &Scenario, b: &Built, run: RunResult) -> ScenarioResult {
 }
 
 const _: () = assert!(CPUMCPU_SIZE % 64 == 0);
+
+/// A `BOOT` line whose scenario fields cannot be read back.
+#[derive(Debug, Error, PartialEq, Eq)]
+#[error("BOOT line: {0}")]
+pub struct BootFieldError(pub String);
+
+/// `Mutation`'s kebab-case name, as the `BOOT` line and the CLI spell it.
+pub fn mutation_name(m: Mutation) -> String {
+    m.name().to_owned()
+}
+
+const BOOT_KEYS: [&str; 14] = [
+    "switcher",
+    "revision",
+    "stats",
+    "apic",
+    "trace",
+    "crash_markers",
+    "x2apic",
+    "host_x2apic",
+    "code_hc",
+    "code_phys",
+    "hma_rc",
+    "hma_hc",
+    "hma_phys",
+    "tables_phys",
+];
+
+impl Scenario {
+    /// What the `BOOT` line says about this scenario after `entry`: the
+    /// switcher, every template option, the host's x2APIC mode, the
+    /// placement, the mutation and the trampoline arguments — everything
+    /// [`Scenario::from_boot`] needs to rebuild it (the trips and VCPUs are
+    /// the line's own `trips` and `vcpus`).
+    pub fn boot_fields(&self) -> Vec<(String, String)> {
+        let o = &self.options;
+        let p = &self.placement;
+        let flag = |b: bool| if b { "1" } else { "0" }.to_owned();
+        let rev = match o.revision {
+            vmm_switcher::templates::Revision::A => "a",
+            vmm_switcher::templates::Revision::B => "b",
+        };
+        let values = [
+            self.kind.cli_name().to_owned(),
+            rev.to_owned(),
+            flag(o.stats),
+            flag(o.apic_nmi_masking),
+            flag(o.trace),
+            flag(o.crash_markers),
+            flag(o.x2apic),
+            flag(self.host_x2apic),
+            format!("{:x}", p.code_hc.0),
+            format!("{:x}", p.code_phys.0),
+            format!("{:x}", p.hma_rc.0),
+            format!("{:x}", p.hma_hc.0),
+            format!("{:x}", p.hma_phys.0),
+            format!("{:x}", p.tables_phys.0),
+        ];
+        let mut out: Vec<(String, String)> = BOOT_KEYS
+            .iter()
+            .map(|k| (*k).to_owned())
+            .zip(values)
+            .collect();
+        out.push((
+            "mutation".into(),
+            self.mutation.map_or_else(|| "none".into(), mutation_name),
+        ));
+        let tramp = match &self.trampoline_args {
+            None => "none".to_owned(),
+            Some(a) => {
+                let list: Vec<String> = a.iter().map(|v| format!("{v:x}")).collect();
+                format!("{}:{}", a.len(), list.join(","))
+            }
+        };
+        out.push(("trampoline".into(), tramp));
+        out
+    }
+
+    /// The scenario a `BOOT` line names: the inverse of
+    /// [`Scenario::boot_fields`], with `trips` and `vcpus` from the line.
+    ///
+    /// # Errors
+    /// A field missing, repeated, unknown or with a value that does not
+    /// parse, or a switcher this name does not denote.
+    pub fn from_boot(boot: &crate::transcript::BootLine) -> Result<Scenario, BootFieldError> {
+        let bad = |k: &str, v: &str| BootFieldError(format!("`{k}={v}` is not a valid value"));
+        let mut keys: Vec<&str> = BOOT_KEYS.to_vec();
+        keys.extend(["mutation", "trampoline"]);
+        for (k, _) in &boot.scenario {
+            if !keys.contains(&k.as_str()) {
+                return Err(BootFieldError(format!("unknown field `{k}`")));
+            }
+            if boot.scenario.iter().filter(|(o, _)| o == k).count() > 1 {
+                return Err(BootFieldError(format!("field `{k}` appears twice")));
+            }
+        }
+        let get = |k: &str| {
+            boot.field(k).ok_or_else(|| {
+                BootFieldError(format!(
+                    "no `{k}` field (an image built before the BOOT line named its scenario?)"
+                ))
+            })
+        };
+        let flag = |k: &str| -> Result<bool, BootFieldError> {
+            match get(k)? {
+                "0" => Ok(false),
+                "1" => Ok(true),
+                v => Err(bad(k, v)),
+            }
+        };
+        let addr = |k: &str| -> Result<u64, BootFieldError> {
+            let v = get(k)?;
+            if v.is_empty() || v.len() > 16 || !v.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(bad(k, v));
+            }
+            u64::from_str_radix(v, 16).map_err(|_| bad(k, v))
+        };
+        let name = get("switcher")?;
+        let kind = SwitcherKind::from_cli_name(name).ok_or_else(|| bad("switcher", name))?;
+        let mut s = Scenario::new(kind);
+        s.options.revision = match get("revision")? {
+            "a" => vmm_switcher::templates::Revision::A,
+            "b" => vmm_switcher::templates::Revision::B,
+            v => return Err(bad("revision", v)),
+        };
+        s.options.stats = flag("stats")?;
+        s.options.apic_nmi_masking = flag("apic")?;
+        s.options.trace = flag("trace")?;
+        s.options.crash_markers = flag("crash_markers")?;
+        s.options.x2apic = flag("x2apic")?;
+        s.host_x2apic = flag("host_x2apic")?;
+        let rc = addr("hma_rc")?;
+        s.placement = Placement {
+            code_hc: vmm_switcher::HcAddr(addr("code_hc")?),
+            code_phys: vmm_switcher::PhysAddr(addr("code_phys")?),
+            hma_rc: RcAddr(
+                u32::try_from(rc).map_err(|_| bad("hma_rc", get("hma_rc").unwrap_or("")))?,
+            ),
+            hma_hc: vmm_switcher::HcAddr(addr("hma_hc")?),
+            hma_phys: vmm_switcher::PhysAddr(addr("hma_phys")?),
+            tables_phys: vmm_switcher::PhysAddr(addr("tables_phys")?),
+        };
+        s.mutation = match get("mutation")? {
+            "none" => None,
+            v => Some(
+                Mutation::ALL
+                    .into_iter()
+                    .find(|m| mutation_name(*m) == v)
+                    .ok_or_else(|| bad("mutation", v))?,
+            ),
+        };
+        s.trampoline_args = match get("trampoline")? {
+            "none" => None,
+            v => {
+                let (n, list) = v.split_once(':').ok_or_else(|| bad("trampoline", v))?;
+                let args: Vec<u32> = if list.is_empty() {
+                    Vec::new()
+                } else {
+                    list.split(',')
+                        .map(|a| u32::from_str_radix(a, 16).map_err(|_| bad("trampoline", v)))
+                        .collect::<Result<_, _>>()?
+                };
+                if n.parse::<usize>().ok() != Some(args.len()) {
+                    return Err(bad("trampoline", v));
+                }
+                Some(args)
+            }
+        };
+        s.trips = boot.trips;
+        s.vcpus = boot.vcpus;
+        if s.host_mode().name() != boot.mode {
+            return Err(BootFieldError(format!(
+                "mode={} but {} runs on a {} host",
+                boot.mode,
+                kind.cli_name(),
+                s.host_mode().name()
+            )));
+        }
+        Ok(s)
+    }
+
+    /// The CPU features this scenario needs beyond what the host kernel
+    /// itself checks: PAE and long mode for the hypervisor context's paging,
+    /// NX where the switcher sets EFER.NXE (long-mode targets), FXSR,
+    /// SYSENTER where the switcher saves the host's SYSENTER MSRs, SSE2 for
+    /// the 32-bit family's hooks, x2APIC for an x2APIC host.
+    pub fn cpu_requirements(&self) -> Vec<crate::hostkernel::CpuFeature> {
+        use crate::hostkernel::CpuFeature as F;
+        let mut v = vec![F::Fxsr, F::Apic];
+        let flavour = vmm::target_flavour(self.kind);
+        if self.host_mode() != HostMode::Legacy32 || flavour != vmm::Flavour::Legacy32 {
+            v.push(F::Pae);
+        }
+        if self.host_mode() == HostMode::Amd64 || self.long_mode_target() {
+            v.push(F::LongMode);
+        }
+        let cpu = VmmConfig::default().cpu;
+        if !self.is_stub() {
+            if self.long_mode_target() && cpu.nx {
+                v.push(F::Nx);
+            }
+            if cpu.host_sysenter {
+                v.push(F::Sep);
+            }
+            if !self.uses_far_helper() && self.trampoline_args.is_none() {
+                v.push(F::Sse2);
+            }
+        }
+        if self.host_x2apic {
+            v.push(F::X2apic);
+        }
+        v
+    }
+}
+
+impl ScenarioResult {
+    /// The CPU lacked a feature the build needs, so nothing ran (a `NOCPU`
+    /// line; the outcome is `CpuUnsupported`).
+    pub fn cpu_refusal(&self) -> Option<&crate::transcript::CpuRefusal> {
+        self.run.report.cpu_refusal.as_ref()
+    }
+}
+
+/// The keyword of a protocol line body.
+fn keyword(line: &str) -> &str {
+    line.split(' ').next().unwrap_or("")
+}
+
+/// The protocol lines a passing run of `b` prints, by keyword, in order.
+fn expected_keywords(s: &Scenario, b: &Built) -> Vec<String> {
+    let t = &b.testbed;
+    let mut k: Vec<String> = vec!["BOOT".into(), "HOST".into()];
+    if t.mode == HostMode::Amd64 {
+        k.push("HOST64".into());
+    }
+    k.push("APIC".into());
+    let traced = s.trips.min(t.trace_trips) as usize * t.vcpus.len();
+    k.extend(std::iter::repeat_n("TRIP".to_owned(), traced));
+    k.extend(std::iter::repeat_n("VCPU".to_owned(), t.vcpus.len()));
+    k.extend(["SUMMARY".into(), "NMI".into()]);
+    for d in &t.dumps {
+        k.push("DUMP".into());
+        k.extend(std::iter::repeat_n(
+            "H".to_owned(),
+            d.len.div_ceil(32) as usize,
+        ));
+        k.push("END".into());
+    }
+    k.extend(["RESULT".into(), "CRC".into()]);
+    k
+}
+
+/// Every check of the transcript itself: integrity (checksum, nothing
+/// unknown, nothing foreign), completeness (the line sequence of a passing
+/// run, every dump) and consistency (the `BOOT` line names this scenario;
+/// `TRIP`, `VCPU` and `SUMMARY` lines agree with each other).
+fn transcript_failures(s: &Scenario, b: &Built, r: &crate::transcript::Report) -> Vec<String> {
+    let mut f = Vec::new();
+    // Integrity.
+    match (r.crc, r.crc_computed) {
+        (Some(got), Some(want)) if got != want => f.push(format!(
+            "CRC line says {got:08x}, the protocol lines sum to {want:08x}: the transcript was altered"
+        )),
+        (Some(_), Some(_)) => {}
+        _ => f.push("no valid CRC line: the transcript is cut short or altered".into()),
+    }
+    for m in r.malformed.iter().take(4) {
+        f.push(format!("unknown or unparseable line `@@{m}`"));
+    }
+    f.extend(r.problems.iter().take(4).cloned());
+    let foreign_ok = s.options.trace && r.foreign.bytes().all(|c| Step::from_ch(c).is_some());
+    if !r.foreign.is_empty() && !foreign_ok {
+        f.push(format!(
+            "{} bytes outside the protocol after the first protocol line (e.g. {:?})",
+            r.foreign.len(),
+            r.foreign.chars().take(16).collect::<String>()
+        ));
+    }
+    // Failure lines.
+    if let Some(c) = &r.cpu_refusal {
+        f.push(format!("the CPU has no {} (CPUID {})", c.feature, c.cpuid));
+    }
+    for e in r.errors.iter().take(2) {
+        f.push(format!("ERROR {e}"));
+    }
+    for (what, n) in [
+        ("MISMATCH", r.mismatches.len()),
+        ("RETFAIL", r.ret_failures.len()),
+        ("HOOKFAIL", r.hook_failures.len()),
+        ("LOG", r.logs.len()),
+        ("EXC", usize::from(r.exception.is_some())),
+        ("EXC2", usize::from(r.nested_exception.is_some())),
+        ("FAREXC", usize::from(r.far_exception.is_some())),
+    ] {
+        if n > 0 {
+            f.push(format!("{n} {what} line(s)"));
+        }
+    }
+    if r.result != Some(true) {
+        f.push(match r.result {
+            Some(false) => "RESULT FAIL".into(),
+            _ => "no RESULT line".into(),
+        });
+    }
+    // Completeness: the exact line sequence of a passing run.
+    let want = expected_keywords(s, b);
+    let got: Vec<&str> = r.lines.iter().map(|l| keyword(l)).collect();
+    let first_diff = (0..want.len().max(got.len()))
+        .find(|&i| got.get(i).copied() != want.get(i).map(String::as_str));
+    if let Some(i) = first_diff {
+        let found = match r.lines.get(i) {
+            Some(l) => format!("`@@{}`", l.chars().take(48).collect::<String>()),
+            None => "the end".into(),
+        };
+        f.push(format!(
+            "protocol line {}: expected {}, found {found}",
+            i + 1,
+            want.get(i).map_or("the end", String::as_str)
+        ));
+    }
+    f.extend(boot_failures(s, b, r));
+    f.extend(count_failures(s, b, r));
+    for d in &b.testbed.dumps {
+        match r.dump(&d.name) {
+            None => f.push(format!("no `{}` dump", d.name)),
+            Some(got) if !got.complete || got.addr64 != d.addr || got.len != d.len => {
+                f.push(format!(
+                    "dump `{}` is not the {} bytes at {:#x} the image dumps",
+                    d.name, d.len, d.addr
+                ))
+            }
+            Some(_) => {}
+        }
+    }
+    f
+}
+
+/// The `BOOT` and `HOST` lines name this build: host mode, multiboot magic,
+/// trips, VCPUs, items, entry, the scenario fields; the host's magic values.
+fn boot_failures(s: &Scenario, b: &Built, r: &crate::transcript::Report) -> Vec<String> {
+    let mut f = Vec::new();
+    let Some(boot) = &r.boot else {
+        f.push("no BOOT line".into());
+        return f;
+    };
+    let t = &b.testbed;
+    let entry = b
+        .vmm
+        .switcher(s.kind)
+        .map(|sw| sw.entries.r0_host_to_guest_hc.0)
+        .ok();
+    let checks: [(&str, String, String); 6] = [
+        ("mode", boot.mode.clone(), t.mode.name().to_owned()),
+        (
+            "mbeax",
+            format!("{:#x}", boot.mb_eax),
+            format!("{:#x}", crate::image::MULTIBOOT_BOOTLOADER_MAGIC),
+        ),
+        ("trips", boot.trips.to_string(), s.trips.to_string()),
+        ("vcpus", boot.vcpus.to_string(), s.vcpus.to_string()),
+        ("items", boot.items.to_string(), t.items.len().to_string()),
+        (
+            "entry",
+            format!("{:#x}", boot.entry64),
+            entry.map_or("?".into(), |e| format!("{e:#x}")),
+        ),
+    ];
+    for (k, got, want) in checks {
+        if got != want {
+            f.push(format!("BOOT {k}={got}, this build has {want}"));
+        }
+    }
+    if boot.scenario != t.boot_fields {
+        f.push("the BOOT line names another scenario than this build".into());
+    }
+    if let Some(h) = &r.host {
+        use crate::hostkernel::{FS_MAGIC, MAGIC_VALUE};
+        if h.magic != MAGIC_VALUE || h.fs0 != FS_MAGIC || h.cr3 != t.addrs.cr3 {
+            f.push(format!(
+                "HOST magic={:#x} fs0={:#x} cr3={:#x}, expected {MAGIC_VALUE:#x}, {FS_MAGIC:#x}, {:#x}",
+                h.magic, h.fs0, h.cr3, t.addrs.cr3
+            ));
+        }
+    }
+    f
+}
+
+/// `TRIP`, `VCPU` and `SUMMARY` lines agree with each other and with the
+/// scenario: one `VCPU` line per VCPU with its `arg2`, every call made and
+/// clean, the summary the sum over the VCPUs, the traced trips' deltas the
+/// VCPUs' first and second ones, every delta within the VCPU's range.
+fn count_failures(s: &Scenario, b: &Built, r: &crate::transcript::Report) -> Vec<String> {
+    let mut f = Vec::new();
+    let t = &b.testbed;
+    for (i, v) in r.vcpus.iter().enumerate() {
+        let want_arg2 = t.vcpus.get(i).copied();
+        let sum_lo = u64::from(v.calls) * u64::from(v.tsc_min);
+        let sum_hi = u64::from(v.calls) * u64::from(v.tsc_max);
+        let inside = |x: u32| v.tsc_min <= x && x <= v.tsc_max;
+        let second_ok = if s.trips >= 2 {
+            inside(v.tsc_second)
+        } else {
+            v.tsc_second == 0
+        };
+        let ok = v.vcpu as usize == i
+            && Some(v.arg2) == want_arg2
+            && v.calls == s.trips
+            && v.mismatches == 0
+            && v.retfails == 0
+            && v.hookfails == 0
+            && v.tsc_min <= v.tsc_max
+            && (sum_lo..=sum_hi).contains(&v.tsc_sum)
+            && inside(v.tsc_first)
+            && second_ok;
+        if !ok {
+            f.push(format!(
+                "VCPU line {i} (vcpu={} arg2={:#x} calls={} mismatches={} retfails={} hookfails={} \
+                 tsc {}..{} sum {} first {} second {}) is not a clean, consistent run of {} calls",
+                v.vcpu,
+                v.arg2,
+                v.calls,
+                v.mismatches,
+                v.retfails,
+                v.hookfails,
+                v.tsc_min,
+                v.tsc_max,
+                v.tsc_sum,
+                v.tsc_first,
+                v.tsc_second,
+                s.trips
+            ));
+        }
+    }
+    if r.vcpus.len() != t.vcpus.len() {
+        f.push(format!(
+            "{} VCPU lines, the image runs {} VCPUs",
+            r.vcpus.len(),
+            t.vcpus.len()
+        ));
+    }
+    let mut traced = Vec::new();
+    for trip in 0..s.trips.min(t.trace_trips) {
+        for vcpu in 0..s.vcpus {
+            traced.push((trip, vcpu));
+        }
+    }
+    let got: Vec<(u32, u32)> = r.trips.iter().map(|l| (l.trip, l.vcpu)).collect();
+    if got != traced {
+        f.push(format!(
+            "TRIP lines for (trip, vcpu) {got:?}, expected {traced:?}"
+        ));
+    }
+    for l in &r.trips {
+        let v = r.vcpus.get(l.vcpu as usize);
+        let want = v.map(|v| match l.trip {
+            0 => v.tsc_first,
+            _ => v.tsc_second,
+        });
+        if l.trip < 2 && want != Some(l.tsc) {
+            f.push(format!(
+                "TRIP trip={} vcpu={} tsc={} disagrees with its VCPU line",
+                l.trip, l.vcpu, l.tsc
+            ));
+        }
+    }
+    let Some(sm) = &r.summary else {
+        return f;
+    };
+    // In u128: a forged transcript may carry sums near u64::MAX.
+    let sum = |g: fn(&crate::transcript::VcpuSummary) -> u64| {
+        r.vcpus.iter().map(|v| u128::from(g(v))).sum::<u128>()
+    };
+    let w = |x: u32| u128::from(x);
+    let checks = [
+        ("trips", w(sm.trips), w(s.trips)),
+        ("calls", w(sm.calls), sum(|v| u64::from(v.calls))),
+        (
+            "mismatches",
+            w(sm.mismatches),
+            sum(|v| u64::from(v.mismatches)),
+        ),
+        ("retfails", w(sm.retfails), sum(|v| u64::from(v.retfails))),
+        (
+            "hookfails",
+            w(sm.hookfails),
+            sum(|v| u64::from(v.hookfails)),
+        ),
+        ("tsc_sum", u128::from(sm.tsc_sum), sum(|v| v.tsc_sum)),
+        (
+            "tsc_min",
+            w(sm.tsc_min),
+            w(r.vcpus.iter().map(|v| v.tsc_min).min().unwrap_or(u32::MAX)),
+        ),
+        (
+            "tsc_max",
+            w(sm.tsc_max),
+            w(r.vcpus.iter().map(|v| v.tsc_max).max().unwrap_or(0)),
+        ),
+        ("nmis", w(sm.nmis), w(r.nmi_count.unwrap_or(u32::MAX))),
+        ("nmis", w(sm.nmis), 0),
+    ];
+    for (k, got, want) in checks {
+        if got != want {
+            f.push(format!(
+                "SUMMARY {k}={got}, the VCPU lines and the scenario give {want}"
+            ));
+        }
+    }
+    f
+}

@@ -1,14 +1,16 @@
 //! The serial line protocol of the host kernel and its decoder.
 //!
 //! The kernel writes COM1 (QEMU `-serial stdio`). Each protocol line starts
-//! with [`PREFIX`] (`@@`), then a keyword and `key=value` fields, and ends
-//! with `\n`. Anything else on the wire (debug-trace characters a switcher
-//! prints, or text from the far side) is kept verbatim in [`Report::trace`],
-//! so a crash can be located by the last trace character.
+//! with [`PREFIX`] (`@@`), then a keyword and `key=value` fields separated by
+//! single spaces, and ends with `\n`. Every line has a fixed set of fields in
+//! a fixed order; a line with a field missing, an extra field, a value that
+//! is not a plain hex or decimal number, or an unknown keyword lands in
+//! [`Report::malformed`].
 //!
 //! | line | fields |
 //! |---|---|
-//! | `BOOT` | `mode` (`legacy32`/`pae`/`amd64`), `mbeax` hex, `trips`, `vcpus`, `items` dec, `entry` hex (16 digits on AMD64) |
+//! | `BOOT` | `mode` (`legacy32`/`pae`/`amd64`), `mbeax` hex, `trips`, `vcpus`, `items` dec, `entry` hex (16 digits on AMD64), then the scenario's own `key=value` fields ([`BootLine::scenario`]) |
+//! | `NOCPU` | `feature` (a name such as `pae`, `long-mode`), `cpuid` (`leaf.register.bit`): the CPU lacks what the build needs; the run stops |
 //! | `HOST` | `cr0`, `cr3`, `cr4` hex, `efer` 16 hex digits, `sysenter_cs`, `magic`, `fs0`, `features` hex |
 //! | `HOST64` | `fs_base`, `gs_base`, `kernel_gs_base`, `star`, `lstar`, `sfmask`, `cr8` 16 hex digits (AMD64 host only) |
 //! | `APIC` | `base`, `ver`, `lint0`, `lint1`, `perf`, `therm`, `svr` hex |
@@ -20,17 +22,48 @@
 //! | `SUMMARY` | `trips`, `calls`, `mismatches`, `retfails`, `hookfails`, `nmis`, `spurious`, `tsc_min`, `tsc_max` dec, `tsc_sum` 16 hex digits |
 //! | `NMI` | `count` dec |
 //! | `DUMP` | `addr` hex (16 digits for a 64-bit address), `len` hex, `name`; followed by `H <hex bytes>` lines and `END` |
-//! | `EXC` | `vec`, `err`, `eip`, `cs`, `eflags`, `cr2` hex, `trip`, `vcpu`, `phase` dec; on AMD64 `eip` and `cr2` have 16 digits and `rsp` follows |
+//! | `EXC` | `vec`, `err`, `eip`, `cs`, `eflags`, `cr2` hex, `trip`, `vcpu`, `phase` dec; on AMD64 `eip` and `cr2` have 16 digits and `rsp` follows `cr2` |
 //! | `EXC2` | `vec`, `err`, `eip` hex (an exception inside the exception path; `eip` 16 digits on AMD64) |
 //! | `FAREXC` | `vec`, `err` hex, `rip` hex (printed by far-side handlers, if they use the prefix) |
 //! | `LOG` | free text (from hooks) |
 //! | `ERROR` | free text (setup problems) |
 //! | `RESULT` | `PASS` or `FAIL` |
+//! | `CRC` | `crc32` hex: the checksum of the transcript (below); always the last line |
 //!
 //! The counters in `TRIP`/`VCPU`/`SUMMARY` lines are RDTSC deltas around the
 //! call; under `-icount shift=0` they are guest instruction counts.
-
-use std::collections::BTreeMap;
+//!
+//! # What is protocol and what is noise
+//!
+//! The *protocol stream* starts at the first `@@` of the transcript. Bytes
+//! before it are noise (a boot loader's messages, terminal escape codes) and
+//! are only kept in [`Report::trace`]. From there on the transcript is read
+//! as lines ending in `\n` (a `\r` right before a `\n` is dropped: terminal
+//! programs insert them; the kernel never sends one):
+//!
+//! * In a line holding `@@`, the bytes from its first `@@` through the `\n`
+//!   are the kernel's protocol line. Bytes before that `@@` are *foreign*:
+//!   the kernel only prints at the start of a line, so anything there was
+//!   written by someone else while the kernel waited for the call to return
+//!   (a switcher's trace characters, text from the far side).
+//! * A line without `@@` is foreign as a whole, its `\n` included.
+//!
+//! Foreign bytes go to [`Report::trace`] and, when they follow the first
+//! protocol line, also to [`Report::foreign`]; the judge accepts them only
+//! from a build with trace characters, and only trace characters.
+//!
+//! # The checksum
+//!
+//! The kernel keeps a running CRC-32 (IEEE 802.3: reflected polynomial
+//! `0xEDB88320`, initial value and final XOR `0xFFFFFFFF`; [`crc32`]) of
+//! every byte its print routine sends to COM1, from its first byte on.
+//! Before it stops (pass, failure, exception, refusal) it prints
+//! `@@CRC crc32=<8 hex digits>\n` with the checksum of everything it sent
+//! *before* that line. The decoder recomputes it over the protocol lines
+//! before the `CRC` line, each `@@` through `\n` ([`Report::crc_computed`]),
+//! so foreign bytes do not count and a single changed, lost, duplicated or
+//! reordered byte of the kernel's output does. Nothing may follow the `CRC`
+//! line ([`Report::problems`]).
 
 use zerocopy::FromBytes;
 
@@ -105,6 +138,30 @@ pub struct BootLine {
     pub entry: u32,
     /// Address of the called entry, all 64 bits.
     pub entry64: u64,
+    /// The fields after `entry`, in order: what the image was built for
+    /// (the scenario's switcher, options, placement; see
+    /// `scenario::Scenario::boot_fields`).
+    pub scenario: Vec<(String, String)>,
+}
+
+impl BootLine {
+    /// The value of the scenario field `key`.
+    pub fn field(&self, key: &str) -> Option<&str> {
+        self.scenario
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// A `NOCPU` line: the CPU lacks a feature the build needs, so the kernel
+/// refused to run.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CpuRefusal {
+    /// The missing feature (`pae`, `long-mode`, `fxsr`, `apic`, …).
+    pub feature: String,
+    /// Where CPUID reports it, `leaf.register.bit` (e.g. `00000001.edx.6`).
+    pub cpuid: String,
 }
 
 /// The `HOST` line: the host state the kernel established.
@@ -411,37 +468,122 @@ pub struct Report {
     pub malformed: Vec<String>,
     /// Every protocol line, without the prefix, in order.
     pub lines: Vec<String>,
+    /// `NOCPU`: the CPU lacks a feature the build needs.
+    pub cpu_refusal: Option<CpuRefusal>,
+    /// The checksum the `CRC` line printed.
+    pub crc: Option<u32>,
+    /// The checksum recomputed over the protocol lines before the `CRC`
+    /// line (see [the module docs](self#the-checksum)); `None` without a
+    /// `CRC` line.
+    pub crc_computed: Option<u32>,
+    /// Foreign bytes after the first protocol line (see [the module
+    /// docs](self#what-is-protocol-and-what-is-noise)).
+    pub foreign: String,
+    /// Structural problems: a line that may appear once appearing again, a
+    /// dump cut short, bytes after the `CRC` line, a last line without `\n`.
+    pub problems: Vec<String>,
 }
 
+/// One CRC-32 step (reflected polynomial `0xEDB88320`) of the running value
+/// `crc` (not inverted) over `byte`: `(crc >> 8) ^ CRC32_TABLE[(crc ^ byte) & 0xff]`.
+pub const fn crc32_step(crc: u32, byte: u8) -> u32 {
+    (crc >> 8) ^ CRC32_TABLE[((crc ^ byte as u32) & 0xff) as usize]
+}
+
+/// The CRC-32 lookup table the kernel's print routine uses.
+pub const CRC32_TABLE: [u32; 256] = {
+    let mut t = [0u32; 256];
+    let mut i = 0;
+    while i < 256 {
+        let mut c = i as u32;
+        let mut k = 0;
+        while k < 8 {
+            c = if c & 1 != 0 {
+                0xedb8_8320 ^ (c >> 1)
+            } else {
+                c >> 1
+            };
+            k += 1;
+        }
+        t[i] = c;
+        i += 1;
+    }
+    t
+};
+
+/// The CRC-32 (IEEE 802.3) of `bytes`: initial value and final XOR `0xFFFFFFFF`.
+pub fn crc32(bytes: &[u8]) -> u32 {
+    !bytes.iter().fold(!0u32, |c, &b| crc32_step(c, b))
+}
+
+/// The `key=value` fields of one line, in order. `ok` is false when the
+/// text is not exactly `key=value` tokens separated by single spaces.
 struct Fields<'a> {
-    map: BTreeMap<&'a str, &'a str>,
+    list: Vec<(&'a str, &'a str)>,
+    ok: bool,
+}
+
+fn is_hex(v: &str) -> bool {
+    (1..=16).contains(&v.len()) && v.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+fn is_dec(v: &str) -> bool {
+    (1..=10).contains(&v.len())
+        && v.bytes().all(|b| b.is_ascii_digit())
+        && (v == "0" || !v.starts_with('0'))
 }
 
 impl<'a> Fields<'a> {
     fn new(rest: &'a str) -> Self {
-        let map = rest
-            .split_whitespace()
-            .filter_map(|kv| kv.split_once('='))
-            .collect();
-        Self { map }
+        let mut ok = true;
+        let list = if rest.is_empty() {
+            Vec::new()
+        } else {
+            rest.split(' ')
+                .filter_map(|kv| {
+                    let pair = kv
+                        .split_once('=')
+                        .filter(|(k, v)| !k.is_empty() && !v.is_empty() && !v.contains('='));
+                    ok &= pair.is_some();
+                    pair
+                })
+                .collect()
+        };
+        Self { list, ok }
+    }
+    /// The keys are exactly `keys`, in this order.
+    fn exact(&self, keys: &[&str]) -> bool {
+        self.ok
+            && self.list.len() == keys.len()
+            && self.list.iter().zip(keys).all(|((k, _), want)| k == want)
+    }
+    /// The keys start with `keys`, in this order.
+    fn starts(&self, keys: &[&str]) -> bool {
+        self.ok
+            && self.list.len() >= keys.len()
+            && self.list.iter().zip(keys).all(|((k, _), want)| k == want)
+    }
+    fn get(&self, k: &str) -> Option<&'a str> {
+        self.list.iter().find(|(key, _)| *key == k).map(|(_, v)| *v)
     }
     fn hex(&self, k: &str) -> Option<u32> {
-        u32::from_str_radix(self.map.get(k)?, 16).ok()
+        let v = self.get(k).filter(|v| is_hex(v))?;
+        u32::from_str_radix(v, 16).ok()
     }
     fn hex64(&self, k: &str) -> Option<u64> {
-        u64::from_str_radix(self.map.get(k)?, 16).ok()
+        let v = self.get(k).filter(|v| is_hex(v))?;
+        u64::from_str_radix(v, 16).ok()
     }
     fn dec(&self, k: &str) -> Option<u32> {
-        self.map.get(k)?.parse().ok()
+        self.get(k).filter(|v| is_dec(v))?.parse().ok()
     }
     fn str(&self, k: &str) -> Option<String> {
-        self.map.get(k).map(|s| (*s).to_owned())
+        self.get(k).map(str::to_owned)
     }
 }
 
 fn hex_bytes(s: &str) -> Option<Vec<u8>> {
-    let s = s.trim();
-    if s.len() % 2 != 0 {
+    if s.is_empty() || s.len() % 2 != 0 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
         return None;
     }
     (0..s.len())
@@ -450,43 +592,111 @@ fn hex_bytes(s: &str) -> Option<Vec<u8>> {
         .collect()
 }
 
+/// Sets a line that may appear once; a second one is a problem.
+fn once<T>(slot: &mut Option<T>, value: Option<T>, kw: &str, problems: &mut Vec<String>) -> bool {
+    let Some(v) = value else {
+        return false;
+    };
+    if slot.is_some() {
+        problems.push(format!("a second {kw} line"));
+    }
+    *slot = Some(v);
+    true
+}
+
+/// The position of the first `@@` in `bytes`.
+fn find_prefix(bytes: &[u8]) -> Option<usize> {
+    bytes
+        .windows(PREFIX.len())
+        .position(|w| w == PREFIX.as_bytes())
+}
+
 impl Report {
     /// Decodes a transcript. Never fails: what it cannot read lands in
-    /// [`Report::malformed`] or [`Report::trace`].
+    /// [`Report::malformed`], [`Report::problems`] or [`Report::trace`].
     pub fn parse(serial: &[u8]) -> Self {
-        let text = String::from_utf8_lossy(serial);
         let mut r = Report::default();
+        let Some(start) = find_prefix(serial) else {
+            r.trace = String::from_utf8_lossy(serial).into_owned();
+            return r;
+        };
+        r.trace = String::from_utf8_lossy(&serial[..start]).into_owned();
         let mut open_dump: Option<Dump> = None;
-        let mut pieces = text.split('\n').peekable();
+        let mut crc = !0u32;
+        let mut after_crc = false;
+        let mut pieces = serial[start..].split(|&b| b == b'\n').peekable();
         while let Some(raw) = pieces.next() {
-            let last = pieces.peek().is_none();
-            let line = raw.strip_suffix('\r').unwrap_or(raw);
-            let Some(at) = line.find(PREFIX) else {
-                r.trace.push_str(line);
-                if !last {
+            let terminated = pieces.peek().is_some();
+            let line = match raw.strip_suffix(b"\r") {
+                Some(l) if terminated => l,
+                _ => raw,
+            };
+            if after_crc {
+                if !line.is_empty() || terminated {
+                    r.problems.push("bytes after the CRC line".into());
+                    after_crc = false;
+                }
+                continue;
+            }
+            if !terminated && !line.is_empty() {
+                r.problems
+                    .push("the transcript ends inside a line (no final newline)".into());
+            }
+            let Some(at) = find_prefix(line) else {
+                let text = String::from_utf8_lossy(line);
+                r.trace.push_str(&text);
+                r.foreign.push_str(&text);
+                if terminated {
                     r.trace.push('\n');
+                    r.foreign.push('\n');
                 }
                 continue;
             };
-            r.trace.push_str(&line[..at]);
-            let body = &line[at + PREFIX.len()..];
-            r.lines.push(body.to_owned());
-            let (kw, rest) = body.split_once(' ').unwrap_or((body, ""));
+            let foreign = String::from_utf8_lossy(&line[..at]);
+            r.trace.push_str(&foreign);
+            r.foreign.push_str(&foreign);
+            let body_bytes = &line[at + PREFIX.len()..];
+            let body = String::from_utf8_lossy(body_bytes).into_owned();
+            r.lines.push(body.clone());
+            let (kw, rest) = body.split_once(' ').unwrap_or((&body, ""));
+            if kw == "CRC" {
+                let f = Fields::new(rest);
+                let value = f.hex("crc32").filter(|_| f.exact(&["crc32"]));
+                if value.is_none() {
+                    r.malformed.push(body.clone());
+                }
+                r.crc = value;
+                r.crc_computed = Some(!crc);
+                if let Some(d) = open_dump.take() {
+                    r.dumps.push(d);
+                }
+                after_crc = true;
+                continue;
+            }
+            crc = line[at..]
+                .iter()
+                .chain(terminated.then_some(&b'\n'))
+                .fold(crc, |c, &b| crc32_step(c, b));
             if let Some(dump) = open_dump.as_mut() {
                 match kw {
-                    "H" => match hex_bytes(rest) {
-                        Some(b) => {
-                            dump.bytes.extend(b);
-                            continue;
+                    "H" => {
+                        match hex_bytes(rest) {
+                            Some(b) => dump.bytes.extend(b),
+                            None => r.malformed.push(body.clone()),
                         }
-                        None => {
-                            r.malformed.push(body.to_owned());
-                            continue;
-                        }
-                    },
+                        continue;
+                    }
                     "END" => {
                         if let Some(mut d) = open_dump.take() {
-                            d.complete = d.bytes.len() == d.len as usize;
+                            d.complete = rest.is_empty() && d.bytes.len() == d.len as usize;
+                            if !d.complete {
+                                r.problems.push(format!(
+                                    "dump `{}` holds {} bytes, its DUMP line announced {}",
+                                    d.name,
+                                    d.bytes.len(),
+                                    d.len
+                                ));
+                            }
                             r.dumps.push(d);
                         }
                         continue;
@@ -494,16 +704,20 @@ impl Report {
                     _ => {
                         // A dump cut short by another line (e.g. an exception).
                         if let Some(d) = open_dump.take() {
+                            r.problems
+                                .push(format!("dump `{}` has no END line", d.name));
                             r.dumps.push(d);
                         }
                     }
                 }
             }
             if !r.line(kw, rest, &mut open_dump) {
-                r.malformed.push(body.to_owned());
+                r.malformed.push(body.clone());
             }
         }
         if let Some(d) = open_dump.take() {
+            r.problems
+                .push(format!("dump `{}` has no END line", d.name));
             r.dumps.push(d);
         }
         r
@@ -511,9 +725,11 @@ impl Report {
 
     fn line(&mut self, kw: &str, rest: &str, open_dump: &mut Option<Dump>) -> bool {
         let f = Fields::new(rest);
+        let p = &mut self.problems;
         match kw {
             "BOOT" => {
-                self.boot = (|| {
+                let fixed = ["mode", "mbeax", "trips", "vcpus", "items", "entry"];
+                let boot = f.starts(&fixed).then(|| {
                     Some(BootLine {
                         mode: f.str("mode")?,
                         mb_eax: f.hex("mbeax")?,
@@ -522,12 +738,35 @@ impl Report {
                         items: f.dec("items")?,
                         entry: f.hex64("entry")? as u32,
                         entry64: f.hex64("entry")?,
+                        scenario: f.list[fixed.len()..]
+                            .iter()
+                            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                            .collect(),
                     })
-                })();
-                self.boot.is_some()
+                });
+                once(&mut self.boot, boot.flatten(), kw, p)
+            }
+            "NOCPU" => {
+                let c = f.exact(&["feature", "cpuid"]).then(|| {
+                    Some(CpuRefusal {
+                        feature: f.str("feature")?,
+                        cpuid: f.str("cpuid")?,
+                    })
+                });
+                once(&mut self.cpu_refusal, c.flatten(), kw, p)
             }
             "HOST" => {
-                self.host = (|| {
+                let keys = [
+                    "cr0",
+                    "cr3",
+                    "cr4",
+                    "efer",
+                    "sysenter_cs",
+                    "magic",
+                    "fs0",
+                    "features",
+                ];
+                let h = f.exact(&keys).then(|| {
                     Some(HostLine {
                         cr0: f.hex("cr0")?,
                         cr3: f.hex("cr3")?,
@@ -538,11 +777,20 @@ impl Report {
                         fs0: f.hex("fs0")?,
                         features: f.hex("features")?,
                     })
-                })();
-                self.host.is_some()
+                });
+                once(&mut self.host, h.flatten(), kw, p)
             }
             "HOST64" => {
-                self.host64 = (|| {
+                let keys = [
+                    "fs_base",
+                    "gs_base",
+                    "kernel_gs_base",
+                    "star",
+                    "lstar",
+                    "sfmask",
+                    "cr8",
+                ];
+                let h = f.exact(&keys).then(|| {
                     Some(Host64Line {
                         fs_base: f.hex64("fs_base")?,
                         gs_base: f.hex64("gs_base")?,
@@ -552,11 +800,12 @@ impl Report {
                         sfmask: f.hex64("sfmask")?,
                         cr8: f.hex64("cr8")?,
                     })
-                })();
-                self.host64.is_some()
+                });
+                once(&mut self.host64, h.flatten(), kw, p)
             }
             "APIC" => {
-                self.apic = (|| {
+                let keys = ["base", "ver", "lint0", "lint1", "perf", "therm", "svr"];
+                let a = f.exact(&keys).then(|| {
                     Some(ApicLine {
                         base: f.hex("base")?,
                         ver: f.hex("ver")?,
@@ -566,76 +815,113 @@ impl Report {
                         therm: f.hex("therm")?,
                         svr: f.hex("svr")?,
                     })
-                })();
-                self.apic.is_some()
+                });
+                once(&mut self.apic, a.flatten(), kw, p)
             }
             "TRIP" => push(
                 &mut self.trips,
-                (|| {
-                    Some(TripLine {
-                        trip: f.dec("trip")?,
-                        vcpu: f.dec("vcpu")?,
-                        ret: f.hex("ret")?,
-                        tsc: f.dec("tsc")?,
+                f.exact(&["trip", "vcpu", "ret", "tsc"])
+                    .then(|| {
+                        Some(TripLine {
+                            trip: f.dec("trip")?,
+                            vcpu: f.dec("vcpu")?,
+                            ret: f.hex("ret")?,
+                            tsc: f.dec("tsc")?,
+                        })
                     })
-                })(),
+                    .flatten(),
             ),
             "MISMATCH" => push(
                 &mut self.mismatches,
-                (|| {
-                    Some(Mismatch {
-                        trip: f.dec("trip")?,
-                        vcpu: f.dec("vcpu")?,
-                        idx: f.dec("idx")?,
-                        name: f.str("name")?,
-                        before: f.hex64("before")? as u32,
-                        after: f.hex64("after")? as u32,
-                        before64: f.hex64("before")?,
-                        after64: f.hex64("after")?,
+                f.exact(&["trip", "vcpu", "idx", "name", "before", "after"])
+                    .then(|| {
+                        Some(Mismatch {
+                            trip: f.dec("trip")?,
+                            vcpu: f.dec("vcpu")?,
+                            idx: f.dec("idx")?,
+                            name: f.str("name")?,
+                            before: f.hex64("before")? as u32,
+                            after: f.hex64("after")? as u32,
+                            before64: f.hex64("before")?,
+                            after64: f.hex64("after")?,
+                        })
                     })
-                })(),
+                    .flatten(),
             ),
             "RETFAIL" => push(
                 &mut self.ret_failures,
-                (|| {
-                    Some(RetFailure {
-                        trip: f.dec("trip")?,
-                        vcpu: f.dec("vcpu")?,
-                        got: f.hex("got")?,
-                        want: f.hex("want")?,
+                f.exact(&["trip", "vcpu", "got", "want"])
+                    .then(|| {
+                        Some(RetFailure {
+                            trip: f.dec("trip")?,
+                            vcpu: f.dec("vcpu")?,
+                            got: f.hex("got")?,
+                            want: f.hex("want")?,
+                        })
                     })
-                })(),
+                    .flatten(),
             ),
             "HOOKFAIL" => push(
                 &mut self.hook_failures,
-                (|| {
-                    Some(HookFailure {
-                        trip: f.dec("trip")?,
-                        vcpu: f.dec("vcpu")?,
-                        code: f.hex("code")?,
+                f.exact(&["trip", "vcpu", "code"])
+                    .then(|| {
+                        Some(HookFailure {
+                            trip: f.dec("trip")?,
+                            vcpu: f.dec("vcpu")?,
+                            code: f.hex("code")?,
+                        })
                     })
-                })(),
+                    .flatten(),
             ),
-            "VCPU" => push(
-                &mut self.vcpus,
-                (|| {
-                    Some(VcpuSummary {
-                        vcpu: f.dec("vcpu")?,
-                        arg2: f.hex("arg2")?,
-                        calls: f.dec("calls")?,
-                        mismatches: f.dec("mismatches")?,
-                        retfails: f.dec("retfails")?,
-                        hookfails: f.dec("hookfails")?,
-                        tsc_min: f.dec("tsc_min")?,
-                        tsc_max: f.dec("tsc_max")?,
-                        tsc_sum: f.hex64("tsc_sum")?,
-                        tsc_first: f.dec("tsc_first")?,
-                        tsc_second: f.dec("tsc_second")?,
-                    })
-                })(),
-            ),
+            "VCPU" => {
+                let keys = [
+                    "vcpu",
+                    "arg2",
+                    "calls",
+                    "mismatches",
+                    "retfails",
+                    "hookfails",
+                    "tsc_min",
+                    "tsc_max",
+                    "tsc_sum",
+                    "tsc_first",
+                    "tsc_second",
+                ];
+                push(
+                    &mut self.vcpus,
+                    f.exact(&keys)
+                        .then(|| {
+                            Some(VcpuSummary {
+                                vcpu: f.dec("vcpu")?,
+                                arg2: f.hex("arg2")?,
+                                calls: f.dec("calls")?,
+                                mismatches: f.dec("mismatches")?,
+                                retfails: f.dec("retfails")?,
+                                hookfails: f.dec("hookfails")?,
+                                tsc_min: f.dec("tsc_min")?,
+                                tsc_max: f.dec("tsc_max")?,
+                                tsc_sum: f.hex64("tsc_sum")?,
+                                tsc_first: f.dec("tsc_first")?,
+                                tsc_second: f.dec("tsc_second")?,
+                            })
+                        })
+                        .flatten(),
+                )
+            }
             "SUMMARY" => {
-                self.summary = (|| {
+                let keys = [
+                    "trips",
+                    "calls",
+                    "mismatches",
+                    "retfails",
+                    "hookfails",
+                    "nmis",
+                    "spurious",
+                    "tsc_min",
+                    "tsc_max",
+                    "tsc_sum",
+                ];
+                let sm = f.exact(&keys).then(|| {
                     Some(Summary {
                         trips: f.dec("trips")?,
                         calls: f.dec("calls")?,
@@ -648,30 +934,43 @@ impl Report {
                         tsc_max: f.dec("tsc_max")?,
                         tsc_sum: f.hex64("tsc_sum")?,
                     })
-                })();
-                self.summary.is_some()
+                });
+                once(&mut self.summary, sm.flatten(), kw, p)
             }
             "NMI" => {
-                self.nmi_count = f.dec("count");
-                self.nmi_count.is_some()
+                let n = f.exact(&["count"]).then(|| f.dec("count")).flatten();
+                once(&mut self.nmi_count, n, kw, p)
             }
             "DUMP" => {
-                let d = (|| {
-                    Some(Dump {
-                        name: f.str("name")?,
-                        addr: f.hex64("addr")? as u32,
-                        addr64: f.hex64("addr")?,
-                        len: f.hex("len")?,
-                        bytes: Vec::new(),
-                        complete: false,
+                let d = f
+                    .exact(&["addr", "len", "name"])
+                    .then(|| {
+                        Some(Dump {
+                            name: f.str("name")?,
+                            addr: f.hex64("addr")? as u32,
+                            addr64: f.hex64("addr")?,
+                            len: f.hex("len")?,
+                            bytes: Vec::new(),
+                            complete: false,
+                        })
                     })
-                })();
+                    .flatten();
+                if let Some(d) = &d {
+                    if self.dumps.iter().any(|o| o.name == d.name) {
+                        p.push(format!("a second dump named `{}`", d.name));
+                    }
+                }
                 let ok = d.is_some();
                 *open_dump = d;
                 ok
             }
             "EXC" => {
-                self.exception = (|| {
+                let base = ["vec", "err", "eip", "cs", "eflags", "cr2"];
+                let tail = ["trip", "vcpu", "phase"];
+                let with_rsp: Vec<&str> =
+                    base.iter().chain(&["rsp"]).chain(&tail).copied().collect();
+                let without: Vec<&str> = base.iter().chain(&tail).copied().collect();
+                let e = (f.exact(&with_rsp) || f.exact(&without)).then(|| {
                     Some(ExceptionInfo {
                         vector: u8::try_from(f.hex("vec")?).ok()?,
                         error_code: f.hex("err")?,
@@ -681,34 +980,37 @@ impl Report {
                         eflags: f.hex("eflags")?,
                         cr2: f.hex64("cr2")? as u32,
                         cr2_64: f.hex64("cr2")?,
-                        rsp: f.hex64("rsp"),
+                        rsp: match f.get("rsp") {
+                            Some(_) => Some(f.hex64("rsp")?),
+                            None => None,
+                        },
                         trip: f.dec("trip")?,
                         vcpu: f.dec("vcpu")?,
                         phase: Phase::from_code(f.dec("phase")?),
                     })
-                })();
-                self.exception.is_some()
+                });
+                once(&mut self.exception, e.flatten(), kw, p)
             }
             "EXC2" => {
-                self.nested_exception = (|| {
+                let e = f.exact(&["vec", "err", "eip"]).then(|| {
                     Some(NestedException {
                         vector: u8::try_from(f.hex("vec")?).ok()?,
                         error_code: f.hex("err")?,
                         eip: f.hex64("eip")? as u32,
                         rip: f.hex64("eip")?,
                     })
-                })();
-                self.nested_exception.is_some()
+                });
+                once(&mut self.nested_exception, e.flatten(), kw, p)
             }
             "FAREXC" => {
-                self.far_exception = (|| {
+                let e = f.exact(&["vec", "err", "rip"]).then(|| {
                     Some(FarExceptionInfo {
                         vector: u8::try_from(f.hex("vec")?).ok()?,
                         error_code: f.hex64("err")?,
                         rip: f.hex64("rip")?,
                     })
-                })();
-                self.far_exception.is_some()
+                });
+                once(&mut self.far_exception, e.flatten(), kw, p)
             }
             "LOG" => {
                 self.logs.push(rest.to_owned());
@@ -719,15 +1021,20 @@ impl Report {
                 true
             }
             "RESULT" => {
-                self.result = match rest.trim() {
+                let v = match rest {
                     "PASS" => Some(true),
                     "FAIL" => Some(false),
-                    _ => return false,
+                    _ => None,
                 };
-                true
+                once(&mut self.result, v, kw, p)
             }
             _ => false,
         }
+    }
+
+    /// The checksum is present and matches the protocol lines.
+    pub fn crc_ok(&self) -> bool {
+        self.crc.is_some() && self.crc == self.crc_computed
     }
 
     /// The dump named `name`, if one was printed.
@@ -855,6 +1162,67 @@ Q";
         );
         assert_eq!(e.rsp, Some(0x0011_0ff8));
         assert_eq!(r.nested_exception.unwrap().rip, 0xffff_ffff_c040_0020);
+    }
+
+    #[test]
+    fn crc32_is_the_ieee_checksum() {
+        assert_eq!(crc32(b"123456789"), 0xcbf4_3926);
+        assert_eq!(crc32(b""), 0);
+    }
+
+    /// A transcript with its CRC line: noise before it, the given lines.
+    fn sealed(noise: &str, body: &str) -> String {
+        format!("{noise}{body}@@CRC crc32={:08x}\n", crc32(body.as_bytes()))
+    }
+
+    #[test]
+    fn the_checksum_covers_the_protocol_lines_only() {
+        let body = "@@BOOT mode=pae mbeax=2badb002 trips=1 vcpus=1 items=3 entry=c0000000\n@@RESULT PASS\n";
+        let r = Report::parse(sealed("\x1b[2JSeaBIOS\r\n", body).as_bytes());
+        assert!(r.crc_ok(), "{r:?}");
+        assert!(r.problems.is_empty() && r.malformed.is_empty() && r.foreign.is_empty());
+        // Foreign bytes at a line start are not the kernel's: excluded, but kept.
+        let t = sealed("", body).replace("@@RESULT", "abc@@RESULT");
+        let r = Report::parse(t.as_bytes());
+        assert!(r.crc_ok());
+        assert_eq!(r.foreign, "abc");
+        // CR LF from a terminal program is tolerated.
+        let r = Report::parse(sealed("", body).replace('\n', "\r\n").as_bytes());
+        assert!(r.crc_ok(), "{r:?}");
+        // One changed byte, or anything after the CRC line, is not.
+        let r = Report::parse(sealed("", body).replace("trips=1", "trips=2").as_bytes());
+        assert!(!r.crc_ok());
+        let r = Report::parse(format!("{}x\n", sealed("", body)).as_bytes());
+        assert_eq!(r.problems, vec!["bytes after the CRC line".to_owned()]);
+        // No CRC line: nothing to compare.
+        let r = Report::parse(body.as_bytes());
+        assert_eq!((r.crc, r.crc_computed), (None, None));
+        assert!(!r.crc_ok());
+    }
+
+    #[test]
+    fn lines_must_have_exactly_their_fields() {
+        for bad in [
+            "@@NMI count=0 extra=1",
+            "@@NMI",
+            "@@NMI count=+1",
+            "@@NMI count=01",
+            "@@NMI  count=1",
+            "@@NMI count=1 ",
+            "@@TRIP vcpu=0 trip=0 ret=00000000 tsc=1",
+            "@@RETFAIL trip=0 vcpu=0 got=-1 want=00000000",
+            "@@RESULT PASS ",
+            "@@CRC crc32=zz",
+            "@@H 0",
+        ] {
+            let r = Report::parse(format!("{bad}\n").as_bytes());
+            assert_eq!(r.malformed.len(), 1, "{bad}: {r:?}");
+        }
+        let r = Report::parse(
+            b"@@NMI count=0\n@@NMI count=0\n@@NOCPU feature=pae cpuid=00000001.edx.6\n",
+        );
+        assert_eq!(r.problems, vec!["a second NMI line".to_owned()]);
+        assert_eq!(r.cpu_refusal.unwrap().feature, "pae");
     }
 
     #[test]

@@ -5,6 +5,9 @@
 
 mod support;
 
+use support::{assert_caught, Caught};
+
+use integration::farside::{hyper, intermediate_amd64};
 use integration::qemu::{Outcome, QemuConfig};
 use integration::scenario::{run, Mutation, Scenario, ScenarioResult};
 use vmm::Placement;
@@ -12,25 +15,6 @@ use vmm_switcher::templates::{Revision, Step};
 use vmm_switcher::{HcAddr, PhysAddr, RcAddr, SwitcherKind};
 
 const KINDS: [SwitcherKind; 2] = [SwitcherKind::Legacy32ToAmd64, SwitcherKind::PaeToAmd64];
-
-/// Runs each mutated switcher for 10 trips and asserts that the testbed
-/// rejects it the way `caught` describes.
-fn assert_caught(cases: &[(SwitcherKind, Mutation, &Caught)], q: &QemuConfig) {
-    for &(kind, m, caught) in cases {
-        let mut s = Scenario::new(kind);
-        s.trips = 10;
-        s.mutation = Some(m);
-        let r = go(&s, q);
-        assert!(!r.verified, "{m:?} on {} was not caught", kind.cli_name());
-        assert!(
-            caught(&r),
-            "{m:?} on {}: wrong outcome {:?} {:?}",
-            kind.cli_name(),
-            r.run.outcome,
-            r.failures
-        );
-    }
-}
 
 fn go(s: &Scenario, q: &QemuConfig) -> ScenarioResult {
     let r = run(s, q).unwrap_or_else(|e| panic!("{} setup: {e}", s.kind.cli_name()));
@@ -46,6 +30,29 @@ fn go(s: &Scenario, q: &QemuConfig) -> ScenarioResult {
         r.instructions_per_round_trip_max
     );
     r
+}
+
+/// Every VCPU's `ret_code` (`/VMM/CPUn/RetCode`) holds what the far side
+/// returned on its last trip: `last(vcpu)`.
+fn assert_ret_codes(r: &ScenarioResult, last: impl Fn(u32) -> u32) {
+    assert!(!r.cpumcpu.is_empty(), "no CPUM dump");
+    let n = u32::try_from(r.cpumcpu.len()).unwrap();
+    let st = vmm::stats::VmStats::new(n).unwrap();
+    let backing = st.backing(r.vm_image.as_deref().unwrap());
+    for (i, c) in (0u32..).zip(&r.cpumcpu) {
+        assert_eq!(c.ret_code, last(i), "VCPU {i} RetCode");
+        let id = st.registry.find(&format!("/VMM/CPU{i}/RetCode")).unwrap();
+        assert_eq!(
+            st.registry.value(id, &backing).unwrap(),
+            stam::Value::Unsigned(u64::from(last(i)))
+        );
+    }
+}
+
+/// The status a verified run's far side returns on the last trip of `vcpu`.
+fn last_cookie(s: &Scenario, xor: u32) -> impl Fn(u32) -> u32 {
+    let trips = s.trips;
+    move |vcpu| integration::hostkernel::cookie(trips - 1, vcpu) ^ xor
 }
 
 #[test]
@@ -69,11 +76,8 @@ fn both_switchers_both_revisions_thousand_trips_two_vcpus_deterministic() {
                     c.apic_dis_vectors, 0x7,
                     "THERM was masked on purpose and must stay out of the set"
                 );
-                assert_eq!(
-                    c.ret_code,
-                    a.run.report.trips.last().map_or(c.ret_code, |_| c.ret_code)
-                );
             }
+            assert_ret_codes(&a, last_cookie(&s, intermediate_amd64::RET_XOR));
             // The VM's STAM registry reads the same profiles from the dumped image.
             let st = vmm::stats::VmStats::new(2).unwrap();
             let image = a.vm_image.as_deref().unwrap();
@@ -160,7 +164,7 @@ fn every_option_is_honoured() {
     let r = go(&s, &q);
     assert!(r.verified, "{:?}", r.failures);
     let mb = r.mailbox.unwrap();
-    assert_eq!(mb.expect & integration::far::expect::APIC, 0);
+    assert_eq!(mb.expect & intermediate_amd64::expect::APIC, 0);
     assert!(r.cpumcpu.iter().all(|c| c.apic_dis_vectors == 0));
     // Tracing: every step in order, ending at Return.
     let mut s = Scenario::new(kind);
@@ -184,9 +188,6 @@ fn every_option_is_honoured() {
     assert!(r.cpumcpu.iter().all(|c| c.guest.dr[4] == 10));
     assert_eq!(r.scratch_marker, Some(5));
 }
-
-/// How a mutation must show up.
-type Caught = dyn Fn(&ScenarioResult) -> bool;
 
 #[test]
 fn mutation_check_catches_broken_switchers() {
@@ -286,8 +287,9 @@ fn pae_and_32bit_family_thousand_trips_both_revisions() {
                 assert_eq!(c.apic_dis_vectors, 0x7);
                 // Its trip counter survived every exit and entry: 1000 trips.
                 assert_eq!(c.guest.r[0], 1000, "vcpu {i}");
-                assert_eq!(c.hyper.rbp, u64::from(integration::rc::ebp_magic(i as u32)));
+                assert_eq!(c.hyper.rbp, u64::from(hyper::ebp_magic(i as u32)));
             }
+            assert_ret_codes(&r, last_cookie(&s, hyper::RET_XOR));
             let vm = r.vm.unwrap();
             assert_eq!(vm.stat_switcher_to_gc.core.periods, 2000);
             assert_eq!(vm.stat_switcher_to_hc.core.periods, 2000);
@@ -312,12 +314,13 @@ fn call_trampoline_returns_the_target_value() {
         s.trampoline_args = Some(args.clone());
         let r = go(&s, &q);
         assert!(r.verified, "{} {args:?}: {:?}", kind.cli_name(), r.failures);
-        let want = integration::rc::target_result(&args);
+        let want = hyper::target_result(&args);
         assert!(
             r.run.report.trips.iter().all(|t| t.ret == want),
             "{:?}",
             r.run.report.trips
         );
+        assert_ret_codes(&r, |_| want);
     }
     // Not for the long-mode family, and not with too many arguments.
     let mut s = Scenario::new(SwitcherKind::PaeToAmd64);
@@ -421,6 +424,8 @@ fn x86_stub_returns_the_stub_status_and_touches_nothing() {
     assert!(r.verified, "{:?}", r.failures);
     let status = vmm_switcher::templates::stub::STUB_STATUS;
     assert!(r.run.report.trips.iter().all(|t| t.ret == status));
+    // A stub knows no CPUM: RetCode keeps its initial 0.
+    assert_ret_codes(&r, |_| 0);
     let vm = r.vm.unwrap();
     assert_eq!(
         vm.stat_switcher_to_gc.core.periods, 0,
@@ -484,6 +489,7 @@ fn amd64_host_family_thousand_trips_both_revisions_and_trampoline() {
                 assert_eq!(u64::from(mb.cr3), c.hyper.cr3);
                 assert_eq!(c.guest.r[0], 1000);
             }
+            assert_ret_codes(&r, last_cookie(&s, hyper::RET_XOR));
         }
         let mut s = Scenario::new(kind);
         s.trips = 20;
@@ -549,6 +555,7 @@ fn amd64_to_amd64_thousand_trips_both_revisions_and_trampoline() {
             assert_eq!(u64::from(mb.cr3), c.hyper.cr3 & 0xffff_ffff);
             assert_eq!(c.guest.r[0], 1000);
         }
+        assert_ret_codes(&r, last_cookie(&s, hyper::RET_XOR));
     }
     for args in [vec![], vec![9], vec![1, 2, 3, 4, 5, 6]] {
         let mut s = Scenario::new(SwitcherKind::Amd64ToAmd64);
@@ -556,8 +563,9 @@ fn amd64_to_amd64_thousand_trips_both_revisions_and_trampoline() {
         s.trampoline_args = Some(args.clone());
         let r = go(&s, &q);
         assert!(r.verified, "{args:?}: {:?}", r.failures);
-        let want = integration::rc::target_result(&args);
+        let want = hyper::target_result(&args);
         assert!(r.run.report.trips.iter().all(|t| t.ret == want));
+        assert_ret_codes(&r, |_| want);
     }
     // A fault in the 64-bit hypervisor context is reported through its own IDT;
     // host FPU state not restored is caught.

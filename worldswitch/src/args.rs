@@ -111,8 +111,8 @@ pub struct BuildArgs {
 /// How QEMU is run.
 #[derive(Clone, Debug, Args)]
 pub struct QemuArgs {
-    /// Wall-clock limit per boot, in seconds.
-    #[arg(long, value_name = "SECS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+    /// Wall-clock limit per boot, in seconds (1 to 86400, one day).
+    #[arg(long, value_name = "SECS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=integration::qemu::MAX_TIMEOUT_SECS))]
     pub timeout: u64,
     /// QEMU binary [default: qemu-system-x86_64 on PATH].
     #[arg(long, value_name = "PATH")]
@@ -120,7 +120,9 @@ pub struct QemuArgs {
     /// QEMU `-cpu` model [default: QEMU's qemu64].
     #[arg(long, value_name = "MODEL")]
     pub cpu: Option<String>,
-    /// Write QEMU's interrupt/reset log (`-d int,cpu_reset,guest_errors`) to FILE.
+    /// Write QEMU's interrupt/reset log (`-d int,cpu_reset,guest_errors`) to
+    /// FILE; with several switchers, `-<switcher>` is inserted before the
+    /// extension (`qemu.log` → `qemu-32-to-amd64.log`), one file per boot.
     #[arg(long, value_name = "FILE")]
     pub qemu_log: Option<PathBuf>,
 }
@@ -224,44 +226,34 @@ pub struct RunArgs {
     /// Print one JSON document (schema in the README).
     #[arg(long)]
     pub json: bool,
+    /// Boot up to N switchers at once (each in its own QEMU); reports still
+    /// come in switcher order [default: the number of CPU cores].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub jobs: Option<u32>,
     /// Start QEMU halted with its gdbstub on :1234; print the gdb command
     /// line and the switcher's label addresses (one switcher only).
     #[arg(long)]
     pub gdb: bool,
     /// Break the switcher on purpose (one instruction replaced by NOPs) to
     /// see the testbed catch it.
-    #[arg(long, value_enum, value_name = "BUG")]
-    pub mutate: Option<MutationArg>,
+    #[arg(long, value_name = "BUG", value_parser = mutation_parser())]
+    pub mutate: Option<Mutation>,
 }
 
-/// A deliberate breakage for `run --mutate`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum MutationArg {
-    /// The host TSS busy bit is not cleared before `ltr`.
-    TssBusyNotCleared,
-    /// Host EBX is not restored.
-    HostEbxNotRestored,
-    /// LINT0 is not unmasked after the trip.
-    LvtNotUnmasked,
-    /// CR4.PAE stays on when returning to a 32-bit host.
-    PaeLeftOn,
-    /// `Guest.fpu` is not loaded although sync was asked.
-    FpuNotSynced,
-    /// The masked-vector register is not cleared first (VirtualBox's bug).
-    DisVectorsNotCleared,
+/// `--mutate`'s values: every [`Mutation`] by its command-line name, with a
+/// help line saying what breaks and on which switchers ([`mutation_help`]).
+pub fn mutation_parser() -> impl clap::builder::TypedValueParser<Value = Mutation> {
+    use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
+    let values = Mutation::ALL.map(|m| PossibleValue::new(m.name()).help(mutation_help(m)));
+    PossibleValuesParser::new(values).try_map(|name: String| {
+        Mutation::from_name(&name).ok_or_else(|| format!("unknown mutation `{name}`"))
+    })
 }
 
-impl From<MutationArg> for Mutation {
-    fn from(m: MutationArg) -> Self {
-        match m {
-            MutationArg::TssBusyNotCleared => Mutation::TssBusyNotCleared,
-            MutationArg::HostEbxNotRestored => Mutation::HostEbxNotRestored,
-            MutationArg::LvtNotUnmasked => Mutation::LvtNotUnmasked,
-            MutationArg::PaeLeftOn => Mutation::PaeLeftOn,
-            MutationArg::FpuNotSynced => Mutation::FpuNotSynced,
-            MutationArg::DisVectorsNotCleared => Mutation::DisVectorsNotCleared,
-        }
-    }
+/// The `--help` line of `m`: what breaks, and the switchers it applies to.
+pub fn mutation_help(m: Mutation) -> String {
+    let kinds: Vec<&str> = m.switchers().iter().map(|k| k.cli_name()).collect();
+    format!("{} (switchers: {})", m.description(), kinds.join(", "))
 }
 
 /// `worldswitch image`.
@@ -297,9 +289,9 @@ pub struct DecodeArgs {
     /// VCPUs [default: from the BOOT line].
     #[arg(long, value_name = "N")]
     pub vcpus: Option<u32>,
-    /// The unmask revision the image was built with.
-    #[arg(long, value_enum, default_value_t = RevisionArg::B)]
-    pub revision: RevisionArg,
+    /// The unmask revision the image was built with [default: from the BOOT line].
+    #[arg(long, value_enum)]
+    pub revision: Option<RevisionArg>,
     /// The image was built with `--no-apic`.
     #[arg(long)]
     pub no_apic: bool,
@@ -382,4 +374,38 @@ pub fn parse_switcher(s: &str) -> Result<SwitcherKind, String> {
         let names: Vec<&str> = SwitcherKind::ALL.iter().map(|k| k.cli_name()).collect();
         format!("unknown switcher `{s}` (one of: {})", names.join(", "))
     })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::panic)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn mutate_takes_every_mutation_by_name_and_its_help_names_the_switchers() {
+        let cmd = Cli::command();
+        let run = cmd.find_subcommand("run").unwrap();
+        let arg = run
+            .get_arguments()
+            .find(|a| a.get_id() == "mutate")
+            .unwrap();
+        let values = arg.get_possible_values();
+        let names: Vec<&str> = values.iter().map(|v| v.get_name()).collect();
+        assert_eq!(names, Mutation::ALL.map(Mutation::name));
+        for (v, m) in values.iter().zip(Mutation::ALL) {
+            assert_eq!(v.get_help().unwrap().to_string(), mutation_help(m));
+            let parsed = Cli::try_parse_from(["worldswitch", "run", "--mutate", m.name()]).unwrap();
+            match parsed.command {
+                Command::Run(a) => assert_eq!(a.mutate, Some(m)),
+                c => panic!("{c:?}"),
+            }
+        }
+        assert_eq!(
+            mutation_help(Mutation::PaeLeftOn),
+            "CR4.PAE stays on when returning to a 32-bit host (switchers: 32-to-pae, 32-to-amd64)"
+        );
+        assert!(Cli::try_parse_from(["worldswitch", "run", "--mutate", "PaeLeftOn"]).is_err());
+    }
 }

@@ -10,7 +10,8 @@ use crate::args::{BuildArgs, DisasmArgs, ListArgs, PlacementArgs, RelocateArgs, 
 use crate::{setup, to_json, CliError, Exit};
 
 fn summary_description(kind: SwitcherKind) -> String {
-    let (host, guest) = setup::modes(kind);
+    let host = setup::host_modes(kind).join(" or ");
+    let guest = setup::guest_mode(kind).unwrap_or("no");
     match kind {
         SwitcherKind::X86Stub => "stub for x86 builds (raw mode unsupported)".into(),
         SwitcherKind::Amd64Stub => "stub for AMD64 builds (raw mode unsupported)".into(),
@@ -29,14 +30,14 @@ pub fn list(a: &ListArgs, out: &mut String) -> Result<Exit, CliError> {
     let mut rows = Vec::new();
     for kind in SwitcherKind::ALL {
         let vmm = setup::vmm(&default_build(), &PlacementArgs::default(), kind)?;
-        let (host, guest) = setup::modes(kind);
         let sw = vmm.switcher(kind).ok();
         rows.push(json!({
             "switcher": kind.cli_name(),
             "vbox_name": kind.vbox_name(),
             "type": kind as u32,
-            "host_mode": host,
-            "guest_mode": guest,
+            "host_mode": kind.host().name(),
+            "host_modes": setup::host_modes(kind),
+            "guest_mode": setup::guest_mode(kind),
             "available": sw.is_some(),
             "code_size": sw.map(|s| s.def.code_len()),
             "fixups": sw.map(|s| s.def.fixups.len()),
@@ -49,17 +50,17 @@ pub fn list(a: &ListArgs, out: &mut String) -> Result<Exit, CliError> {
     }
     let _ = writeln!(
         out,
-        "{:<15} {:<6} {:<6} {:<9} {:>6} {:>6}  DESCRIPTION",
+        "{:<15} {:<10} {:<6} {:<9} {:>6} {:>6}  DESCRIPTION",
         "SWITCHER", "HOST", "GUEST", "AVAILABLE", "CODE", "FIXUPS"
     );
-    for r in &rows {
+    for (r, kind) in rows.iter().zip(SwitcherKind::ALL) {
         let num = |k: &str| r[k].as_u64().map_or_else(|| "-".into(), |n| n.to_string());
         let _ = writeln!(
             out,
-            "{:<15} {:<6} {:<6} {:<9} {:>6} {:>6}  {}",
+            "{:<15} {:<10} {:<6} {:<9} {:>6} {:>6}  {}",
             r["switcher"].as_str().unwrap_or(""),
-            r["host_mode"].as_str().unwrap_or(""),
-            r["guest_mode"].as_str().unwrap_or(""),
+            setup::host_modes(kind).join("/"),
+            r["guest_mode"].as_str().unwrap_or("-"),
             if r["available"].as_bool() == Some(true) {
                 "yes"
             } else {
@@ -129,17 +130,18 @@ pub fn show(a: &ShowArgs, out: &mut String) -> Result<Exit, CliError> {
         ("cbGCCode", c.cb_gc_code),
     ];
     let stream_len = def.fixup_stream().map(|s| s.len()).ok();
+    // Entry points in offset order (a stable sort keeps VirtualBox's order
+    // among entries at one offset).
+    let mut entries = def.entries.named().to_vec();
+    entries.sort_by_key(|(_, o)| *o);
     if a.json {
         let doc = json!({
             "switcher": def.kind.cli_name(),
             "vbox_name": def.kind.vbox_name(),
             "description": def.description,
             "vmmswitcherdef": fields.iter().map(|(k, v)| ((*k).to_string(), json!(v))).collect::<serde_json::Map<String, Value>>(),
-            "regions": def.regions.iter().map(|r| json!({
-                "name": r.name, "view": view_name(r.view), "bits": r.bits,
-                "start": r.range.start, "end": r.range.end,
-            })).collect::<Vec<_>>(),
-            "entries": def.entries.named().iter().map(|(n, o)| json!({"name": n, "offset": o})).collect::<Vec<_>>(),
+            "regions": regions_json(def),
+            "entries": entries.iter().map(|(n, o)| json!({"name": n, "offset": o})).collect::<Vec<_>>(),
             "labels": def.labels.iter().map(|(n, o)| json!({"name": n, "offset": o})).collect::<Vec<_>>(),
             "data": def.data.iter().map(|d| json!({"start": d.start, "end": d.end})).collect::<Vec<_>>(),
             "fixup_stream_bytes": stream_len,
@@ -174,7 +176,7 @@ pub fn show(a: &ShowArgs, out: &mut String) -> Result<Exit, CliError> {
         );
     }
     let _ = writeln!(out, "\nentry points");
-    for (n, o) in def.entries.named() {
+    for (n, o) in &entries {
         let _ = writeln!(out, "  {o:#06x}  {n}");
     }
     let _ = writeln!(out, "\nlabels");
@@ -226,19 +228,29 @@ struct FixupValue {
     value: u64,
 }
 
-fn context_json(ctx: &vmm_switcher::RelocContext) -> Value {
-    json!({
-        "code_hc": ctx.code_hc.0,
-        "code_id": ctx.code_id.0,
-        "code_rc": ctx.code_rc.0,
-        "vm_hc": ctx.vm_hc.0,
-        "vm_rc": ctx.vm_rc.0,
-        "inter_cr3": {
-            "legacy32": ctx.inter_cr3.legacy32.0,
-            "pae": ctx.inter_cr3.pae.0,
-            "amd64": ctx.inter_cr3.amd64.0,
-        },
-    })
+/// The whole relocation context: every field of
+/// [`vmm_switcher::RelocContext`] under its own name (addresses as numbers,
+/// `apic_rc` `null` without an APIC page), plus `efer_or_mask`, the value
+/// `FIX_EFER_OR_MASK` writes, derived from `cpu.nx`.
+fn context_json(ctx: &vmm_switcher::RelocContext) -> Result<Value, CliError> {
+    let mut v = serde_json::to_value(ctx)?;
+    if let Some(m) = v.as_object_mut() {
+        m.insert("efer_or_mask".into(), json!(ctx.cpu.efer_or_mask()));
+    }
+    Ok(v)
+}
+
+/// The regions of a switcher's code (name, view, bitness, offset range).
+fn regions_json(def: &vmm_switcher::SwitcherDef) -> Vec<Value> {
+    def.regions
+        .iter()
+        .map(|r| {
+            json!({
+                "name": r.name, "view": view_name(r.view), "bits": r.bits,
+                "start": r.range.start, "end": r.range.end,
+            })
+        })
+        .collect()
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -259,6 +271,7 @@ pub fn disasm(a: &DisasmArgs, out: &mut String) -> Result<Exit, CliError> {
     let code = sw.code(vmm.core_code());
     if a.json {
         let lines: Vec<LineJson> = vmm_switcher::disasm::lines(&sw.def, code, &sw.ctx, &sw.reloc)
+            .map_err(vmm::VmmError::from)?
             .into_iter()
             .map(|l| LineJson {
                 offset: l.off,
@@ -277,15 +290,16 @@ pub fn disasm(a: &DisasmArgs, out: &mut String) -> Result<Exit, CliError> {
             .collect();
         let doc = json!({
             "switcher": sw.def.kind.cli_name(),
-            "context": context_json(&sw.ctx),
+            "context": context_json(&sw.ctx)?,
             "lines": lines,
         });
         out.push_str(&to_json(&doc)?);
         return Ok(Exit::Ok);
     }
-    out.push_str(&vmm_switcher::disasm::listing(
-        &sw.def, code, &sw.ctx, &sw.reloc,
-    ));
+    out.push_str(
+        &vmm_switcher::disasm::listing(&sw.def, code, &sw.ctx, &sw.reloc)
+            .map_err(vmm::VmmError::from)?,
+    );
     Ok(Exit::Ok)
 }
 
@@ -336,7 +350,8 @@ pub fn relocate(a: &RelocateArgs, out: &mut String) -> Result<Exit, CliError> {
             "switcher": sw.def.kind.cli_name(),
             "out": a.out,
             "bytes": code.len(),
-            "context": context_json(&sw.ctx),
+            "context": context_json(&sw.ctx)?,
+            "regions": regions_json(&sw.def),
             "entries": entries.iter().map(|(n, v, addr)| json!({"name": n, "view": v, "addr": addr})).collect::<Vec<_>>(),
             "fixups": sw.reloc.applied.iter().map(|f| json!({
                 "offset": f.record.off,

@@ -15,10 +15,12 @@
 //! | `decode` | judges a captured COM1 transcript of such an image |
 //! | `stats` | the VM's STAM samples in text, XML, JSON or Prometheus format |
 //!
-//! Output is assembled in a `String` and written once, so a closed pipe
-//! (`worldswitch disasm … | head`) ends the program quietly. Errors are one
+//! Output goes to a [`Sink`]: `run` writes each switcher's report as soon as
+//! its boot ends, the other commands write theirs once. A closed pipe
+//! (`worldswitch disasm … | head`) ends the output quietly. Errors are one
 //! line on stderr. Exit status ([`Exit`]): 0 every switcher verified, 1 a
-//! switcher failed verification, 2 a usage or environment error.
+//! switcher failed verification, 2 a usage or environment error (bad
+//! argument or placement, QEMU missing or refusing to start).
 //!
 //! The JSON document of `run --json` and `decode --json` is described in
 //! [`report`].
@@ -89,8 +91,8 @@ pub enum CliError {
     /// The testbed could not be set up (placement, QEMU missing).
     #[error("{0}")]
     Scenario(#[from] integration::scenario::ScenarioError),
-    /// QEMU is missing.
-    #[error("{0}")]
+    /// QEMU is missing or refused to start.
+    #[error("QEMU: {0}")]
     Qemu(#[from] integration::qemu::QemuError),
     /// A file could not be written.
     #[error("cannot write {}: {source}", path.display())]
@@ -140,21 +142,62 @@ pub fn to_json<T: serde::Serialize + ?Sized>(v: &T) -> Result<String, CliError> 
     Ok(s)
 }
 
-/// Runs a parsed command line, appending what it prints to `out`.
+/// Where a command's output goes, piece by piece as it is produced.
+pub trait Sink {
+    /// Appends `text`.
+    fn put(&mut self, text: &str);
+}
+
+impl Sink for String {
+    fn put(&mut self, text: &str) {
+        self.push_str(text);
+    }
+}
+
+/// Standard output, written and flushed piece by piece. Once the reader has
+/// closed the pipe, the rest is dropped without a word: a closed pipe is the
+/// reader's choice, not an error.
+#[derive(Debug, Default)]
+pub struct Stdout {
+    closed: bool,
+}
+
+impl Sink for Stdout {
+    fn put(&mut self, text: &str) {
+        if self.closed {
+            return;
+        }
+        let mut so = std::io::stdout().lock();
+        if so
+            .write_all(text.as_bytes())
+            .and_then(|()| so.flush())
+            .is_err()
+        {
+            self.closed = true;
+        }
+    }
+}
+
+/// Runs a parsed command line, writing what it prints to `out` (a `String`
+/// collects it). `run` writes each report as soon as its boot ends; the
+/// other commands write their output once, also when they then fail.
 ///
 /// # Errors
 /// [`CliError`] for usage and environment errors (exit status 2).
-pub fn execute(cli: &Cli, out: &mut String) -> Result<Exit, CliError> {
-    match &cli.command {
-        Command::List(a) => inspect::list(a, out),
-        Command::Show(a) => inspect::show(a, out),
-        Command::Disasm(a) => inspect::disasm(a, out),
-        Command::Relocate(a) => inspect::relocate(a, out),
-        Command::Run(a) => runs::run(a, out),
-        Command::Image(a) => runs::image(a, out),
-        Command::Decode(a) => runs::decode(a, out),
-        Command::Stats(a) => runs::stats(a, out),
-    }
+pub fn execute(cli: &Cli, out: &mut dyn Sink) -> Result<Exit, CliError> {
+    let mut buf = String::new();
+    let result = match &cli.command {
+        Command::Run(a) => return runs::run(a, out),
+        Command::List(a) => inspect::list(a, &mut buf),
+        Command::Show(a) => inspect::show(a, &mut buf),
+        Command::Disasm(a) => inspect::disasm(a, &mut buf),
+        Command::Relocate(a) => inspect::relocate(a, &mut buf),
+        Command::Image(a) => runs::image(a, &mut buf),
+        Command::Decode(a) => runs::decode(a, &mut buf),
+        Command::Stats(a) => runs::stats(a, &mut buf),
+    };
+    out.put(&buf);
+    result
 }
 
 /// A clap error on one line: the message without the usage block.
@@ -183,18 +226,12 @@ pub fn one_line(e: &clap::Error) -> String {
     format!("{msg} (try --help)")
 }
 
-fn write_stdout(out: &str) {
-    let mut so = std::io::stdout().lock();
-    // A closed pipe is the reader's choice, not an error.
-    let _ = so.write_all(out.as_bytes()).and_then(|()| so.flush());
-}
-
 /// The program: parses `std::env::args`, runs, prints, and returns the exit status.
 pub fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) => {
-            write_stdout(&e.to_string());
+            Stdout::default().put(&e.to_string());
             return ExitCode::SUCCESS;
         }
         Err(e) => {
@@ -202,10 +239,7 @@ pub fn main() -> ExitCode {
             return ExitCode::from(Exit::Error as u8);
         }
     };
-    let mut out = String::new();
-    let result = execute(&cli, &mut out);
-    write_stdout(&out);
-    match result {
+    match execute(&cli, &mut Stdout::default()) {
         Ok(exit) => ExitCode::from(exit as u8),
         Err(e) => {
             let msg = e.to_string().replace('\n', " ");

@@ -45,15 +45,20 @@ impl Progress {
                 if start.elapsed() < DELAY || stop2.load(Ordering::Relaxed) {
                     continue;
                 }
-                let text = msg2.lock().map(|m| m.clone()).unwrap_or_default();
+                // The message lock is held while drawing, so `above` never
+                // prints into a half-drawn line.
+                let Ok(text) = msg2.lock() else { break };
                 let mut err = std::io::stderr().lock();
                 let _ = write!(
                     err,
-                    "\r\x1b[2K{} {text} ({:.1} s)",
+                    "\r\x1b[2K{} {} ({:.1} s)",
                     FRAMES[frame % FRAMES.len()],
+                    *text,
                     start.elapsed().as_secs_f64()
                 );
                 let _ = err.flush();
+                drop(err);
+                drop(text);
                 drawn = true;
                 frame += 1;
             }
@@ -70,6 +75,24 @@ impl Progress {
                 thread: handle,
             }),
         }
+    }
+
+    /// Runs `print` (which writes to stdout) with the spinner's line erased,
+    /// so output on a terminal never lands after the spinner's text; the
+    /// spinner draws again on its next tick.
+    pub fn above<T>(&self, print: impl FnOnce() -> T) -> T {
+        let Some(sp) = &self.inner else {
+            return print();
+        };
+        let guard = sp.message.lock();
+        {
+            let mut err = std::io::stderr().lock();
+            let _ = write!(err, "\r\x1b[2K");
+            let _ = err.flush();
+        }
+        let out = print();
+        drop(guard);
+        out
     }
 
     /// Changes the message.

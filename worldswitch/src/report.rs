@@ -1,15 +1,20 @@
 //! What `run` and `decode` report: the JSON document and its text rendering.
 //!
-//! The JSON document (schema `worldswitch.run/1`) is one object:
+//! The JSON document (schema `worldswitch.run/2`) is one object:
 //!
 //! | field | type | meaning |
 //! |---|---|---|
-//! | `schema` | string | `"worldswitch.run/1"` |
+//! | `schema` | string | `"worldswitch.run/2"` |
 //! | `command` | string | `"run"` or `"decode"` |
 //! | `verified` | bool | every run verified |
 //! | `runs` | array of [`RunJson`] | one per switcher, in the order run |
 //!
-//! Every address and count is a JSON number; absent values are `null`.
+//! Every address and count is a JSON number; absent values are `null`, never
+//! a sentinel. Paging modes are named `32-bit`, `PAE` and `AMD64`. Version 2
+//! changed from version 1: a stub's `guest_mode` is `null` (was `"-"`),
+//! `failures` holds the lines the text report prints after `failure` (the
+//! outcome is in `outcome` and `outcome_detail` only), and `not_measured`
+//! says why instruction counts and wall time are `null` under `--gdb`.
 
 use std::fmt::Write as _;
 use std::time::Duration;
@@ -21,11 +26,16 @@ use vmm_switcher::SwitcherKind;
 
 use crate::setup;
 use integration::qemu::Outcome;
-use integration::scenario::{Built, Scenario, ScenarioResult};
+use integration::scenario::{mutation_name, Built, Scenario, ScenarioResult};
 use integration::transcript::Report;
 
 /// The schema name of the document `run --json` and `decode --json` print.
-pub const SCHEMA: &str = "worldswitch.run/1";
+pub const SCHEMA: &str = "worldswitch.run/2";
+
+/// Why a `run --gdb` has no instruction counts and no wall time.
+pub const GDB_NOT_MEASURED: &str = "run under --gdb: time the guest spends stopped in the \
+    debugger counts as guest instructions (QEMU -icount), so the instruction counts, the STAM \
+    ticks and the wall time include the debugging session and are not measurements";
 
 /// The STAM pattern the run reports carry.
 pub const STAM_PATTERN: &str = "/VMM/*";
@@ -93,10 +103,11 @@ pub struct RunJson {
     pub switcher: &'static str,
     /// VirtualBox name (`VMMSWITCHER_32_TO_AMD64`).
     pub vbox_name: &'static str,
-    /// Host paging mode (`32-bit`, `PAE`, `AMD64`).
+    /// Host paging mode the testbed ran (`32-bit`, `PAE`, `AMD64`).
     pub host_mode: &'static str,
-    /// Hypervisor-context paging mode.
-    pub guest_mode: &'static str,
+    /// Hypervisor-context paging mode (`32-bit`, `PAE`, `AMD64`); `None`
+    /// for a stub, which has no hypervisor context.
+    pub guest_mode: Option<&'static str>,
     /// Unmask revision, `"a"` or `"b"`.
     pub revision: &'static str,
     /// STAM profiling built in.
@@ -118,12 +129,15 @@ pub struct RunJson {
     /// Every check passed.
     pub verified: bool,
     /// `pass`, `verification-failed`, `host-exception`, `far-exception`,
-    /// `triple-fault`, `timeout`, `qemu-refused`, `exit-status` or
-    /// `incomplete` (a decoded transcript without a `RESULT` line).
+    /// `triple-fault`, `timeout`, `exit-status` or `incomplete` (a decoded
+    /// transcript without a `RESULT` line). A QEMU that refuses to start is
+    /// an error (exit status 2), not an outcome.
     pub outcome: &'static str,
     /// Details of the outcome (exception vector and symbolised address, …).
     pub outcome_detail: Option<String>,
-    /// Why verification failed, one line each (empty when verified).
+    /// The checks that failed, one human line each, exactly as the text
+    /// report prints them after `failure` (the outcome itself is in
+    /// `outcome` and `outcome_detail`).
     pub failures: Vec<String>,
     /// State items that differed after a round trip (first few).
     pub mismatches: Vec<MismatchJson>,
@@ -142,8 +156,13 @@ pub struct RunJson {
     pub instructions_per_round_trip_max: Option<u64>,
     /// NMIs the host took during the run.
     pub nmis: Option<u32>,
-    /// Wall-clock time of the QEMU boot in seconds (`null` when decoded).
+    /// Wall-clock time of the QEMU boot in seconds (`null` when decoded or
+    /// not measured).
     pub wall_seconds: Option<f64>,
+    /// Why the instruction counts and the wall time are `null` although the
+    /// run produced them (under `--gdb`, [`GDB_NOT_MEASURED`]); `null` when
+    /// they are measurements.
+    pub not_measured: Option<String>,
     /// The VM's STAM samples after the run (`stam::Snapshot`), `null` without a VM dump.
     pub stam: Option<Snapshot>,
 }
@@ -156,9 +175,12 @@ fn revision_name(r: Revision) -> &'static str {
 }
 
 /// The kebab-case name of an outcome.
-pub fn outcome_name(o: &Outcome, incomplete: bool) -> &'static str {
+pub fn outcome_name(o: &Outcome, incomplete: bool, verified: bool) -> &'static str {
     match o {
         _ if incomplete => "incomplete",
+        // The machine said "pass" but the judge did not accept the run (a
+        // failed check, a corrupted or forged transcript): never call it a pass.
+        Outcome::Pass if !verified => "verification-failed",
         Outcome::Pass => "pass",
         Outcome::VerificationFailed => "verification-failed",
         Outcome::HostException(_) => "host-exception",
@@ -283,26 +305,17 @@ pub fn run_json(
     wall: Option<Duration>,
     incomplete: bool,
 ) -> RunJson {
-    let (host_mode, guest_mode) = setup::modes(s.kind);
     let p = s.placement;
     let report = &r.run.report;
     let stam = r.vm_image.as_deref().and_then(|img| {
         let st = built.vmm.stam().ok()?;
         st.registry.snapshot(STAM_PATTERN, &st.backing(img)).ok()
     });
-    let mut failures = r.failures.clone();
-    if incomplete {
-        for f in &mut failures {
-            if f.starts_with("outcome ") {
-                *f = "no RESULT line: the transcript is cut short".into();
-            }
-        }
-    }
     RunJson {
         switcher: s.kind.cli_name(),
         vbox_name: s.kind.vbox_name(),
-        host_mode,
-        guest_mode,
+        host_mode: setup::host_mode_name(s.host_mode()),
+        guest_mode: setup::guest_mode(s.kind),
         revision: revision_name(s.options.revision),
         stats: s.options.stats,
         apic_nmi_masking: s.options.apic_nmi_masking,
@@ -318,11 +331,11 @@ pub fn run_json(
             hma_phys: p.hma_phys.0,
             tables_phys: p.tables_phys.0,
         },
-        mutation: s.mutation.map(|m| kebab(&format!("{m:?}"))),
+        mutation: s.mutation.map(mutation_name),
         verified: r.verified,
-        outcome: outcome_name(&r.run.outcome, incomplete),
+        outcome: outcome_name(&r.run.outcome, incomplete, r.verified),
         outcome_detail: outcome_detail(&r.run.outcome, report, built, s.kind, incomplete),
-        failures,
+        failures: failure_lines(&r.failures),
         mismatches: report
             .mismatches
             .iter()
@@ -347,24 +360,32 @@ pub fn run_json(
         instructions_per_round_trip_max: r.instructions_per_round_trip_max,
         nmis: report.summary.as_ref().map(|sm| sm.nmis),
         wall_seconds: wall.map(|w| (w.as_secs_f64() * 1000.0).round() / 1000.0),
+        not_measured: None,
         stam,
     }
 }
 
-/// `CamelCase` to `kebab-case`.
-fn kebab(name: &str) -> String {
-    let mut out = String::new();
-    for (i, c) in name.chars().enumerate() {
-        if c.is_ascii_uppercase() {
-            if i > 0 {
-                out.push('-');
-            }
-            out.push(c.to_ascii_lowercase());
-        } else {
-            out.push(c);
-        }
-    }
-    out
+/// The judge's failure lines a report shows: every check that failed, less
+/// the judge's own line about the outcome (`outcome …`, Rust debug text),
+/// which the report gives as `outcome` and `outcome_detail` instead.
+pub fn failure_lines(judged: &[String]) -> Vec<String> {
+    judged
+        .iter()
+        .filter(|f| !f.starts_with("outcome "))
+        .cloned()
+        .collect()
+}
+
+/// Withholds the figures a run produced but did not measure: the
+/// instruction counts and the wall time become `None`, and
+/// [`RunJson::not_measured`] says `why`.
+pub fn withhold_measurements(r: &mut RunJson, why: &str) {
+    r.instructions_to_guest = None;
+    r.instructions_to_host = None;
+    r.instructions_per_round_trip = None;
+    r.instructions_per_round_trip_max = None;
+    r.wall_seconds = None;
+    r.not_measured = Some(why.to_owned());
 }
 
 fn opt(v: Option<u64>) -> String {
@@ -374,18 +395,21 @@ fn opt(v: Option<u64>) -> String {
 /// The text report of one run (what `run` and `decode` print per switcher).
 pub fn render(r: &RunJson) -> String {
     let mut s = String::new();
-    if r.guest_mode == "-" {
-        let _ = writeln!(
-            s,
-            "{} ({}, stub for {} hosts: no hypervisor context)",
-            r.switcher, r.vbox_name, r.host_mode
-        );
-    } else {
-        let _ = writeln!(
-            s,
-            "{} ({}, {} host -> {} hypervisor context)",
-            r.switcher, r.vbox_name, r.host_mode, r.guest_mode
-        );
+    match r.guest_mode {
+        None => {
+            let _ = writeln!(
+                s,
+                "{} ({}, stub for {} hosts: no hypervisor context)",
+                r.switcher, r.vbox_name, r.host_mode
+            );
+        }
+        Some(guest) => {
+            let _ = writeln!(
+                s,
+                "{} ({}, {} host -> {guest} hypervisor context)",
+                r.switcher, r.vbox_name, r.host_mode
+            );
+        }
     }
     let mut opts = vec![format!("revision {}", r.revision.to_uppercase())];
     if !r.apic_nmi_masking {
@@ -442,9 +466,11 @@ pub fn render(r: &RunJson) -> String {
             st.char, st.name, st.description
         );
     }
-    // The outcome is on the lines above; the rest are the checks that failed.
-    for f in r.failures.iter().filter(|f| !f.starts_with("outcome ")) {
+    for f in &r.failures {
         let _ = writeln!(s, "  failure      {f}");
+    }
+    if let Some(why) = &r.not_measured {
+        let _ = writeln!(s, "  not measured {why}");
     }
     let _ = writeln!(
         s,
@@ -472,6 +498,47 @@ pub fn render(r: &RunJson) -> String {
         None => {
             let _ = writeln!(s, "  STAM         no VM dump in the transcript");
         }
+    }
+    s
+}
+
+/// The comparison table that ends a text report of several switchers: one
+/// row per run, in the order run, with the verdict, the ToGC and ToHC
+/// averages, the round trip's cheapest and dearest instruction counts and
+/// the wall time (`n/a` where there is no figure).
+pub fn render_table(runs: &[RunJson]) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "{:<15} {:<25} {:>5} {:>5}  {:<12} {:>7}",
+        "SWITCHER", "VERDICT", "TOGC", "TOHC", "ROUND TRIP", "WALL"
+    );
+    for r in runs {
+        let verdict = if r.verified {
+            "verified".to_owned()
+        } else {
+            format!("NO: {}", r.outcome)
+        };
+        let trip = match (
+            r.instructions_per_round_trip,
+            r.instructions_per_round_trip_max,
+        ) {
+            (None, None) => "n/a".to_owned(),
+            (lo, hi) => format!("{}..{}", opt(lo), opt(hi)),
+        };
+        let wall = r
+            .wall_seconds
+            .map_or_else(|| "n/a".to_owned(), |w| format!("{w:.2} s"));
+        let _ = writeln!(
+            s,
+            "{:<15} {:<25} {:>5} {:>5}  {:<12} {:>7}",
+            r.switcher,
+            verdict,
+            opt(r.instructions_to_guest),
+            opt(r.instructions_to_host),
+            trip,
+            wall
+        );
     }
     s
 }

@@ -1,32 +1,154 @@
 //! `run`, `image`, `decode` and `stats`: the switchers executed.
 
+use std::collections::BTreeSet;
 use std::fmt::Write as _;
 use std::io::Read as _;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{mpsc, Mutex};
 use std::time::Duration;
 
 use serde_json::{json, Value};
 use stam::{Pattern, Snapshot};
-use vmm_switcher::templates::TemplateOptions;
 use vmm_switcher::SwitcherKind;
 
-use crate::args::{
-    DecodeArgs, ImageArgs, PlacementArgs, RevisionArg, RunArgs, ScenarioArgs, StatsArgs,
-    StatsFormat,
-};
+use crate::args::{DecodeArgs, ImageArgs, RunArgs, StatsArgs, StatsFormat};
 use crate::progress::Progress;
 use crate::report::{self, RunDoc, RunJson, SCHEMA};
-use crate::{setup, to_json, CliError, Exit};
-use integration::paging::HostMode;
+use crate::{setup, to_json, CliError, Exit, Sink};
 use integration::qemu::{self, Outcome, QemuConfig, RunResult};
-use integration::scenario::{build, judge, run_built, Built, Scenario};
+use integration::scenario::{build, judge, run_built, Built, Scenario, ScenarioResult};
 use integration::transcript::Report;
 
+/// Fails unless the binary `q` runs is there: the one `--qemu` names, or
+/// `qemu-system-x86_64` on PATH.
 fn check_qemu(q: &QemuConfig) -> Result<(), CliError> {
-    if q.binary.is_none() {
-        qemu::find_qemu()?;
-    }
+    qemu::resolve_binary(q)?;
     Ok(())
+}
+
+/// Boots a built scenario. A QEMU that refuses to start (an unknown
+/// `--cpu` model, a `--qemu-log` it cannot open, a `--qemu` that is not
+/// QEMU) is an environment error carrying QEMU's own words, not a failed
+/// switcher.
+fn boot(s: &Scenario, built: &Built, q: &QemuConfig) -> Result<ScenarioResult, CliError> {
+    let r = run_built(s, built, q)?;
+    match r.run.refusal(q) {
+        Some(e) => Err(e.into()),
+        None => Ok(r),
+    }
+}
+
+/// The QEMU configuration of each boot: with several switchers,
+/// `--qemu-log FILE` gets the switcher's name inserted (as `image` names
+/// its files), so boots never share a log.
+fn qemu_configs(q: &QemuConfig, kinds: &[SwitcherKind]) -> Vec<QemuConfig> {
+    let several = kinds.len() > 1;
+    kinds
+        .iter()
+        .map(|&kind| QemuConfig {
+            debug_log: q
+                .debug_log
+                .as_deref()
+                .map(|log| image_path(log, kind, several)),
+            ..q.clone()
+        })
+        .collect()
+}
+
+/// How many boots run at once without `--jobs`: one per CPU core.
+fn default_jobs() -> usize {
+    std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+}
+
+/// What a worker hands back: the scenario's index and its boot.
+type Booted = (usize, Result<ScenarioResult, CliError>);
+
+/// Boots every scenario, up to `jobs` at a time, and hands each result to
+/// `ready` in scenario order, as soon as it and every earlier one are in.
+/// The first error `ready` returns stops further boots; it is returned once
+/// the boots under way have ended.
+fn boot_all(
+    scenarios: &[(Scenario, Built)],
+    configs: &[QemuConfig],
+    jobs: usize,
+    progress: Option<&Progress>,
+    ready: &mut dyn FnMut(usize, Result<ScenarioResult, CliError>) -> Result<(), CliError>,
+) -> Result<(), CliError> {
+    let n = scenarios.len();
+    let next = AtomicUsize::new(0);
+    let stop = AtomicBool::new(false);
+    let running: Mutex<BTreeSet<usize>> = Mutex::new(BTreeSet::new());
+    let finished = AtomicUsize::new(0);
+    let show = || {
+        let Some(p) = progress else { return };
+        let names: Vec<&str> = running
+            .lock()
+            .map(|r| r.iter().map(|&i| scenarios[i].0.kind.cli_name()).collect())
+            .unwrap_or_default();
+        p.set(&format!(
+            "{}/{n} booted; under QEMU: {}",
+            finished.load(Ordering::Relaxed),
+            names.join(", ")
+        ));
+    };
+    std::thread::scope(|sc| {
+        let (tx, rx) = mpsc::channel::<Booted>();
+        for _ in 0..jobs.clamp(1, n.max(1)) {
+            let tx = tx.clone();
+            let (next, stop, running, finished, show) = (&next, &stop, &running, &finished, &show);
+            sc.spawn(move || loop {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let (Some((s, built)), Some(q)) = (scenarios.get(i), configs.get(i)) else {
+                    break;
+                };
+                if let Ok(mut r) = running.lock() {
+                    r.insert(i);
+                }
+                show();
+                let r = boot(s, built, q);
+                if let Ok(mut r) = running.lock() {
+                    r.remove(&i);
+                }
+                finished.fetch_add(1, Ordering::Relaxed);
+                show();
+                if tx.send((i, r)).is_err() {
+                    break;
+                }
+            });
+        }
+        drop(tx);
+        let mut slots: Vec<Option<Result<ScenarioResult, CliError>>> =
+            (0..n).map(|_| None).collect();
+        let mut done = 0;
+        for (i, r) in rx {
+            if let Some(slot) = slots.get_mut(i) {
+                *slot = Some(r);
+            }
+            while let Some(r) = slots.get_mut(done).and_then(Option::take) {
+                if let Err(e) = ready(done, r) {
+                    stop.store(true, Ordering::Relaxed);
+                    return Err(e);
+                }
+                done += 1;
+            }
+        }
+        Ok(())
+    })
+}
+
+/// Under `--gdb` the figures include the time stopped in the debugger, and
+/// QEMU also exits with status 0 when gdb kills it.
+fn gdb_caveats(r: &ScenarioResult, j: &mut RunJson) {
+    report::withhold_measurements(j, report::GDB_NOT_MEASURED);
+    if r.run.outcome == Outcome::TripleFault {
+        if let Some(d) = j.outcome_detail.as_mut() {
+            d.push_str(", or the run was ended from gdb");
+        }
+    }
 }
 
 fn gdb_banner(s: &Scenario, built: &Built) -> Result<String, CliError> {
@@ -101,24 +223,50 @@ fn gdb_banner(s: &Scenario, built: &Built) -> Result<String, CliError> {
     Ok(b)
 }
 
-fn emit(doc: &RunDoc, json: bool, out: &mut String) -> Result<Exit, CliError> {
+/// Prints a finished document: the JSON, or each text report and then the
+/// closing lines.
+fn emit(doc: &RunDoc, json: bool, out: &mut dyn Sink) -> Result<Exit, CliError> {
     if json {
-        out.push_str(&to_json(doc)?);
+        out.put(&to_json(doc)?);
     } else {
         for r in &doc.runs {
-            out.push_str(&report::render(r));
-            out.push('\n');
+            out.put(&report::render(r));
+            out.put("\n");
         }
-        out.push_str(&report::render_summary(doc));
+        out.put(&closing(doc));
     }
-    Ok(if doc.verified { Exit::Ok } else { Exit::Failed })
+    Ok(exit_of(doc))
 }
 
-/// `worldswitch run`.
+/// What ends a text report: the comparison table when several switchers
+/// ran, then the count of those verified.
+fn closing(doc: &RunDoc) -> String {
+    let mut s = String::new();
+    if doc.runs.len() > 1 {
+        s.push_str(&report::render_table(&doc.runs));
+        s.push('\n');
+    }
+    s.push_str(&report::render_summary(doc));
+    s
+}
+
+fn exit_of(doc: &RunDoc) -> Exit {
+    if doc.verified {
+        Exit::Ok
+    } else {
+        Exit::Failed
+    }
+}
+
+/// `worldswitch run`: builds every scenario, boots them up to `--jobs` at a
+/// time and writes each text report as soon as its boot and every earlier
+/// one have ended (in switcher order), then the comparison table; with
+/// `--json`, one document at the end.
 ///
 /// # Errors
-/// Bad options or placement, an unavailable switcher, QEMU missing.
-pub fn run(a: &RunArgs, out: &mut String) -> Result<Exit, CliError> {
+/// Bad options or placement, an unavailable switcher, QEMU missing or
+/// refusing to start.
+pub fn run(a: &RunArgs, out: &mut dyn Sink) -> Result<Exit, CliError> {
     let kinds = setup::select(&a.select)?;
     if a.gdb && kinds.len() != 1 {
         return Err(CliError::Usage(format!(
@@ -136,38 +284,44 @@ pub fn run(a: &RunArgs, out: &mut String) -> Result<Exit, CliError> {
     let mut scenarios = Vec::new();
     for kind in &kinds {
         let mut s = setup::scenario(*kind, &a.scenario)?;
-        s.mutation = a.mutate.map(Into::into);
+        s.mutation = a.mutate;
         let built = build(&s)?;
         scenarios.push((s, built));
     }
     let q = setup::qemu(&a.qemu, a.gdb);
     check_qemu(&q)?;
-    let mut runs: Vec<RunJson> = Vec::new();
-    let n = scenarios.len();
-    for (i, (s, built)) in scenarios.iter().enumerate() {
-        if a.gdb {
+    let configs = qemu_configs(&q, &kinds);
+    if a.gdb {
+        for (s, built) in &scenarios {
             eprint!("{}", gdb_banner(s, built)?);
         }
-        if let Some(p) = &progress {
-            p.set(&format!(
-                "[{}/{n}] {}: {} VCPUs x {} round trips under QEMU",
-                i + 1,
-                s.kind.cli_name(),
-                s.vcpus,
-                s.trips
-            ));
-        }
-        let r = run_built(s, built, &q)?;
-        let wall = r.run.wall;
-        let mut j = report::run_json(s, built, &r, Some(wall), false);
-        if a.gdb && r.run.outcome == Outcome::TripleFault {
-            // QEMU also exits with status 0 when gdb kills it.
-            if let Some(d) = j.outcome_detail.as_mut() {
-                d.push_str(", or the run was ended from gdb");
-            }
-        }
-        runs.push(j);
     }
+    let jobs = a.jobs.map_or_else(default_jobs, |j| j as usize);
+    let mut runs: Vec<RunJson> = Vec::new();
+    boot_all(
+        &scenarios,
+        &configs,
+        jobs,
+        progress.as_ref(),
+        &mut |i, r| {
+            let r = r?;
+            cpu_refusal(&r)?;
+            let (s, built) = &scenarios[i];
+            let mut j = report::run_json(s, built, &r, Some(r.run.wall), false);
+            if a.gdb {
+                gdb_caveats(&r, &mut j);
+            }
+            if !a.json {
+                let text = format!("{}\n", report::render(&j));
+                match &progress {
+                    Some(p) => p.above(|| out.put(&text)),
+                    None => out.put(&text),
+                }
+            }
+            runs.push(j);
+            Ok(())
+        },
+    )?;
     drop(progress);
     let doc = RunDoc {
         schema: SCHEMA,
@@ -175,7 +329,12 @@ pub fn run(a: &RunArgs, out: &mut String) -> Result<Exit, CliError> {
         verified: runs.iter().all(|r| r.verified),
         runs,
     };
-    emit(&doc, a.json, out)
+    if a.json {
+        out.put(&to_json(&doc)?);
+    } else {
+        out.put(&closing(&doc));
+    }
+    Ok(exit_of(&doc))
 }
 
 /// The file `image` writes for `kind` when `several` switchers are asked.
@@ -194,41 +353,10 @@ pub fn image_path(out: &Path, kind: SwitcherKind, several: bool) -> PathBuf {
     out.with_file_name(name)
 }
 
-fn placement_flags(p: &PlacementArgs) -> String {
-    let mut s = String::new();
-    for (flag, v) in [
-        ("--hc-base", p.hc_base),
-        ("--rc-base", p.rc_base),
-        ("--phys-base", p.phys_base),
-    ] {
-        if let Some(v) = v {
-            let _ = write!(s, " {flag} {v:#x}");
-        }
-    }
-    s
-}
-
-/// The `decode` command line that judges a transcript of an image built with `a`.
-pub fn decode_command(kind: SwitcherKind, a: &ScenarioArgs) -> String {
-    let mut s = format!("worldswitch decode {}", kind.cli_name());
-    if a.build.revision == RevisionArg::A {
-        s.push_str(" --revision a");
-    }
-    if a.build.no_apic {
-        s.push_str(" --no-apic");
-    }
-    if a.build.no_stats {
-        s.push_str(" --no-stats");
-    }
-    if a.build.trace {
-        s.push_str(" --trace");
-    }
-    if a.build.x2apic {
-        s.push_str(" --x2apic");
-    }
-    s.push_str(&placement_flags(&a.placement));
-    s.push_str(" < serial.log");
-    s
+/// The `decode` command line that judges a transcript of an image: none of
+/// the build's options, because the transcript's `BOOT` line names them all.
+pub fn decode_command() -> &'static str {
+    "worldswitch decode < serial.log"
 }
 
 /// `worldswitch image`.
@@ -257,12 +385,12 @@ pub fn image(a: &ImageArgs, out: &mut String) -> Result<Exit, CliError> {
             "switcher": kind.cli_name(),
             "path": path,
             "bytes": built.testbed.image.len(),
-            "host_mode": built.testbed.mode.name(),
+            "host_mode": setup::host_mode_name(built.testbed.mode),
             "vcpus": s.vcpus,
             "round_trips_per_vcpu": s.trips,
             "switcher_entry": built.vmm.switcher(kind)?.entries.r0_host_to_guest_hc.0,
             "qemu_command": qemu_cmd,
-            "decode_command": decode_command(kind, &a.scenario),
+            "decode_command": decode_command(),
         }));
     }
     if a.json {
@@ -325,7 +453,8 @@ fn read_input(path: Option<&Path>) -> Result<Vec<u8>, CliError> {
 
 /// The outcome a captured transcript implies (no exit status is known):
 /// the exception lines first, then the `RESULT` line. `None` when the
-/// transcript ends without either.
+/// transcript ends without either (a `NOCPU` refusal has neither either; see
+/// [`cpu_refusal`]).
 pub fn transcript_outcome(r: &Report) -> Option<Outcome> {
     if let Some(e) = &r.exception {
         return Some(Outcome::HostException(Some(e.clone())));
@@ -340,76 +469,133 @@ pub fn transcript_outcome(r: &Report) -> Option<Outcome> {
     }
 }
 
-/// `worldswitch decode`.
+/// The error for a run or transcript whose CPU lacked a feature the build
+/// needs (a `NOCPU` line): nothing was tested, so this is an environment
+/// error (exit status 2), not a failed switcher.
+fn cpu_refusal_text(kind: Option<SwitcherKind>, c: &integration::transcript::CpuRefusal) -> String {
+    let what = kind.map_or_else(|| "the image".to_owned(), |k| k.cli_name().to_owned());
+    format!(
+        "the CPU has no {} (CPUID {}), which {what} needs: nothing was run; pick a CPU model \
+         with it (--cpu)",
+        c.feature, c.cpuid
+    )
+}
+
+/// Fails with a one-line [`CliError::Transcript`] naming the missing CPU
+/// feature when the kernel refused the CPU it ran on.
 ///
 /// # Errors
-/// No `BOOT` line, a transcript that does not match the options, bad options.
+/// See above.
+pub fn cpu_refusal(r: &ScenarioResult) -> Result<(), CliError> {
+    match r.cpu_refusal() {
+        Some(c) => Err(CliError::Transcript(cpu_refusal_text(
+            Some(r.scenario.kind),
+            c,
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// Options given to `decode` must agree with the scenario the `BOOT` line
+/// names; each one that does not is an error naming both values.
+fn check_decode_options(a: &DecodeArgs, s: &Scenario) -> Result<(), CliError> {
+    let rev = |r: vmm_switcher::templates::Revision| format!("{r:?}").to_lowercase();
+    let p = &s.placement;
+    let hex = |v: u64| format!("{v:#x}");
+    // (option, value given, value the transcript names)
+    let given: [(&str, Option<String>, String); 7] = [
+        (
+            "switcher",
+            a.switcher.map(|k| k.cli_name().into()),
+            s.kind.cli_name().into(),
+        ),
+        (
+            "--round-trips",
+            a.round_trips.map(|n| n.to_string()),
+            s.trips.to_string(),
+        ),
+        (
+            "--vcpus",
+            a.vcpus.map(|n| n.to_string()),
+            s.vcpus.to_string(),
+        ),
+        (
+            "--revision",
+            a.revision.map(|r| rev(r.into())),
+            rev(s.options.revision),
+        ),
+        ("--hc-base", a.placement.hc_base.map(hex), hex(p.code_hc.0)),
+        (
+            "--rc-base",
+            a.placement.rc_base.map(hex),
+            hex(u64::from(p.hma_rc.0)),
+        ),
+        (
+            "--phys-base",
+            a.placement.phys_base.map(hex),
+            hex(p.code_phys.0),
+        ),
+    ];
+    let mut wrong: Vec<String> = given
+        .into_iter()
+        .filter_map(|(opt, given, named)| {
+            let given = given?;
+            (given != named).then(|| format!("{opt} {given} (the transcript says {named})"))
+        })
+        .collect();
+    let o = &s.options;
+    for (flag, given, built) in [
+        ("--no-apic", a.no_apic, !o.apic_nmi_masking),
+        ("--no-stats", a.no_stats, !o.stats),
+        ("--trace", a.trace, o.trace),
+        ("--x2apic", a.x2apic, o.x2apic),
+    ] {
+        if given && !built {
+            wrong.push(format!(
+                "{flag} (the transcript's image was built without it)"
+            ));
+        }
+    }
+    if wrong.is_empty() {
+        return Ok(());
+    }
+    Err(CliError::Transcript(format!(
+        "the transcript names its build, and these options contradict it: {}; drop them",
+        wrong.join("; ")
+    )))
+}
+
+/// `worldswitch decode`: the scenario comes from the transcript's `BOOT`
+/// line; options are only checked against it.
+///
+/// # Errors
+/// No `BOOT` line, a `BOOT` line naming no valid scenario, options that
+/// contradict it, an unavailable switcher, a `NOCPU` refusal.
 pub fn decode(a: &DecodeArgs, out: &mut String) -> Result<Exit, CliError> {
     let bytes = read_input(a.input.as_deref())?;
     let report = Report::parse(&bytes);
-    let boot = report.boot.clone().ok_or(CliError::NoBoot)?;
-    let host = HostMode::from_name(&boot.mode).ok_or_else(|| {
-        CliError::Transcript(format!(
-            "unknown host mode `{}` on the BOOT line",
-            boot.mode
-        ))
-    })?;
-    let options = TemplateOptions {
-        stats: !a.no_stats,
-        apic_nmi_masking: !a.no_apic,
-        revision: a.revision.into(),
-        trace: a.trace,
-        x2apic: a.x2apic,
-        ..TemplateOptions::default()
-    };
-    let candidates: Vec<SwitcherKind> = match a.switcher {
-        Some(k) => {
-            setup::require(k)?;
-            vec![k]
-        }
-        None => SwitcherKind::ALL
-            .into_iter()
-            .filter(|k| setup::available(*k))
-            .filter(|k| Scenario::new(*k).host_mode() == host)
-            .collect(),
-    };
-    let mut chosen: Option<(Scenario, Built)> = None;
-    let mut seen = Vec::new();
-    for kind in candidates {
-        let mut s = Scenario::new(kind);
-        s.options = options;
-        s.placement = setup::placement(&a.placement, kind)?;
-        s.vcpus = a.vcpus.unwrap_or(boot.vcpus);
-        s.trips = a.round_trips.unwrap_or(boot.trips);
-        if s.host_mode() != host {
-            return Err(CliError::Transcript(format!(
-                "the transcript is from a {} host, but {} runs on a {} host",
-                boot.mode,
-                kind.cli_name(),
-                s.host_mode().name()
-            )));
-        }
-        let built = build(&s)?;
-        let entry = built.vmm.switcher(kind)?.entries.r0_host_to_guest_hc.0;
-        if entry == u64::from(boot.entry) {
-            chosen = Some((s, built));
-            break;
-        }
-        seen.push(format!("{} at {entry:#x}", kind.cli_name()));
+    if let Some(c) = &report.cpu_refusal {
+        let kind = report
+            .boot
+            .as_ref()
+            .and_then(|b| b.field("switcher"))
+            .and_then(SwitcherKind::from_cli_name);
+        return Err(CliError::Transcript(cpu_refusal_text(kind, c)));
     }
-    let (s, built) = chosen.ok_or_else(|| {
-        CliError::Transcript(format!(
-            "the BOOT line calls {:#x}, but no switcher for a {} host has its entry there with \
-             these options ({}); pass the switcher, options and placement the image was built with",
-            boot.entry,
-            boot.mode,
-            if seen.is_empty() {
-                "none available".into()
-            } else {
-                seen.join(", ")
-            }
-        ))
-    })?;
+    let boot = report.boot.clone().ok_or(CliError::NoBoot)?;
+    let s = Scenario::from_boot(&boot).map_err(|e| CliError::Transcript(e.to_string()))?;
+    check_decode_options(a, &s)?;
+    setup::require(s.kind)?;
+    let built = build(&s)?;
+    let entry = built.vmm.switcher(s.kind)?.entries.r0_host_to_guest_hc.0;
+    if entry != boot.entry64 {
+        return Err(CliError::Transcript(format!(
+            "the BOOT line calls {:#x}, but {} built as the line describes has its entry at \
+             {entry:#x}: the transcript comes from another version of the switcher",
+            boot.entry64,
+            s.kind.cli_name()
+        )));
+    }
     let outcome = transcript_outcome(&report);
     let incomplete = outcome.is_none();
     let run = RunResult {
@@ -480,8 +666,10 @@ fn stats_from(a: &StatsArgs, path: &Path) -> Result<(Option<Snapshot>, Exit), Cl
     if run["stam"].is_null() {
         return Err(bad(format!("the run of {name} has no STAM samples")));
     }
-    let snap: Snapshot =
-        serde_json::from_value(run["stam"].clone()).map_err(|e| bad(format!("stam: {e}")))?;
+    // Names, uniqueness and value kinds are checked here, so nothing below
+    // renders a sample a registry could not hold.
+    let snap =
+        Snapshot::from_json_value(run["stam"].clone()).map_err(|e| bad(format!("stam: {e}")))?;
     let pat = Pattern::new(&a.pattern);
     let samples = snap
         .samples
@@ -517,7 +705,7 @@ fn stats_run(a: &StatsArgs) -> Result<(Option<Snapshot>, Exit), CliError> {
         s.vcpus,
         s.trips
     ));
-    let r = run_built(&s, &built, &q)?;
+    let r = boot(&s, &built, &q)?;
     drop(progress);
     let exit = if r.verified {
         Exit::Ok

@@ -10,6 +10,7 @@ use vmm_switcher::{HcAddr, PhysAddr, RcAddr, SideMode, SwitcherKind, View};
 use crate::args::{BuildArgs, PlacementArgs, QemuArgs, ScenarioArgs, Selection};
 use crate::CliError;
 use integration::hostkernel::LAPIC_VIRT;
+use integration::paging::HostMode;
 use integration::qemu::QemuConfig;
 use integration::scenario::Scenario;
 
@@ -187,14 +188,31 @@ pub fn select(sel: &Selection) -> Result<Vec<SwitcherKind>, CliError> {
     Ok(out)
 }
 
-/// Host and hypervisor-context paging modes of a switcher kind; the x86
-/// stub's host is `x86` (32-bit or PAE), a stub's hypervisor context `-`.
-pub fn modes(kind: SwitcherKind) -> (&'static str, &'static str) {
-    let host = match kind {
-        SwitcherKind::X86Stub => "x86",
-        _ => kind.host().name(),
+/// The name of a host paging mode in the program's one vocabulary, the
+/// README's: `32-bit`, `PAE`, `AMD64` (the serial protocol's `legacy32`,
+/// `pae`, `amd64` never reach a user).
+pub fn host_mode_name(m: HostMode) -> &'static str {
+    let side = match m {
+        HostMode::Legacy32 => SideMode::Bits32,
+        HostMode::Pae => SideMode::Pae,
+        HostMode::Amd64 => SideMode::Amd64,
     };
-    (host, kind.guest().map_or("-", SideMode::name))
+    side.name()
+}
+
+/// Every host paging mode `kind` serves, in that vocabulary: one for each
+/// switcher, `32-bit` and `PAE` for the x86 stub.
+pub fn host_modes(kind: SwitcherKind) -> Vec<&'static str> {
+    match kind {
+        SwitcherKind::X86Stub => vec![SideMode::Bits32.name(), SideMode::Pae.name()],
+        _ => vec![kind.host().name()],
+    }
+}
+
+/// The hypervisor-context paging mode of `kind`; `None` for a stub, which
+/// has no hypervisor context.
+pub fn guest_mode(kind: SwitcherKind) -> Option<&'static str> {
+    kind.guest().map(SideMode::name)
 }
 
 /// A label or entry point of an installed switcher with its address in the

@@ -13,6 +13,7 @@ use iced_x86::BlockEncoderOptions;
 
 use cpum::regs::{Efer, MSR_EFER, MSR_SYSENTER_CS};
 
+use super::CpuFeature;
 use super::{
     narrow, page_align, BuildError, DataArena, DumpRegion64, Expected, HookCtx, HookFn,
     HostKernelBuilder, KernelAddrs, LayoutRegion, Testbed, COOKIE_SEED, FEATURE_APIC, FEATURE_EFER,
@@ -24,7 +25,7 @@ use super::{
 use crate::image::ImageBuilder;
 use crate::paging::{HostMode, PageTables, PAGE};
 use crate::qemu::{DEBUG_EXIT_PORT, EXIT_FAIL, EXIT_HOST_EXCEPTION, EXIT_PASS};
-use crate::transcript::{Phase, PREFIX};
+use crate::transcript::{Phase, CRC32_TABLE, PREFIX};
 
 pub(super) type R<T = ()> = Result<T, BuildError>;
 
@@ -46,7 +47,7 @@ const STAT_SIZE: u32 = 40;
 
 /// Serial port settings: (offset from COM1, value) — no interrupts, 115200
 /// baud (divisor 1), 8N1, FIFO on and cleared, DTR | RTS.
-const SERIAL_INIT: [(u16, u8); 7] = [
+pub(super) const SERIAL_INIT: [(u16, u8); 7] = [
     (1, 0x00),
     (3, 0x80),
     (0, 0x01),
@@ -171,6 +172,14 @@ pub(super) struct Slots {
     /// RSP at the exception (64-bit kernel only).
     pub exc_rsp: Option<u32>,
     pub hexdigits: u32,
+    /// The running CRC-32 of every byte `putc` sent (not inverted).
+    pub crc: u32,
+    /// The inverted CRC-32 the `CRC` line prints.
+    pub crc_final: u32,
+    /// [`CRC32_TABLE`], 256 dwords.
+    pub crc_table: u32,
+    /// Set once the exit routine has printed the `CRC` line.
+    pub exiting: u32,
 }
 
 impl Slots {
@@ -222,6 +231,13 @@ impl Slots {
             exc_flags: word(d),
             exc_rsp: bits64.then(|| d.zeroed(8, 8)),
             hexdigits: d.bytes(b"0123456789abcdef", 4),
+            crc: d.dword(!0),
+            crc_final: d.dword(0),
+            crc_table: {
+                let table: Vec<u8> = CRC32_TABLE.iter().flat_map(|w| w.to_le_bytes()).collect();
+                d.bytes(&table, 4)
+            },
+            exiting: d.dword(0),
         }
     }
 }
@@ -725,6 +741,22 @@ impl Gen {
         self.pop_gpr(eax)?;
         self.a.mov(dx, u32::from(COM1))?;
         self.a.out(dx, al)?;
+        // crc = (crc >> 8) ^ table[(crc ^ AL) & 0xff]
+        self.push_gpr(ecx)?;
+        self.push_gpr(eax)?;
+        self.a.movzx(ecx, al)?;
+        self.a.xor(cl, byte_ptr(self.s.crc))?;
+        self.a.mov(eax, dword_ptr(self.s.crc))?;
+        self.a.shr(eax, 8)?;
+        let entry = if bits64 {
+            dword_ptr(rcx * 4 + self.s.crc_table)
+        } else {
+            dword_ptr(ecx * 4 + self.s.crc_table)
+        };
+        self.a.xor(eax, entry)?;
+        self.a.mov(dword_ptr(self.s.crc), eax)?;
+        self.pop_gpr(eax)?;
+        self.pop_gpr(ecx)?;
         self.pop_gpr(edx)?;
         self.a.ret()?;
 
@@ -832,9 +864,22 @@ impl Gen {
         self.restore(&[eax, ebx, ecx, edx])?;
         self.a.ret()?;
 
-        // exit: EAX to isa-debug-exit, then halt forever.
+        // exit: the CRC line (once), EAX to isa-debug-exit, then halt forever.
         let l = self.r.exit;
         self.export("exit", l)?;
+        let mut out = self.a.create_label();
+        self.a.cmp(dword_ptr(self.s.exiting), 0)?;
+        self.a.jne(out)?;
+        self.a.mov(dword_ptr(self.s.exiting), 1u32)?;
+        self.push_gpr(eax)?;
+        self.a.mov(eax, dword_ptr(self.s.crc))?;
+        self.a.not(eax)?;
+        self.a.mov(dword_ptr(self.s.crc_final), eax)?;
+        self.text(&format!("{PREFIX}CRC crc32="))?;
+        self.hex_mem(self.s.crc_final)?;
+        self.a.call(self.r.putnl)?;
+        self.pop_gpr(eax)?;
+        self.mark(&mut out)?;
         self.a.mov(dx, u32::from(DEBUG_EXIT_PORT))?;
         self.a.out(dx, eax)?;
         let mut halt = self.a.create_label();
@@ -939,6 +984,57 @@ impl Gen {
         self.exit_with(EXIT_HOST_EXCEPTION)?;
         Ok(())
     }
+}
+
+/// The `BOOT` line after `mbeax=…`: trips, VCPUs, items, the entry
+/// (`entry_digits` hex digits) and the builder's own fields, with the newline.
+pub(super) fn boot_tail(
+    b: &HostKernelBuilder,
+    n_items: u32,
+    entry: u64,
+    entry_digits: usize,
+) -> String {
+    let mut s = format!(
+        " trips={} vcpus={} items={n_items} entry={entry:0entry_digits$x}",
+        b.trips,
+        b.vcpus.len()
+    );
+    for (k, v) in &b.boot_fields {
+        s.push_str(&format!(" {k}={v}"));
+    }
+    s.push('\n');
+    s
+}
+
+/// Checks every feature in `features` with CPUID; for the first one
+/// missing, prints its `NOCPU` line and exits with the failure code (the
+/// exit routine adds the `CRC` line). Clobbers EAX, EBX, ECX, EDX.
+pub(super) fn emit_cpu_check(g: &mut Gen, features: &[CpuFeature]) -> R {
+    for &f in features {
+        let (leaf, reg, bit) = f.cpuid();
+        let mut ok = g.a.create_label();
+        let mut missing = g.a.create_label();
+        if leaf >= 0x8000_0000 {
+            g.a.mov(eax, 0x8000_0000u32)?;
+            g.a.cpuid()?;
+            g.a.cmp(eax, leaf)?;
+            g.a.jb(missing)?;
+        }
+        g.a.mov(eax, leaf)?;
+        g.a.xor(ecx, ecx)?;
+        g.a.cpuid()?;
+        let r = match reg {
+            super::CpuidReg::Ecx => ecx,
+            super::CpuidReg::Edx => edx,
+        };
+        g.a.test(r, 1u32 << bit)?;
+        g.a.jnz(ok)?;
+        g.mark(&mut missing)?;
+        g.text(&f.refusal_line())?;
+        g.exit_with(EXIT_FAIL)?;
+        g.mark(&mut ok)?;
+    }
+    Ok(())
 }
 
 /// Sets feature bits from CPUID: APIC, SEP, x2APIC (leaf 1), NX, SYSCALL or
@@ -1623,7 +1719,13 @@ pub(super) fn finish(
         stack_top: t.stack_top,
         kernel_end: code_end,
     };
+    let required_cpu = b.required_cpu();
     Ok(Testbed {
+        required_cpu,
+        trace_trips: b.trace_trips,
+        max_report_lines: b.max_report_lines,
+        dumps: b.dumps.clone(),
+        boot_fields: b.boot_fields.clone(),
         mode: b.mode,
         image,
         symbols,

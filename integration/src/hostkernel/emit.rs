@@ -344,7 +344,6 @@ pub(super) fn build(mut b: HostKernelBuilder) -> Result<Testbed, BuildError> {
 /// Setup, the call loop and the summary.
 fn emit_main(g: &mut Gen, b: &mut HostKernelBuilder, entry: u32, n_items: u32) -> R {
     let mode = b.mode;
-    let n_vcpus = b.vcpus.len() as u32;
     let start = g.a.create_label();
     g.export("start", start)?;
     g.a.mov(ax, u32::from(SEL_DATA32))?;
@@ -359,10 +358,9 @@ fn emit_main(g: &mut Gen, b: &mut HostKernelBuilder, entry: u32, n_items: u32) -
     g.a.call(g.r.serial_init)?;
     g.text(&format!("{PREFIX}BOOT mode={mode} mbeax="))?;
     g.hex_mem(g.s.mb_eax)?;
-    g.text(&format!(
-        " trips={} vcpus={n_vcpus} items={n_items} entry={entry:08x}\n",
-        b.trips
-    ))?;
+    g.text(&super::common::boot_tail(b, n_items, u64::from(entry), 8))?;
+    let required = b.required_cpu();
+    super::common::emit_cpu_check(g, &required)?;
 
     // Legacy PIC: mask everything (LINT0 goes to NMI mode below).
     g.mask_pic()?;

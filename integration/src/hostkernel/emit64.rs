@@ -13,8 +13,8 @@ use super::common::{
 };
 use super::items::{Seg, SnapItem64, SnapSource64};
 use super::{
-    BuildError, DataArena, HostKernelBuilder, Testbed, FEATURE_SCE, FEATURE_SEP, FS_BASE64,
-    FS_MAGIC, FS_PAGE_PHYS, GS_BASE64, GS_MAGIC, GS_MAGIC_OFF, LSTAR_VALUE, MAGIC_VIRT,
+    BuildError, CpuFeature, DataArena, HostKernelBuilder, Testbed, FEATURE_SCE, FEATURE_SEP,
+    FS_BASE64, FS_MAGIC, FS_PAGE_PHYS, GS_BASE64, GS_MAGIC, GS_MAGIC_OFF, LSTAR_VALUE, MAGIC_VIRT,
     MSR_FS_BASE, MSR_GS_BASE, MSR_KERNEL_GS_BASE, MSR_LSTAR, MSR_SFMASK, MSR_STAR, PATTERN_R12,
     PATTERN_R13, PATTERN_R14, PATTERN_R15, PATTERN_RBP, PATTERN_RBX, SEL64_CODE, SEL64_CODE32,
     SEL64_DATA, SEL64_LDT, SEL64_TSS, SFMASK_VALUE, SPURIOUS_VECTOR, STAR_VALUE, STUB_ADDR,
@@ -38,8 +38,6 @@ const TSS64_IST1: usize = 36;
 const TSS64_IOMAP: usize = 102;
 /// Size of the 64-bit TSS.
 const TSS64_SIZE: usize = 104;
-/// CPUID.8000_0001:EDX.LM.
-const CPUID_LM: u32 = 1 << 29;
 
 /// A 64-bit interrupt gate (SDM Vol. 3A §6.14.1).
 fn interrupt_gate64(handler: u64, selector: u16, ist: u8) -> [u8; 16] {
@@ -349,9 +347,15 @@ pub(super) fn build(mut b: HostKernelBuilder) -> Result<Testbed, BuildError> {
     let masks: Vec<u8> = items.iter().flat_map(|i| i.mask.to_le_bytes()).collect();
     let names = items.iter().map(|i| i.name.as_str());
     let l = LoopTables::new(&mut d, &b.vcpus, &masks, names, 8)?;
-    let no_lm_msg = d.string(&format!(
-        "{PREFIX}ERROR no long mode (CPUID.80000001:EDX.LM=0): cannot run an AMD64 host\n"
-    ));
+    // The boot stub's refusals: constant texts, each with its CRC line.
+    let refusals: Vec<(CpuFeature, u32)> = [CpuFeature::LongMode, CpuFeature::Pae]
+        .into_iter()
+        .map(|f| {
+            let line = f.refusal_line();
+            let crc = crate::transcript::crc32(line.as_bytes());
+            (f, d.string(&format!("{line}{PREFIX}CRC crc32={crc:08x}\n")))
+        })
+        .collect();
     let s = Slots::new(&mut d, true);
     let t = Tables {
         gdt,
@@ -388,20 +392,53 @@ pub(super) fn build(mut b: HostKernelBuilder) -> Result<Testbed, BuildError> {
         .ok_or_else(|| BuildError::Internal("the 64-bit kernel has no start label".into()))?;
 
     // ---- boot stub (32-bit, paging off) -----------------------------------------
+    let stub = boot_stub(&b, &g, &tables, gdtr, start64, &refusals)?;
+
+    let mut fs_page = vec![0u8; PAGE as usize];
+    fs_page[..4].copy_from_slice(&FS_MAGIC.to_le_bytes());
+    let gs_off = GS_MAGIC_OFF as usize;
+    fs_page[gs_off..gs_off + 4].copy_from_slice(&GS_MAGIC.to_le_bytes());
+    let items = items.into_iter().map(|i| i.name).collect();
+    finish(g, b, code, stub, fs_page, tables, items)
+}
+
+/// The 32-bit boot stub (paging off): saves the multiboot registers, checks
+/// CPUID for PAE and long mode (printing a constant `NOCPU` and `CRC` line
+/// and failing without them), turns on long mode and far-jumps to `start64`.
+fn boot_stub(
+    b: &HostKernelBuilder,
+    g: &Gen,
+    tables: &crate::paging::PageTables,
+    gdtr: u32,
+    start64: u32,
+    refusals: &[(CpuFeature, u32)],
+) -> R<Vec<u8>> {
     let mut stub = CodeAssembler::new(32)?;
-    let mut no_lm = stub.create_label();
+    let mut labels = Vec::new();
     stub.cli()?;
     stub.cld()?;
     stub.mov(dword_ptr(g.s.mb_eax), eax)?;
     stub.mov(dword_ptr(g.s.mb_ebx), ebx)?;
-    stub.mov(eax, 0x8000_0000u32)?;
-    stub.cpuid()?;
-    stub.cmp(eax, 0x8000_0001u32)?;
-    stub.jb(no_lm)?;
-    stub.mov(eax, 0x8000_0001u32)?;
-    stub.cpuid()?;
-    stub.test(edx, CPUID_LM)?;
-    stub.jz(no_lm)?;
+    for &(f, msg) in refusals {
+        let (leaf, reg, bit) = f.cpuid();
+        let missing = stub.create_label();
+        if leaf >= 0x8000_0000 {
+            stub.mov(eax, 0x8000_0000u32)?;
+            stub.cpuid()?;
+            stub.cmp(eax, leaf)?;
+            stub.jb(missing)?;
+        }
+        stub.mov(eax, leaf)?;
+        stub.xor(ecx, ecx)?;
+        stub.cpuid()?;
+        let r = match reg {
+            super::CpuidReg::Ecx => ecx,
+            super::CpuidReg::Edx => edx,
+        };
+        stub.test(r, 1u32 << bit)?;
+        stub.jz(missing)?;
+        labels.push((missing, msg));
+    }
     stub.lgdt(ptr(gdtr))?;
     let mut cr4_bits = Cr4::PAE | Cr4::PGE | Cr4::OSFXSR | Cr4::OSXMMEXCPT;
     if b.pse {
@@ -425,16 +462,32 @@ pub(super) fn build(mut b: HostKernelBuilder) -> Result<Testbed, BuildError> {
         SEL64_CODE,
         start64,
     )?)?;
-    // No long mode: say so on COM1 (usable without setup under QEMU) and fail.
-    stub.set_label(&mut no_lm)?;
-    stub.mov(esi, no_lm_msg)?;
-    stub.mov(dx, u32::from(COM1))?;
+    // A missing feature: ESI = the refusal text.
+    let mut say = stub.create_label();
+    for (mut missing, msg) in labels {
+        stub.set_label(&mut missing)?;
+        stub.mov(esi, msg)?;
+        stub.jmp(say)?;
+    }
+    stub.set_label(&mut say)?;
+    for (port, value) in super::common::SERIAL_INIT {
+        stub.mov(dx, u32::from(COM1 + port))?;
+        stub.mov(al, u32::from(value))?;
+        stub.out(dx, al)?;
+    }
     let mut next = stub.create_label();
+    let mut wait = stub.create_label();
     let mut done = stub.create_label();
     stub.set_label(&mut next)?;
+    stub.mov(dx, u32::from(COM1 + 5))?;
+    stub.set_label(&mut wait)?;
+    stub.in_(al, dx)?;
+    stub.test(al, 0x20)?;
+    stub.jz(wait)?;
     stub.lodsb()?;
     stub.test(al, al)?;
     stub.jz(done)?;
+    stub.mov(dx, u32::from(COM1))?;
     stub.out(dx, al)?;
     stub.jmp(next)?;
     stub.set_label(&mut done)?;
@@ -445,20 +498,12 @@ pub(super) fn build(mut b: HostKernelBuilder) -> Result<Testbed, BuildError> {
     stub.set_label(&mut halt)?;
     stub.hlt()?;
     stub.jmp(halt)?;
-    let stub = stub.assemble(u64::from(STUB_ADDR))?;
-
-    let mut fs_page = vec![0u8; PAGE as usize];
-    fs_page[..4].copy_from_slice(&FS_MAGIC.to_le_bytes());
-    let gs_off = GS_MAGIC_OFF as usize;
-    fs_page[gs_off..gs_off + 4].copy_from_slice(&GS_MAGIC.to_le_bytes());
-    let items = items.into_iter().map(|i| i.name).collect();
-    finish(g, b, code, stub, fs_page, tables, items)
+    Ok(stub.assemble(u64::from(STUB_ADDR))?)
 }
 
 /// Setup, the call loop and the summary, from `start`, the first 64-bit
 /// instruction.
 fn emit_main(g: &mut Gen, b: &mut HostKernelBuilder, entry: u64, n_items: u32) -> R {
-    let n_vcpus = b.vcpus.len() as u32;
     let start = g.a.create_label();
     g.export("start", start)?;
     g.a.mov(ax, u32::from(SEL64_DATA))?;
@@ -470,10 +515,9 @@ fn emit_main(g: &mut Gen, b: &mut HostKernelBuilder, entry: u64, n_items: u32) -
     g.a.call(g.r.serial_init)?;
     g.text(&format!("{PREFIX}BOOT mode={} mbeax=", b.mode))?;
     g.hex_mem(g.s.mb_eax)?;
-    g.text(&format!(
-        " trips={} vcpus={n_vcpus} items={n_items} entry={entry:016x}\n",
-        b.trips
-    ))?;
+    g.text(&super::common::boot_tail(b, n_items, entry, 16))?;
+    let required = b.required_cpu();
+    super::common::emit_cpu_check(g, &required)?;
 
     // Legacy PIC: mask everything (LINT0 goes to NMI mode below).
     g.mask_pic()?;

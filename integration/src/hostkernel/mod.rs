@@ -31,10 +31,17 @@
 //! 5. Prints per-VCPU and global counters, dumps the requested regions as hex,
 //!    and exits through isa-debug-exit: 0x10 pass, 0x11 fail.
 //!
+//! Right after the `BOOT` line the kernel checks the CPU features the build
+//! needs ([`HostKernelBuilder::require_cpu`]) and stops with a `NOCPU` line
+//! without one. Every byte it prints goes into a running CRC-32, printed in
+//! a final `CRC` line by the exit routine on every way out (see
+//! [`crate::transcript`]).
+//!
 //! # The AMD64 host
 //!
 //! With [`HostMode::Amd64`] the 32-bit boot stub checks CPUID for long mode
-//! (an `ERROR` line and the failure code without it), loads the kernel's
+//! and PAE (a constant `NOCPU` and `CRC` line and the failure code without
+//! them), loads the kernel's
 //! GDT, sets CR4.PAE|PGE|OSFXSR|OSXMMEXCPT, CR3 (the 4-level tables are
 //! data, built by [`crate::paging`], PML4 at [`TABLES_BASE`]), EFER.LME and
 //! CR0.PG|WP|NE|MP|ET|PE, and far-jumps to [`SEL64_CODE`]. The 64-bit kernel
@@ -76,7 +83,7 @@
 //! every host mode (IA32_APIC_BASE.EXTD with EN), when CPUID.1:ECX.x2APIC
 //! (bit 21) reports it, programs and reads the LVTs through the x2APIC MSRs
 //! (`0x800 + (offset >> 4)`), and snapshots them through MSRs. Without the
-//! CPUID bit the kernel prints `@@ERROR x2APIC requested …` and exits with
+//! CPUID bit the kernel prints `@@NOCPU feature=x2apic …` and exits with
 //! the failure code before the first call. QEMU 7.2's TCG never reports the
 //! bit (and silently ignores EXTD; the x2APIC MSRs read 0 without a fault);
 //! QEMU 9.0 and later emulate x2APIC under TCG (checked with 10.0.2 for all
@@ -192,6 +199,105 @@ pub const FEATURE_APIC: u32 = 1 << 4;
 pub const FEATURE_X2APIC: u32 = 1 << 5;
 /// The local APIC was switched to x2APIC mode ([`HostKernelBuilder::x2apic`]).
 pub const FEATURE_X2APIC_ON: u32 = 1 << 6;
+
+/// A CPU feature the kernel can require before it runs anything
+/// ([`HostKernelBuilder::require_cpu`]). Without it the kernel prints a
+/// `NOCPU` line naming the feature and the CPUID bit, then its `CRC` line,
+/// and exits with the failure code.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum CpuFeature {
+    /// Long mode (CPUID.80000001:EDX bit 29).
+    LongMode,
+    /// Physical address extension (CPUID.1:EDX bit 6).
+    Pae,
+    /// FXSAVE/FXRSTOR (CPUID.1:EDX bit 24).
+    Fxsr,
+    /// SSE2 (CPUID.1:EDX bit 26): the hooks move XMM registers.
+    Sse2,
+    /// A local APIC (CPUID.1:EDX bit 9).
+    Apic,
+    /// x2APIC (CPUID.1:ECX bit 21).
+    X2apic,
+    /// No-execute pages (CPUID.80000001:EDX bit 20).
+    Nx,
+    /// SYSENTER/SYSEXIT (CPUID.1:EDX bit 11).
+    Sep,
+    /// SYSCALL/SYSRET (CPUID.80000001:EDX bit 11).
+    Syscall,
+}
+
+/// A CPUID output register.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CpuidReg {
+    /// ECX.
+    Ecx,
+    /// EDX.
+    Edx,
+}
+
+impl CpuFeature {
+    /// Every feature, in the order the kernel checks them.
+    pub const ALL: [CpuFeature; 9] = [
+        Self::LongMode,
+        Self::Pae,
+        Self::Fxsr,
+        Self::Sse2,
+        Self::Apic,
+        Self::X2apic,
+        Self::Nx,
+        Self::Sep,
+        Self::Syscall,
+    ];
+
+    /// The name the `NOCPU` line carries.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::LongMode => "long-mode",
+            Self::Pae => "pae",
+            Self::Fxsr => "fxsr",
+            Self::Sse2 => "sse2",
+            Self::Apic => "apic",
+            Self::X2apic => "x2apic",
+            Self::Nx => "nx",
+            Self::Sep => "sep",
+            Self::Syscall => "syscall",
+        }
+    }
+
+    /// The feature a `NOCPU` name stands for.
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|f| f.name() == name)
+    }
+
+    /// CPUID leaf, output register and bit.
+    pub fn cpuid(self) -> (u32, CpuidReg, u32) {
+        match self {
+            Self::LongMode => (0x8000_0001, CpuidReg::Edx, 29),
+            Self::Pae => (1, CpuidReg::Edx, 6),
+            Self::Fxsr => (1, CpuidReg::Edx, 24),
+            Self::Sse2 => (1, CpuidReg::Edx, 26),
+            Self::Apic => (1, CpuidReg::Edx, 9),
+            Self::X2apic => (1, CpuidReg::Ecx, 21),
+            Self::Nx => (0x8000_0001, CpuidReg::Edx, 20),
+            Self::Sep => (1, CpuidReg::Edx, 11),
+            Self::Syscall => (0x8000_0001, CpuidReg::Edx, 11),
+        }
+    }
+
+    /// The `NOCPU` line (with its newline) for this feature.
+    pub fn refusal_line(self) -> String {
+        let (leaf, reg, bit) = self.cpuid();
+        let reg = match reg {
+            CpuidReg::Ecx => "ecx",
+            CpuidReg::Edx => "edx",
+        };
+        format!(
+            "{}NOCPU feature={} cpuid={leaf:08x}.{reg}.{bit}\n",
+            crate::transcript::PREFIX,
+            self.name()
+        )
+    }
+}
 
 /// Seed of [`cookie`].
 pub const COOKIE_SEED: u32 = 0x5eed_c0de;
@@ -515,6 +621,14 @@ pub enum BuildError {
     /// Too many GDT entries for a 16-bit selector.
     #[error("{0} extra GDT entries do not fit in a GDT")]
     GdtTooLarge(usize),
+    /// A `BOOT` line field is not one `key=value` token.
+    #[error("BOOT line field `{key}={value}`: keys are [a-z0-9_]+, values one printable token without `=` or `@`")]
+    BadBootField {
+        /// The key.
+        key: String,
+        /// The value.
+        value: String,
+    },
     /// A bug in this crate (a generated address left the data area).
     #[error("internal testbed error: {0}")]
     Internal(String),
@@ -546,6 +660,8 @@ pub struct HostKernelBuilder {
     pub(crate) extra_gdt: Vec<u64>,
     pub(crate) dump_on_exception: bool,
     pub(crate) identity_limit: u32,
+    pub(crate) boot_fields: Vec<(String, String)>,
+    pub(crate) required: Vec<CpuFeature>,
 }
 
 impl fmt::Debug for HostKernelBuilder {
@@ -593,7 +709,48 @@ impl HostKernelBuilder {
             extra_gdt: Vec::new(),
             dump_on_exception: true,
             identity_limit: DEFAULT_IDENTITY_LIMIT,
+            boot_fields: Vec::new(),
+            required: Vec::new(),
         }
+    }
+
+    /// Appends `key=value` fields to the `BOOT` line (after `entry`), e.g.
+    /// what the image was built for. Keys are lowercase letters, digits and
+    /// `_`; values are one printable token without `=` or `@`
+    /// ([`BuildError::BadBootField`] otherwise).
+    pub fn boot_fields(mut self, fields: impl IntoIterator<Item = (String, String)>) -> Self {
+        self.boot_fields.extend(fields);
+        self
+    }
+
+    /// CPU features the kernel checks with CPUID right after the `BOOT` line
+    /// (the AMD64 host's boot stub checks [`CpuFeature::Pae`] and
+    /// [`CpuFeature::LongMode`] before it leaves 32-bit mode). The kernel
+    /// always requires [`CpuFeature::Fxsr`] and [`CpuFeature::Apic`], PAE in
+    /// [`HostMode::Pae`], PAE and long mode in [`HostMode::Amd64`], and
+    /// x2APIC with [`HostKernelBuilder::x2apic`].
+    pub fn require_cpu(mut self, features: impl IntoIterator<Item = CpuFeature>) -> Self {
+        self.required.extend(features);
+        self
+    }
+
+    /// Every feature the kernel checks, each once, in [`CpuFeature::ALL`] order.
+    pub fn required_cpu(&self) -> Vec<CpuFeature> {
+        let mut want = self.required.clone();
+        want.extend([CpuFeature::Fxsr, CpuFeature::Apic]);
+        if self.mode != HostMode::Legacy32 {
+            want.push(CpuFeature::Pae);
+        }
+        if self.mode.is_long() {
+            want.push(CpuFeature::LongMode);
+        }
+        if self.x2apic {
+            want.push(CpuFeature::X2apic);
+        }
+        CpuFeature::ALL
+            .into_iter()
+            .filter(|f| want.contains(f))
+            .collect()
     }
 
     /// Sets CR4.PSE as well (the tables still use 4 KiB pages).
@@ -909,6 +1066,16 @@ pub struct Testbed {
     pub trips: u32,
     /// `arg2` per VCPU.
     pub vcpus: Vec<u32>,
+    /// `TRIP` lines are printed for trips below this.
+    pub trace_trips: u32,
+    /// At most this many `MISMATCH`/`RETFAIL`/`HOOKFAIL` lines.
+    pub max_report_lines: u32,
+    /// The dump regions, in the order the kernel prints them.
+    pub dumps: Vec<DumpRegion64>,
+    /// The fields the `BOOT` line carries after `entry`.
+    pub boot_fields: Vec<(String, String)>,
+    /// The CPU features the kernel checks before it runs.
+    pub required_cpu: Vec<CpuFeature>,
 }
 
 impl fmt::Debug for Testbed {
@@ -1004,6 +1171,18 @@ pub(crate) fn validate(b: &HostKernelBuilder) -> Result<u64, BuildError> {
     }
     if b.extra_gdt.len() > 8000 {
         return Err(BuildError::GdtTooLarge(b.extra_gdt.len()));
+    }
+    for (key, value) in &b.boot_fields {
+        let key_ok = !key.is_empty()
+            && key
+                .bytes()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'_');
+        if !key_ok || !items::is_token(value) {
+            return Err(BuildError::BadBootField {
+                key: key.clone(),
+                value: value.clone(),
+            });
+        }
     }
     for d in &b.dumps {
         if !items::is_token(&d.name) {

@@ -1,5 +1,6 @@
 //! What the QEMU test files share: finding QEMU, which CI requires and a
-//! local run may lack (a loud skip), and a run with QEMU's interrupt log.
+//! local run may lack (a loud skip), a run with QEMU's interrupt log, and
+//! the assertion that a mutated switcher is caught.
 
 // Each test file is its own crate and uses only part of this module.
 #![allow(dead_code, clippy::panic)]
@@ -7,6 +8,8 @@
 use integration::hostkernel::Testbed;
 use integration::qemu::{find_qemu, qemu_version, QemuConfig, RunResult};
 use integration::qemu::{X2APIC_CPU, X2APIC_MIN_MAJOR};
+use integration::scenario::{run, Mutation, Scenario, ScenarioResult};
+use vmm_switcher::SwitcherKind;
 
 /// Fails under `CI=true`; elsewhere prints a notice that libtest does not
 /// capture, so it shows even when the skipping test passes.
@@ -56,4 +59,32 @@ pub fn run_with_int_log(tb: &Testbed, tag: &str) -> (RunResult, String) {
     let text = std::fs::read_to_string(&log).unwrap_or_default();
     let _ = std::fs::remove_file(&log);
     (r, text)
+}
+
+/// How a mutation must show up.
+pub type Caught = dyn Fn(&ScenarioResult) -> bool;
+
+/// Runs each mutated switcher for 10 trips and asserts that the testbed
+/// rejects it the way `caught` describes.
+pub fn assert_caught(cases: &[(SwitcherKind, Mutation, &Caught)], q: &QemuConfig) {
+    for &(kind, m, caught) in cases {
+        let mut s = Scenario::new(kind);
+        s.trips = 10;
+        s.mutation = Some(m);
+        let r = run(&s, q).unwrap_or_else(|e| panic!("{m} on {}: setup: {e}", kind.cli_name()));
+        eprintln!(
+            "{m} on {}: {:?} {:?}",
+            kind.cli_name(),
+            r.run.outcome,
+            r.failures
+        );
+        assert!(!r.verified, "{m} on {} was not caught", kind.cli_name());
+        assert!(
+            caught(&r),
+            "{m} on {}: wrong outcome {:?} {:?}",
+            kind.cli_name(),
+            r.run.outcome,
+            r.failures
+        );
+    }
 }

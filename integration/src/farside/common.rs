@@ -1,6 +1,7 @@
-//! Emission the far-side code shares: the seed switchers' helper
-//! ([`crate::far`]) and the hypervisor-context code of the other switchers
-//! ([`crate::rc`], [`crate::rc64`]).
+//! Emission every far-side piece shares: the 64-bit helper of the
+//! intermediate context ([`super::intermediate_amd64`]) and the code of both
+//! hypervisor contexts ([`super::hyper`], [`super::hyper_legacy`],
+//! [`super::hyper_amd64`]).
 //!
 //! Each piece takes the operands and registers that differ between its users
 //! (the mailbox layout, the failure bits, the register width) as parameters.
@@ -213,6 +214,36 @@ where
     a.pop(r.dx)?;
     a.pop(r.cx)?;
     a.ret()
+}
+
+/// Emits, for 64-bit code, a stub for every vector 0–31 not in `own` (the
+/// caller places those itself) and the common reporter that prints
+/// `FAREXC vec= err= rip=` on COM1 and exits through isa-debug-exit with
+/// `exit_code`.
+///
+/// # Errors
+/// iced rejects an instruction.
+pub(crate) fn emit_exception_reporter64(
+    a: &mut CodeAssembler,
+    handlers: &mut [CodeLabel],
+    own: &[usize],
+    com1: u16,
+    exit_port: u16,
+    exit_code: u32,
+) -> Result<(), IcedError> {
+    let mut common = a.create_label();
+    for (v, h) in handlers.iter_mut().enumerate() {
+        if !own.contains(&v) {
+            emit_exception_stub(a, h, v, common)?;
+        }
+    }
+    let regs = ReporterRegs {
+        ax: rax,
+        cx: rcx,
+        dx: rdx,
+        sp: rsp,
+    };
+    emit_exception_report(a, &mut common, &regs, com1, exit_port, exit_code)
 }
 
 /// Names of the bits set in `bits`, `names[i]` naming bit `i`.

@@ -1,18 +1,20 @@
-//! The code the AMD64 → AMD64 switcher enters in its 64-bit hypervisor
-//! context: the 64-bit counterpart of [`crate::rc`], with the same mailbox,
+//! The code the 64-bit hypervisor context runs: the RC code the
+//! `amd64-to-amd64` switcher enters under `Hyper.cr3`. It is the 64-bit
+//! counterpart of [`super::hyper_legacy`], with the same mailbox,
 //! expectations and failure bits (CS must be the 64-bit hyper selector and
 //! EFER.LMA set; CR4.PAE is expected on). Its `#NM` handler does the lazy FPU
 //! switch; its trampoline targets take System V arguments. The checks and
-//! the `#NM` handler are [`crate::rc`]'s, emitted at 64-bit width.
+//! the `#NM` handler are [`super::hyper`]'s, emitted at 64-bit width.
 
 use core::mem::offset_of;
 
 use iced_x86::code_asm::*;
 
-use crate::far::{emit_exception_reporter64, FarError};
-use crate::rc::{
+use super::common::emit_exception_reporter64;
+use super::hyper::{
     emit_checks, emit_lazy_fpu_switch, finish, RcConfig, RcEntries, RcMailbox, MAX_TARGET_ARGS,
 };
+use super::FarError;
 
 /// Assembles the 64-bit RC code into a blob of `area_size` bytes for `cfg.rc`
 /// (`cfg.cs` is the 64-bit hyper code selector).

@@ -1,21 +1,26 @@
-//! The code the 32-bit/PAE switchers enter in the hypervisor context (RC).
+//! What the code of both hypervisor contexts shares: the 32-bit/PAE one
+//! ([`super::hyper_legacy`]) and the 64-bit one ([`super::hyper_amd64`]).
 //!
-//! It runs at its RC address under `Hyper.cr3`, entered by the switcher's
-//! `iret` with the hyper registers: ESI = this VCPU's `CpumCpu32` (RC),
-//! EDI = the [`RcMailbox`] (RC), EBP = `0x5afe_0000 | vcpu`, EBX = a trip
+//! That code runs at its RC address under `Hyper.cr3`, entered by the
+//! switcher with the hyper registers: ESI/RSI = this VCPU's `CpumCpu` (RC),
+//! EDI/RDI = the [`RcMailbox`] (RC), EBP = `0x5afe_0000 | vcpu`, EBX = a trip
 //! counter the code keeps in `Guest.r[0]` — so registers that do not survive
 //! the exit/entry save and restore are noticed.
 //!
 //! Each trip it checks the hyper context from the inside (CR3, selectors, TR,
 //! CR0 PG/PE/TS set and WP clear, CR4.PAE, IF clear, SYSENTER_CS = 0,
-//! EFER.SCE clear, the NMI LVTs masked and `fApicDisVectors`, the hyper debug
-//! registers when in use), uses the FPU when asked — which must raise `#NM`,
-//! whose handler here does the lazy switch (`fxsave` Host, `fxrstor` Guest,
-//! `USED_FPU`) — then returns `cookie ^ RET_XOR ^ (failures << 16)` through the
-//! switcher's exit entry with `call`, and loops: the next entry resumes after
-//! that call.
+//! EFER.SCE clear — and EFER.LMA set at 64 bits —, the NMI LVTs masked and
+//! `fApicDisVectors`, the hyper debug registers when in use), uses the FPU
+//! when asked — which must raise `#NM`, whose handler does the lazy switch
+//! (`fxsave` Host, `fxrstor` Guest, `USED_FPU`) — then returns
+//! `cookie ^ RET_XOR ^ (failures << 16)` through the switcher's exit entry
+//! with `call`, and loops: the next entry resumes after that call.
 //!
-//! It also holds cdecl target functions for the call trampoline.
+//! It also holds target functions for the call trampoline.
+//!
+//! This module holds the mailbox and the bits, the per-trip checks and the
+//! `#NM` handler (emitted at either width) and the final assembly; each
+//! context's module adds its exits, exception handlers and trampoline targets.
 
 use core::mem::{offset_of, size_of};
 
@@ -26,11 +31,8 @@ use iced_x86::code_asm::*;
 use iced_x86::BlockEncoderOptions;
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
-use crate::far::FarError;
-use crate::farcommon::{
-    bit_names, emit_apic_checks, emit_exception_report, emit_exception_stub, emit_record_fails,
-    ApicCheck, ReporterRegs,
-};
+use super::common::{bit_names, emit_apic_checks, emit_record_fails, ApicCheck};
+use super::FarError;
 
 /// Failure bits the RC code reports.
 pub mod fail {
@@ -221,78 +223,82 @@ fn cc(f: usize) -> i32 {
     f as i32
 }
 
-/// Assembles the RC code into a blob of `area_size` bytes for `cfg.rc`.
-///
-/// # Errors
-/// [`FarError`] when iced rejects an instruction or the area is too small.
-pub fn build(cfg: &RcConfig, area_size: usize) -> Result<(Vec<u8>, RcEntries), FarError> {
-    let mbox = cfg.rc + cfg.mailbox_off;
-    let mut a = CodeAssembler::new(32)?;
-    let mut entry = a.create_label();
-    let mut handlers: Vec<CodeLabel> = (0..32).map(|_| a.create_label()).collect();
-    let mut targets: Vec<CodeLabel> = (0..=MAX_TARGET_ARGS).map(|_| a.create_label()).collect();
-    let mut common = a.create_label();
+/// How the checks address the mailbox and the `CpumCpu`: through EDI and ESI
+/// in the 32-bit/PAE context, RDI and RSI (a `CpumCpu64`) in the 64-bit one,
+/// where control and debug registers are also read at full width.
+#[derive(Clone, Copy)]
+struct Width {
+    wide: bool,
+}
 
-    emit_checks(&mut a, cfg, &mut entry, false)?;
-    // Every other trip (cookie bit 8) leaves through the C-callable exit
-    // (cdecl: the status on the stack); resumed, the call returns here.
-    let mut asm_exit = a.create_label();
-    a.test(dword_ptr(edi + mb(offset_of!(RcMailbox, cookie))), 0x100)?;
-    a.jz(asm_exit)?;
-    a.add(dword_ptr(edi + mb(offset_of!(RcMailbox, c_exits))), 1)?;
-    a.push(eax)?;
-    a.call(dword_ptr(mbox + offset_of!(RcMailbox, c_exit_entry) as u32))?;
-    a.add(esp, 4)?;
-    a.jmp(entry)?;
-    a.set_label(&mut asm_exit)?;
-    a.call(dword_ptr(mbox + offset_of!(RcMailbox, exit_entry) as u32))?;
-    a.jmp(entry)?;
-
-    // Exception handlers: #NM does the lazy FPU switch; the rest report and stop.
-    for (v, h) in handlers.iter_mut().enumerate() {
-        if v == 7 {
-            a.set_label(h)?;
-            emit_lazy_fpu_switch(&mut a, cfg, false)?;
+impl Width {
+    /// Mailbox field `f` (EDI/RDI).
+    fn mbx(self, f: usize) -> AsmMemoryOperand {
+        if self.wide {
+            rdi + mb(f)
         } else {
-            emit_exception_stub(&mut a, h, v, common)?;
+            edi + mb(f)
         }
     }
-    let regs = ReporterRegs {
-        ax: eax,
-        cx: ecx,
-        dx: edx,
-        sp: esp,
-    };
-    emit_exception_report(
-        &mut a,
-        &mut common,
-        &regs,
-        cfg.com1,
-        cfg.exit_port,
-        cfg.exit_code,
-    )?;
-    // Trampoline targets (cdecl).
-    for (n, t) in targets.iter_mut().enumerate() {
-        a.set_label(t)?;
-        a.push(ebp)?;
-        a.mov(ebp, esp)?;
-        a.mov(eax, 0x7ab0_0000 | n as u32)?;
-        for i in 0..n {
-            a.mov(ecx, dword_ptr(ebp + (8 + 4 * i) as i32))?;
-            a.imul_3(ecx, ecx, i as i32 + 1)?;
-            a.add(eax, ecx)?;
+
+    /// `CpumCpu` field `f` (ESI/RSI).
+    fn cpu(self, f: usize) -> AsmMemoryOperand {
+        if self.wide {
+            rsi + cc(f)
+        } else {
+            esi + cc(f)
         }
-        a.pop(ebp)?;
-        a.ret()?;
     }
-    finish(a, cfg, area_size, &entry, &handlers, &targets)
+
+    /// The mailbox dword at `f`.
+    fn field(self, f: usize) -> AsmMemoryOperand {
+        dword_ptr(self.mbx(f))
+    }
+
+    /// Mailbox scratch dword `i` (0: this trip's failures).
+    fn scratch(self, i: usize) -> AsmMemoryOperand {
+        self.field(offset_of!(RcMailbox, scratch) + 4 * i)
+    }
+
+    /// Records failure `bit` for this trip.
+    fn fail(self, a: &mut CodeAssembler, bit: u32) -> Result<(), IcedError> {
+        a.or(self.scratch(0), bit)
+    }
+
+    /// Loads the accumulator, at the context's width, from `cr`.
+    fn read_cr(self, a: &mut CodeAssembler, cr: AsmRegisterCr) -> Result<(), IcedError> {
+        if self.wide {
+            a.mov(rax, cr)
+        } else {
+            a.mov(eax, cr)
+        }
+    }
+
+    /// Loads the accumulator, at the context's width, from `dr`.
+    fn read_dr(self, a: &mut CodeAssembler, dr: AsmRegisterDr) -> Result<(), IcedError> {
+        if self.wide {
+            a.mov(rax, dr)
+        } else {
+            a.mov(eax, dr)
+        }
+    }
+
+    /// Compares the accumulator, at the context's width, with the
+    /// `CpumCpu` field at `f`.
+    fn cmp_cpu(self, a: &mut CodeAssembler, f: usize) -> Result<(), IcedError> {
+        if self.wide {
+            a.cmp(rax, qword_ptr(self.cpu(f)))
+        } else {
+            a.cmp(eax, dword_ptr(self.cpu(f)))
+        }
+    }
 }
 
 /// Emits, at `entry`, the checks both RC flavours make each trip and their
 /// accounting, leaving `cookie ^ RET_XOR ^ (failures << 16)` in EAX.
 ///
-/// `wide` selects the 64-bit context ([`crate::rc64`]): RDI and RSI (a
-/// `CpumCpu64`) as the bases, control and debug registers, RBP and RBX
+/// `wide` selects the 64-bit context ([`super::hyper_amd64`]): RDI and RSI
+/// (a `CpumCpu64`) as the bases, control and debug registers, RBP and RBX
 /// compared at full width, and EFER.LMA expected set besides SCE clear.
 pub(crate) fn emit_checks(
     a: &mut CodeAssembler,
@@ -300,48 +306,38 @@ pub(crate) fn emit_checks(
     entry: &mut CodeLabel,
     wide: bool,
 ) -> Result<(), IcedError> {
-    // Mailbox (EDI/RDI) and CpumCpu (ESI/RSI) addresses.
-    let mbx = |f: usize| if wide { rdi + mb(f) } else { edi + mb(f) };
-    let cpu = |f: usize| if wide { rsi + cc(f) } else { esi + cc(f) };
-    let field = |f: usize| dword_ptr(mbx(f));
-    let scratch = |i: usize| field(offset_of!(RcMailbox, scratch) + 4 * i);
-    let fail_bit = |a: &mut CodeAssembler, bit: u32| a.or(scratch(0), bit);
-    // The accumulator at the context's width: loaded from a control or debug
-    // register, compared with the `CpumCpu` field at `f`.
-    let read_cr = |a: &mut CodeAssembler, cr: AsmRegisterCr| {
-        if wide {
-            a.mov(rax, cr)
-        } else {
-            a.mov(eax, cr)
-        }
-    };
-    let read_dr = |a: &mut CodeAssembler, dr: AsmRegisterDr| {
-        if wide {
-            a.mov(rax, dr)
-        } else {
-            a.mov(eax, dr)
-        }
-    };
-    let cmp_cpu = |a: &mut CodeAssembler, f: usize| {
-        if wide {
-            a.cmp(rax, qword_ptr(cpu(f)))
-        } else {
-            a.cmp(eax, dword_ptr(cpu(f)))
-        }
-    };
-
+    let w = Width { wide };
     a.set_label(entry)?;
-    a.add(field(offset_of!(RcMailbox, calls)), 1)?;
-    a.mov(scratch(0), 0u32)?;
-    // CR3 is Hyper.cr3.
+    a.add(w.field(offset_of!(RcMailbox, calls)), 1)?;
+    a.mov(w.scratch(0), 0u32)?;
+    check_cr3(a, w)?;
+    check_selectors(a, w, cfg)?;
+    check_tr(a, w)?;
+    check_cr0(a, w)?;
+    check_cr4_pae(a, w)?;
+    check_interrupts_off(a, w)?;
+    check_sysenter_cs(a, w)?;
+    check_efer(a, w)?;
+    check_nmi_masking(a, w, cfg)?;
+    check_hyper_debug_regs(a, w)?;
+    check_preserved_regs(a, w)?;
+    check_lazy_fpu(a, w)?;
+    emit_status(a, w)
+}
+
+/// CR3 is `Hyper.cr3`.
+fn check_cr3(a: &mut CodeAssembler, w: Width) -> Result<(), IcedError> {
     let mut ok = a.create_label();
-    read_cr(a, cr3)?;
-    a.mov(field(offset_of!(RcMailbox, cr3)), eax)?;
-    cmp_cpu(a, l::HYPER_CR3)?;
+    w.read_cr(a, cr3)?;
+    a.mov(w.field(offset_of!(RcMailbox, cr3)), eax)?;
+    w.cmp_cpu(a, l::HYPER_CR3)?;
     a.je(ok)?;
-    fail_bit(a, fail::CR3)?;
-    a.set_label(&mut ok)?;
-    // Selectors.
+    w.fail(a, fail::CR3)?;
+    a.set_label(&mut ok)
+}
+
+/// CS is the hyper code selector, DS/ES/SS the hyper data selector, FS/GS null.
+fn check_selectors(a: &mut CodeAssembler, w: Width, cfg: &RcConfig) -> Result<(), IcedError> {
     let mut bad = a.create_label();
     let mut ok = a.create_label();
     for (reg, want) in [
@@ -358,64 +354,82 @@ pub(crate) fn emit_checks(
     }
     a.jmp(ok)?;
     a.set_label(&mut bad)?;
-    fail_bit(a, fail::SEGS)?;
-    a.set_label(&mut ok)?;
-    // TR is this VCPU's.
+    w.fail(a, fail::SEGS)?;
+    a.set_label(&mut ok)
+}
+
+/// TR is this VCPU's hyper TSS.
+fn check_tr(a: &mut CodeAssembler, w: Width) -> Result<(), IcedError> {
     let mut ok = a.create_label();
     a.str(eax)?;
-    a.mov(field(offset_of!(RcMailbox, tr)), eax)?;
-    a.cmp(ax, word_ptr(cpu(l::HYPER_TR)))?;
+    a.mov(w.field(offset_of!(RcMailbox, tr)), eax)?;
+    a.cmp(ax, word_ptr(w.cpu(l::HYPER_TR)))?;
     a.je(ok)?;
-    fail_bit(a, fail::TR)?;
-    a.set_label(&mut ok)?;
-    // CR0: PG, PE, TS set; WP clear.
+    w.fail(a, fail::TR)?;
+    a.set_label(&mut ok)
+}
+
+/// CR0: PG, PE, TS set; WP clear.
+fn check_cr0(a: &mut CodeAssembler, w: Width) -> Result<(), IcedError> {
     let mut ok = a.create_label();
-    read_cr(a, cr0)?;
-    a.mov(field(offset_of!(RcMailbox, cr0)), eax)?;
+    w.read_cr(a, cr0)?;
+    a.mov(w.field(offset_of!(RcMailbox, cr0)), eax)?;
     a.and(eax, (Cr0::PG | Cr0::PE | Cr0::TS | Cr0::WP).bits() as u32)?;
     a.cmp(eax, (Cr0::PG | Cr0::PE | Cr0::TS).bits() as u32)?;
     a.je(ok)?;
-    fail_bit(a, fail::CR0)?;
-    a.set_label(&mut ok)?;
-    // CR4.PAE as the target flavour.
+    w.fail(a, fail::CR0)?;
+    a.set_label(&mut ok)
+}
+
+/// CR4.PAE as the target flavour (the mailbox's `want_pae`).
+fn check_cr4_pae(a: &mut CodeAssembler, w: Width) -> Result<(), IcedError> {
     let mut ok = a.create_label();
-    read_cr(a, cr4)?;
-    a.mov(field(offset_of!(RcMailbox, cr4)), eax)?;
+    w.read_cr(a, cr4)?;
+    a.mov(w.field(offset_of!(RcMailbox, cr4)), eax)?;
     a.and(eax, Cr4::PAE.bits() as u32)?;
     a.shr(eax, Cr4::PAE.bits().trailing_zeros())?;
-    a.cmp(eax, field(offset_of!(RcMailbox, want_pae)))?;
+    a.cmp(eax, w.field(offset_of!(RcMailbox, want_pae)))?;
     a.je(ok)?;
-    fail_bit(a, fail::CR4_PAE)?;
-    a.set_label(&mut ok)?;
-    // Interrupts off.
+    w.fail(a, fail::CR4_PAE)?;
+    a.set_label(&mut ok)
+}
+
+/// EFLAGS.IF clear.
+fn check_interrupts_off(a: &mut CodeAssembler, w: Width) -> Result<(), IcedError> {
     let mut ok = a.create_label();
-    if wide {
+    if w.wide {
         a.pushfq()?;
         a.pop(rax)?;
     } else {
         a.pushfd()?;
         a.pop(eax)?;
     }
-    a.mov(field(offset_of!(RcMailbox, eflags)), eax)?;
+    a.mov(w.field(offset_of!(RcMailbox, eflags)), eax)?;
     a.test(eax, cpum::regs::Eflags::IF.bits() as u32)?;
     a.jz(ok)?;
-    fail_bit(a, fail::IF)?;
-    a.set_label(&mut ok)?;
-    // SYSENTER_CS parked at 0.
+    w.fail(a, fail::IF)?;
+    a.set_label(&mut ok)
+}
+
+/// SYSENTER_CS parked at 0.
+fn check_sysenter_cs(a: &mut CodeAssembler, w: Width) -> Result<(), IcedError> {
     let mut ok = a.create_label();
     a.mov(ecx, MSR_SYSENTER_CS)?;
     a.rdmsr()?;
-    a.mov(field(offset_of!(RcMailbox, sysenter_cs)), eax)?;
+    a.mov(w.field(offset_of!(RcMailbox, sysenter_cs)), eax)?;
     a.test(eax, eax)?;
     a.jz(ok)?;
-    fail_bit(a, fail::SYSENTER)?;
-    a.set_label(&mut ok)?;
-    // EFER: SCE parked (and long mode active in the 64-bit context).
+    w.fail(a, fail::SYSENTER)?;
+    a.set_label(&mut ok)
+}
+
+/// EFER: SCE parked (and long mode active in the 64-bit context).
+fn check_efer(a: &mut CodeAssembler, w: Width) -> Result<(), IcedError> {
     let mut ok = a.create_label();
     a.mov(ecx, MSR_EFER)?;
     a.rdmsr()?;
-    a.mov(field(offset_of!(RcMailbox, efer)), eax)?;
-    if wide {
+    a.mov(w.field(offset_of!(RcMailbox, efer)), eax)?;
+    if w.wide {
         a.and(eax, (Efer::SCE | Efer::LMA).bits() as u32)?;
         a.cmp(eax, Efer::LMA.bits() as u32)?;
         a.je(ok)?;
@@ -423,65 +437,77 @@ pub(crate) fn emit_checks(
         a.test(eax, Efer::SCE.bits() as u32)?;
         a.jz(ok)?;
     }
-    fail_bit(a, fail::SCE)?;
-    a.set_label(&mut ok)?;
-    // APIC.
+    w.fail(a, fail::SCE)?;
+    a.set_label(&mut ok)
+}
+
+/// When the host expects NMI masking: the LVTs masked (read through the
+/// APIC page at `cfg.apic` or the x2APIC MSRs) and `fApicDisVectors` as
+/// expected.
+fn check_nmi_masking(a: &mut CodeAssembler, w: Width, cfg: &RcConfig) -> Result<(), IcedError> {
     let mut no_apic = a.create_label();
-    a.test(field(offset_of!(RcMailbox, expect)), expect::APIC)?;
+    a.test(w.field(offset_of!(RcMailbox, expect)), expect::APIC)?;
     a.jz(no_apic)?;
     emit_apic_checks(
         a,
         &ApicCheck {
-            expect: field(offset_of!(RcMailbox, expect)),
+            expect: w.field(offset_of!(RcMailbox, expect)),
             x2apic: expect::X2APIC,
-            lvt: field(offset_of!(RcMailbox, lvt)),
-            dis_vectors: dword_ptr(cpu(l::APIC_DIS_VECTORS)),
-            dis_seen: field(offset_of!(RcMailbox, dis_seen)),
-            want_dis: field(offset_of!(RcMailbox, want_dis)),
+            lvt: w.field(offset_of!(RcMailbox, lvt)),
+            dis_vectors: dword_ptr(w.cpu(l::APIC_DIS_VECTORS)),
+            dis_seen: w.field(offset_of!(RcMailbox, dis_seen)),
+            want_dis: w.field(offset_of!(RcMailbox, want_dis)),
             fail_lvt: fail::LVT,
             fail_dis: fail::DIS_VECTORS,
         },
         |a, reg| {
             a.mov(ecx, cfg.apic)?;
-            if wide {
+            if w.wide {
                 a.mov(eax, dword_ptr(rcx + reg))
             } else {
                 a.mov(eax, dword_ptr(ecx + reg))
             }
         },
-        fail_bit,
+        |a, bit| w.fail(a, bit),
     )?;
-    a.set_label(&mut no_apic)?;
-    // Hyper debug registers.
+    a.set_label(&mut no_apic)
+}
+
+/// When the hyper debug registers are in use: DR0–3 and DR7 are `Hyper.dr`'s.
+fn check_hyper_debug_regs(a: &mut CodeAssembler, w: Width) -> Result<(), IcedError> {
     let mut no_dbg = a.create_label();
     let mut bad = a.create_label();
     let mut ok = a.create_label();
-    a.test(field(offset_of!(RcMailbox, expect)), expect::DBG)?;
+    a.test(w.field(offset_of!(RcMailbox, expect)), expect::DBG)?;
     a.jz(no_dbg)?;
     for (n, dr) in [(0usize, dr0), (1, dr1), (2, dr2), (3, dr3), (7, dr7)] {
-        read_dr(a, dr)?;
-        cmp_cpu(a, l::HYPER_DR + 8 * n)?;
+        w.read_dr(a, dr)?;
+        w.cmp_cpu(a, l::HYPER_DR + 8 * n)?;
         a.jne(bad)?;
     }
     a.jmp(ok)?;
     a.set_label(&mut bad)?;
-    fail_bit(a, fail::DR)?;
+    w.fail(a, fail::DR)?;
     a.set_label(&mut ok)?;
     a.nop()?;
-    a.set_label(&mut no_dbg)?;
-    // Registers that must survive the exit and the next entry: the EBP
-    // magic and the trip counter in EBX, mirrored in `Guest.r[0]`.
+    a.set_label(&mut no_dbg)
+}
+
+/// Registers that must survive the exit and the next entry: the EBP magic
+/// and the trip counter in EBX, mirrored in `Guest.r[0]`; then counts the
+/// trip in both.
+fn check_preserved_regs(a: &mut CodeAssembler, w: Width) -> Result<(), IcedError> {
     let mut bad = a.create_label();
     let mut ok = a.create_label();
-    if wide {
-        let guest_r0 = qword_ptr(cpu(offset_of!(CpumCpu64, guest.r)));
+    if w.wide {
+        let guest_r0 = qword_ptr(w.cpu(offset_of!(CpumCpu64, guest.r)));
         a.mov(rax, rbp)?;
         a.shr(rax, 16)?;
         a.cmp(rax, (ebp_magic(0) >> 16) as i32)?;
         a.jne(bad)?;
         a.cmp(rbx, guest_r0)?;
     } else {
-        let guest_r0 = dword_ptr(cpu(offset_of!(CpumCpu32, guest.r)));
+        let guest_r0 = dword_ptr(w.cpu(offset_of!(CpumCpu32, guest.r)));
         a.mov(eax, ebp)?;
         a.shr(eax, 16)?;
         a.cmp(eax, ebp_magic(0) >> 16)?;
@@ -490,59 +516,67 @@ pub(crate) fn emit_checks(
     }
     a.je(ok)?;
     a.set_label(&mut bad)?;
-    fail_bit(a, fail::REGS)?;
+    w.fail(a, fail::REGS)?;
     a.set_label(&mut ok)?;
-    if wide {
+    if w.wide {
         a.inc(rbx)?;
-        a.mov(qword_ptr(cpu(offset_of!(CpumCpu64, guest.r))), rbx)?;
+        a.mov(qword_ptr(w.cpu(offset_of!(CpumCpu64, guest.r))), rbx)
     } else {
         a.inc(ebx)?;
-        a.mov(dword_ptr(cpu(offset_of!(CpumCpu32, guest.r))), ebx)?;
+        a.mov(dword_ptr(w.cpu(offset_of!(CpumCpu32, guest.r))), ebx)
     }
-    // FPU: the first FPU instruction must trap (#NM) and find Guest.fpu loaded.
+}
+
+/// When the host asks for FPU use: the first FPU instruction must trap
+/// (`#NM`) and find `Guest.fpu` loaded; then a new FCW, derived from the
+/// cookie, which the switcher must save on the way out.
+fn check_lazy_fpu(a: &mut CodeAssembler, w: Width) -> Result<(), IcedError> {
     let mut no_fpu = a.create_label();
-    a.test(field(offset_of!(RcMailbox, expect)), expect::FPU)?;
+    a.test(w.field(offset_of!(RcMailbox, expect)), expect::FPU)?;
     a.jz(no_fpu)?;
-    {
-        let mut trapped = a.create_label();
-        let mut loaded = a.create_label();
-        a.mov(eax, field(offset_of!(RcMailbox, nm_count)))?;
-        a.mov(scratch(1), eax)?;
-        a.fnstcw(word_ptr(mbx(offset_of!(RcMailbox, scratch) + 8)))?;
-        a.mov(eax, field(offset_of!(RcMailbox, nm_count)))?;
-        a.cmp(eax, scratch(1))?;
-        a.jne(trapped)?;
-        fail_bit(a, fail::NO_NM)?;
-        a.set_label(&mut trapped)?;
-        a.movzx(eax, word_ptr(mbx(offset_of!(RcMailbox, scratch) + 8)))?;
-        a.movzx(
-            ecx,
-            word_ptr(cpu(l::GUEST_FPU + offset_of!(cpum::FxSaveArea, fcw))),
-        )?;
-        a.cmp(eax, ecx)?;
-        a.je(loaded)?;
-        fail_bit(a, fail::FPU_LOAD)?;
-        a.set_label(&mut loaded)?;
-        // New guest FPU state the switcher must save on the way out.
-        a.mov(eax, field(offset_of!(RcMailbox, cookie)))?;
-        a.and(eax, 0x0c00)?;
-        a.xor(eax, u32::from(cpum::FxSaveArea::FCW_INIT))?;
-        a.mov(field(offset_of!(RcMailbox, guest_fcw)), eax)?;
-        a.fldcw(word_ptr(mbx(offset_of!(RcMailbox, guest_fcw))))?;
-    }
-    a.set_label(&mut no_fpu)?;
-    // Account and derive the return code.
-    a.mov(eax, scratch(0))?;
+    let mut trapped = a.create_label();
+    let mut loaded = a.create_label();
+    let stored_fcw = word_ptr(w.mbx(offset_of!(RcMailbox, scratch) + 8));
+    a.mov(eax, w.field(offset_of!(RcMailbox, nm_count)))?;
+    a.mov(w.scratch(1), eax)?;
+    a.fnstcw(stored_fcw)?;
+    a.mov(eax, w.field(offset_of!(RcMailbox, nm_count)))?;
+    a.cmp(eax, w.scratch(1))?;
+    a.jne(trapped)?;
+    w.fail(a, fail::NO_NM)?;
+    a.set_label(&mut trapped)?;
+    a.movzx(eax, stored_fcw)?;
+    a.movzx(
+        ecx,
+        word_ptr(w.cpu(l::GUEST_FPU + offset_of!(cpum::FxSaveArea, fcw))),
+    )?;
+    a.cmp(eax, ecx)?;
+    a.je(loaded)?;
+    w.fail(a, fail::FPU_LOAD)?;
+    a.set_label(&mut loaded)?;
+    // New guest FPU state the switcher must save on the way out.
+    a.mov(eax, w.field(offset_of!(RcMailbox, cookie)))?;
+    a.and(eax, 0x0c00)?;
+    a.xor(eax, u32::from(cpum::FxSaveArea::FCW_INIT))?;
+    a.mov(w.field(offset_of!(RcMailbox, guest_fcw)), eax)?;
+    a.fldcw(word_ptr(w.mbx(offset_of!(RcMailbox, guest_fcw))))?;
+    a.set_label(&mut no_fpu)
+}
+
+/// Accounts this trip's failures in the mailbox and derives the return code
+/// in EAX.
+fn emit_status(a: &mut CodeAssembler, w: Width) -> Result<(), IcedError> {
+    a.mov(eax, w.scratch(0))?;
     emit_record_fails(
         a,
         eax,
         ecx,
-        field(offset_of!(RcMailbox, fails)),
-        field(offset_of!(RcMailbox, first_fail_cookie)),
-        field(offset_of!(RcMailbox, cookie)),
+        w.field(offset_of!(RcMailbox, fails)),
+        w.field(offset_of!(RcMailbox, first_fail_cookie)),
+        w.field(offset_of!(RcMailbox, cookie)),
     )?;
     a.shl(eax, 16)?;
-    a.xor(eax, field(offset_of!(RcMailbox, cookie)))?;
+    a.xor(eax, w.field(offset_of!(RcMailbox, cookie)))?;
     a.xor(eax, RET_XOR)
 }
 
@@ -649,37 +683,4 @@ pub(crate) fn finish(
 /// Names of the failure bits set in `bits`.
 pub fn fail_names(bits: u32) -> Vec<&'static str> {
     bit_names(&fail::NAMES, bits)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn builds_and_targets_compute_what_rust_computes() {
-        let cfg = RcConfig {
-            rc: 0xa000_9000,
-            mailbox_off: 0x3000,
-            cpum_rc: 0xa000_00c0,
-            exit_rc: 0xa000_d123,
-            c_exit_rc: 0xa000_d100,
-            cs: 8,
-            ds: 0x10,
-            apic: 0xfee0_0000,
-            com1: 0x3f8,
-            exit_port: 0xf4,
-            exit_code: 0x13,
-        };
-        let (blob, e) = build(&cfg, 0x4000).unwrap();
-        assert_eq!(blob.len(), 0x4000);
-        assert_eq!(e.entry, cfg.rc);
-        assert_eq!(e.handlers.len(), 32);
-        assert_eq!(e.targets.len(), MAX_TARGET_ARGS + 1);
-        assert_eq!(target_result(&[]), 0x7ab0_0000);
-        assert_eq!(target_result(&[1, 2, 3]), 0x7ab0_0003 + 1 + 4 + 9);
-        assert!(matches!(
-            build(&cfg, 0x1000),
-            Err(FarError::TooSmall { .. })
-        ));
-    }
 }

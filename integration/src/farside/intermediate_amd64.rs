@@ -1,4 +1,6 @@
-//! The helper the switcher calls in the far (64-bit) world, at `Hyper.rip`.
+//! The 64-bit helper the 32-bit/PAE host → AMD64 switchers call at
+//! `Hyper.rip`, in the intermediate context (long mode on the intermediate
+//! page tables).
 //!
 //! It plays the hypervisor-context function: it checks what it should see
 //! and reports into a [`Mailbox`] the host fills before each trip, then
@@ -23,13 +25,12 @@ use cpum::layout as l;
 use cpum::regs::{Cr0, Cr4, Efer, MSR_EFER};
 use iced_x86::code_asm::*;
 use iced_x86::BlockEncoderOptions;
-use thiserror::Error;
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
-use crate::farcommon::{
-    bit_names, emit_apic_checks, emit_exception_report, emit_exception_stub, emit_record_fails,
-    ApicCheck, ReporterRegs,
+use super::common::{
+    bit_names, emit_apic_checks, emit_exception_reporter64, emit_record_fails, ApicCheck,
 };
+use super::FarError;
 
 /// Failure bits the helper reports.
 pub mod fail {
@@ -171,39 +172,58 @@ fn mb(field: usize) -> i32 {
     field as i32
 }
 
-/// Building the far helper failed.
-#[derive(Debug, Error)]
-pub enum FarError {
-    /// iced rejected an instruction (a bug in this module).
-    #[error("iced-x86: {0}")]
-    Iced(#[from] IcedError),
-    /// The helper area is too small for code, IDT and mailbox.
-    #[error("far helper needs {need:#x} bytes; the helper area has {have:#x}")]
-    TooSmall {
-        /// Bytes needed.
-        need: usize,
-        /// Bytes available.
-        have: usize,
-    },
-}
-
 /// Assembles the far helper (code, IDT and an initial mailbox) as one blob of
 /// the helper area's size, to be placed at `cfg.layout.rc`.
+///
+/// The code, in order: the entry and the mode checks, the NMI-masking check,
+/// the FPU and debug-register sync checks, the failure accounting and return
+/// code, the clobbering of what a callee may clobber, the exception handlers
+/// and the IDTR image.
 ///
 /// # Errors
 /// [`FarError`] when the area is too small or iced rejects an instruction.
 pub fn build(cfg: &FarConfig, area_size: usize) -> Result<Vec<u8>, FarError> {
-    let base = u64::from(cfg.layout.rc);
-    let mbox = i64::from(cfg.layout.mailbox_rc());
     let mut a = CodeAssembler::new(64)?;
     let mut handlers: Vec<CodeLabel> = (0..32).map(|_| a.create_label()).collect();
     let mut idtr = a.create_label();
-    let field = |f: usize| dword_ptr(rbx + mb(f));
 
-    // ---- entry: RSI = &Guest (fpu at +0), RDX = &CpumCpu
+    emit_entry_and_mode_checks(&mut a, cfg, idtr)?;
+    emit_nmi_masking_check(&mut a, cfg)?;
+    emit_fpu_sync_check(&mut a)?;
+    emit_debug_sync_check(&mut a)?;
+    emit_return_code(&mut a)?;
+    emit_clobber_and_return(&mut a)?;
+    emit_exception_reporter64(
+        &mut a,
+        &mut handlers,
+        &[],
+        cfg.com1,
+        cfg.exit_port,
+        cfg.exit_far_exception,
+    )?;
+    // IDTR image: limit, base of the IDT in the helper area.
+    a.set_label(&mut idtr)?;
+    a.dw(&[32 * 16 - 1])?;
+    a.dq(&[u64::from(cfg.layout.rc) + u64::from(cfg.layout.idt_off)])?;
+    assemble(a, cfg, area_size, &handlers)
+}
+
+/// A mailbox field; RBX holds the mailbox's address from the entry on.
+fn field(f: usize) -> AsmMemoryOperand {
+    dword_ptr(rbx + mb(f))
+}
+
+/// The entry (RSI = `&Guest`, FPU state at +0; RDX = `&CpumCpu`): loads the
+/// helper's IDT, keeps `&CpumCpu` in R13 and the mailbox in RBX, counts the
+/// call, clears R15D (this trip's failure bits) and checks EFER.LMA and CS.
+fn emit_entry_and_mode_checks(
+    a: &mut CodeAssembler,
+    cfg: &FarConfig,
+    idtr: CodeLabel,
+) -> Result<(), IcedError> {
     a.lidt(ptr(idtr))?;
     a.mov(r13, rdx)?; // RDMSR below clobbers RDX
-    a.mov(rbx, mbox)?;
+    a.mov(rbx, i64::from(cfg.layout.mailbox_rc()))?;
     a.add(field(offset_of!(Mailbox, calls)), 1)?;
     // R15D collects the failure bits of this trip.
     a.xor(r15d, r15d)?;
@@ -223,14 +243,18 @@ pub fn build(cfg: &FarConfig, area_size: usize) -> Result<Vec<u8>, FarError> {
     a.cmp(ax, u32::from(cfg.cs64))?;
     a.je(ok)?;
     a.or(r15d, fail::CS)?;
-    a.set_label(&mut ok)?;
-    // APIC: LVTs masked, fApicDisVectors as expected.
+    a.set_label(&mut ok)
+}
+
+/// When the host expects NMI masking: the LVTs read masked and
+/// `fApicDisVectors` (in the `CpumCpu` at R13) as expected.
+fn emit_nmi_masking_check(a: &mut CodeAssembler, cfg: &FarConfig) -> Result<(), IcedError> {
     let mut no_apic = a.create_label();
     a.test(field(offset_of!(Mailbox, expect)), expect::APIC)?;
     a.jz(no_apic)?;
     a.mov(r8d, cfg.apic)?;
     emit_apic_checks(
-        &mut a,
+        a,
         &ApicCheck {
             expect: field(offset_of!(Mailbox, expect)),
             x2apic: expect::X2APIC,
@@ -244,90 +268,100 @@ pub fn build(cfg: &FarConfig, area_size: usize) -> Result<Vec<u8>, FarError> {
         |a, reg| a.mov(eax, dword_ptr(r8 + reg)),
         |a, bit| a.or(r15d, bit),
     )?;
-    a.set_label(&mut no_apic)?;
-    // FPU sync: FCW, MXCSR, XMM0 against Guest.fpu.
+    a.set_label(&mut no_apic)
+}
+
+/// When the host asked for FPU sync: FCW, MXCSR and XMM0 against
+/// `Guest.fpu` (at RSI).
+fn emit_fpu_sync_check(a: &mut CodeAssembler) -> Result<(), IcedError> {
     let mut no_fpu = a.create_label();
     a.test(field(offset_of!(Mailbox, expect)), expect::FPU)?;
     a.jz(no_fpu)?;
-    {
-        // RSI points at Guest.fpu.
-        let fpu = |f: usize| f as i32;
-        let mut ok1 = a.create_label();
-        let mut ok2 = a.create_label();
-        let mut ok3 = a.create_label();
-        a.fnstcw(word_ptr(rbx + mb(offset_of!(Mailbox, scratch))))?;
-        a.movzx(eax, word_ptr(rbx + mb(offset_of!(Mailbox, scratch))))?;
-        a.movzx(ecx, word_ptr(rsi + fpu(offset_of!(cpum::FxSaveArea, fcw))))?;
-        a.cmp(eax, ecx)?;
-        a.je(ok1)?;
-        a.or(r15d, fail::FCW)?;
-        a.set_label(&mut ok1)?;
-        a.stmxcsr(field(offset_of!(Mailbox, scratch) + 4))?;
-        a.mov(eax, field(offset_of!(Mailbox, scratch) + 4))?;
-        a.cmp(
-            eax,
-            dword_ptr(rsi + fpu(offset_of!(cpum::FxSaveArea, mxcsr))),
-        )?;
-        a.je(ok2)?;
-        a.or(r15d, fail::MXCSR)?;
-        a.set_label(&mut ok2)?;
-        a.movq(rax, xmm0)?;
-        a.cmp(rax, qword_ptr(rsi + fpu(offset_of!(cpum::FxSaveArea, xmm))))?;
-        // A mismatch takes the failure path below.
-        a.jne(ok3)?;
-        // The high quadword, with SSE2 only (QEMU's default CPU lacks SSE4.1).
-        a.pshufd(xmm1, xmm0, 0x4e)?;
-        a.movq(rax, xmm1)?;
-        a.cmp(
-            rax,
-            qword_ptr(rsi + fpu(offset_of!(cpum::FxSaveArea, xmm) + 8)),
-        )?;
-        let mut good = a.create_label();
-        a.je(good)?;
-        a.set_label(&mut ok3)?;
-        a.or(r15d, fail::XMM0)?;
-        a.set_label(&mut good)?;
-        a.nop()?;
-    }
-    a.set_label(&mut no_fpu)?;
-    // Debug sync: DR0–3 and DR6 against Guest.dr.
+    let fpu = |f: usize| f as i32;
+    let mut ok1 = a.create_label();
+    let mut ok2 = a.create_label();
+    let mut ok3 = a.create_label();
+    a.fnstcw(word_ptr(rbx + mb(offset_of!(Mailbox, scratch))))?;
+    a.movzx(eax, word_ptr(rbx + mb(offset_of!(Mailbox, scratch))))?;
+    a.movzx(ecx, word_ptr(rsi + fpu(offset_of!(cpum::FxSaveArea, fcw))))?;
+    a.cmp(eax, ecx)?;
+    a.je(ok1)?;
+    a.or(r15d, fail::FCW)?;
+    a.set_label(&mut ok1)?;
+    a.stmxcsr(field(offset_of!(Mailbox, scratch) + 4))?;
+    a.mov(eax, field(offset_of!(Mailbox, scratch) + 4))?;
+    a.cmp(
+        eax,
+        dword_ptr(rsi + fpu(offset_of!(cpum::FxSaveArea, mxcsr))),
+    )?;
+    a.je(ok2)?;
+    a.or(r15d, fail::MXCSR)?;
+    a.set_label(&mut ok2)?;
+    a.movq(rax, xmm0)?;
+    a.cmp(rax, qword_ptr(rsi + fpu(offset_of!(cpum::FxSaveArea, xmm))))?;
+    // A mismatch takes the failure path below.
+    a.jne(ok3)?;
+    // The high quadword, with SSE2 only (QEMU's default CPU lacks SSE4.1).
+    a.pshufd(xmm1, xmm0, 0x4e)?;
+    a.movq(rax, xmm1)?;
+    a.cmp(
+        rax,
+        qword_ptr(rsi + fpu(offset_of!(cpum::FxSaveArea, xmm) + 8)),
+    )?;
+    let mut good = a.create_label();
+    a.je(good)?;
+    a.set_label(&mut ok3)?;
+    a.or(r15d, fail::XMM0)?;
+    a.set_label(&mut good)?;
+    a.nop()?;
+    a.set_label(&mut no_fpu)
+}
+
+/// When the host asked for debug-register sync: DR0–3 and DR6 against
+/// `Guest.dr` (found from `Guest.fpu` at RSI).
+fn emit_debug_sync_check(a: &mut CodeAssembler) -> Result<(), IcedError> {
     let mut no_dbg = a.create_label();
     a.test(field(offset_of!(Mailbox, expect)), expect::DBG)?;
     a.jz(no_dbg)?;
-    {
-        let dr_off = |n: usize| (l::GUEST_DR - l::GUEST_FPU + 8 * n) as i32;
-        for (n, dr) in [(0, dr0), (1, dr1), (2, dr2), (3, dr3)] {
-            let mut ok = a.create_label();
-            a.mov(rax, dr)?;
-            a.cmp(rax, qword_ptr(rsi + dr_off(n)))?;
-            a.je(ok)?;
-            a.or(r15d, fail::DR0_3)?;
-            a.set_label(&mut ok)?;
-        }
+    let dr_off = |n: usize| (l::GUEST_DR - l::GUEST_FPU + 8 * n) as i32;
+    for (n, dr) in [(0, dr0), (1, dr1), (2, dr2), (3, dr3)] {
         let mut ok = a.create_label();
-        a.mov(rax, dr6)?;
-        a.cmp(eax, dword_ptr(rsi + dr_off(6)))?;
+        a.mov(rax, dr)?;
+        a.cmp(rax, qword_ptr(rsi + dr_off(n)))?;
         a.je(ok)?;
-        a.or(r15d, fail::DR6)?;
+        a.or(r15d, fail::DR0_3)?;
         a.set_label(&mut ok)?;
-        a.nop()?;
     }
-    a.set_label(&mut no_dbg)?;
-    // Record failures.
+    let mut ok = a.create_label();
+    a.mov(rax, dr6)?;
+    a.cmp(eax, dword_ptr(rsi + dr_off(6)))?;
+    a.je(ok)?;
+    a.or(r15d, fail::DR6)?;
+    a.set_label(&mut ok)?;
+    a.nop()?;
+    a.set_label(&mut no_dbg)
+}
+
+/// Records this trip's failures in the mailbox and leaves the return code,
+/// `cookie ^ RET_XOR ^ (failures << 16)`, in R14D.
+fn emit_return_code(a: &mut CodeAssembler) -> Result<(), IcedError> {
     emit_record_fails(
-        &mut a,
+        a,
         r15d,
         eax,
         field(offset_of!(Mailbox, fails)),
         field(offset_of!(Mailbox, first_fail_cookie)),
         field(offset_of!(Mailbox, cookie)),
     )?;
-    // Return code: cookie ^ RET_XOR ^ (failures << 16).
     a.mov(r14d, field(offset_of!(Mailbox, cookie)))?;
     a.xor(r14d, RET_XOR)?;
     a.shl(r15d, 16)?;
-    a.xor(r14d, r15d)?;
-    // ---- clobber what a callee may
+    a.xor(r14d, r15d)
+}
+
+/// Clobbers everything a callee may (see the module documentation) and
+/// returns the code in R14D.
+fn emit_clobber_and_return(a: &mut CodeAssembler) -> Result<(), IcedError> {
     a.fninit()?;
     a.pxor(xmm0, xmm0)?;
     a.pxor(xmm1, xmm1)?;
@@ -362,22 +396,18 @@ pub fn build(cfg: &FarConfig, area_size: usize) -> Result<Vec<u8>, FarError> {
     }
     a.mov(eax, r14d)?;
     a.mov(r14, 0xdead_0000_0000_00eeu64)?;
-    a.ret()?;
+    a.ret()
+}
 
-    // ---- far exception handlers
-    emit_exception_reporter64(
-        &mut a,
-        &mut handlers,
-        &[],
-        cfg.com1,
-        cfg.exit_port,
-        cfg.exit_far_exception,
-    )?;
-    // IDTR image: limit, base of the IDT in the helper area.
-    a.set_label(&mut idtr)?;
-    a.dw(&[32 * 16 - 1])?;
-    a.dq(&[base + u64::from(cfg.layout.idt_off)])?;
-
+/// Assembles what `a` holds at `cfg.layout.rc` into a blob of `area_size`
+/// bytes with the IDT's gates to `handlers` filled in.
+fn assemble(
+    mut a: CodeAssembler,
+    cfg: &FarConfig,
+    area_size: usize,
+    handlers: &[CodeLabel],
+) -> Result<Vec<u8>, FarError> {
+    let base = u64::from(cfg.layout.rc);
     let res = a.assemble_options(base, BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS)?;
     let code = &res.inner.code_buffer;
     let mut blob = vec![0u8; area_size];
@@ -397,36 +427,6 @@ pub fn build(cfg: &FarConfig, area_size: usize) -> Result<Vec<u8>, FarError> {
         blob[at..at + 16].copy_from_slice(&gate);
     }
     Ok(blob)
-}
-
-/// Emits, for 64-bit code, a stub for every vector 0–31 not in `own` (the
-/// caller places those itself) and the common reporter that prints
-/// `FAREXC vec= err= rip=` on COM1 and exits through isa-debug-exit with
-/// `exit_code`.
-///
-/// # Errors
-/// iced rejects an instruction.
-pub(crate) fn emit_exception_reporter64(
-    a: &mut CodeAssembler,
-    handlers: &mut [CodeLabel],
-    own: &[usize],
-    com1: u16,
-    exit_port: u16,
-    exit_code: u32,
-) -> Result<(), IcedError> {
-    let mut common = a.create_label();
-    for (v, h) in handlers.iter_mut().enumerate() {
-        if !own.contains(&v) {
-            emit_exception_stub(a, h, v, common)?;
-        }
-    }
-    let regs = ReporterRegs {
-        ax: rax,
-        cx: rcx,
-        dx: rdx,
-        sp: rsp,
-    };
-    emit_exception_report(a, &mut common, &regs, com1, exit_port, exit_code)
 }
 
 /// A 64-bit interrupt gate (present, DPL 0, type 0xE) to `target` through `selector`.
