@@ -135,4 +135,94 @@ pub enum StamError {
     /// data; reported rather than hidden).
     #[error("JSON encoding failed: {0}")]
     Json(String),
+    /// A snapshot's JSON text is not JSON, or not an object with a
+    /// `samples` array (serde's message, with line and column).
+    #[error("snapshot JSON: {0}")]
+    JsonDecode(String),
+    /// A sample of a snapshot read back from JSON is unusable (see
+    /// [`Snapshot::validate`](crate::Snapshot::validate)); the first bad
+    /// sample is reported.
+    #[error("snapshot sample {index} ({name:?}): {problem}")]
+    InvalidSample {
+        /// Its position in the `samples` array, from 0.
+        index: usize,
+        /// Its name (empty if the sample has no string `name`).
+        name: String,
+        /// What is wrong with it.
+        problem: SampleProblem,
+    },
+}
+
+/// What is wrong with one sample of a snapshot read back from JSON
+/// ([`StamError::InvalidSample`]).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SampleProblem {
+    /// The sample is not a well-formed JSON sample (missing field, unknown
+    /// type or unit, number out of range…): serde's message.
+    #[error("{0}")]
+    Malformed(String),
+    /// The name breaks a naming rule of [`validate_name`](crate::validate_name);
+    /// the inner error says which.
+    #[error("{0}")]
+    Name(Box<StamError>),
+    /// An earlier sample has the same name (a registry never holds two).
+    #[error("the name is already used by sample {first}")]
+    Duplicate {
+        /// Index of the first sample with this name.
+        first: usize,
+    },
+    /// The type has no value this crate can hold ([`StamType::Callback`]).
+    #[error("type {} has no value", ty.name())]
+    UnsupportedType {
+        /// The type.
+        ty: StamType,
+    },
+    /// The value is of another kind than the type holds (a `COUNTER` with a
+    /// profile value, …).
+    #[error("type {} holds a {expected} value, not a {found} value", ty.name())]
+    WrongKind {
+        /// The declared type.
+        ty: StamType,
+        /// The value kind the type holds (`counter`, `profile`, `ratio`,
+        /// `unsigned`, `bool`).
+        expected: &'static str,
+        /// The value kind found.
+        found: &'static str,
+    },
+    /// A scalar value does not fit the width of its type.
+    #[error("value {value} does not fit type {} (at most {max})", ty.name())]
+    OutOfRange {
+        /// The declared type.
+        ty: StamType,
+        /// The value.
+        value: u64,
+        /// The largest value of the type.
+        max: u64,
+    },
+    /// A profile without periods carries a longest or shortest period; an
+    /// absent extreme is `null`.
+    #[error("a profile without periods has {field} {value}; it must be null")]
+    ExtremeWithoutPeriods {
+        /// `ticks_max` or `ticks_min`.
+        field: &'static str,
+        /// The value found.
+        value: u64,
+    },
+    /// A profile with periods lacks its longest or shortest period.
+    #[error("a profile with {periods} periods has no {field}")]
+    MissingExtreme {
+        /// The number of periods.
+        periods: u64,
+        /// `ticks_max` or `ticks_min`.
+        field: &'static str,
+    },
+    /// A profile's shortest period is longer than its longest.
+    #[error("a profile's ticks_min {min} is above its ticks_max {max}")]
+    MinAboveMax {
+        /// `ticks_min`.
+        min: u64,
+        /// `ticks_max`.
+        max: u64,
+    },
 }

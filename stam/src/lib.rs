@@ -64,8 +64,10 @@
 //!   in 8 (hexadecimal for `X` types, `true    `/`false   ` for booleans,
 //!   `A:B` with B left-justified in 8 for ratios), a space and the unit.
 //!   Profiles show the average per period and then
-//!   `(<ticks:12> <unit1>, <periods:7> <unit2>, max <max:9>, min <min:7>)`;
-//!   the minimum is printed signed, so an empty profile shows `-1`.
+//!   `(<ticks:12> <unit1>, <periods:7> <unit2>, max <max:9>, min <min:7>)`.
+//!   Before the first period a profile has no longest or shortest period:
+//!   max and min show `-` (VirtualBox prints the reset values, `0` and
+//!   `-1`; the memory still holds them, see [Reset](#reset)).
 //! - **XML** ([`Registry::xml`], `STAMR3Snapshot`): an XML declaration, a
 //!   `<Statistics>` root and one empty element per sample — `<Counter c=…`,
 //!   `<Profile cPeriods=… cTicks=… cTicksMin=… cTicksMax=…`,
@@ -73,12 +75,18 @@
 //!   `<BOOL val="true|false"` — followed by `unit`, `vis="used"` or
 //!   `vis="not-gui"` when not always visible, `name`, and with descriptions
 //!   on, `desc`. Counter and profile fields are printed signed, as
-//!   VirtualBox does. Attribute values are XML-escaped (VirtualBox escapes
+//!   VirtualBox does; a profile without periods has no `cTicksMin` and
+//!   `cTicksMax` attributes. Attribute values are XML-escaped (VirtualBox escapes
 //!   only the description; escaping the name too keeps odd names valid XML
 //!   and changes nothing for ordinary ones).
 //! - **JSON** ([`Registry::json`], [`Snapshot::to_json`]): serde's rendering
 //!   of the owned [`Snapshot`] `{ "samples": [ { "name", "type", "unit",
-//!   "visibility", "description"?, "value" } ] }`, which also deserialises.
+//!   "visibility", "description"?, "value" } ] }`. Absent values are `null`,
+//!   never a sentinel (a profile's `ticks_max`/`ticks_min` before its first
+//!   period). Reading a snapshot back ([`Snapshot::from_json`] or any serde
+//!   path) validates it ([`Snapshot::validate`]: naming rules, unique names,
+//!   values of the kind and width the type holds) and names the first bad
+//!   sample in a [`StamError::InvalidSample`].
 //!
 //! Print and XML hide `USED` samples whose value is zero (counter 0,
 //! profile without periods, ratio 0:0, scalar 0, `false`). Enumeration,
@@ -174,7 +182,7 @@ mod snapshot;
 mod types;
 
 pub use backing::{Backing, BackingMut};
-pub use error::StamError;
+pub use error::{SampleProblem, StamError};
 pub use name::{cmp_names, validate_name, MAX_NAME_LEN};
 pub use pattern::{glob_match, Pattern};
 pub use registry::{

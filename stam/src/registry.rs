@@ -765,12 +765,7 @@ fn decode(ty: StamType, b: &[u8]) -> Option<Value> {
         },
         StamType::Profile | StamType::ProfileAdv => {
             let p = rd::<StamProfile>(b)?;
-            Value::Profile {
-                periods: p.periods,
-                ticks: p.ticks,
-                ticks_max: p.ticks_max,
-                ticks_min: p.ticks_min,
-            }
+            Value::profile(p.periods, p.ticks, p.ticks_max, p.ticks_min)
         }
         StamType::RatioU32 | StamType::RatioU32Reset => {
             let r = rd::<StamRatioU32>(b)?;

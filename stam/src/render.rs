@@ -108,6 +108,18 @@ fn push_i(out: &mut String, v: u64, width: usize) {
     }
 }
 
+/// `%<width>llu` of a value that may be absent, shown as `-`.
+fn push_opt(out: &mut String, v: Option<u64>, width: usize) {
+    match v {
+        Some(v) => push_u(out, v, width),
+        None => push_right(out, ABSENT, width),
+    }
+}
+
+/// How print shows a value that does not exist (a profile's extremes
+/// before its first period).
+const ABSENT: &str = "-";
+
 /// `%<width>llx`.
 fn push_x(out: &mut String, v: u64, width: usize) {
     let mut buf = [0u8; 20];
@@ -158,9 +170,9 @@ fn print_row(out: &mut String, row: &Row<'_>) {
             out.push(' ');
             out.push_str(row.unit.unit2());
             out.push_str(", max ");
-            push_u(out, ticks_max, 9);
+            push_opt(out, ticks_max, 9);
             out.push_str(", min ");
-            push_i(out, ticks_min, 7);
+            push_opt(out, ticks_min, 7);
             out.push_str(")\n");
             return;
         }
@@ -233,10 +245,15 @@ fn xml_row(out: &mut String, row: &Row<'_>, with_desc: bool) {
             push_i(out, periods, 0);
             out.push_str("\" cTicks=\"");
             push_i(out, ticks, 0);
-            out.push_str("\" cTicksMin=\"");
-            push_i(out, ticks_min, 0);
-            out.push_str("\" cTicksMax=\"");
-            push_i(out, ticks_max, 0);
+            // Extremes that do not exist yet are left out, not invented.
+            if let Some(min) = ticks_min {
+                out.push_str("\" cTicksMin=\"");
+                push_i(out, min, 0);
+            }
+            if let Some(max) = ticks_max {
+                out.push_str("\" cTicksMax=\"");
+                push_i(out, max, 0);
+            }
         }
         Value::Ratio { a, b } => {
             out.push_str("<Ratio32 u32A=\"");
@@ -347,9 +364,7 @@ const FAMILIES: [Family; 8] = [
         kind: "gauge",
         help: "Longest period of a STAM profile sample (absent before the first period).",
         value: |v| match *v {
-            Value::Profile {
-                periods, ticks_max, ..
-            } if periods != 0 => Some(ticks_max),
+            Value::Profile { ticks_max, .. } => ticks_max,
             _ => None,
         },
     },
@@ -358,9 +373,7 @@ const FAMILIES: [Family; 8] = [
         kind: "gauge",
         help: "Shortest period of a STAM profile sample (absent before the first period).",
         value: |v| match *v {
-            Value::Profile {
-                periods, ticks_min, ..
-            } if periods != 0 => Some(ticks_min),
+            Value::Profile { ticks_min, .. } => ticks_min,
             _ => None,
         },
     },

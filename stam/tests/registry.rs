@@ -409,8 +409,8 @@ fn foreign_memory_from_a_dump() -> R {
         Value::Profile {
             periods: 1,
             ticks: 50,
-            ticks_max: 50,
-            ticks_min: 50
+            ticks_max: Some(50),
+            ticks_min: Some(50)
         }
     );
     assert!(matches!(
@@ -553,7 +553,7 @@ fn print_profile_units_and_empty_profile() -> R {
         text,
         "/GoodBad                                0:0        good:bad\n\
          /NoUnit                                 0 \n\
-         /PROF/Empty                             0 ns/time (           0 ns,       0 times, max         0, min      -1)\n\
+         /PROF/Empty                             0 ns/time (           0 ns,       0 times, max         -, min       -)\n\
          /PROF/VM/SwitchToGC              123456789 ticks/call (   123456789 ticks,       1 calls, max 123456789, min 123456789)\n"
     );
     Ok(())
@@ -630,7 +630,7 @@ fn xml_every_type_with_descriptions() -> R {
         reg.xml("*", true, &none)?,
         "<?xml version=\"1.0\" encoding=\"UTF-8\" standalone=\"no\"?>\n\
          <Statistics>\n\
-         <Profile cPeriods=\"0\" cTicks=\"0\" cTicksMin=\"-1\" cTicksMax=\"0\" unit=\"ticks/call\" name=\"/P\" desc=\"plain\"/>\n\
+         <Profile cPeriods=\"0\" cTicks=\"0\" unit=\"ticks/call\" name=\"/P\" desc=\"plain\"/>\n\
          <U16 val=\"0\" unit=\"Hz\" name=\"/Q\"/>\n\
          <X8 val=\"0x0\" unit=\"%\" name=\"/Sw&quot;x\" desc=\"A &lt;b&gt; &amp; &apos;c&apos; &quot;d&quot;\"/>\n\
          </Statistics>\n"
@@ -702,10 +702,10 @@ fn json_round_trip() -> Result<(), Box<dyn std::error::Error>> {
             visibility: StamVisibility::Always,
             description: None,
             value: Value::Profile {
-                periods: 0,
-                ticks: 0,
-                ticks_max: 0,
-                ticks_min: u64::MAX,
+                periods: u64::MAX,
+                ticks: u64::MAX,
+                ticks_max: Some(u64::MAX),
+                ticks_min: Some(u64::MAX),
             },
         }],
     };

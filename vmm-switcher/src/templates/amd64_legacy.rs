@@ -199,7 +199,8 @@ pub(crate) fn emit_host_entry64(
 
 /// The 64-bit host-restoring exit shared by the AMD64-host switchers, from
 /// `HCExitTarget` (reached at its HC address under the intermediate PML4,
-/// RAX = host CR3, EBP = VCPU offset, EDI = status) to the `retfq`.
+/// RAX = host CR3, EBP = VCPU offset, EDI = status) to the `retfq`, which
+/// returns the status after storing it in `ret_code` (`/VMM/CPUn/RetCode`).
 pub(crate) fn emit_host_exit64(b: &mut Builder, o: &TemplateOptions) -> Result<(), BuildError> {
     b.label("HCExitTarget")?;
     let cpum_slot = b.named("pCpumHC1");
@@ -305,6 +306,8 @@ pub(crate) fn emit_host_exit64(b: &mut Builder, o: &TemplateOptions) -> Result<(
     {
         let a = b.a();
         a.mov(rdx, r8)?;
+        // The hypervisor side's status: kept in `ret_code` and returned.
+        a.mov(dword_ptr(rdx + d(l::RET_CODE)), edi)?;
         a.mov(eax, edi)?;
         a.mov(rbx, qword_ptr(rdx + d(l::HOST64_RBX)))?;
         a.mov(rdi, qword_ptr(rdx + d(l::HOST64_RDI)))?;

@@ -15,7 +15,8 @@
 //! (status as the argument). The exit saves the hyper registers (the return
 //! address becomes `Hyper.eip`, so the next entry resumes after the call),
 //! derives its VCPU from TR, and reverses every step; if the RC code used the
-//! FPU (`USED_FPU`) the guest FPU is saved and the host's restored.
+//! FPU (`USED_FPU`) the guest FPU is saved and the host's restored. The status
+//! is stored in `CpumCpu32::ret_code` (`/VMM/CPUn/RetCode`) and returned.
 //!
 //! The call trampoline pops a target and an argument byte count pushed on the
 //! hyper stack by the VMM, calls the target (cdecl), drops the arguments and
@@ -655,6 +656,8 @@ pub fn build(
     trace_hc(&mut b, o, Step::Return)?;
     {
         let a = b.a();
+        // The RC code's status: kept in `ret_code` and returned.
+        a.mov(dword_ptr(edx + d(l::RET_CODE)), edi)?;
         a.mov(eax, edi)?;
         restore_host_gprs32(a)?;
         a.push(dword_ptr(edx + d(l::HOST32_EFLAGS)))?;

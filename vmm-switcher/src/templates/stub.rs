@@ -4,6 +4,12 @@
 //! them when raw mode is off): every entry point returns [`STUB_STATUS`] and
 //! the RC call trampoline is an endless `int3` loop. They carry no fixups, so
 //! relocating them changes nothing.
+//!
+//! Unlike every other family, a stub leaves `CpumCpu::ret_code`
+//! (`/VMM/CPUn/RetCode`) alone: it switches nothing and, without fixups, does
+//! not know where the CPUM structure lies in the VM (the C entry gets the VM
+//! and the VCPU's offset from CPUM only). Its status reaches the caller in
+//! EAX, and `ret_code` keeps the status of the last real switch, if any.
 
 use iced_x86::code_asm::*;
 
