@@ -186,8 +186,9 @@ pub struct QemuConfig {
     pub binary: Option<PathBuf>,
     /// `-cpu` model (QEMU's default, `qemu64`, when `None`).
     pub cpu: Option<String>,
-    /// Add `-s -S`: wait for gdb on TCP port 1234 before the first instruction.
-    pub gdb: bool,
+    /// `Some(port)`: add `-gdb tcp:127.0.0.1:<port> -S`, wait for gdb on
+    /// that local TCP port before the first instruction.
+    pub gdb: Option<u16>,
     /// Add `-d int,cpu_reset,guest_errors -D <file>`.
     pub debug_log: Option<PathBuf>,
     /// Wall-clock limit; QEMU is killed when it expires.
@@ -199,7 +200,7 @@ impl Default for QemuConfig {
         Self {
             binary: None,
             cpu: None,
-            gdb: false,
+            gdb: None,
             debug_log: None,
             timeout: Duration::from_secs(30),
         }
@@ -232,8 +233,9 @@ impl QemuConfig {
             args.push("-cpu".into());
             args.push(cpu.into());
         }
-        if self.gdb {
-            args.push("-s".into());
+        if let Some(port) = self.gdb {
+            args.push("-gdb".into());
+            args.push(format!("tcp:127.0.0.1:{port}").into());
             args.push("-S".into());
         }
         if let Some(log) = &self.debug_log {
@@ -506,7 +508,7 @@ mod tests {
     fn command_line_has_the_fixed_flags() {
         let c = QemuConfig {
             cpu: Some("max".into()),
-            gdb: true,
+            gdb: Some(1234),
             debug_log: Some("/tmp/x.log".into()),
             ..QemuConfig::default()
         };
@@ -520,7 +522,7 @@ mod tests {
             "-accel tcg -nodefaults -display none -monitor none -serial stdio -no-reboot \
              -device isa-debug-exit,iobase=0xf4,iosize=0x04 -icount shift=0,align=off,sleep=off"
         ));
-        assert!(line.contains("-cpu max -s -S -d int,cpu_reset,guest_errors -D /tmp/x.log"));
+        assert!(line.contains("-cpu max -gdb tcp:127.0.0.1:1234 -S -d int,cpu_reset,guest_errors -D /tmp/x.log"));
         assert!(line.ends_with("-kernel /tmp/k.bin"));
     }
 

@@ -46,6 +46,9 @@ pub enum Command {
     Decode(DecodeArgs),
     /// Dump the VM's STAM samples of a fresh run (or of a saved `run --json`) in a chosen format.
     Stats(StatsArgs),
+    /// Decode code bytes gdb dumped (what `run --gdb`'s `ws-x` runs).
+    #[command(name = "gdb-x", hide = true)]
+    GdbX(crate::gdb::XArgs),
 }
 
 /// Where the core code, the hypervisor area and the intermediate tables go.
@@ -230,10 +233,14 @@ pub struct RunArgs {
     /// come in switcher order [default: the number of CPU cores].
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     pub jobs: Option<u32>,
-    /// Start QEMU halted with its gdbstub on :1234; print the gdb command
-    /// line and the switcher's label addresses (one switcher only).
+    /// Start QEMU halted with its gdbstub on 127.0.0.1:PORT (see
+    /// `--gdb-port`); write a gdb script and a symbol file, print the gdb
+    /// command line and the switcher's label addresses (one switcher only).
     #[arg(long)]
     pub gdb: bool,
+    /// The gdbstub's TCP port for `--gdb`.
+    #[arg(long, value_name = "PORT", default_value_t = crate::gdb::DEFAULT_PORT, requires = "gdb", value_parser = clap::value_parser!(u16).range(1..))]
+    pub gdb_port: u16,
     /// Break the switcher on purpose (one instruction replaced by NOPs) to
     /// see the testbed catch it.
     #[arg(long, value_name = "BUG", value_parser = mutation_parser())]

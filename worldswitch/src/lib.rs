@@ -26,6 +26,8 @@
 //! [`report`].
 
 pub mod args;
+pub mod elf;
+pub mod gdb;
 pub mod inspect;
 pub mod progress;
 pub mod report;
@@ -127,6 +129,9 @@ pub enum CliError {
     /// STAM could not read the samples.
     #[error("STAM: {0}")]
     Stam(#[from] stam::StamError),
+    /// A `run --gdb` session cannot be set up (busy port, symbol file).
+    #[error("{0}")]
+    Gdb(#[from] gdb::GdbError),
     /// JSON output failed.
     #[error("JSON: {0}")]
     Json(#[from] serde_json::Error),
@@ -195,6 +200,7 @@ pub fn execute(cli: &Cli, out: &mut dyn Sink) -> Result<Exit, CliError> {
         Command::Image(a) => runs::image(a, &mut buf),
         Command::Decode(a) => runs::decode(a, &mut buf),
         Command::Stats(a) => runs::stats(a, &mut buf),
+        Command::GdbX(a) => gdb::x(a, &mut buf),
     };
     out.put(&buf);
     result

@@ -15,7 +15,7 @@ use vmm_switcher::SwitcherKind;
 use crate::args::{DecodeArgs, ImageArgs, RunArgs, StatsArgs, StatsFormat};
 use crate::progress::Progress;
 use crate::report::{self, RunDoc, RunJson, SCHEMA};
-use crate::{setup, to_json, CliError, Exit, Sink};
+use crate::{gdb, setup, to_json, CliError, Exit, Sink};
 use integration::qemu::{self, Outcome, QemuConfig, RunResult};
 use integration::scenario::{build, judge, run_built, Built, Scenario, ScenarioResult};
 use integration::transcript::Report;
@@ -151,78 +151,6 @@ fn gdb_caveats(r: &ScenarioResult, j: &mut RunJson) {
     }
 }
 
-fn gdb_banner(s: &Scenario, built: &Built) -> Result<String, CliError> {
-    let sw = built.vmm.switcher(s.kind)?;
-    let labels = setup::labels(sw);
-    // QEMU's x86_64 gdbstub always describes the 64-bit register file; forcing
-    // `i386` makes gdb reject its `g` packets, so let the target describe itself.
-    let mut script: String = built
-        .testbed
-        .gdb_commands()
-        .lines()
-        .filter(|l| !l.starts_with("set architecture"))
-        .map(|l| format!("{l}\n"))
-        .collect();
-    for l in &labels {
-        let name: String = l
-            .name
-            .chars()
-            .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
-            .collect();
-        let _ = writeln!(script, "set $sw_{name} = {:#010x}", l.addr);
-    }
-    let _ = writeln!(
-        script,
-        "hbreak *{:#010x}\n# continue: run to the switcher's C entry",
-        sw.entries.r0_host_to_guest_hc.0
-    );
-    let path = std::env::temp_dir().join(format!(
-        "worldswitch-{}-{}.gdb",
-        s.kind.cli_name(),
-        std::process::id()
-    ));
-    std::fs::write(&path, &script).map_err(|source| CliError::Write {
-        path: path.clone(),
-        source,
-    })?;
-    let mut b = String::new();
-    let _ = writeln!(
-        b,
-        "QEMU is starting halted with its gdbstub on :1234 ({}).",
-        s.kind.cli_name()
-    );
-    let _ = writeln!(
-        b,
-        "In another terminal run:\n\n    gdb -q -x {}\n",
-        path.display()
-    );
-    let _ = writeln!(
-        b,
-        "The script connects, defines $<symbol> for the host kernel (e.g. $call_site) and \
-         $sw_<label> for the switcher, and sets a hardware breakpoint on the C entry."
-    );
-    let _ = writeln!(b, "Switcher labels ({}):", s.kind.cli_name());
-    for l in &labels {
-        let view = l.view.map_or("--", |v| match v {
-            vmm_switcher::View::Hc => "HC",
-            vmm_switcher::View::Id => "ID",
-            vmm_switcher::View::Rc => "RC",
-        });
-        let _ = writeln!(
-            b,
-            "    {view}  {:#010x}  +{:#06x}  {}",
-            l.addr, l.offset, l.name
-        );
-    }
-    let _ = writeln!(
-        b,
-        "Host kernel: call_site {:#010x}, after_call {:#010x}. Quit gdb with `kill` to end the run.",
-        built.testbed.symbol("call_site").unwrap_or(0),
-        built.testbed.symbol("after_call").unwrap_or(0)
-    );
-    Ok(b)
-}
-
 /// Prints a finished document: the JSON, or each text report and then the
 /// closing lines.
 fn emit(doc: &RunDoc, json: bool, out: &mut dyn Sink) -> Result<Exit, CliError> {
@@ -278,6 +206,9 @@ pub fn run(a: &RunArgs, out: &mut dyn Sink) -> Result<Exit, CliError> {
                 .join(", ")
         )));
     }
+    if a.gdb {
+        gdb::check_port(a.gdb_port)?;
+    }
     // Every scenario is built before the first boot, so a bad option or
     // placement fails fast, whether QEMU is installed or not.
     let progress = (!a.gdb).then(|| Progress::start("building"));
@@ -288,12 +219,16 @@ pub fn run(a: &RunArgs, out: &mut dyn Sink) -> Result<Exit, CliError> {
         let built = build(&s)?;
         scenarios.push((s, built));
     }
-    let q = setup::qemu(&a.qemu, a.gdb);
+    let q = setup::qemu(&a.qemu, a.gdb.then_some(a.gdb_port));
     check_qemu(&q)?;
     let configs = qemu_configs(&q, &kinds);
+    // Each session's files are removed when `run` returns, in failure too.
+    let mut sessions = Vec::new();
     if a.gdb {
         for (s, built) in &scenarios {
-            eprint!("{}", gdb_banner(s, built)?);
+            let g = gdb::Session::start(s, built, a.gdb_port)?;
+            eprint!("{}", g.banner());
+            sessions.push(g);
         }
     }
     let jobs = a.jobs.map_or_else(default_jobs, |j| j as usize);
@@ -696,7 +631,7 @@ fn stats_run(a: &StatsArgs) -> Result<(Option<Snapshot>, Exit), CliError> {
     };
     setup::select(&sel)?;
     let s = setup::scenario(kind, &a.scenario)?;
-    let q = setup::qemu(&a.qemu, false);
+    let q = setup::qemu(&a.qemu, None);
     check_qemu(&q)?;
     let built = build(&s)?;
     let progress = Progress::start(&format!(

@@ -121,15 +121,16 @@ pub fn scenario(kind: SwitcherKind, a: &ScenarioArgs) -> Result<Scenario, CliErr
 }
 
 /// The QEMU configuration for these options.
-pub fn qemu(q: &QemuArgs, gdb: bool) -> QemuConfig {
+pub fn qemu(q: &QemuArgs, gdb: Option<u16>) -> QemuConfig {
     QemuConfig {
         binary: q.qemu.clone(),
         cpu: q.cpu.clone(),
         gdb,
         debug_log: q.qemu_log.clone(),
-        // Waiting for a person at a gdb prompt is not a hang.
-        timeout: if gdb {
-            Duration::from_secs(7 * 24 * 3600)
+        // Waiting for a person at a gdb prompt is not a hang: the longest
+        // timeout QEMU runs take.
+        timeout: if gdb.is_some() {
+            integration::qemu::MAX_TIMEOUT
         } else {
             Duration::from_secs(q.timeout)
         },
