@@ -92,6 +92,23 @@ impl HostContext for HostCtx64 {
     const BITS: u32 = 64;
 }
 
+/// A host context kept as its raw bytes: what [`CpumCpuShared::host`] holds
+/// when the host's width is not known or not of interest.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable)]
+pub struct HostCtxBytes(pub [u8; HOST_CTX_SIZE]);
+
+impl Default for HostCtxBytes {
+    fn default() -> Self {
+        Self([0; HOST_CTX_SIZE])
+    }
+}
+
+impl HostContext for HostCtxBytes {
+    /// Not a host width: the bytes belong to either variant.
+    const BITS: u32 = 0;
+}
+
 /// The VM-wide CPUM data (`CPUM`).
 #[repr(C, align(64))]
 #[derive(
@@ -150,8 +167,18 @@ macro_rules! cpumcpu {
             pub apic_base: u64,
             /// Non-zero when the host CPU runs its APIC in x2APIC mode (`fX2Apic`).
             pub x2apic: u32,
+            /// The host APIC's version register (max-LVT index in bits
+            /// 16..23), read once when the VMM is set up; revision C of the
+            /// switchers masks the thermal LVT only when the max-LVT index is
+            /// at least 5, without reading the register on every switch. 0:
+            /// not read (no thermal LVT is assumed).
+            pub apic_version: u32,
+            /// The LVT values revision C found before masking (LINT0, LINT1,
+            /// PC, THMR), written back to unmask the ones in
+            /// `apic_dis_vectors`.
+            pub apic_saved_lvt: [u32; 4],
             /// Reserved.
-            pub reserved: [u32; 9],
+            pub reserved: [u32; 4],
         }
 
         impl Default for $name {
@@ -189,8 +216,15 @@ mod vcpu {
         CpumCpu64,
         HostCtx64
     );
+    cpumcpu!(
+        /// Per-VCPU data with the host context as opaque bytes: the fields
+        /// both host widths share (`guest`, `hyper`, the flag words, the APIC
+        /// state), for code that edits those and must not misread `host`.
+        CpumCpuShared,
+        HostCtxBytes
+    );
 }
-pub use vcpu::{CpumCpu32, CpumCpu64};
+pub use vcpu::{CpumCpu32, CpumCpu64, CpumCpuShared};
 
 /// Size of [`Cpum`].
 pub const CPUM_SIZE: usize = 64;
@@ -210,7 +244,7 @@ pub const CPUMCPU_SIZE: usize = 2560;
 pub mod layout {
     use core::mem::offset_of;
 
-    use super::{Cpum, CpumCpu32, CpumCpu64};
+    use super::{Cpum, CpumCpu32, CpumCpu64, CpumCpuShared};
 
     macro_rules! pinned {
         ($($(#[$m:meta])* $name:ident = $ty:ty, $($field:ident).+ => $val:expr;)*) => {$(
@@ -402,16 +436,23 @@ pub mod layout {
         APIC_BASE = CpumCpu32, apic_base => 2512;
         /// `fX2Apic`.
         X2APIC = CpumCpu32, x2apic => 2520;
+        /// The host APIC's version register, read at set-up.
+        APIC_VERSION = CpumCpu32, apic_version => 2524;
+        /// The LVT values before masking (`[u32; 4]`: LINT0, LINT1, PC, THMR).
+        APIC_SAVED_LVT = CpumCpu32, apic_saved_lvt => 2528;
     }
 
     macro_rules! same_for_both_hosts {
         ($($($field:ident).+),*) => {$(
             const _: () = assert!(
                 offset_of!(CpumCpu32, $($field).+) == offset_of!(CpumCpu64, $($field).+)
+                    && offset_of!(CpumCpu32, $($field).+)
+                        == offset_of!(CpumCpuShared, $($field).+)
             );
         )*};
     }
     same_for_both_hosts!(
+        host,
         guest,
         hyper,
         use_flags,
@@ -419,7 +460,9 @@ pub mod layout {
         off_cpum,
         apic_dis_vectors,
         apic_base,
-        x2apic
+        x2apic,
+        apic_version,
+        apic_saved_lvt
     );
 
     /// A structure offset as a 32-bit displacement for an x86 memory operand.
@@ -434,6 +477,7 @@ const _: () = {
     assert!(size_of::<Cpum>() == CPUM_SIZE);
     assert!(size_of::<CpumCpu32>() == CPUMCPU_SIZE);
     assert!(size_of::<CpumCpu64>() == CPUMCPU_SIZE);
+    assert!(size_of::<CpumCpuShared>() == CPUMCPU_SIZE);
     assert!(align_of::<CpumCpu32>() == 64);
     // FXSAVE/FXRSTOR need 16-byte alignment of every image.
     assert!(layout::GUEST_FPU % 16 == 0);

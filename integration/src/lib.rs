@@ -67,12 +67,14 @@
 //!
 //! For the protocol see [`transcript`]; for the checks see [`hostkernel`].
 
+pub mod cpumodel;
 pub mod farside;
 pub mod hostkernel;
 pub mod image;
 pub mod paging;
 pub mod qemu;
 pub mod scenario;
+pub mod storm;
 pub mod transcript;
 
 pub use hostkernel::{Expected, HookCtx, HostKernelBuilder, Mapping, Testbed};

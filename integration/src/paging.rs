@@ -1,5 +1,5 @@
 //! Host page tables built as data (SDM Vol. 3A §4.3 32-bit paging, §4.4 PAE
-//! paging, §4.5 4-level paging).
+//! paging, §4.5 4-level and 5-level paging).
 //!
 //! The testbed's host kernel runs with paging on, as a real embedding host
 //! does. Its tables are computed here, in Rust, and placed in the image; the
@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::ops::Range;
 
-pub use pgm_intermediate::is_canonical;
+pub use pgm_intermediate::{is_canonical, is_canonical57};
 use pgm_intermediate::{EntryFlags, Flavour, MemoryError, TableMemory};
 
 /// Page size.
@@ -173,7 +173,7 @@ pub enum PagingError {
         mode: HostMode,
     },
     /// A non-canonical virtual address (bits 63:47 differ).
-    #[error("mapping `{name}`: virtual address {virt:#x} is not canonical (bits 63:47 must all equal bit 47)")]
+    #[error("mapping `{name}`: virtual address {virt:#x} is not canonical (bits 63:47, or 63:56 with 5-level paging, must all equal the top bit)")]
     NonCanonical {
         /// Mapping name.
         name: String,
@@ -203,6 +203,7 @@ struct Pte {
 #[derive(Clone, Debug)]
 pub struct PageMap {
     mode: HostMode,
+    la57: bool,
     pages: BTreeMap<u64, Pte>,
     owners: Vec<VirtRange>,
 }
@@ -214,9 +215,11 @@ pub struct PageTables {
     pub mode: HostMode,
     /// Physical address of the first table page.
     pub base: u32,
-    /// Value for CR3: the page directory (legacy), the PDPT (PAE) or the
-    /// PML4 (AMD64).
+    /// Value for CR3: the page directory (legacy), the PDPT (PAE), the
+    /// PML4 (AMD64) or the PML5 (AMD64 with 5-level paging).
     pub cr3: u32,
+    /// 5-level tables ([`PageMap::new_la57`]): the host runs with CR4.LA57.
+    pub la57: bool,
     /// The table pages, back to back from `base`.
     pub bytes: Vec<u8>,
 }
@@ -226,8 +229,32 @@ impl PageMap {
     pub fn new(mode: HostMode) -> Self {
         Self {
             mode,
+            la57: false,
             pages: BTreeMap::new(),
             owners: Vec::new(),
+        }
+    }
+
+    /// An empty [`HostMode::Amd64`] map with 5-level tables (CR4.LA57):
+    /// virtual addresses are canonical in 57 bits, and the root is a PML5.
+    pub fn new_la57() -> Self {
+        Self {
+            la57: true,
+            ..Self::new(HostMode::Amd64)
+        }
+    }
+
+    /// Whether the tables are 5-level.
+    pub fn la57(&self) -> bool {
+        self.la57
+    }
+
+    /// One past the highest address of the lower canonical half.
+    fn virt_limit(&self) -> u64 {
+        if self.la57 {
+            1 << 56
+        } else {
+            self.mode.virt_limit()
         }
     }
 
@@ -268,7 +295,12 @@ impl PageMap {
                 mode: self.mode,
             });
         }
-        if !is_canonical(virt) {
+        let canonical = if self.la57 {
+            is_canonical57(virt)
+        } else {
+            is_canonical(virt)
+        };
+        if !canonical {
             return Err(PagingError::NonCanonical {
                 name: name_s(),
                 virt,
@@ -295,7 +327,7 @@ impl PageMap {
         let pages = len.div_ceil(PAGE);
         let span = u64::from(pages) * u64::from(PAGE);
         // The range must stay inside its half: [0, limit) or [2^64 - limit, 2^64).
-        let limit = self.mode.virt_limit();
+        let limit = self.virt_limit();
         let virt_ok = if virt < limit {
             virt + span <= limit
         } else {
@@ -360,6 +392,9 @@ impl PageMap {
     /// The levels below the root, root side first, as shifts: one table of
     /// such a level covers `1 << shift` bytes, so `virt >> shift` names it.
     fn table_shifts(&self) -> &'static [u32] {
+        if self.la57 {
+            return &[48, 39, 30, 21];
+        }
         match self.mode {
             HostMode::Legacy32 => &[22],
             HostMode::Pae => &[30, 21],
@@ -422,6 +457,7 @@ impl PageMap {
             mode: self.mode,
             base,
             cr3: base,
+            la57: self.la57,
             bytes,
         }
     }
@@ -445,8 +481,12 @@ impl PageTables {
     /// [`PageTables::translate`] for a 64-bit virtual address (`None` for
     /// non-canonical addresses, and above 4 GiB in the 32-bit modes).
     pub fn translate64(&self, virt: u64) -> Option<Translation> {
-        let t =
-            pgm_intermediate::walk(self, self.mode.flavour(), u64::from(self.cr3), virt).ok()?;
+        let flavour = if self.la57 {
+            Flavour::La57
+        } else {
+            self.mode.flavour()
+        };
+        let t = pgm_intermediate::walk(self, flavour, u64::from(self.cr3), virt).ok()?;
         Some(Translation {
             phys: t.phys as u32,
             pte: t.path.leaf()?.entry,
@@ -635,6 +675,43 @@ mod tests {
             "{err}"
         );
         assert!(err.to_string().contains("`a`"), "{err}");
+    }
+
+    #[test]
+    fn la57_tables_walk_57_bit_addresses() {
+        const HC57: u64 = 0xff00_0000_c040_0000;
+        let mut m = PageMap::new_la57();
+        m.map("identity", 0x1000, 0x1000, 0x3f_f000, PTE_RW)
+            .unwrap();
+        m.map64("core", HC57, 0x0060_0000, 0x3000, PTE_RW).unwrap();
+        m.map64("fs", 0xffff_8000_f5f5_0000, 0x0010_2000, 0x1000, 0)
+            .unwrap();
+        let t = m.layout(0x0020_0000);
+        assert!(t.la57);
+        assert_eq!(
+            t.translate64(HC57 + 0x1234).map(|x| x.phys),
+            Some(0x0060_1234)
+        );
+        assert_eq!(t.translate(0x0012_3456).map(|x| x.phys), Some(0x0012_3456));
+        assert_eq!(
+            t.translate64(0xffff_8000_f5f5_0004).map(|x| x.phys),
+            Some(0x0010_2004)
+        );
+        // PML5 entry 256 holds the 57-bit address, entry 511 the 48-bit one.
+        let pml5e = |i: usize| u64::from_le_bytes(t.bytes[i * 8..i * 8 + 8].try_into().unwrap());
+        assert_ne!(pml5e(256) & PTE_P, 0);
+        assert_ne!(pml5e(511) & PTE_P, 0);
+        assert_ne!(pml5e(0) & PTE_P, 0);
+        // A 4-level map refuses the address; a 57-bit non-canonical one is refused here.
+        let mut four = PageMap::new(HostMode::Amd64);
+        assert!(matches!(
+            four.map64("core", HC57, 0x1000, 0x1000, 0),
+            Err(PagingError::NonCanonical { .. })
+        ));
+        assert!(matches!(
+            m.map64("odd", 0x0100_0000_0000_0000, 0x1000, 0x1000, 0),
+            Err(PagingError::NonCanonical { .. })
+        ));
     }
 
     #[test]

@@ -191,6 +191,9 @@ pub struct QemuConfig {
     pub gdb: Option<u16>,
     /// Add `-d int,cpu_reset,guest_errors -D <file>`.
     pub debug_log: Option<PathBuf>,
+    /// Add `-plugin <value>`: a TCG plugin library and its `,key=value`
+    /// arguments (the cost model of `worldswitch run --cost`).
+    pub plugin: Option<std::ffi::OsString>,
     /// Wall-clock limit; QEMU is killed when it expires.
     pub timeout: Duration,
 }
@@ -202,6 +205,7 @@ impl Default for QemuConfig {
             cpu: None,
             gdb: None,
             debug_log: None,
+            plugin: None,
             timeout: Duration::from_secs(30),
         }
     }
@@ -243,6 +247,10 @@ impl QemuConfig {
             args.push("int,cpu_reset,guest_errors".into());
             args.push("-D".into());
             args.push(log.into());
+        }
+        if let Some(plugin) = &self.plugin {
+            args.push("-plugin".into());
+            args.push(plugin.clone());
         }
         args.push("-kernel".into());
         args.push(image.into());

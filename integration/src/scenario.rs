@@ -39,6 +39,13 @@ pub const HOOKFAIL_HOST_DR: u32 = 0x71;
 pub const HOOKFAIL_GUEST_FPU_SAVE: u32 = 0x72;
 /// The host's FCW during the runs (round toward zero, all exceptions masked).
 pub const HOST_FCW: u32 = 0x0f7f;
+/// The core code's HC address on a 5-level host ([`Scenario::set_la57`]):
+/// canonical in 57 bits but not in 48 (PML5 entry 256), so the run proves
+/// the 5-level tables. The hypervisor area keeps its 48-bit address.
+pub const LA57_CODE_HC: u64 = 0xff00_0000_c040_0000;
+/// Table pages of a 5-level host's VMM core (both contexts; the default
+/// 64 hold the three other flavours).
+pub const LA57_TABLE_PAGES: u32 = 96;
 
 /// A deliberately broken switcher: one instruction of the relocated code is
 /// replaced by NOPs (or, for [`Mutation::SysenterCsNotRestored`], one jump
@@ -268,6 +275,47 @@ pub struct Scenario {
     /// function with these arguments through the switcher's call trampoline
     /// on every trip.
     pub trampoline_args: Option<Vec<u32>>,
+    /// The NMI storm: the host places an NMI edge at every instruction
+    /// offset of the round trip, one offset per call (see [`crate::storm`]).
+    pub nmi_storm: bool,
+    /// The CPU facts the switcher is relocated for (from the CPUID bits of
+    /// the CPU it will run on, e.g. [`crate::cpumodel::CpuModel::facts`]);
+    /// the host kernel refuses a CPU whose NX, FXSR, SEP or SYSCALL bit
+    /// differs (`NOCPU`, `CPUEXTRA`).
+    pub cpu: vmm::CpuFacts,
+    /// The AMD64 host's CR4 and protection features.
+    pub host_cr4: HostCr4,
+}
+
+/// The control-register configuration of an AMD64 host.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum HostCr4 {
+    /// Only what the testbed needs: PAE, PGE, OSFXSR, OSXMMEXCPT.
+    #[default]
+    Base,
+    /// A host as current kernels run it: also SMEP, SMAP, UMIP, PKE (with a
+    /// non-zero PKRU) and FSGSBASE.
+    Today,
+}
+
+impl HostCr4 {
+    /// Every configuration.
+    pub const ALL: [HostCr4; 2] = [Self::Base, Self::Today];
+
+    /// The command-line name (`base`, `today`), as `--host-cr4`, the `BOOT`
+    /// line and the JSON spell it.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Base => "base",
+            Self::Today => "today",
+        }
+    }
+
+    /// The configuration named `name`.
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|c| c.name() == name)
+    }
 }
 
 impl Scenario {
@@ -293,6 +341,31 @@ impl Scenario {
             mutation: None,
             host_x2apic: false,
             trampoline_args: None,
+            nmi_storm: false,
+            cpu: vmm::CpuFacts::common(),
+            host_cr4: HostCr4::Base,
+        }
+    }
+
+    /// Whether the host runs 5-level paging (CR4.LA57): the switchers are
+    /// built with [`TemplateOptions::la57`].
+    pub fn la57(&self) -> bool {
+        self.options.la57
+    }
+
+    /// Asks for (or drops) a 5-level host: sets [`TemplateOptions::la57`]
+    /// and, on an AMD64 host whose core code is at its default HC address,
+    /// moves the core code to [`LA57_CODE_HC`]. A 32-bit host with LA57 is
+    /// refused when the scenario is built ([`crate::cpumodel::check_host`]).
+    pub fn set_la57(&mut self, on: bool) {
+        self.options.la57 = on;
+        let default_hc = VmmConfig::amd64_host().placement.code_hc;
+        if self.amd64_host() {
+            if on && self.placement.code_hc == default_hc {
+                self.placement.code_hc = vmm::HcAddr(LA57_CODE_HC);
+            } else if !on && self.placement.code_hc.0 == LA57_CODE_HC {
+                self.placement.code_hc = default_hc;
+            }
         }
     }
 
@@ -389,6 +462,9 @@ pub enum ScenarioError {
     /// QEMU could not be run at all.
     #[error("QEMU: {0}")]
     Qemu(#[from] crate::qemu::QemuError),
+    /// The host configuration does not fit the switcher or the CPU model.
+    #[error("{0}")]
+    Host(#[from] crate::cpumodel::HostConfigError),
 }
 
 /// Everything a run produced.
@@ -434,6 +510,8 @@ pub struct ScenarioResult {
     pub vm_image: Option<Vec<u8>>,
     /// The crash-dump scratch page's first dword (last marker written while paging was off).
     pub scratch_marker: Option<u32>,
+    /// What the NMI storm found (`None` without one).
+    pub nmi_storm: Option<crate::storm::StormReport>,
 }
 
 /// A built scenario: the VMM core and the bootable testbed.
@@ -466,20 +544,41 @@ fn u32_addr(what: &'static str, addr: u64) -> Result<u32, ScenarioError> {
 /// # Errors
 /// [`ScenarioError`] for anything that cannot be set up.
 pub fn build(s: &Scenario) -> Result<Built, ScenarioError> {
+    build_over(s, |cfg| Ok(Vmm::new(cfg)?))
+}
+
+/// [`build`] over a core that `make` builds from the scenario's VMM
+/// configuration: in pages of its own choosing ([`vmm::Vmm::with_pages`]),
+/// or checked against images made elsewhere (by an embedder through the C
+/// API) before the testbed boots them. The core must keep the
+/// configuration's placement (its table pages may lie anywhere).
+///
+/// # Errors
+/// What `make` returns, and as [`build`].
+pub fn build_over(
+    s: &Scenario,
+    make: impl FnOnce(VmmConfig) -> Result<Vmm, ScenarioError>,
+) -> Result<Built, ScenarioError> {
     check_trampoline(s)?;
-    let mut vmm = Vmm::new(vmm_config(s))?;
+    crate::cpumodel::check_host(s)?;
+    let mut vmm = make(vmm_config(s))?;
     let sw = vmm.activate(s.kind)?.clone();
     let at = Addresses::new(s, &vmm)?;
     let rc_entries = write_far_side(s, &mut vmm, &sw, &at)?;
     init_vcpus(s, &mut vmm, &at, rc_entries.as_ref())?;
     let core = mutated_core(s, &vmm, &sw)?;
-    let kb = HostKernelBuilder::new(s.host_mode()).x2apic(s.host_x2apic);
+    let kb = HostKernelBuilder::new(s.host_mode())
+        .x2apic(s.host_x2apic)
+        .cr4_today(s.host_cr4 == HostCr4::Today)
+        .la57(s.la57());
     let kb = map_core_and_hma(kb, s, &vmm, &sw, &at, core)?;
     let kb = add_tables_and_trips(kb, s, &vmm)?;
     let kb = add_checks(kb, s, &vmm, &sw, &at, rc_entries.as_ref());
+    let kb = add_storm(kb, s, &at);
     let testbed = kb
         .boot_fields(s.boot_fields())
         .require_cpu(s.cpu_requirements())
+        .forbid_cpu(s.cpu_refusals())
         .build()?;
     Ok(Built {
         vmm,
@@ -513,6 +612,7 @@ fn vmm_config(s: &Scenario) -> VmmConfig {
         placement: s.placement,
         vcpus: s.vcpus,
         options: s.options,
+        cpu: s.cpu,
         extra_mappings: vec![ExtraMapping {
             virt: u64::from(LAPIC_VIRT),
             phys: u64::from(LAPIC_VIRT),
@@ -523,6 +623,12 @@ fn vmm_config(s: &Scenario) -> VmmConfig {
             64
         } else {
             32
+        },
+        // The 5-level tables of both contexts need room of their own.
+        table_pages: if s.la57() {
+            LA57_TABLE_PAGES
+        } else {
+            VmmConfig::default().table_pages
         },
         ..VmmConfig::default()
     }
@@ -934,6 +1040,39 @@ fn add_checks(
     }
 }
 
+/// With [`Scenario::nmi_storm`]: the storm, with the far side's NMI counter
+/// and first NMI address (in its mailbox) on each `STORM` line; NMIs do not
+/// fail the kernel's own verdict (the judge weighs them).
+fn add_storm(kb: HostKernelBuilder, s: &Scenario, at: &Addresses) -> HostKernelBuilder {
+    if !s.nmi_storm {
+        return kb;
+    }
+    let fields = if s.is_stub() {
+        None
+    } else if s.uses_far_helper() {
+        Some((offset_of!(Mailbox, nmis), offset_of!(Mailbox, nmi_ip)))
+    } else {
+        Some((
+            offset_of!(hyper::RcMailbox, nmis),
+            offset_of!(hyper::RcMailbox, nmi_ip),
+        ))
+    };
+    let addr = |f: usize| {
+        let lo = at.mailbox_hc + f as u32;
+        if at.wide {
+            at.hi(lo)
+        } else {
+            u64::from(lo)
+        }
+    };
+    kb.nmi_storm(crate::hostkernel::storm::NmiStorm {
+        far_nmis: fields.map(|(n, _)| addr(n)),
+        far_ip: fields.map(|(_, ip)| addr(ip)),
+        ..crate::hostkernel::storm::NmiStorm::default()
+    })
+    .allow_nmis(true)
+}
+
 /// Hooks for the long-mode family: Guest FPU/debug sync requests and the far helper's verdict.
 fn long_hooks(
     kb: HostKernelBuilder,
@@ -943,6 +1082,9 @@ fn long_hooks(
     cpum_hc: u32,
 ) -> HostKernelBuilder {
     let pre = move |a: &mut CodeAssembler, h: &mut HookCtx| -> Result<(), IcedError> {
+        if apic_on {
+            apic_version_once(a, h, cpum_hc, x2)?;
+        }
         let mb = |f: usize| mailbox_hc + f as u32;
         let mut no_fpu = a.create_label();
         let mut no_dbg = a.create_label();
@@ -1011,6 +1153,37 @@ fn long_hooks(
         far_fails(a, h, mailbox_hc + offset_of!(Mailbox, fails) as u32)
     };
     kb.pre_call(pre).post_call(post)
+}
+
+/// The VMM's set-up step for revision C's masking: the first call of each
+/// VCPU reads the host APIC's version register (MMIO, or the x2APIC MSR)
+/// into `CpumCpu::apic_version`, where the switcher looks up whether the
+/// thermal LVT exists instead of reading the APIC on every switch.
+/// Clobbers EAX, EBX, ECX, EDX.
+fn apic_version_once(
+    a: &mut CodeAssembler,
+    h: &HookCtx,
+    cpum_hc: u32,
+    x2: bool,
+) -> Result<(), IcedError> {
+    let mut done = a.create_label();
+    a.mov(ebx, dword_ptr(h.arg2_slot))?;
+    a.add(ebx, cpum_hc)?;
+    a.cmp(dword_ptr(ebx + cl::APIC_VERSION as i32), 0)?;
+    a.jne(done)?;
+    if x2 {
+        a.mov(ecx, apic::x2apic_msr(apic::reg::VERSION))?;
+        a.rdmsr()?;
+    } else if h.bitness == 64 {
+        a.mov(eax, LAPIC_VIRT)?;
+        a.mov(eax, dword_ptr(rax + apic::reg::VERSION as i32))?;
+    } else {
+        a.mov(eax, LAPIC_VIRT)?;
+        a.mov(eax, dword_ptr(eax + apic::reg::VERSION as i32))?;
+    }
+    a.mov(dword_ptr(ebx + cl::APIC_VERSION as i32), eax)?;
+    a.set_label(&mut done)?;
+    Ok(())
 }
 
 /// Guest FPU values for trip ESI into the `CpumCpu` at `base`: FCW and MXCSR
@@ -1118,6 +1291,9 @@ fn rc_hooks(
     };
     let pre = move |a: &mut CodeAssembler, h: &mut HookCtx| -> Result<(), IcedError> {
         let host_fcw = h.alloc(&HOST_FCW.to_le_bytes(), 4);
+        if p.apic_on {
+            apic_version_once(a, h, p.cpum_hc, p.x2)?;
+        }
         rc_expectations(a, h, p)?;
         load_host_fpu_and_dr(a, h, host_fcw)
     };
@@ -1415,6 +1591,23 @@ pub fn judge(s: &Scenario, b: &Built, run: RunResult) -> ScenarioResult {
     if far_fails != 0 {
         failures.push(format!("far side failures: {}", names(far_fails)));
     }
+    let far_nmis = match (&mailbox, &rc_mailbox) {
+        (Some(m), _) => m.nmis,
+        (_, Some(m)) => m.nmis,
+        _ => 0,
+    };
+    if far_nmis != 0 && !s.nmi_storm {
+        failures.push(format!("the hypervisor context took {far_nmis} NMIs"));
+    }
+    let nmi_storm = s.nmi_storm.then(|| {
+        let (report, storm_failures) = crate::storm::analyze(s, b, &run);
+        for sf in storm_failures {
+            if !failures.contains(&sf) {
+                failures.push(sf);
+            }
+        }
+        report
+    });
     if let (Some(m), None) = (&rc_mailbox, &s.trampoline_args) {
         // Every even trip uses the FPU once: exactly one #NM each.
         let fpu_trips = u64::from(s.trips.div_ceil(2)) * u64::from(s.vcpus);
@@ -1498,6 +1691,7 @@ pub fn judge(s: &Scenario, b: &Built, run: RunResult) -> ScenarioResult {
         rc_mailbox,
         last_step,
         scratch_marker: r.dump("scratch").and_then(|d| d.u32_at(0)),
+        nmi_storm,
         vm_image: vm_dump.filter(|d| d.complete).map(|d| d.bytes.clone()),
         run,
     }
@@ -1509,6 +1703,49 @@ const _: () = assert!(CPUMCPU_SIZE % 64 == 0);
 #[derive(Debug, Error, PartialEq, Eq)]
 #[error("BOOT line: {0}")]
 pub struct BootFieldError(pub String);
+
+/// The names of the CPU facts, in the `BOOT` line's `cpu_facts` order.
+const FACT_NAMES: [&str; 4] = ["nx", "fxsr", "sep", "syscall"];
+
+/// The `BOOT` line's `cpu_facts` value: the facts present, comma-separated
+/// (`nx,fxsr,sep,syscall`), or `none`.
+pub fn cpu_facts_field(c: &vmm::CpuFacts) -> String {
+    let on = [c.nx, c.fxsr, c.host_sysenter, c.host_syscall];
+    let names: Vec<&str> = FACT_NAMES
+        .iter()
+        .zip(on)
+        .filter(|(_, on)| *on)
+        .map(|(n, _)| *n)
+        .collect();
+    if names.is_empty() {
+        "none".into()
+    } else {
+        names.join(",")
+    }
+}
+
+/// The inverse of [`cpu_facts_field`]: `None` for an unknown or repeated
+/// name, an empty item, or names out of order.
+fn parse_cpu_facts(v: &str) -> Option<vmm::CpuFacts> {
+    let mut on = [false; 4];
+    if v != "none" {
+        let mut last = None;
+        for name in v.split(',') {
+            let i = FACT_NAMES.iter().position(|n| *n == name)?;
+            if last.is_some_and(|l| l >= i) {
+                return None;
+            }
+            last = Some(i);
+            on[i] = true;
+        }
+    }
+    Some(vmm::CpuFacts {
+        nx: on[0],
+        fxsr: on[1],
+        host_sysenter: on[2],
+        host_syscall: on[3],
+    })
+}
 
 /// `Mutation`'s kebab-case name, as the `BOOT` line and the CLI spell it.
 pub fn mutation_name(m: Mutation) -> String {
@@ -1545,6 +1782,7 @@ impl Scenario {
         let rev = match o.revision {
             vmm_switcher::templates::Revision::A => "a",
             vmm_switcher::templates::Revision::B => "b",
+            vmm_switcher::templates::Revision::C => "c",
         };
         let values = [
             self.kind.cli_name().to_owned(),
@@ -1579,6 +1817,10 @@ impl Scenario {
             }
         };
         out.push(("trampoline".into(), tramp));
+        out.push(("cpu_facts".into(), cpu_facts_field(&self.cpu)));
+        out.push(("host_cr4".into(), self.host_cr4.name().into()));
+        out.push(("nmi_storm".into(), flag(self.nmi_storm)));
+        out.push(("la57".into(), flag(self.options.la57)));
         out
     }
 
@@ -1591,7 +1833,14 @@ impl Scenario {
     pub fn from_boot(boot: &crate::transcript::BootLine) -> Result<Scenario, BootFieldError> {
         let bad = |k: &str, v: &str| BootFieldError(format!("`{k}={v}` is not a valid value"));
         let mut keys: Vec<&str> = BOOT_KEYS.to_vec();
-        keys.extend(["mutation", "trampoline"]);
+        keys.extend([
+            "mutation",
+            "trampoline",
+            "cpu_facts",
+            "host_cr4",
+            "nmi_storm",
+            "la57",
+        ]);
         for (k, _) in &boot.scenario {
             if !keys.contains(&k.as_str()) {
                 return Err(BootFieldError(format!("unknown field `{k}`")));
@@ -1627,6 +1876,7 @@ impl Scenario {
         s.options.revision = match get("revision")? {
             "a" => vmm_switcher::templates::Revision::A,
             "b" => vmm_switcher::templates::Revision::B,
+            "c" => vmm_switcher::templates::Revision::C,
             v => return Err(bad("revision", v)),
         };
         s.options.stats = flag("stats")?;
@@ -1672,6 +1922,12 @@ impl Scenario {
                 Some(args)
             }
         };
+        let facts = get("cpu_facts")?;
+        s.cpu = parse_cpu_facts(facts).ok_or_else(|| bad("cpu_facts", facts))?;
+        let cr4_name = get("host_cr4")?;
+        s.host_cr4 = HostCr4::from_name(cr4_name).ok_or_else(|| bad("host_cr4", cr4_name))?;
+        s.nmi_storm = flag("nmi_storm")?;
+        s.options.la57 = flag("la57")?;
         s.trips = boot.trips;
         s.vcpus = boot.vcpus;
         if s.host_mode().name() != boot.mode {
@@ -1685,11 +1941,22 @@ impl Scenario {
         Ok(s)
     }
 
+    /// The CPU features the image refuses to run with: those its CPU facts
+    /// say are absent (NX, SEP, SYSCALL; FXSR is always required), since the
+    /// code was relocated for a CPU without them.
+    pub fn cpu_refusals(&self) -> Vec<crate::hostkernel::CpuFeature> {
+        crate::cpumodel::fact_features(&self.cpu)
+            .into_iter()
+            .filter(|(_, present)| !present)
+            .map(|(f, _)| f)
+            .collect()
+    }
+
     /// The CPU features this scenario needs beyond what the host kernel
     /// itself checks: PAE and long mode for the hypervisor context's paging,
-    /// NX where the switcher sets EFER.NXE (long-mode targets), FXSR,
-    /// SYSENTER where the switcher saves the host's SYSENTER MSRs, SSE2 for
-    /// the 32-bit family's hooks, x2APIC for an x2APIC host.
+    /// FXSR, every feature the CPU facts say is present (NX, SEP, SYSCALL:
+    /// the code was relocated for a CPU with them), SSE2 for the 32-bit
+    /// family's hooks, x2APIC for an x2APIC host.
     pub fn cpu_requirements(&self) -> Vec<crate::hostkernel::CpuFeature> {
         use crate::hostkernel::CpuFeature as F;
         let mut v = vec![F::Fxsr, F::Apic];
@@ -1700,21 +1967,15 @@ impl Scenario {
         if self.host_mode() == HostMode::Amd64 || self.long_mode_target() {
             v.push(F::LongMode);
         }
-        let cpu = VmmConfig::default().cpu;
-        if !self.is_stub() {
-            if self.long_mode_target() && cpu.nx {
-                v.push(F::Nx);
-            }
-            if cpu.host_sysenter {
-                v.push(F::Sep);
-            }
-            if !self.uses_far_helper() && self.trampoline_args.is_none() {
-                v.push(F::Sse2);
+        for (f, present) in crate::cpumodel::fact_features(&self.cpu) {
+            if present {
+                v.push(f);
             }
         }
-        if self.host_x2apic {
-            v.push(F::X2apic);
+        if !self.is_stub() && !self.uses_far_helper() && self.trampoline_args.is_none() {
+            v.push(F::Sse2);
         }
+        v.extend(crate::cpumodel::host_needs(self).into_iter().map(|(_, f)| f));
         v
     }
 }
@@ -1733,15 +1994,33 @@ fn keyword(line: &str) -> &str {
 }
 
 /// The protocol lines a passing run of `b` prints, by keyword, in order.
-fn expected_keywords(s: &Scenario, b: &Built) -> Vec<String> {
+///
+/// With the NMI storm, a `PIT` line follows `APIC`, and each call the storm
+/// targeted prints a `STORM` line before its `TRIP` line; how many calls it
+/// targets is the storm's to decide (see [`crate::storm`]), so their number
+/// is `storm_lines`.
+fn expected_keywords(s: &Scenario, b: &Built, storm_lines: usize) -> Vec<String> {
     let t = &b.testbed;
     let mut k: Vec<String> = vec!["BOOT".into(), "HOST".into()];
     if t.mode == HostMode::Amd64 {
         k.push("HOST64".into());
     }
     k.push("APIC".into());
-    let traced = s.trips.min(t.trace_trips) as usize * t.vcpus.len();
-    k.extend(std::iter::repeat_n("TRIP".to_owned(), traced));
+    if s.nmi_storm {
+        k.push("PIT".into());
+    }
+    let n_vcpus = t.vcpus.len();
+    let storm_lines = if s.nmi_storm { storm_lines } else { 0 };
+    let traced = s.trips.min(t.trace_trips) as usize * n_vcpus;
+    let calls = (s.trips as usize * n_vcpus).max(traced).max(storm_lines);
+    for call in 0..calls {
+        if call < storm_lines {
+            k.push("STORM".into());
+        }
+        if call < traced {
+            k.push("TRIP".into());
+        }
+    }
     k.extend(std::iter::repeat_n("VCPU".to_owned(), t.vcpus.len()));
     k.extend(["SUMMARY".into(), "NMI".into()]);
     for d in &t.dumps {
@@ -1754,6 +2033,36 @@ fn expected_keywords(s: &Scenario, b: &Built) -> Vec<String> {
     }
     k.extend(["RESULT".into(), "CRC".into()]);
     k
+}
+
+/// The host the kernel reports (`HOST` line) is the one the scenario asks
+/// for: today's CR4 bits all set, the APIC in x2APIC mode when asked.
+fn host_config_failures(s: &Scenario, r: &crate::transcript::Report) -> Vec<String> {
+    let mut f = Vec::new();
+    let Some(h) = &r.host else {
+        return f;
+    };
+    if s.host_cr4 == HostCr4::Today {
+        let want = crate::hostkernel::CR4_TODAY;
+        if u64::from(h.cr4) & want != want {
+            f.push(format!(
+                "the host ran with CR4 {:#x}, not today's (bits {want:#x} set)",
+                h.cr4
+            ));
+        }
+    }
+    let la57 = cpum::regs::Cr4::LA57.bits();
+    if s.la57() && u64::from(h.cr4) & la57 == 0 {
+        f.push(format!(
+            "the host ran with CR4 {:#x}, without LA57 (5-level paging)",
+            h.cr4
+        ));
+    }
+    let x2_on = h.features & crate::hostkernel::FEATURE_X2APIC_ON != 0;
+    if s.host_x2apic && !x2_on {
+        f.push("the host APIC did not run in x2APIC mode".into());
+    }
+    f
 }
 
 /// Every check of the transcript itself: integrity (checksum, nothing
@@ -1784,7 +2093,14 @@ fn transcript_failures(s: &Scenario, b: &Built, r: &crate::transcript::Report) -
     }
     // Failure lines.
     if let Some(c) = &r.cpu_refusal {
-        f.push(format!("the CPU has no {} (CPUID {})", c.feature, c.cpuid));
+        if c.present {
+            f.push(format!(
+                "the CPU has {} (CPUID {}), which the image was relocated without",
+                c.feature, c.cpuid
+            ));
+        } else {
+            f.push(format!("the CPU has no {} (CPUID {})", c.feature, c.cpuid));
+        }
     }
     for e in r.errors.iter().take(2) {
         f.push(format!("ERROR {e}"));
@@ -1809,7 +2125,7 @@ fn transcript_failures(s: &Scenario, b: &Built, r: &crate::transcript::Report) -
         });
     }
     // Completeness: the exact line sequence of a passing run.
-    let want = expected_keywords(s, b);
+    let want = expected_keywords(s, b, r.storm.len());
     let got: Vec<&str> = r.lines.iter().map(|l| keyword(l)).collect();
     let first_diff = (0..want.len().max(got.len()))
         .find(|&i| got.get(i).copied() != want.get(i).map(String::as_str));
@@ -1826,6 +2142,7 @@ fn transcript_failures(s: &Scenario, b: &Built, r: &crate::transcript::Report) -
     }
     f.extend(boot_failures(s, b, r));
     f.extend(count_failures(s, b, r));
+    f.extend(host_config_failures(s, r));
     for d in &b.testbed.dumps {
         match r.dump(&d.name) {
             None => f.push(format!("no `{}` dump", d.name)),
@@ -2003,7 +2320,7 @@ fn count_failures(s: &Scenario, b: &Built, r: &crate::transcript::Report) -> Vec
             w(r.vcpus.iter().map(|v| v.tsc_max).max().unwrap_or(0)),
         ),
         ("nmis", w(sm.nmis), w(r.nmi_count.unwrap_or(u32::MAX))),
-        ("nmis", w(sm.nmis), 0),
+        ("nmis", w(sm.nmis), if s.nmi_storm { w(sm.nmis) } else { 0 }),
     ];
     for (k, got, want) in checks {
         if got != want {

@@ -11,6 +11,7 @@
 //! |---|---|
 //! | `BOOT` | `mode` (`legacy32`/`pae`/`amd64`), `mbeax` hex, `trips`, `vcpus`, `items` dec, `entry` hex (16 digits on AMD64), then the scenario's own `key=value` fields ([`BootLine::scenario`]) |
 //! | `NOCPU` | `feature` (a name such as `pae`, `long-mode`), `cpuid` (`leaf.register.bit`): the CPU lacks what the build needs; the run stops |
+//! | `CPUEXTRA` | `feature`, `cpuid` as `NOCPU`: the CPU has a feature the image was relocated for a CPU without (its CPU facts say `nx`, `sep` or `syscall` is absent); the run stops |
 //! | `HOST` | `cr0`, `cr3`, `cr4` hex, `efer` 16 hex digits, `sysenter_cs`, `magic`, `fs0`, `features` hex |
 //! | `HOST64` | `fs_base`, `gs_base`, `kernel_gs_base`, `star`, `lstar`, `sfmask`, `cr8` 16 hex digits (AMD64 host only) |
 //! | `APIC` | `base`, `ver`, `lint0`, `lint1`, `perf`, `therm`, `svr` hex |
@@ -21,6 +22,8 @@
 //! | `VCPU` | `vcpu` dec, `arg2` hex, `calls`, `mismatches`, `retfails`, `hookfails`, `tsc_min`, `tsc_max` dec, `tsc_sum` 16 hex digits, `tsc_first`, `tsc_second` dec |
 //! | `SUMMARY` | `trips`, `calls`, `mismatches`, `retfails`, `hookfails`, `nmis`, `spurious`, `tsc_min`, `tsc_max` dec, `tsc_sum` 16 hex digits |
 //! | `NMI` | `count` dec |
+//! | `PIT` | `divisor` dec, `e1` … `e6` dec: the TSC of the first six NMIs the storm's PIT raised, less the TSC at the count's load (NMI storm only) |
+//! | `STORM` | `o`, `len`, `nmis`, `dt` dec, `ip` hex (16 digits on AMD64), `ctx` hex, `far` dec, `far_ip` hex: one storm call (NMI storm only; see `hostkernel::storm`) |
 //! | `DUMP` | `addr` hex (16 digits for a 64-bit address), `len` hex, `name`; followed by `H <hex bytes>` lines and `END` |
 //! | `EXC` | `vec`, `err`, `eip`, `cs`, `eflags`, `cr2` hex, `trip`, `vcpu`, `phase` dec; on AMD64 `eip` and `cr2` have 16 digits and `rsp` follows `cr2` |
 //! | `EXC2` | `vec`, `err`, `eip` hex (an exception inside the exception path; `eip` 16 digits on AMD64) |
@@ -154,14 +157,18 @@ impl BootLine {
     }
 }
 
-/// A `NOCPU` line: the CPU lacks a feature the build needs, so the kernel
-/// refused to run.
+/// A `NOCPU` line (the CPU lacks a feature the build needs) or a
+/// `CPUEXTRA` line (the CPU has a feature the image was relocated for a CPU
+/// without): the kernel refused to run.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CpuRefusal {
-    /// The missing feature (`pae`, `long-mode`, `fxsr`, `apic`, …).
+    /// The feature (`pae`, `long-mode`, `fxsr`, `apic`, `nx`, `sep`, …).
     pub feature: String,
     /// Where CPUID reports it, `leaf.register.bit` (e.g. `00000001.edx.6`).
     pub cpuid: String,
+    /// `true` for `CPUEXTRA`: the CPU has the feature the image's CPU
+    /// facts say is absent; `false` for `NOCPU`: the CPU lacks it.
+    pub present: bool,
 }
 
 /// The `HOST` line: the host state the kernel established.
@@ -393,6 +400,37 @@ pub struct FarExceptionInfo {
     pub rip: u64,
 }
 
+/// The `PIT` line of an NMI storm: when the first edges arrived.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PitLine {
+    /// The PIT divisor programmed.
+    pub divisor: u32,
+    /// The handler's TSC at each of the first six NMIs, less the TSC at the
+    /// count's load.
+    pub edges: [u32; 6],
+}
+
+/// One `STORM` line: a call of the NMI storm (see `hostkernel::storm`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StormLine {
+    /// The target: the edge was placed this many instructions into the entry.
+    pub o: u32,
+    /// The call's path length in instructions (entry to return, far side included).
+    pub len: u32,
+    /// NMIs the host took during the call.
+    pub nmis: u32,
+    /// The first one's TSC less the call's (0 without one).
+    pub dt: u32,
+    /// The instruction pointer it interrupted (0 without one).
+    pub ip: u64,
+    /// Its context word (`hostkernel::storm::ctx`).
+    pub ctx: u32,
+    /// NMIs the far side has taken so far (its mailbox counter).
+    pub far: u32,
+    /// The instruction pointer (low half) the far side's first NMI interrupted.
+    pub far_ip: u32,
+}
+
 /// A memory region dumped as hex (`DUMP` … `END`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Dump {
@@ -448,6 +486,10 @@ pub struct Report {
     pub summary: Option<Summary>,
     /// `NMI count=`.
     pub nmi_count: Option<u32>,
+    /// `PIT` (NMI storm only).
+    pub pit: Option<PitLine>,
+    /// `STORM` lines, in order (NMI storm only).
+    pub storm: Vec<StormLine>,
     /// `EXC`.
     pub exception: Option<ExceptionInfo>,
     /// `EXC2`.
@@ -746,11 +788,12 @@ impl Report {
                 });
                 once(&mut self.boot, boot.flatten(), kw, p)
             }
-            "NOCPU" => {
+            "NOCPU" | "CPUEXTRA" => {
                 let c = f.exact(&["feature", "cpuid"]).then(|| {
                     Some(CpuRefusal {
                         feature: f.str("feature")?,
                         cpuid: f.str("cpuid")?,
+                        present: kw == "CPUEXTRA",
                     })
                 });
                 once(&mut self.cpu_refusal, c.flatten(), kw, p)
@@ -940,6 +983,40 @@ impl Report {
             "NMI" => {
                 let n = f.exact(&["count"]).then(|| f.dec("count")).flatten();
                 once(&mut self.nmi_count, n, kw, p)
+            }
+            "PIT" => {
+                let keys = ["divisor", "e1", "e2", "e3", "e4", "e5", "e6"];
+                let pit = f.exact(&keys).then(|| {
+                    let mut edges = [0u32; 6];
+                    for (e, k) in edges.iter_mut().zip(&keys[1..]) {
+                        *e = f.dec(k)?;
+                    }
+                    Some(PitLine {
+                        divisor: f.dec("divisor")?,
+                        edges,
+                    })
+                });
+                once(&mut self.pit, pit.flatten(), kw, p)
+            }
+            "STORM" => {
+                let keys = ["o", "len", "nmis", "dt", "ip", "ctx", "far", "far_ip"];
+                push(
+                    &mut self.storm,
+                    f.exact(&keys)
+                        .then(|| {
+                            Some(StormLine {
+                                o: f.dec("o")?,
+                                len: f.dec("len")?,
+                                nmis: f.dec("nmis")?,
+                                dt: f.dec("dt")?,
+                                ip: f.hex64("ip")?,
+                                ctx: f.hex("ctx")?,
+                                far: f.dec("far")?,
+                                far_ip: f.hex("far_ip")?,
+                            })
+                        })
+                        .flatten(),
+                )
             }
             "DUMP" => {
                 let d = f

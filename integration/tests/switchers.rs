@@ -59,7 +59,7 @@ fn last_cookie(s: &Scenario, xor: u32) -> impl Fn(u32) -> u32 {
 fn both_switchers_both_revisions_thousand_trips_two_vcpus_deterministic() {
     let Some(q) = support::qemu() else { return };
     for kind in KINDS {
-        for revision in [Revision::A, Revision::B] {
+        for revision in Revision::ALL {
             let mut s = Scenario::new(kind);
             s.options.revision = revision;
             s.trips = 1000;
@@ -257,7 +257,7 @@ const RC_KINDS: [SwitcherKind; 4] = [
 fn pae_and_32bit_family_thousand_trips_both_revisions() {
     let Some(q) = support::qemu() else { return };
     for kind in RC_KINDS {
-        for revision in [Revision::A, Revision::B] {
+        for revision in Revision::ALL {
             let mut s = Scenario::new(kind);
             s.options.revision = revision;
             let r = go(&s, &q);
@@ -441,7 +441,7 @@ fn x86_stub_returns_the_stub_status_and_touches_nothing() {
 fn x2apic_option_on_an_xapic_host_takes_the_mmio_path() {
     let Some(q) = support::qemu() else { return };
     for kind in [SwitcherKind::Legacy32ToAmd64, SwitcherKind::PaeToPae] {
-        for revision in [Revision::A, Revision::B] {
+        for revision in Revision::ALL {
             let mut s = Scenario::new(kind);
             s.trips = 50;
             s.options.x2apic = true;
@@ -462,7 +462,7 @@ fn x2apic_option_on_an_xapic_host_takes_the_mmio_path() {
 fn amd64_host_family_thousand_trips_both_revisions_and_trampoline() {
     let Some(q) = support::qemu() else { return };
     for kind in [SwitcherKind::Amd64To32, SwitcherKind::Amd64ToPae] {
-        for revision in [Revision::A, Revision::B] {
+        for revision in Revision::ALL {
             let mut s = Scenario::new(kind);
             s.options.revision = revision;
             assert!(
@@ -532,7 +532,7 @@ fn amd64_host_family_thousand_trips_both_revisions_and_trampoline() {
 #[test]
 fn amd64_to_amd64_thousand_trips_both_revisions_and_trampoline() {
     let Some(q) = support::qemu() else { return };
-    for revision in [Revision::A, Revision::B] {
+    for revision in Revision::ALL {
         let mut s = Scenario::new(SwitcherKind::Amd64ToAmd64);
         s.options.revision = revision;
         let r = go(&s, &q);
@@ -595,7 +595,7 @@ fn every_switcher_with_the_host_apic_in_x2apic_mode() {
         if matches!(kind, SwitcherKind::X86Stub | SwitcherKind::Amd64Stub) {
             continue;
         }
-        for revision in [Revision::A, Revision::B] {
+        for revision in Revision::ALL {
             let mut s = Scenario::new(kind);
             s.options.x2apic = true;
             s.options.revision = revision;

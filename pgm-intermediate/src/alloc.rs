@@ -1,6 +1,8 @@
 //! Where the page tables live: the [`TableMemory`] / [`PageAllocator`] traits
 //! and the contiguous, `Vec`-backed [`VecAllocator`].
 
+use heap::{vec, vec::Vec};
+
 use crate::{FOUR_GIB, PAGE_SIZE};
 
 /// A table-memory access at a physical address that the memory does not back.
@@ -283,6 +285,7 @@ impl PageAllocator for VecAllocator {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use std::string::ToString;
 
     #[test]
     fn region_checks_name_the_value() {

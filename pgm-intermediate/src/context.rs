@@ -1,9 +1,11 @@
 //! [`IntermediateContext`]: the three roots, `map`, `unmap`, `translate`.
 
+use heap::vec::Vec;
+
 use crate::walk::{self, decode, levels, read_at, read_entry, table_addr_mask, Decoded};
 use crate::{
-    is_canonical, AllocError, EntryFlags, Flavour, Flavours, Level, MapFlags, Mapping, MemoryError,
-    PageAllocator, PageSize, Translation, WalkError, FOUR_GIB, PAGE_SIZE,
+    is_canonical, is_canonical57, AllocError, EntryFlags, Flavour, Flavours, Level, MapFlags,
+    Mapping, MemoryError, PageAllocator, PageSize, Translation, WalkError, FOUR_GIB, PAGE_SIZE,
 };
 
 /// Flags of every directory (non-leaf) entry the context creates.
@@ -16,7 +18,8 @@ const LEAF_FLAGS: u64 =
 /// [`IntermediateContext::new`] failed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, thiserror::Error)]
 pub enum NewError {
-    /// The allocator ran out of pages for the seven root pages.
+    /// The allocator ran out of pages for the root pages (seven, eight
+    /// with the PML5).
     #[error("cannot allocate the intermediate root tables")]
     Alloc(#[from] AllocError),
     /// The allocator handed out a page that is not aligned or not below 4 GiB.
@@ -90,6 +93,15 @@ pub enum RangeError {
 /// [`IntermediateContext::map`] failed; nothing was mapped.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, thiserror::Error)]
 pub enum MapError {
+    /// Every flavour asked for is one this context does not build (5-level
+    /// paging in a context from [`IntermediateContext::new`]).
+    #[error(
+        "this intermediate context has no {flavour} tables (see IntermediateContext::with_la57)"
+    )]
+    NotBuilt {
+        /// The first flavour asked for.
+        flavour: Flavour,
+    },
     /// The range is unusable.
     #[error(transparent)]
     Range(#[from] RangeError),
@@ -147,6 +159,12 @@ pub enum MapError {
 /// [`IntermediateContext::unmap`] failed; nothing was unmapped.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, thiserror::Error)]
 pub enum UnmapError {
+    /// Every flavour asked for is one this context does not build.
+    #[error("this intermediate context has no {flavour} tables")]
+    NotBuilt {
+        /// The first flavour asked for.
+        flavour: Flavour,
+    },
     /// The range is unusable.
     #[error(transparent)]
     Range(#[from] RangeError),
@@ -172,15 +190,18 @@ pub enum UnmapError {
 ///
 /// [`new`](Self::new) allocates the seven root pages: the 32-bit PD, the PAE
 /// PDPT with its four PDs (PDPTEs preset, as PAE loads all four with CR3),
-/// and the PML4. Lower tables are allocated by [`map`](Self::map) as needed,
-/// one page table per 4 MiB (32-bit) or 2 MiB (PAE, long) region touched,
-/// never shared between directory entries. Tables are never freed.
+/// and the PML4; [`with_la57`](Self::with_la57) an eighth, the PML5 of the
+/// 5-level tables. Lower tables are allocated by [`map`](Self::map) as
+/// needed, one page table per 4 MiB (32-bit) or 2 MiB (PAE, long) region
+/// touched, never shared between directory entries (nor between the 4-level
+/// and 5-level tables). Tables are never freed.
 #[derive(Clone, Debug)]
 pub struct IntermediateContext<A> {
     alloc: A,
     pd32: u32,
     pdpt_pae: u32,
     pml4: u32,
+    pml5: Option<u32>,
 }
 
 fn table_page(phys: u64) -> Option<u32> {
@@ -206,6 +227,9 @@ fn virt_pages(virt: u64, len: u64, flavours: Flavours) -> Result<u64, RangeError
             // Both ends canonical and in the same half: no hole in between.
             Flavour::Long => {
                 is_canonical(virt) && is_canonical(last) && (virt >> 47) == (last >> 47)
+            }
+            Flavour::La57 => {
+                is_canonical57(virt) && is_canonical57(last) && (virt >> 56) == (last >> 56)
             }
         };
         if !ok {
@@ -247,7 +271,7 @@ fn span(start: u64, pages: u64) -> Option<u64> {
 fn requested_flags(flavour: Flavour, flags: MapFlags) -> MapFlags {
     match flavour {
         Flavour::Legacy32 => flags - MapFlags::NO_EXECUTE,
-        Flavour::Pae | Flavour::Long => flags,
+        Flavour::Pae | Flavour::Long | Flavour::La57 => flags,
     }
 }
 
@@ -277,7 +301,48 @@ impl<A: PageAllocator> IntermediateContext<A> {
             pd32,
             pdpt_pae,
             pml4,
+            pml5: None,
         })
+    }
+
+    /// [`new`](Self::new), plus the 5-level tables ([`Flavour::La57`]): an
+    /// eighth root page, the PML5, whose entries point to PML4s of their
+    /// own. For hosts running with CR4.LA57 (8 pages).
+    ///
+    /// # Errors
+    ///
+    /// As [`new`](Self::new).
+    pub fn with_la57(alloc: A) -> Result<Self, NewError> {
+        let mut ctx = Self::new(alloc)?;
+        let phys = ctx.alloc.alloc_zeroed()?;
+        ctx.pml5 = Some(table_page(phys).ok_or(NewError::BadTablePage { phys })?);
+        Ok(ctx)
+    }
+
+    /// CR3 for 5-level paging: the PML5's physical address, below 4 GiB
+    /// (`FIX_INTER_LA57_CR3`); `None` for a context from [`new`](Self::new).
+    pub fn cr3_la57(&self) -> Option<u32> {
+        self.pml5
+    }
+
+    /// Whether this context builds `flavour`'s tables (all but
+    /// [`Flavour::La57`] always; that one with [`with_la57`](Self::with_la57)).
+    pub fn has(&self, flavour: Flavour) -> bool {
+        flavour != Flavour::La57 || self.pml5.is_some()
+    }
+
+    /// The flavours of `flavours` this context builds; an error naming the
+    /// first one asked for when that leaves none.
+    fn built(&self, flavours: Flavours) -> Result<Flavours, Flavour> {
+        let built = if self.pml5.is_some() {
+            flavours
+        } else {
+            flavours - Flavours::LA57
+        };
+        match flavours.flavours().next() {
+            Some(first) if built.is_empty() => Err(first),
+            _ => Ok(built),
+        }
     }
 
     /// CR3 for 32-bit paging: the page directory's physical address
@@ -298,12 +363,28 @@ impl<A: PageAllocator> IntermediateContext<A> {
         self.pml4
     }
 
-    /// The CR3 value of `flavour`.
+    /// The CR3 value of `flavour`; 0 for [`Flavour::La57`] in a context
+    /// without it ([`has`](Self::has); [`cr3_la57`](Self::cr3_la57) says so
+    /// as an `Option`).
     pub fn cr3(&self, flavour: Flavour) -> u32 {
         match flavour {
             Flavour::Legacy32 => self.pd32,
             Flavour::Pae => self.pdpt_pae,
             Flavour::Long => self.pml4,
+            Flavour::La57 => self.pml5.unwrap_or(0),
+        }
+    }
+
+    /// The root of `flavour`, or the walk error for a flavour not built.
+    fn root(&self, flavour: Flavour, virt: u64) -> Result<u64, WalkError> {
+        if self.has(flavour) {
+            Ok(u64::from(self.cr3(flavour)))
+        } else {
+            Err(WalkError::NotPresent {
+                virt,
+                flavour,
+                level: Level::Pml5,
+            })
         }
     }
 
@@ -330,7 +411,19 @@ impl<A: PageAllocator> IntermediateContext<A> {
     /// [`WalkError`] when `virt` is not mapped or not a linear address of
     /// the flavour, or the tables are malformed.
     pub fn translate(&self, flavour: Flavour, virt: u64) -> Result<Translation, WalkError> {
-        walk::walk(&self.alloc, flavour, u64::from(self.cr3(flavour)), virt)
+        walk::walk(&self.alloc, flavour, self.root(flavour, virt)?, virt)
+    }
+
+    /// [`translate`](Self::translate) for runs of neighbouring pages: the
+    /// directory entries are read once per page table (`cache`, which the
+    /// caller clears whenever it writes a directory entry).
+    fn translate_cached(
+        &self,
+        flavour: Flavour,
+        virt: u64,
+        cache: &mut walk::WalkCache,
+    ) -> Result<Translation, WalkError> {
+        walk::walk_cached(&self.alloc, flavour, self.root(flavour, virt)?, virt, cache)
     }
 
     /// Every mapping of `flavour`, merged into runs, in ascending linear
@@ -340,6 +433,9 @@ impl<A: PageAllocator> IntermediateContext<A> {
     ///
     /// [`WalkError`] when the tables are malformed.
     pub fn mappings(&self, flavour: Flavour) -> Result<Vec<Mapping>, WalkError> {
+        if !self.has(flavour) {
+            return Ok(Vec::new());
+        }
         walk::list(&self.alloc, flavour, u64::from(self.cr3(flavour)))
     }
 
@@ -347,9 +443,13 @@ impl<A: PageAllocator> IntermediateContext<A> {
     /// physical `phys` with leaf attributes `flags`, in every flavour of
     /// `flavours`, using 4 KiB pages.
     ///
+    /// Flavours the context does not build are left out of `flavours`
+    /// ([`MapError::NotBuilt`] when that leaves none), so
+    /// [`Flavours::all()`] is every flavour this context has.
+    ///
     /// `virt` and `phys` must be 4 KiB aligned. For 32-bit and PAE paging the
     /// linear range must lie below 4 GiB; for long mode it must lie in one
-    /// canonical half. The physical range must lie below 4 GiB for 32-bit
+    /// canonical half (48-bit, or 57-bit for 5-level paging). The physical range must lie below 4 GiB for 32-bit
     /// paging and below 2^52 otherwise. New directory entries are
     /// P | R/W | A, plus U/S when `flags` has [`MapFlags::USER`] (which is
     /// also added to existing directory entries on the way); leaves are
@@ -380,6 +480,9 @@ impl<A: PageAllocator> IntermediateContext<A> {
         if unknown != 0 {
             return Err(MapError::UnknownFlags { bits: unknown });
         }
+        let flavours = self
+            .built(flavours)
+            .map_err(|flavour| MapError::NotBuilt { flavour })?;
         let pages = virt_pages(virt, len, flavours)?;
         check_phys(phys, len, pages, flavours)?;
 
@@ -397,11 +500,12 @@ impl<A: PageAllocator> IntermediateContext<A> {
         }
 
         // Pass 1: conflicts, page by page.
+        let mut cache = walk::WalkCache::default();
         for flavour in flavours.flavours() {
             let want = requested_flags(flavour, flags);
             for page in 0..pages {
                 let (v, p) = (virt + page * PAGE_SIZE, phys + page * PAGE_SIZE);
-                match self.translate(flavour, v) {
+                match self.translate_cached(flavour, v, &mut cache) {
                     Ok(t) if t.phys == p && t.flags == want => {}
                     Ok(t) => {
                         return Err(MapError::Conflict {
@@ -436,10 +540,24 @@ impl<A: PageAllocator> IntermediateContext<A> {
             let leaf_bits = requested_flags(flavour, flags).bits() | LEAF_FLAGS;
             for page in 0..pages {
                 let v = virt + page * PAGE_SIZE;
-                if self.translate(flavour, v).is_ok() {
-                    continue;
-                }
                 let leaf = (phys + page * PAGE_SIZE) | leaf_bits;
+                match self.translate_cached(flavour, v, &mut cache) {
+                    Ok(_) => continue,
+                    // Every directory is there and none needs U/S: what
+                    // `install` would do is write the page-table entry.
+                    Err(WalkError::NotPresent {
+                        level: Level::Pt, ..
+                    }) if !user => {
+                        let root = self.root(flavour, v)?;
+                        if let Some(addr) = cache.pt_entry(flavour, root, v) {
+                            self.write_entry(flavour, addr, leaf)?;
+                            continue;
+                        }
+                    }
+                    Err(_) => {}
+                }
+                // Installing may write directory entries (new tables, U/S).
+                cache.clear();
                 self.install(flavour, v, leaf, user, &mut pool)?;
             }
         }
@@ -552,7 +670,7 @@ impl<A: PageAllocator> IntermediateContext<A> {
         match flavour {
             // Callers guarantee addresses below 4 GiB and no bit 63 here.
             Flavour::Legacy32 => self.alloc.write_u32(addr, value as u32),
-            Flavour::Pae | Flavour::Long => self.alloc.write_u64(addr, value),
+            Flavour::Pae | Flavour::Long | Flavour::La57 => self.alloc.write_u64(addr, value),
         }
     }
 
@@ -565,12 +683,16 @@ impl<A: PageAllocator> IntermediateContext<A> {
     ///
     /// [`UnmapError`]: a bad range, a page inside a large page, or malformed tables.
     pub fn unmap(&mut self, virt: u64, len: u64, flavours: Flavours) -> Result<usize, UnmapError> {
+        let flavours = self
+            .built(flavours)
+            .map_err(|flavour| UnmapError::NotBuilt { flavour })?;
         let pages = virt_pages(virt, len, flavours)?;
         let mut clear = Vec::new();
+        let mut cache = walk::WalkCache::default();
         for flavour in flavours.flavours() {
             for page in 0..pages {
                 let v = virt + page * PAGE_SIZE;
-                match self.translate(flavour, v) {
+                match self.translate_cached(flavour, v, &mut cache) {
                     Ok(t) if t.page_size == PageSize::Size4K => {
                         if let Some(leaf) = t.path.leaf() {
                             clear.push((flavour, leaf.entry_addr(flavour)));

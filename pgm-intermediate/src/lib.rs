@@ -16,6 +16,13 @@
 //! | [`Legacy32`](Flavour::Legacy32) | page directory, 1024 × 32-bit | §4.3 "32-Bit Paging" | [`cr3_32`](IntermediateContext::cr3_32) |
 //! | [`Pae`](Flavour::Pae) | PDPT (4 entries) + 4 page directories | §4.4 "PAE Paging" | [`cr3_pae`](IntermediateContext::cr3_pae) |
 //! | [`Long`](Flavour::Long) | PML4 | §4.5 "4-Level Paging" | [`cr3_amd64`](IntermediateContext::cr3_amd64) |
+//! | [`La57`](Flavour::La57) | PML5, whose entries point to PML4s | §4.5 "5-Level Paging" (CR4.LA57) | [`cr3_la57`](IntermediateContext::cr3_la57) |
+//!
+//! The 5-level tables exist only in a context made with
+//! [`IntermediateContext::with_la57`], for hosts running with CR4.LA57:
+//! their HC addresses are canonical in 57 bits (`0xff00_0000_c040_0000`
+//! lies in PML5 entry 256), and a switcher that loads an intermediate CR3
+//! while still in long mode cannot change LA57 there.
 //!
 //! Every table page lives below 4 GiB, because the CR3 values are loaded from
 //! 32-bit code. Tables come from a [`PageAllocator`]; [`VecAllocator`] is a
@@ -73,6 +80,12 @@
 //! assert_eq!((base, image.len()), (0x10_0000, 32 * 4096));
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
+
+#![no_std]
+
+extern crate alloc as heap;
+#[cfg(test)]
+extern crate std;
 
 mod alloc;
 mod context;
@@ -157,11 +170,22 @@ pub enum Flavour {
     /// 4-level paging (long mode): PML4 → PDPT → PD → PT, 48-bit canonical
     /// linear addresses (SDM §4.5).
     Long,
+    /// 5-level paging (long mode with CR4.LA57): PML5 → PML4 → PDPT → PD →
+    /// PT, 57-bit canonical linear addresses (SDM §4.5). Built only by a
+    /// context from [`IntermediateContext::with_la57`].
+    La57,
 }
 
 impl Flavour {
-    /// All three, in the order `Legacy32`, `Pae`, `Long`.
+    /// The three every context builds, in the order `Legacy32`, `Pae`, `Long`.
     pub const ALL: [Flavour; 3] = [Flavour::Legacy32, Flavour::Pae, Flavour::Long];
+    /// The three of [`Flavour::ALL`], then [`Flavour::La57`].
+    pub const ALL_WITH_LA57: [Flavour; 4] = [
+        Flavour::Legacy32,
+        Flavour::Pae,
+        Flavour::Long,
+        Flavour::La57,
+    ];
 
     /// This flavour's bit in [`Flavours`].
     pub const fn flag(self) -> Flavours {
@@ -169,15 +193,18 @@ impl Flavour {
             Flavour::Legacy32 => Flavours::LEGACY32,
             Flavour::Pae => Flavours::PAE,
             Flavour::Long => Flavours::LONG,
+            Flavour::La57 => Flavours::LA57,
         }
     }
 
     /// Whether `virt` is a linear address of this mode: below 4 GiB for
-    /// 32-bit and PAE paging, canonical (bits 63:47 all equal) for long mode.
+    /// 32-bit and PAE paging, canonical (bits 63:47 all equal) for long
+    /// mode, 57-bit canonical (bits 63:56 all equal) for 5-level paging.
     pub const fn is_valid_virt(self, virt: u64) -> bool {
         match self {
             Flavour::Legacy32 | Flavour::Pae => virt < FOUR_GIB,
             Flavour::Long => is_canonical(virt),
+            Flavour::La57 => is_canonical57(virt),
         }
     }
 
@@ -186,7 +213,7 @@ impl Flavour {
     pub const fn phys_limit(self) -> u64 {
         match self {
             Flavour::Legacy32 => FOUR_GIB,
-            Flavour::Pae | Flavour::Long => MAX_PHYS,
+            Flavour::Pae | Flavour::Long | Flavour::La57 => MAX_PHYS,
         }
     }
 
@@ -194,7 +221,7 @@ impl Flavour {
     pub const fn entry_size(self) -> u64 {
         match self {
             Flavour::Legacy32 => 4,
-            Flavour::Pae | Flavour::Long => 8,
+            Flavour::Pae | Flavour::Long | Flavour::La57 => 8,
         }
     }
 }
@@ -205,12 +232,15 @@ impl fmt::Display for Flavour {
             Flavour::Legacy32 => "32-bit",
             Flavour::Pae => "PAE",
             Flavour::Long => "4-level",
+            Flavour::La57 => "5-level",
         })
     }
 }
 
 bitflags! {
-    /// A set of [`Flavour`]s to map into. The default is all three.
+    /// A set of [`Flavour`]s to map into. The default is all of them: every
+    /// flavour the context builds (the 5-level one only in a context from
+    /// [`IntermediateContext::with_la57`]).
     #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
     pub struct Flavours: u8 {
         /// 32-bit paging.
@@ -219,6 +249,8 @@ bitflags! {
         const PAE = 2;
         /// 4-level paging.
         const LONG = 4;
+        /// 5-level paging.
+        const LA57 = 8;
     }
 }
 
@@ -229,9 +261,9 @@ impl Default for Flavours {
 }
 
 impl Flavours {
-    /// The flavours in this set, in [`Flavour::ALL`] order.
+    /// The flavours in this set, in [`Flavour::ALL_WITH_LA57`] order.
     pub fn flavours(self) -> impl Iterator<Item = Flavour> {
-        Flavour::ALL
+        Flavour::ALL_WITH_LA57
             .into_iter()
             .filter(move |f| self.contains(f.flag()))
     }
@@ -240,6 +272,8 @@ impl Flavours {
 /// A level of the paging hierarchy.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Level {
+    /// Page-map level 5 (5-level paging only).
+    Pml5,
     /// Page-map level 4 (long mode only).
     Pml4,
     /// Page-directory-pointer table (PAE: the 4-entry root; long mode: level 3).
@@ -253,6 +287,7 @@ pub enum Level {
 impl fmt::Display for Level {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
+            Level::Pml5 => "PML5",
             Level::Pml4 => "PML4",
             Level::Pdpt => "PDPT",
             Level::Pd => "PD",
@@ -292,6 +327,13 @@ pub const fn is_canonical(virt: u64) -> bool {
     top == 0 || top == 0x1_ffff
 }
 
+/// Whether `virt` is a canonical 57-bit linear address (5-level paging:
+/// bits 63:56 all equal bit 56).
+pub const fn is_canonical57(virt: u64) -> bool {
+    let top = virt >> 56;
+    top == 0 || top == 0xff
+}
+
 const _: () = {
     assert!(MapFlags::all().bits() == 0x8000_0000_0000_011e);
     assert!(MapFlags::WRITABLE.bits() == EntryFlags::WRITABLE.bits());
@@ -303,10 +345,14 @@ const _: () = {
     assert!(PageSize::Size4K.bytes() == PAGE_SIZE);
     assert!(is_canonical(0x0000_7fff_ffff_f000) && is_canonical(0xffff_8000_0000_0000));
     assert!(!is_canonical(0x0000_8000_0000_0000) && !is_canonical(0xfff7_ffff_ffff_f000));
+    assert!(is_canonical57(0xff00_0000_c040_0000) && !is_canonical(0xff00_0000_c040_0000));
+    assert!(is_canonical57(0x00ff_ffff_ffff_f000) && !is_canonical57(0x0100_0000_0000_0000));
 };
 
 #[cfg(test)]
 mod tests {
+    use std::string::ToString;
+    use std::vec::Vec;
     use super::*;
 
     #[test]

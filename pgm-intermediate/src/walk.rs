@@ -1,5 +1,7 @@
 //! The software page walker and the mapping lister.
 
+use heap::vec::Vec;
+
 use crate::{EntryFlags, Flavour, Level, MapFlags, MemoryError, PageSize, TableMemory, FOUR_GIB};
 
 /// One level of a flavour's hierarchy: which linear-address bits index it,
@@ -46,11 +48,21 @@ const LONG: [LevelSpec; 4] = [
     spec(Level::Pt, 12, 9, None),
 ];
 
+/// SDM §4.5 with CR4.LA57: bits 56:48 index the PML5, then as [`LONG`].
+const LA57: [LevelSpec; 5] = [
+    spec(Level::Pml5, 48, 9, None),
+    spec(Level::Pml4, 39, 9, None),
+    spec(Level::Pdpt, 30, 9, Some(PageSize::Size1G)),
+    spec(Level::Pd, 21, 9, Some(PageSize::Size2M)),
+    spec(Level::Pt, 12, 9, None),
+];
+
 pub(crate) const fn levels(flavour: Flavour) -> &'static [LevelSpec] {
     match flavour {
         Flavour::Legacy32 => &LEGACY32,
         Flavour::Pae => &PAE,
         Flavour::Long => &LONG,
+        Flavour::La57 => &LA57,
     }
 }
 
@@ -58,7 +70,7 @@ pub(crate) const fn levels(flavour: Flavour) -> &'static [LevelSpec] {
 pub(crate) const fn table_addr_mask(flavour: Flavour) -> u64 {
     match flavour {
         Flavour::Legacy32 => 0xffff_f000,
-        Flavour::Pae | Flavour::Long => 0x000f_ffff_ffff_f000,
+        Flavour::Pae | Flavour::Long | Flavour::La57 => 0x000f_ffff_ffff_f000,
     }
 }
 
@@ -68,7 +80,7 @@ pub(crate) const fn root_addr_mask(flavour: Flavour) -> u64 {
     match flavour {
         Flavour::Legacy32 => 0xffff_f000,
         Flavour::Pae => 0xffff_ffe0,
-        Flavour::Long => 0x000f_ffff_ffff_f000,
+        Flavour::Long | Flavour::La57 => 0x000f_ffff_ffff_f000,
     }
 }
 
@@ -90,7 +102,7 @@ pub(crate) fn read_entry<M: TableMemory + ?Sized>(
 ) -> Result<u64, MemoryError> {
     match flavour {
         Flavour::Legacy32 => mem.read_u32(addr).map(u64::from),
-        Flavour::Pae | Flavour::Long => mem.read_u64(addr),
+        Flavour::Pae | Flavour::Long | Flavour::La57 => mem.read_u64(addr),
     }
 }
 
@@ -168,10 +180,10 @@ impl WalkStep {
     }
 }
 
-/// The entries a walk read, root first (at most four).
+/// The entries a walk read, root first (at most five).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct WalkPath {
-    steps: [WalkStep; 4],
+    steps: [WalkStep; 5],
     len: usize,
 }
 
@@ -184,7 +196,7 @@ impl WalkPath {
             entry: 0,
         };
         Self {
-            steps: [EMPTY; 4],
+            steps: [EMPTY; 5],
             len: 0,
         }
     }
@@ -247,54 +259,215 @@ pub fn walk<M: TableMemory + ?Sized>(
     if !flavour.is_valid_virt(virt) {
         return Err(WalkError::VirtOutOfRange { virt, flavour });
     }
-    let mut table = root & root_addr_mask(flavour);
-    let mut path = WalkPath::new();
-    let (mut writable, mut user, mut no_execute) = (true, true, false);
-    for spec in levels(flavour) {
-        let index = spec.index(virt);
-        let entry = read_at(mem, flavour, spec, table, index, virt)?;
-        path.push(WalkStep {
+    match walk_dirs(mem, flavour, root, virt) {
+        Dirs::Done(result) => result,
+        Dirs::Pt(state) => walk_pt(mem, &state, virt),
+    }
+}
+
+/// Effective attributes gathered on the way down, and the entries read.
+#[derive(Clone, Copy, Debug)]
+struct Acc {
+    writable: bool,
+    user: bool,
+    no_execute: bool,
+    path: WalkPath,
+}
+
+/// Where one level of a walk leads.
+enum Next {
+    /// The walk ends here: a translation or an error.
+    Done(Result<Translation, WalkError>),
+    /// The next level's table.
+    Table(u64),
+}
+
+/// One level of [`walk`]: reads the entry for `virt` in `table`.
+fn step<M: TableMemory + ?Sized>(
+    mem: &M,
+    flavour: Flavour,
+    spec: &LevelSpec,
+    table: u64,
+    virt: u64,
+    acc: &mut Acc,
+) -> Next {
+    let index = spec.index(virt);
+    let entry = match read_at(mem, flavour, spec, table, index, virt) {
+        Ok(e) => e,
+        Err(e) => return Next::Done(Err(e)),
+    };
+    acc.path.push(WalkStep {
+        level: spec.level,
+        table,
+        index: index as u16,
+        entry,
+    });
+    if entry & EntryFlags::PRESENT.bits() == 0 {
+        return Next::Done(Err(WalkError::NotPresent {
+            virt,
+            flavour,
             level: spec.level,
-            table,
-            index: index as u16,
-            entry,
-        });
-        if entry & EntryFlags::PRESENT.bits() == 0 {
-            return Err(WalkError::NotPresent {
-                virt,
-                flavour,
-                level: spec.level,
-            });
-        }
-        // PDPTEs carry no R/W, U/S or XD.
-        if !(flavour == Flavour::Pae && spec.level == Level::Pdpt) {
-            writable &= entry & EntryFlags::WRITABLE.bits() != 0;
-            user &= entry & EntryFlags::USER.bits() != 0;
-            no_execute |=
-                flavour != Flavour::Legacy32 && entry & EntryFlags::NO_EXECUTE.bits() != 0;
-        }
-        match decode(flavour, spec, virt, entry)? {
-            Decoded::Leaf { size, base } => {
-                return Ok(Translation {
-                    virt,
-                    phys: base + (virt & (size.bytes() - 1)),
-                    page_size: size,
-                    flags: leaf_flags(flavour, entry),
-                    writable,
-                    user,
-                    no_execute,
-                    path,
-                });
-            }
-            Decoded::Table(next) => table = next,
+        }));
+    }
+    // PDPTEs carry no R/W, U/S or XD.
+    if !(flavour == Flavour::Pae && spec.level == Level::Pdpt) {
+        acc.writable &= entry & EntryFlags::WRITABLE.bits() != 0;
+        acc.user &= entry & EntryFlags::USER.bits() != 0;
+        acc.no_execute |= flavour != Flavour::Legacy32 && entry & EntryFlags::NO_EXECUTE.bits() != 0;
+    }
+    match decode(flavour, spec, virt, entry) {
+        Err(e) => Next::Done(Err(e)),
+        Ok(Decoded::Leaf { size, base }) => Next::Done(Ok(Translation {
+            virt,
+            phys: base + (virt & (size.bytes() - 1)),
+            page_size: size,
+            flags: leaf_flags(flavour, entry),
+            writable: acc.writable,
+            user: acc.user,
+            no_execute: acc.no_execute,
+            path: acc.path,
+        })),
+        Ok(Decoded::Table(next)) => Next::Table(next),
+    }
+}
+
+/// The directory part of a walk that reached a page table: the same for
+/// every address whose directory indices are the same (one page table's
+/// span), so [`walk_cached`] reuses it.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct DirState {
+    flavour: Flavour,
+    root: u64,
+    /// `virt >> shift` of the page-directory level: the page table's span.
+    chunk: u64,
+    /// The page table.
+    table: u64,
+    acc: Acc,
+}
+
+/// The directory levels of a walk.
+enum Dirs {
+    /// The walk ended above the page table (not present, a large page, an error).
+    Done(Result<Translation, WalkError>),
+    /// The page table was reached.
+    Pt(DirState),
+}
+
+/// Every level but the last (the page table) of [`walk`].
+fn walk_dirs<M: TableMemory + ?Sized>(mem: &M, flavour: Flavour, root: u64, virt: u64) -> Dirs {
+    let specs = levels(flavour);
+    let (dirs, _) = specs.split_at(specs.len().saturating_sub(1));
+    let mut table = root & root_addr_mask(flavour);
+    let mut acc = Acc {
+        writable: true,
+        user: true,
+        no_execute: false,
+        path: WalkPath::new(),
+    };
+    for spec in dirs {
+        match step(mem, flavour, spec, table, virt, &mut acc) {
+            Next::Done(result) => return Dirs::Done(result),
+            Next::Table(next) => table = next,
         }
     }
-    // Every hierarchy ends in a PT level, which always returns above.
-    Err(WalkError::NotPresent {
-        virt,
+    Dirs::Pt(DirState {
         flavour,
-        level: Level::Pt,
+        root,
+        chunk: chunk_of(flavour, virt),
+        table,
+        acc,
     })
+}
+
+/// The page-table level of [`walk`], from the directory part.
+fn walk_pt<M: TableMemory + ?Sized>(
+    mem: &M,
+    state: &DirState,
+    virt: u64,
+) -> Result<Translation, WalkError> {
+    let flavour = state.flavour;
+    let mut acc = state.acc;
+    match levels(flavour).last() {
+        Some(spec) => match step(mem, flavour, spec, state.table, virt, &mut acc) {
+            Next::Done(result) => result,
+            // A page-table entry is always a leaf (or not present).
+            Next::Table(_) => Err(WalkError::NotPresent {
+                virt,
+                flavour,
+                level: Level::Pt,
+            }),
+        },
+        None => Err(WalkError::NotPresent {
+            virt,
+            flavour,
+            level: Level::Pt,
+        }),
+    }
+}
+
+/// The page table's span `virt` lies in: its address shifted by the
+/// page-directory level's shift.
+fn chunk_of(flavour: Flavour, virt: u64) -> u64 {
+    let specs = levels(flavour);
+    specs
+        .len()
+        .checked_sub(2)
+        .and_then(|i| specs.get(i))
+        .map_or(virt >> 12, |pd| virt >> pd.shift)
+}
+
+/// A walk's directory part, kept between walks of neighbouring pages.
+/// Valid only while no directory entry changes: clear it after writing one.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct WalkCache(Option<DirState>);
+
+impl WalkCache {
+    /// Forgets the directory part.
+    pub(crate) fn clear(&mut self) {
+        self.0 = None;
+    }
+
+    /// The address of `virt`'s page-table entry when the cache holds the
+    /// directory part of its walk (`flavour` rooted at `root`).
+    pub(crate) fn pt_entry(&self, flavour: Flavour, root: u64, virt: u64) -> Option<u64> {
+        let state = self
+            .0
+            .filter(|s| s.flavour == flavour && s.root == root && s.chunk == chunk_of(flavour, virt))?;
+        let pt = levels(flavour).last()?;
+        Some(state.table + pt.index(virt) * flavour.entry_size())
+    }
+}
+
+/// [`walk`], reusing the directory part of the previous walk through
+/// `cache` when `virt` lies in the same page table: one entry read per page
+/// instead of one per level. Same result as [`walk`] for every input.
+pub(crate) fn walk_cached<M: TableMemory + ?Sized>(
+    mem: &M,
+    flavour: Flavour,
+    root: u64,
+    virt: u64,
+    cache: &mut WalkCache,
+) -> Result<Translation, WalkError> {
+    if !flavour.is_valid_virt(virt) {
+        return Err(WalkError::VirtOutOfRange { virt, flavour });
+    }
+    let chunk = chunk_of(flavour, virt);
+    if let Some(state) = cache
+        .0
+        .filter(|s| s.flavour == flavour && s.root == root && s.chunk == chunk)
+    {
+        return walk_pt(mem, &state, virt);
+    }
+    match walk_dirs(mem, flavour, root, virt) {
+        Dirs::Done(result) => {
+            cache.clear();
+            result
+        }
+        Dirs::Pt(state) => {
+            cache.0 = Some(state);
+            walk_pt(mem, &state, virt)
+        }
+    }
 }
 
 /// Reads entry `index` of the table at `table`, `spec`'s level, on the way to `virt`.
@@ -343,7 +516,11 @@ pub(crate) fn decode(
         return Err(reserved);
     }
     let is_large = entry & EntryFlags::LARGE.bits() != 0;
-    if flavour == Flavour::Long && spec.level == Level::Pml4 && is_large {
+    let top_level = matches!(
+        (flavour, spec.level),
+        (Flavour::Long | Flavour::La57, Level::Pml4) | (Flavour::La57, Level::Pml5)
+    );
+    if top_level && is_large {
         return Err(reserved);
     }
     let size = match spec.large {
@@ -420,6 +597,9 @@ fn visit<M: TableMemory + ?Sized>(
         if flavour == Flavour::Long && virt & (1 << 47) != 0 {
             virt |= 0xffff_0000_0000_0000;
         }
+        if flavour == Flavour::La57 && virt & (1 << 56) != 0 {
+            virt |= 0xfe00_0000_0000_0000;
+        }
         let entry = read_at(mem, flavour, spec, table, index, virt)?;
         if entry & EntryFlags::PRESENT.bits() == 0 {
             continue;
@@ -459,5 +639,6 @@ const _: () = {
     assert!(LEGACY32[0].shift + LEGACY32[0].index_bits == 32);
     assert!(PAE[0].shift + PAE[0].index_bits == 32);
     assert!(LONG[0].shift + LONG[0].index_bits == 48);
+    assert!(LA57[0].shift + LA57[0].index_bits == 57);
     assert!(1u64 << (PAE[0].shift + PAE[0].index_bits) == FOUR_GIB);
 };

@@ -451,7 +451,7 @@ fn straddling_a_directory_boundary_maps_exactly_the_range() {
             Flavours::all()
         };
         c.map(virt, 0x0900_0000, 0x2000, W, flavours).unwrap();
-        for flavour in flavours.flavours() {
+        for flavour in flavours.flavours().filter(|f| c.has(*f)) {
             assert_mapped(&c, flavour, virt, 0x0900_0000, 2, W);
             // Neither neighbour, nor what a shared table would alias.
             let neighbours = [
@@ -759,6 +759,7 @@ fn plant(
         (Flavour::Legacy32, Level::Pd) => (22, 10),
         (Flavour::Legacy32, _) => (12, 10),
         (Flavour::Pae, Level::Pdpt) => (30, 2),
+        (_, Level::Pml5) => (48, 9),
         (_, Level::Pml4) => (39, 9),
         (_, Level::Pdpt) => (30, 9),
         (_, Level::Pd) => (21, 9),

@@ -171,26 +171,45 @@
 //! # Ok::<(), stam::StamError>(())
 //! ```
 
+// Without the default `std` feature only the sample layouts, their hot-path
+// updates and the type/unit vocabulary are built (`no_std`, no allocation):
+// what machine code and a kernel-side embedder touch. The registry, the
+// selection and every renderer need std.
+#![cfg_attr(not(feature = "std"), no_std)]
+
+#[cfg(feature = "std")]
 mod backing;
+#[cfg(feature = "std")]
 mod error;
+#[cfg(feature = "std")]
 mod name;
+#[cfg(feature = "std")]
 mod pattern;
+#[cfg(feature = "std")]
 mod registry;
+#[cfg(feature = "std")]
 mod render;
 mod sample;
+#[cfg(feature = "std")]
 mod snapshot;
 mod types;
 
+#[cfg(feature = "std")]
 pub use backing::{Backing, BackingMut};
+#[cfg(feature = "std")]
 pub use error::{SampleProblem, StamError};
+#[cfg(feature = "std")]
 pub use name::{cmp_names, validate_name, MAX_NAME_LEN};
+#[cfg(feature = "std")]
 pub use pattern::{glob_match, Pattern};
+#[cfg(feature = "std")]
 pub use registry::{
     RegionId, Registry, SampleData, SampleDef, SampleId, SampleInfo, SampleLocation,
 };
 #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
 pub use sample::rdtsc;
 pub use sample::{StamCounter, StamProfile, StamProfileAdv, StamRatioU32};
+#[cfg(feature = "std")]
 pub use snapshot::{SampleValue, Snapshot, Value};
 pub use types::{StamType, StamUnit, StamVisibility};
 /// The zerocopy crate this crate's sample types derive from.

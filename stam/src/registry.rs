@@ -705,9 +705,8 @@ impl Registry {
 
     /// The selected samples as JSON (a serialised [`Snapshot`]).
     pub fn json(&self, pattern: &str, backing: &Backing<'_>) -> Result<String, StamError> {
-        self.snapshot(pattern, backing)?
-            .to_json()
-            .map_err(|e| StamError::Json(e.to_string()))
+        let selected = self.readable(pattern, backing)?;
+        Ok(render::json(self.rows(&selected, backing)))
     }
 }
 

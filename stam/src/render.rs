@@ -304,6 +304,148 @@ fn xml_row(out: &mut String, row: &Row<'_>, with_desc: bool) {
 }
 
 // ---------------------------------------------------------------------------
+// JSON.
+
+/// Appends `s` as a JSON string, quotes included, escaped exactly as
+/// `serde_json` escapes (`"`, `\`, `\b \f \n \r \t`, other control
+/// characters as `\u00xx`; everything else, non-ASCII included, as is).
+fn push_json_str(out: &mut String, s: &str) {
+    out.push('"');
+    let mut rest = s;
+    while let Some(i) = rest.bytes().position(|b| b < 0x20 || b == b'"' || b == b'\\') {
+        out.push_str(&rest[..i]);
+        let b = rest.as_bytes()[i];
+        match b {
+            b'"' => out.push_str("\\\""),
+            b'\\' => out.push_str("\\\\"),
+            0x08 => out.push_str("\\b"),
+            0x0c => out.push_str("\\f"),
+            b'\n' => out.push_str("\\n"),
+            b'\r' => out.push_str("\\r"),
+            b'\t' => out.push_str("\\t"),
+            _ => {
+                const DIGITS: &[u8; 16] = b"0123456789abcdef";
+                out.push_str("\\u00");
+                out.push(char::from(DIGITS[usize::from(b >> 4)]));
+                out.push(char::from(DIGITS[usize::from(b & 0xf)]));
+            }
+        }
+        rest = &rest[i + 1..];
+    }
+    out.push_str(rest);
+    out.push('"');
+}
+
+fn push_json_opt(out: &mut String, v: Option<u64>) {
+    match v {
+        Some(v) => push_u(out, v, 0),
+        None => out.push_str("null"),
+    }
+}
+
+/// Renders the selected samples as the JSON of a [`Snapshot`]
+/// (`crate::Snapshot`), byte for byte what `serde_json` writes for it, but
+/// straight from the rows: no owned snapshot, no per-sample allocation.
+pub(crate) fn json<'a>(rows: impl Iterator<Item = Row<'a>>) -> String {
+    let mut out = String::with_capacity(reserve(&rows, 224));
+    let mut heads = Heads::default();
+    out.push_str("{\"samples\":[");
+    let mut first = true;
+    for row in rows {
+        if !first {
+            out.push(',');
+        }
+        first = false;
+        json_row(&mut out, &row, &mut heads);
+    }
+    out.push_str("]}");
+    out
+}
+
+/// The `,"type":…,"unit":…,"visibility":…` part of a JSON row for each
+/// (type, unit, visibility) seen, written once per rendering.
+#[derive(Default)]
+struct Heads(Vec<Option<String>>);
+
+impl Heads {
+    const UNITS: usize = StamUnit::ALL.len();
+    const VIS: usize = 3;
+
+    fn get(&mut self, ty: StamType, unit: StamUnit, vis: StamVisibility) -> &str {
+        if self.0.is_empty() {
+            self.0 = vec![None; (StamType::ALL.len() + 1) * (Self::UNITS + 1) * (Self::VIS + 1)];
+        }
+        let i = (ty.raw() as usize * (Self::UNITS + 1) + unit.raw() as usize) * (Self::VIS + 1)
+            + vis.raw() as usize;
+        let last = self.0.len() - 1;
+        let slot = &mut self.0[i.min(last)];
+        slot.get_or_insert_with(|| {
+            let mut h = String::with_capacity(64);
+            h.push_str(",\"type\":\"");
+            h.push_str(ty.serde_name());
+            h.push_str("\",\"unit\":\"");
+            h.push_str(unit.serde_name());
+            h.push_str("\",\"visibility\":\"");
+            h.push_str(vis.serde_name());
+            h.push('"');
+            h
+        })
+    }
+}
+
+fn json_row(out: &mut String, row: &Row<'_>, heads: &mut Heads) {
+    out.push_str("{\"name\":");
+    push_json_str(out, row.name);
+    out.push_str(heads.get(row.ty, row.unit, row.visibility));
+    if let Some(desc) = row.description {
+        out.push_str(",\"description\":");
+        push_json_str(out, desc);
+    }
+    match row.value {
+        Value::Counter { c } => {
+            out.push_str(",\"value\":{\"counter\":{\"c\":");
+            push_u(out, c, 0);
+            out.push_str("}}}");
+        }
+        Value::Profile {
+            periods,
+            ticks,
+            ticks_max,
+            ticks_min,
+        } => {
+            out.push_str(",\"value\":{\"profile\":{\"periods\":");
+            push_u(out, periods, 0);
+            out.push_str(",\"ticks\":");
+            push_u(out, ticks, 0);
+            out.push_str(",\"ticks_max\":");
+            push_json_opt(out, ticks_max);
+            out.push_str(",\"ticks_min\":");
+            push_json_opt(out, ticks_min);
+            out.push_str("}}}");
+        }
+        Value::Ratio { a, b } => {
+            out.push_str(",\"value\":{\"ratio\":{\"a\":");
+            push_u(out, u64::from(a), 0);
+            out.push_str(",\"b\":");
+            push_u(out, u64::from(b), 0);
+            out.push_str("}}}");
+        }
+        Value::Unsigned(v) => {
+            out.push_str(",\"value\":{\"unsigned\":");
+            push_u(out, v, 0);
+            out.push_str("}}");
+        }
+        Value::Bool(v) => {
+            out.push_str(if v {
+                ",\"value\":{\"bool\":true}}"
+            } else {
+                ",\"value\":{\"bool\":false}}"
+            });
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
 // Prometheus.
 
 /// Appends a label value with `\`, `"` and newline escaped.
@@ -408,34 +550,51 @@ const FAMILIES: [Family; 8] = [
 ];
 
 /// Renders the Prometheus text exposition format, version 0.0.4.
+///
+/// One pass over the rows escapes each row's label set once (a profile
+/// appears in four families) and sorts its values into the families; then
+/// each family is written from its list.
 pub(crate) fn prometheus<'a>(rows: impl Iterator<Item = Row<'a>>) -> String {
-    // Each family is a pass over the rows: decode them once.
-    let rows: Vec<Row<'a>> = rows.collect();
-    let mut out = String::with_capacity(reserve(&rows.iter(), 320));
-    for fam in &FAMILIES {
-        let mut header = false;
-        for row in &rows {
-            let Some(v) = (fam.value)(&row.value) else {
-                continue;
-            };
-            if !header {
-                header = true;
-                out.push_str("# HELP ");
-                out.push_str(fam.name);
-                out.push(' ');
-                out.push_str(fam.help);
-                out.push_str("\n# TYPE ");
-                out.push_str(fam.name);
-                out.push(' ');
-                out.push_str(fam.kind);
-                out.push('\n');
+    let (lo, hi) = rows.size_hint();
+    let n = hi.unwrap_or(lo);
+    // `{path="…",unit="…"} ` of every row, back to back.
+    let mut labels = String::with_capacity(n.saturating_mul(64));
+    let mut label_end: Vec<usize> = Vec::with_capacity(n);
+    let mut series: [Vec<(u32, u64)>; FAMILIES.len()] = Default::default();
+    for (i, row) in rows.enumerate() {
+        let Ok(idx) = u32::try_from(i) else { break };
+        labels.push_str("{path=\"");
+        push_label_escaped(&mut labels, row.name);
+        labels.push_str("\",unit=\"");
+        push_label_escaped(&mut labels, row.unit.as_str());
+        labels.push_str("\"} ");
+        label_end.push(labels.len());
+        for (fam, list) in FAMILIES.iter().zip(series.iter_mut()) {
+            if let Some(v) = (fam.value)(&row.value) {
+                list.push((idx, v));
             }
+        }
+    }
+    let total: usize = series.iter().map(Vec::len).sum();
+    let mut out = String::with_capacity(labels.len().saturating_mul(2).saturating_add(total.saturating_mul(48)));
+    for (fam, list) in FAMILIES.iter().zip(&series) {
+        if list.is_empty() {
+            continue;
+        }
+        out.push_str("# HELP ");
+        out.push_str(fam.name);
+        out.push(' ');
+        out.push_str(fam.help);
+        out.push_str("\n# TYPE ");
+        out.push_str(fam.name);
+        out.push(' ');
+        out.push_str(fam.kind);
+        out.push('\n');
+        for &(idx, v) in list {
+            let i = idx as usize;
+            let start = if i == 0 { 0 } else { label_end[i - 1] };
             out.push_str(fam.name);
-            out.push_str("{path=\"");
-            push_label_escaped(&mut out, row.name);
-            out.push_str("\",unit=\"");
-            push_label_escaped(&mut out, row.unit.as_str());
-            out.push_str("\"} ");
+            out.push_str(&labels[start..label_end[i]]);
             push_u(&mut out, v, 0);
             out.push('\n');
         }
@@ -484,6 +643,53 @@ mod tests {
         let mut s = String::new();
         push_label_escaped(&mut s, "a\\b\"c\nd");
         assert_eq!(s, "a\\\\b\\\"c\\nd");
+    }
+
+    #[test]
+    fn json_is_what_serde_json_writes_for_the_snapshot() {
+        use crate::snapshot::{SampleValue, Snapshot};
+        let mut samples = Vec::new();
+        let values = [
+            Value::Counter { c: u64::MAX },
+            Value::Profile {
+                periods: 3,
+                ticks: 99,
+                ticks_max: Some(50),
+                ticks_min: None,
+            },
+            Value::Ratio { a: 1, b: u32::MAX },
+            Value::Unsigned(0),
+            Value::Bool(true),
+        ];
+        let names = ["/a", "/q\"uote\\back", "/ctl\u{1}\u{8}\u{c}\n\r\t\u{1f}\u{7f}", "/ünï"];
+        for (i, ty) in StamType::ALL.into_iter().enumerate() {
+            for unit in StamUnit::ALL {
+                samples.push(SampleValue {
+                    name: format!("{}{i}{}", names[i % names.len()], unit.raw()),
+                    ty,
+                    unit,
+                    visibility: [
+                        StamVisibility::Always,
+                        StamVisibility::Used,
+                        StamVisibility::NotGui,
+                    ][i % 3],
+                    description: (i % 2 == 0).then(|| names[(i + 1) % names.len()].to_owned()),
+                    value: values[i % values.len()],
+                });
+            }
+        }
+        let rows = samples.iter().map(|s| Row {
+            name: &s.name,
+            ty: s.ty,
+            unit: s.unit,
+            visibility: s.visibility,
+            description: s.description.as_deref(),
+            value: s.value,
+        });
+        let ours = json(rows);
+        let serde = Snapshot { samples }.to_json().unwrap_or_default();
+        assert_eq!(ours, serde);
+        assert_eq!(json(core::iter::empty()), "{\"samples\":[]}");
     }
 
     #[test]

@@ -68,6 +68,38 @@ pub enum StamType {
 }
 
 impl StamType {
+    /// The name serde gives the value (JSON), for renderers that write JSON
+    /// directly.
+    #[must_use]
+    pub const fn serde_name(self) -> &'static str {
+        match self {
+            Self::Counter => "COUNTER",
+            Self::Profile => "PROFILE",
+            Self::ProfileAdv => "PROFILE_ADV",
+            Self::RatioU32 => "RATIO_U32",
+            Self::RatioU32Reset => "RATIO_U32_RESET",
+            Self::Callback => "CALLBACK",
+            Self::U8 => "U8",
+            Self::U8Reset => "U8_RESET",
+            Self::X8 => "X8",
+            Self::X8Reset => "X8_RESET",
+            Self::U16 => "U16",
+            Self::U16Reset => "U16_RESET",
+            Self::X16 => "X16",
+            Self::X16Reset => "X16_RESET",
+            Self::U32 => "U32",
+            Self::U32Reset => "U32_RESET",
+            Self::X32 => "X32",
+            Self::X32Reset => "X32_RESET",
+            Self::U64 => "U64",
+            Self::U64Reset => "U64_RESET",
+            Self::X64 => "X64",
+            Self::X64Reset => "X64_RESET",
+            Self::Bool => "BOOL",
+            Self::BoolReset => "BOOL_RESET",
+        }
+    }
+
     /// Every type, in numeric order.
     pub const ALL: [StamType; 24] = [
         Self::Counter,
@@ -288,6 +320,33 @@ pub enum StamUnit {
 }
 
 impl StamUnit {
+    /// The name serde gives the value (JSON), for renderers that write JSON
+    /// directly.
+    #[must_use]
+    pub const fn serde_name(self) -> &'static str {
+        match self {
+            Self::None => "NONE",
+            Self::Calls => "CALLS",
+            Self::Count => "COUNT",
+            Self::Bytes => "BYTES",
+            Self::BytesPerCall => "BYTES_PER_CALL",
+            Self::Pages => "PAGES",
+            Self::Errors => "ERRORS",
+            Self::Occurences => "OCCURENCES",
+            Self::Ticks => "TICKS",
+            Self::TicksPerCall => "TICKS_PER_CALL",
+            Self::TicksPerOccurence => "TICKS_PER_OCCURENCE",
+            Self::GoodBad => "GOOD_BAD",
+            Self::Megabytes => "MEGABYTES",
+            Self::Kilobytes => "KILOBYTES",
+            Self::Ns => "NS",
+            Self::NsPerCall => "NS_PER_CALL",
+            Self::NsPerOccurence => "NS_PER_OCCURENCE",
+            Self::Pct => "PCT",
+            Self::Hz => "HZ",
+        }
+    }
+
     /// Every unit, in numeric order.
     pub const ALL: [StamUnit; 19] = [
         Self::None,
@@ -402,6 +461,17 @@ pub enum StamVisibility {
 }
 
 impl StamVisibility {
+    /// The name serde gives the value (JSON), for renderers that write JSON
+    /// directly.
+    #[must_use]
+    pub const fn serde_name(self) -> &'static str {
+        match self {
+            Self::Always => "ALWAYS",
+            Self::Used => "USED",
+            Self::NotGui => "NOT_GUI",
+        }
+    }
+
     /// The VirtualBox number (`STAMVISIBILITY_*` value).
     #[must_use]
     pub const fn raw(self) -> u32 {

@@ -1,7 +1,9 @@
 //! The switcher definition (`VMMSWITCHERDEF`): code, fixups, entry points and regions.
 
-use std::collections::BTreeMap;
-use std::ops::Range;
+use alloc::collections::BTreeMap;
+use alloc::string::String;
+use alloc::vec::Vec;
+use core::ops::Range;
 
 use serde::Serialize;
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
@@ -178,7 +180,9 @@ pub struct VboxRegions {
     pub gc: Range<u32>,
 }
 
-/// Entry-point offsets (from the code start).
+/// Entry-point offsets (from the code start). The calling convention,
+/// arguments, preserved registers and interrupt state of each are
+/// [`crate::entry::EntryPoint::contract`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct EntryOffsets {
     /// C-callable ring-0 entry: go to the hypervisor context (`offR0HostToGuest`).

@@ -5,6 +5,8 @@
 //! code), then zero or one `u32` operand, all little-endian and unaligned. The
 //! stream ends with a single [`FixupKind::TheEnd`] byte (255).
 
+use alloc::vec::Vec;
+
 use serde::Serialize;
 use thiserror::Error;
 
@@ -123,6 +125,9 @@ fixup_kinds! {
     GcCpumCpuOff = 37, "FIX_GC_CPUMCPU_OFF", 1;
     /// The EFER bits to set for long mode (LME, SCE, NXE when available).
     EferOrMask = 38, "FIX_EFER_OR_MASK", 0;
+    /// Physical address of the intermediate PML5 (5-level paging), for
+    /// AMD64 hosts running with CR4.LA57. Not a VirtualBox code.
+    InterLa57Cr3 = 39, "FIX_INTER_LA57_CR3", 0;
     /// Stream terminator.
     TheEnd = 255, "FIX_THE_END", 0;
 }
@@ -293,14 +298,15 @@ mod tests {
 
     #[test]
     fn all_codes_have_vbox_values() {
-        assert_eq!(FixupKind::ALL.len(), 39);
-        for (i, k) in FixupKind::ALL.iter().take(38).enumerate() {
+        assert_eq!(FixupKind::ALL.len(), 40);
+        for (i, k) in FixupKind::ALL.iter().take(39).enumerate() {
             assert_eq!(*k as u8 as usize, i + 1, "{k:?}");
             assert_eq!(FixupKind::from_u8(*k as u8), Some(*k));
         }
         assert_eq!(FixupKind::EferOrMask as u8, 38);
         assert_eq!(FixupKind::TheEnd as u8, 255);
-        assert_eq!(FixupKind::from_u8(39), None);
+        assert_eq!(FixupKind::InterLa57Cr3 as u8, 39);
+        assert_eq!(FixupKind::from_u8(40), None);
         assert_eq!(
             FixupKind::IdFar32To64BitMode.vbox_name(),
             "FIX_ID_FAR32_TO_64BIT_MODE"

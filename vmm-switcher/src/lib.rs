@@ -21,15 +21,30 @@
 //! # Ok::<(), vmm_switcher::builder::BuildError>(())
 //! ```
 
+//!
+//! Without the default `std` feature the crate is `no_std` + `alloc` and
+//! keeps what a kernel-side embedder needs to relocate again when the
+//! hypervisor area moves: [`fixup`] (encoder and decoder), [`reloc`],
+//! [`def`], [`addr`] and [`entry`]. The templates, their [`builder`] and
+//! [`disasm`] need iced-x86 and std.
+#![cfg_attr(not(feature = "std"), no_std)]
+
+extern crate alloc;
+
 pub mod addr;
+#[cfg(feature = "std")]
 pub mod builder;
 pub mod def;
+#[cfg(feature = "std")]
 pub mod disasm;
+pub mod entry;
 pub mod fixup;
 pub mod reloc;
+#[cfg(feature = "std")]
 pub mod templates;
 
 pub use addr::{CodeOffset, HcAddr, PhysAddr, RcAddr};
 pub use def::{SideMode, SwitcherDef, SwitcherKind, View, VmmSwitcherDefC};
+pub use entry::{Convention, EntryContract, EntryPoint};
 pub use fixup::{FixupKind, FixupRecord};
 pub use reloc::{relocate, RelocContext, RelocError, Relocated};

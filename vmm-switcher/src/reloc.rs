@@ -7,6 +7,9 @@
 //! of every rel32. Each record overwrites its field completely from the
 //! context, so relocating twice yields the same bytes.
 
+use alloc::vec;
+use alloc::vec::Vec;
+
 use serde::Serialize;
 use thiserror::Error;
 
@@ -23,6 +26,9 @@ pub struct InterCr3 {
     pub pae: PhysAddr,
     /// PML4 (`HCPhysInterPaePML4`).
     pub amd64: PhysAddr,
+    /// PML5 of the 5-level tables, for hosts with CR4.LA57
+    /// ([`FixupKind::InterLa57Cr3`]); `None` when the context has none.
+    pub la57: Option<PhysAddr>,
 }
 
 /// The hypervisor selectors the switcher loads.
@@ -51,7 +57,73 @@ pub struct CpuFacts {
     pub host_syscall: bool,
 }
 
+/// The CPUID output registers CPU facts are read from (what an embedder
+/// gets from the `cpuid` instruction on the host CPU).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct CpuidLeaves {
+    /// CPUID.1:EDX.
+    pub leaf1_edx: u32,
+    /// CPUID.8000_0001:EDX (0 when the CPU has no such leaf).
+    pub ext1_edx: u32,
+}
+
+impl CpuidLeaves {
+    /// CPUID.1:EDX bit 11: SYSENTER/SYSEXIT.
+    pub const LEAF1_EDX_SEP: u32 = 1 << 11;
+    /// CPUID.1:EDX bit 24: FXSAVE/FXRSTOR.
+    pub const LEAF1_EDX_FXSR: u32 = 1 << 24;
+    /// CPUID.8000_0001:EDX bit 11: SYSCALL/SYSRET.
+    pub const EXT1_EDX_SYSCALL: u32 = 1 << 11;
+    /// CPUID.8000_0001:EDX bit 20: no-execute pages (EFER.NXE).
+    pub const EXT1_EDX_NX: u32 = 1 << 20;
+
+    /// The bits of a CPU with SYSENTER, FXSR, SYSCALL and NX: every x86-64
+    /// CPU of the last twenty years (and QEMU's default `qemu64`).
+    pub const COMMON: CpuidLeaves = CpuidLeaves {
+        leaf1_edx: Self::LEAF1_EDX_SEP | Self::LEAF1_EDX_FXSR,
+        ext1_edx: Self::EXT1_EDX_SYSCALL | Self::EXT1_EDX_NX,
+    };
+}
+
+/// `bit` when `on`, else 0.
+const fn bit_if(on: bool, bit: u32) -> u32 {
+    if on {
+        bit
+    } else {
+        0
+    }
+}
+
 impl CpuFacts {
+    /// The facts a host on a CPU with these CPUID values has: NX and FXSR as
+    /// reported; the host uses SYSENTER and SYSCALL exactly when the CPU has
+    /// them (as every operating system that knows them does).
+    pub const fn from_cpuid(c: &CpuidLeaves) -> Self {
+        Self {
+            nx: c.ext1_edx & CpuidLeaves::EXT1_EDX_NX != 0,
+            fxsr: c.leaf1_edx & CpuidLeaves::LEAF1_EDX_FXSR != 0,
+            host_sysenter: c.leaf1_edx & CpuidLeaves::LEAF1_EDX_SEP != 0,
+            host_syscall: c.ext1_edx & CpuidLeaves::EXT1_EDX_SYSCALL != 0,
+        }
+    }
+
+    /// The common case: [`CpuFacts::from_cpuid`] of [`CpuidLeaves::COMMON`]
+    /// (NX, FXSR, SYSENTER and SYSCALL all present).
+    pub const fn common() -> Self {
+        Self::from_cpuid(&CpuidLeaves::COMMON)
+    }
+
+    /// The facts as the CPUID bits they stand for (the inverse of
+    /// [`CpuFacts::from_cpuid`] on the bits it reads).
+    pub const fn to_cpuid(&self) -> CpuidLeaves {
+        CpuidLeaves {
+            leaf1_edx: bit_if(self.host_sysenter, CpuidLeaves::LEAF1_EDX_SEP)
+                | bit_if(self.fxsr, CpuidLeaves::LEAF1_EDX_FXSR),
+            ext1_edx: bit_if(self.host_syscall, CpuidLeaves::EXT1_EDX_SYSCALL)
+                | bit_if(self.nx, CpuidLeaves::EXT1_EDX_NX),
+        }
+    }
+
     /// The value `FIX_EFER_OR_MASK` writes: LME | SCE, plus NXE with NX.
     pub fn efer_or_mask(&self) -> u32 {
         let mut m = (cpum::regs::Efer::LME | cpum::regs::Efer::SCE).bits();
@@ -108,7 +180,8 @@ pub struct Applied {
     pub len: u32,
 }
 
-/// Addresses of every entry point in every view.
+/// Addresses of every entry point in every view; how each is called is
+/// [`crate::entry::EntryPoint::contract`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct EntryAddrs {
     /// Ring-0 C entry, host view.
@@ -225,6 +298,14 @@ pub enum RelocError {
         which: &'static str,
         /// Its address.
         value: PhysAddr,
+    },
+    /// A `FIX_INTER_LA57_CR3` record, and the intermediate context has no
+    /// 5-level tables (the switcher was built for an LA57 host, the
+    /// context was not).
+    #[error("FIX_INTER_LA57_CR3 at offset {off:#x}: the intermediate context has no 5-level (LA57) tables")]
+    NoLa57Root {
+        /// The record's offset in the code.
+        off: u32,
     },
     /// The switcher's physical copy is at or above 4 GiB.
     #[error("switcher physical address {0} is not below 4 GiB")]
@@ -662,6 +743,10 @@ fn patch_for(cx: &Ctx<'_>, rec: &FixupRecord) -> Result<Option<(u64, Vec<u8>)>, 
         K::Inter32BitCr3 => one32(cr3("32-bit", ctx.inter_cr3.legacy32)?),
         K::InterPaeCr3 => one32(cr3("PAE", ctx.inter_cr3.pae)?),
         K::InterAmd64Cr3 => one32(cr3("AMD64", ctx.inter_cr3.amd64)?),
+        K::InterLa57Cr3 => one32(cr3(
+            "5-level",
+            ctx.inter_cr3.la57.ok_or(RelocError::NoLa57Root { off })?,
+        )?),
         K::Hyper32BitCr3 | K::HyperPaeCr3 | K::HyperAmd64Cr3 => {
             return Err(RelocError::Unsupported {
                 kind,

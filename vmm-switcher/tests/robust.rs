@@ -379,6 +379,7 @@ fn contexts() -> impl Strategy<Value = RelocContext> {
                     legacy32: PhysAddr(cr3a),
                     pae: PhysAddr(cr3b),
                     amd64: PhysAddr(cr3c),
+                    la57: None,
                 },
                 sel: HyperSelectors {
                     cs: sel[0],

@@ -11,8 +11,18 @@
 //! mode is decided from CR0/CR4/EFER ([`mode::HostPagingMode`]) and the
 //! switcher chosen by VirtualBox's host × guest table ([`mode::select`]).
 //!
-//! The images ([`Vmm::core_code`], [`Vmm::hma`], [`Vmm::tables`]) are what
-//! an embedder copies to the physical addresses of its [`Placement`].
+//! The memory comes from a [`PageProvider`] ([`Vmm::with_pages`]): the
+//! core-code block and the HMA are one contiguous run each, every table page
+//! is asked for on its own and may lie anywhere below 4 GiB ([`pages`] says
+//! why). With the default [`VecPages`] ([`Vmm::new`]) the images
+//! ([`Vmm::core_code`], [`Vmm::hma`], [`Vmm::tables`]) are what an embedder
+//! copies to the physical addresses of its [`Placement`]
+//! ([`Placement::builder`] derives the usual one from an HC, an RC and a
+//! physical base).
+//!
+//! A VCPU's `CPUMCPU` comes as the variant of the core's host width
+//! ([`Vmm::cpumcpu`], [`Vmm::with_cpumcpu_as`]); each entry point's calling
+//! convention is [`EntryPoint::contract`].
 //!
 //! # Example
 //!
@@ -31,24 +41,29 @@
 
 pub mod layout;
 pub mod mode;
+pub mod pages;
 pub mod stats;
+pub mod vcpu;
 
+pub use cpum::{CpumCpu32, CpumCpu64, CpumCpuShared};
+pub use pages::{PageError, PageProvider, Pages, Purpose, TableOrder, TablePool, VecPages};
 pub use pgm_intermediate::Flavour;
+pub use vcpu::{CpumCpuVariant, VcpuCpum};
+pub use vmm_switcher::entry::{EntryContract, EntryPoint};
+pub use vmm_switcher::reloc::{CpuFacts, CpuidLeaves, EntryAddrs};
+pub use vmm_switcher::{HcAddr, PhysAddr, RcAddr, SwitcherKind};
 
 use std::mem::size_of;
 use std::ops::Range;
 
 use cpum::regs::{Cr4, Xdtr64};
-use cpum::{CpumCpu32, SelSlot, CPUMCPU_SIZE};
-use pgm_intermediate::{Flavours, IntermediateContext, MapFlags, VecAllocator};
+use cpum::{SelSlot, CPUMCPU_SIZE};
+use pgm_intermediate::{Flavours, IntermediateContext, MapFlags, PAGE_SIZE};
 use serde::Serialize;
 use thiserror::Error;
-use vmm_switcher::reloc::{CpuFacts, HyperSelectors, InterCr3};
+use vmm_switcher::reloc::{HyperSelectors, InterCr3};
 use vmm_switcher::templates::{legacy_amd64, TemplateOptions, VmLayout};
-use vmm_switcher::{
-    relocate, HcAddr, PhysAddr, RcAddr, RelocContext, RelocError, Relocated, SideMode, SwitcherDef,
-    SwitcherKind,
-};
+use vmm_switcher::{relocate, RelocContext, RelocError, Relocated, SideMode, SwitcherDef};
 use zerocopy::{FromBytes, IntoBytes};
 
 use crate::layout::{HmaLayout, VmFixed, VmHeader, PAGE, TSS_SIZE};
@@ -84,6 +99,96 @@ impl Default for Placement {
     }
 }
 
+impl Placement {
+    /// A builder for the usual layout: the core code at the HC base and the
+    /// physical base, the HMA one slot (1 MiB unless set) above both, the
+    /// intermediate tables two slots above the physical base, the HMA at
+    /// the RC base.
+    ///
+    /// ```
+    /// use vmm::{HcAddr, PhysAddr, Placement, RcAddr};
+    ///
+    /// let p = Placement::builder(HcAddr(0xc040_0000), RcAddr(0xa000_0000))
+    ///     .phys_base(PhysAddr(0x40_0000))
+    ///     .build()?;
+    /// assert_eq!(p, Placement::default());
+    /// # Ok::<(), vmm::PlacementError>(())
+    /// ```
+    pub const fn builder(hc_base: HcAddr, rc_base: RcAddr) -> PlacementBuilder {
+        PlacementBuilder {
+            hc_base,
+            rc_base,
+            phys_base: PhysAddr(0x0040_0000),
+            slot: 0x10_0000,
+        }
+    }
+}
+
+/// Derives a [`Placement`] from an HC base, an RC base and a physical base
+/// (see [`Placement::builder`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PlacementBuilder {
+    hc_base: HcAddr,
+    rc_base: RcAddr,
+    phys_base: PhysAddr,
+    slot: u64,
+}
+
+impl PlacementBuilder {
+    /// Where the physical pages start (default 4 MiB): the core code there,
+    /// the HMA one slot above, the intermediate tables two slots above.
+    pub const fn phys_base(mut self, phys: PhysAddr) -> Self {
+        self.phys_base = phys;
+        self
+    }
+
+    /// The distance between the core code, the HMA and the tables (default
+    /// 1 MiB; a page multiple large enough for each of them).
+    pub const fn slot(mut self, bytes: u64) -> Self {
+        self.slot = bytes;
+        self
+    }
+
+    /// The placement.
+    ///
+    /// # Errors
+    /// A base or the slot is not page-aligned, the slot is zero, the RC base
+    /// is zero, or an address runs past the end of its address space.
+    pub fn build(self) -> Result<Placement, PlacementError> {
+        aligned("placement slot", self.slot)?;
+        if self.slot == 0 {
+            return Err(PlacementError::Misaligned {
+                what: "placement slot",
+                addr: 0,
+            });
+        }
+        aligned("HC base", self.hc_base.0)?;
+        aligned("RC base", u64::from(self.rc_base.0))?;
+        aligned("physical base", self.phys_base.0)?;
+        if self.rc_base.0 == 0 {
+            return Err(PlacementError::ZeroHmaRc);
+        }
+        let up = |what: &'static str, base: u64, slots: u64| {
+            self.slot
+                .checked_mul(slots)
+                .and_then(|d| base.checked_add(d))
+                .ok_or(PlacementError::Wraps {
+                    what,
+                    start: base,
+                    len: self.slot.saturating_mul(slots),
+                })
+        };
+        Ok(Placement {
+            code_hc: self.hc_base,
+            code_phys: self.phys_base,
+            hma_rc: self.rc_base,
+            hma_hc: HcAddr(up("HMA HC", self.hc_base.0, 1)?),
+            hma_phys: PhysAddr(up("HMA physical", self.phys_base.0, 1)?),
+            tables_phys: PhysAddr(up("intermediate tables", self.phys_base.0, 2)?),
+        })
+    }
+}
+
 /// An extra range the intermediate context must map (e.g. the local APIC, so
 /// the far side can read it).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -107,11 +212,16 @@ pub struct VmmConfig {
     pub vcpus: u32,
     /// Template options for every switcher.
     pub options: TemplateOptions,
-    /// CPU facts the relocator needs.
+    /// CPU facts the relocator needs, read from the host CPU's CPUID:
+    /// `CpuFacts::from_cpuid(&CpuidLeaves { leaf1_edx, ext1_edx })`
+    /// ([`CpuFacts::common`] by default: NX, FXSR, SYSENTER and SYSCALL).
+    /// The relocated code is only right on a CPU with exactly these bits.
     pub cpu: CpuFacts,
     /// Pages reserved for helper code in the HMA.
     pub helper_pages: u32,
-    /// Pages available for intermediate page tables.
+    /// Pages available for page tables: the first half (rounded down) for
+    /// the intermediate tables, the rest for the hyper context's
+    /// ([`PageProvider::table_page`] is asked for each of them up front).
     pub table_pages: u32,
     /// Extra intermediate mappings.
     pub extra_mappings: Vec<ExtraMapping>,
@@ -127,12 +237,7 @@ impl Default for VmmConfig {
             placement: Placement::default(),
             vcpus: 2,
             options: TemplateOptions::default(),
-            cpu: CpuFacts {
-                nx: true,
-                fxsr: true,
-                host_sysenter: true,
-                host_syscall: true,
-            },
+            cpu: CpuFacts::common(),
             helper_pages: 4,
             table_pages: 64,
             extra_mappings: Vec::new(),
@@ -209,7 +314,12 @@ pub enum PlacementError {
     /// The host bitness is neither 32 nor 64.
     #[error("host bitness {0} is neither 32 nor 64")]
     HostBits(u32),
-    /// An HC address is not canonical.
+    /// 5-level paging (`options.la57`) asked for a core built for 32-bit
+    /// hosts.
+    #[error("5-level paging (LA57) needs a core built for 64-bit hosts, not {0}-bit ones")]
+    La57NeedsAmd64Host(u32),
+    /// An HC address is not canonical (in 48 bits, or in 57 bits for a
+    /// host with `options.la57`).
     #[error("{what} address {addr:#x} is not canonical")]
     NonCanonical {
         /// Which address.
@@ -223,6 +333,30 @@ pub enum PlacementError {
     /// The intermediate-table region is too small or misplaced.
     #[error("intermediate table region: {0}")]
     Tables(#[from] pgm_intermediate::RegionError),
+    /// The hypervisor area's RC address is zero (the null pointer of the
+    /// hypervisor context).
+    #[error("HMA RC address 0 is the hypervisor context's null pointer")]
+    ZeroHmaRc,
+    /// The new RC window of an HMA move overlaps the current one.
+    #[error("HMA move to RC {new:x?} overlaps the current RC window {old:x?}")]
+    HmaMoveOverlaps {
+        /// The current RC window (HMA, then the core code's RC copy).
+        old: Range<u64>,
+        /// The requested one.
+        new: Range<u64>,
+    },
+    /// A page provider's mapping is not the size it was asked for.
+    #[error("{what} mapping at {phys:#x} is {got:#x} bytes, {want:#x} were asked for")]
+    MappingSize {
+        /// What the pages are for.
+        what: &'static str,
+        /// Physical address.
+        phys: u64,
+        /// The mapping's size.
+        got: usize,
+        /// The size asked for.
+        want: usize,
+    },
 }
 
 impl From<layout::LayoutError> for PlacementError {
@@ -307,6 +441,17 @@ pub enum VmmError {
         /// Image size.
         cap: usize,
     },
+    /// The page provider did not hand out the pages asked for.
+    #[error("page provider: {0}")]
+    Pages(#[from] PageError),
+    /// A `CpumCpu*` variant of the other host width was asked for.
+    #[error("a {requested}-bit host's CPUMCPU was asked of a core built for {core}-bit hosts")]
+    HostWidth {
+        /// The width of the variant asked for.
+        requested: u32,
+        /// The core's host width ([`VmmConfig::host_bits`]).
+        core: u32,
+    },
     /// A VCPU index past the configured count.
     #[error("VCPU {index} does not exist (the VM has {count})")]
     NoSuchVcpu {
@@ -329,7 +474,7 @@ pub struct Installed {
     /// The last relocation's context.
     pub ctx: RelocContext,
     /// Entry addresses (copy of `reloc.entries`).
-    pub entries: vmm_switcher::reloc::EntryAddrs,
+    pub entries: EntryAddrs,
 }
 
 impl Installed {
@@ -431,20 +576,24 @@ pub fn target_flavour(kind: SwitcherKind) -> Flavour {
     }
 }
 
-/// The VMM core.
-pub struct Vmm {
+/// The VMM core, in pages from `P` ([`VecPages`] unless the embedder hands
+/// in its own [`PageProvider`]).
+pub struct Vmm<P: PageProvider = VecPages> {
     cfg: VmmConfig,
     hma_layout: HmaLayout,
     switchers: Vec<Installed>,
-    core: Vec<u8>,
-    hma: Vec<u8>,
-    inter: IntermediateContext<VecAllocator>,
-    hyper: IntermediateContext<VecAllocator>,
+    core: P::Mapping,
+    core_len: usize,
+    hma: P::Mapping,
+    hma_len: usize,
+    inter: IntermediateContext<TablePool<P::Mapping>>,
+    hyper: IntermediateContext<TablePool<P::Mapping>>,
     active: Option<SwitcherKind>,
     addrs: Addrs,
+    pages: P,
 }
 
-impl core::fmt::Debug for Vmm {
+impl<P: PageProvider> core::fmt::Debug for Vmm<P> {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         f.debug_struct("Vmm")
             .field("placement", &self.cfg.placement)
@@ -458,7 +607,7 @@ impl core::fmt::Debug for Vmm {
                     .map(|s| (s.def.kind, s.offset))
                     .collect::<Vec<_>>(),
             )
-            .field("core_code_len", &self.core.len())
+            .field("core_code_len", &self.core_len)
             .finish_non_exhaustive()
     }
 }
@@ -524,17 +673,25 @@ fn below4g(what: &'static str, r: &Range<u64>) -> Result<(), PlacementError> {
     Ok(())
 }
 
-impl Vmm {
-    /// Builds, lays out, maps and relocates everything for `cfg`.
-    ///
-    /// # Errors
-    /// [`VmmError`] for a bad placement, a mapping conflict or a failed relocation.
-    pub fn new(cfg: VmmConfig) -> Result<Self, VmmError> {
+/// What [`Vmm::new`] and [`Vmm::with_pages`] build before asking for pages.
+struct Assembled {
+    cfg: VmmConfig,
+    hma_layout: HmaLayout,
+    switchers: Vec<Installed>,
+    core: Vec<u8>,
+}
+
+impl Assembled {
+    /// Checks the configuration, lays out the HMA and builds the core code.
+    fn new(cfg: VmmConfig) -> Result<Self, VmmError> {
         if cfg.vcpus == 0 || cfg.vcpus > layout::MAX_VCPUS {
             return Err(PlacementError::VcpuCount(cfg.vcpus).into());
         }
         if cfg.host_bits != 32 && cfg.host_bits != 64 {
             return Err(PlacementError::HostBits(cfg.host_bits).into());
+        }
+        if cfg.options.la57 && cfg.host_bits != 64 {
+            return Err(PlacementError::La57NeedsAmd64Host(cfg.host_bits).into());
         }
         let hma_layout =
             HmaLayout::new(cfg.vcpus, cfg.helper_pages).map_err(PlacementError::from)?;
@@ -545,29 +702,194 @@ impl Vmm {
             stat_to_gc: layout::OFF_STAT_TO_GC as u32,
             stat_to_hc: layout::OFF_STAT_TO_HC as u32,
         };
-        let (switchers, core) = Self::build_core(&cfg, &vm)?;
-        let p = cfg.placement;
-        Self::check_placement(&cfg, core.len() as u64, u64::from(hma_layout.size))?;
-        // The table region holds the intermediate context, then the hyper context.
-        let half = cfg.table_pages / 2;
-        let alloc =
-            VecAllocator::new(p.tables_phys.0, half as usize).map_err(PlacementError::from)?;
-        let inter = IntermediateContext::new(alloc)?;
-        // check_placement proved the whole table region lies below 4 GiB.
-        let hyper_base = p.tables_phys.0 + u64::from(half) * u64::from(PAGE);
-        let alloc = VecAllocator::new(hyper_base, (cfg.table_pages - half) as usize)
-            .map_err(PlacementError::from)?;
-        let hyper = IntermediateContext::new(alloc)?;
-        let mut vmm = Self {
-            hma: vec![0; hma_layout.size as usize],
+        let (switchers, core) = Vmm::<VecPages>::build_core(&cfg, &vm)?;
+        Ok(Self {
             cfg,
             hma_layout,
             switchers,
             core,
+        })
+    }
+}
+
+/// Pages from a provider, checked: `pages` pages whose mapping is exactly
+/// that size.
+fn take_contiguous<P: PageProvider>(
+    provider: &mut P,
+    purpose: Purpose,
+    len: usize,
+) -> Result<Pages<P::Mapping>, VmmError> {
+    let page = PAGE_SIZE as usize;
+    let pages = len.div_ceil(page).max(1);
+    let got = provider.contiguous(purpose, pages)?;
+    check_mapping(purpose, &got, pages * page)?;
+    Ok(got)
+}
+
+/// `table_pages` pages of `purpose`, each checked.
+fn take_tables<P: PageProvider>(
+    provider: &mut P,
+    purpose: Purpose,
+    count: u32,
+) -> Result<Vec<(u64, P::Mapping)>, VmmError> {
+    let mut out = Vec::with_capacity(count as usize);
+    for _ in 0..count {
+        let got = provider.table_page(purpose)?;
+        check_mapping(purpose, &got, PAGE_SIZE as usize)?;
+        out.push((got.phys.0, got.map));
+    }
+    Ok(out)
+}
+
+fn check_mapping<M: AsRef<[u8]>>(
+    purpose: Purpose,
+    got: &Pages<M>,
+    want: usize,
+) -> Result<(), PlacementError> {
+    aligned(purpose.name(), got.phys.0)?;
+    let len = got.map.as_ref().len();
+    if len != want {
+        return Err(PlacementError::MappingSize {
+            what: purpose.name(),
+            phys: got.phys.0,
+            got: len,
+            want,
+        });
+    }
+    Ok(())
+}
+
+impl Vmm {
+    /// Builds, lays out, maps and relocates everything for `cfg`, in
+    /// `Vec`-backed images at the placement's physical addresses
+    /// ([`VecPages`]) for the embedder to copy there.
+    ///
+    /// # Errors
+    /// [`VmmError`] for a bad placement, a mapping conflict or a failed relocation.
+    pub fn new(cfg: VmmConfig) -> Result<Self, VmmError> {
+        let a = Assembled::new(cfg)?;
+        // The table region as a whole, before it is split into pages.
+        let p = a.cfg.placement;
+        Self::check_placement(
+            &a.cfg,
+            a.core.len() as u64,
+            u64::from(a.hma_layout.size),
+            Tables::Region(p.tables_phys.0, a.cfg.table_pages),
+        )?;
+        pgm_intermediate::VecAllocator::new(p.tables_phys.0, (a.cfg.table_pages / 2) as usize)
+            .map_err(PlacementError::from)?;
+        let pages = VecPages::new(&p, a.cfg.table_pages);
+        Vmm::finish(a, pages)
+    }
+
+    /// The intermediate tables as one image: their physical base and the
+    /// bytes from the lowest used page to the highest (the pages of a
+    /// [`VecPages`] region, so at most the region).
+    pub fn tables(&self) -> (PhysAddr, Vec<u8>) {
+        span_image(self.inter.allocator())
+    }
+
+    /// The hyper context's page tables (what `Hyper.cr3` points into) as one
+    /// image: their physical base and bytes, as [`Vmm::tables`].
+    pub fn hyper_tables(&self) -> (PhysAddr, Vec<u8>) {
+        span_image(self.hyper.allocator())
+    }
+}
+
+/// The used pages of `pool` as one image from the lowest to the highest,
+/// gaps zero-filled.
+fn span_image<M: AsRef<[u8]> + AsMut<[u8]>>(pool: &TablePool<M>) -> (PhysAddr, Vec<u8>) {
+    let lo = pool.used().map(|(p, _)| p.0).min().unwrap_or(0);
+    let hi = pool
+        .used()
+        .map(|(p, b)| p.0.saturating_add(b.len() as u64))
+        .max()
+        .unwrap_or(lo);
+    let mut image = vec![0u8; usize::try_from(hi - lo).unwrap_or(0)];
+    for (p, bytes) in pool.used() {
+        let off = (p.0 - lo) as usize;
+        if let Some(dst) = image.get_mut(off..off + bytes.len()) {
+            dst.copy_from_slice(bytes);
+        }
+    }
+    (PhysAddr(lo), image)
+}
+
+/// The intermediate tables' physical memory, as [`Vmm::check_placement`]
+/// checks it.
+enum Tables<'a> {
+    /// A region of pages at a base.
+    Region(u64, u32),
+    /// Individual pages.
+    Pages(&'a [u64]),
+}
+
+impl<P: PageProvider> Vmm<P> {
+    /// Builds, lays out, maps and relocates everything for `cfg` in pages
+    /// from `pages`: the core-code block and the HMA each one contiguous
+    /// run, every table page on its own ([`pages`] says why). The physical
+    /// fields of the placement are taken from the pages handed out
+    /// (`tables_phys` becomes the lowest table page).
+    ///
+    /// # Errors
+    /// [`VmmError`] for a bad placement or bad pages, a mapping conflict or a
+    /// failed relocation.
+    pub fn with_pages(cfg: VmmConfig, pages: P) -> Result<Self, VmmError> {
+        Self::finish(Assembled::new(cfg)?, pages)
+    }
+
+    fn finish(a: Assembled, mut pages: P) -> Result<Self, VmmError> {
+        let Assembled {
+            mut cfg,
+            hma_layout,
+            switchers,
+            core: code,
+        } = a;
+        let hma_len = hma_layout.size as usize;
+        let mut core = take_contiguous(&mut pages, Purpose::CoreCode, code.len())?;
+        let mut hma = take_contiguous(&mut pages, Purpose::Hma, hma_len)?;
+        let half = cfg.table_pages / 2;
+        let inter_pages = take_tables(&mut pages, Purpose::Tables, half)?;
+        let hyper_pages = take_tables(&mut pages, Purpose::HyperTables, cfg.table_pages - half)?;
+        let all: Vec<u64> = inter_pages
+            .iter()
+            .chain(&hyper_pages)
+            .map(|(p, _)| *p)
+            .collect();
+        cfg.placement.code_phys = core.phys;
+        cfg.placement.hma_phys = hma.phys;
+        if let Some(&lo) = all.iter().min() {
+            cfg.placement.tables_phys = PhysAddr(lo);
+        }
+        Self::check_placement(&cfg, code.len() as u64, hma_len as u64, Tables::Pages(&all))?;
+        if let Some(dst) = core.map.as_mut().get_mut(..code.len()) {
+            dst.copy_from_slice(&code);
+        }
+        // Whatever the provider left in the HMA, it starts out zero.
+        hma.map.as_mut().fill(0);
+        // A 5-level host gets 5-level tables in both contexts: the switchers
+        // load the intermediate PML5 in long mode, and amd64-to-amd64 runs
+        // its hypervisor context under the hyper PML5.
+        let new_ctx = if cfg.options.la57 {
+            IntermediateContext::with_la57
+        } else {
+            IntermediateContext::new
+        };
+        let inter = new_ctx(TablePool::new(inter_pages))?;
+        let hyper = new_ctx(TablePool::new(hyper_pages))?;
+        let mut vmm = Self {
+            cfg,
+            hma_layout,
+            switchers,
+            core: core.map,
+            core_len: code.len(),
+            hma: hma.map,
+            hma_len,
             inter,
             hyper,
             active: None,
             addrs: Addrs::default(),
+            pages,
         };
         vmm.addrs = vmm.compute_addrs()?;
         vmm.map_fixed()?;
@@ -575,6 +897,24 @@ impl Vmm {
         vmm.init_vm(true)?;
         vmm.relocate_all()?;
         Ok(vmm)
+    }
+
+    /// The page provider the core's memory came from.
+    pub fn pages(&self) -> &P {
+        &self.pages
+    }
+
+    /// The used pages of the intermediate tables (`Purpose::Tables`) or the
+    /// hyper tables (`Purpose::HyperTables`; any other purpose: the
+    /// intermediate tables), each with its physical address, in the order
+    /// they were used.
+    pub fn table_pages(&self, which: Purpose) -> Vec<(PhysAddr, &[u8])> {
+        let pool = if which == Purpose::HyperTables {
+            self.hyper.allocator()
+        } else {
+            self.inter.allocator()
+        };
+        pool.used().collect()
     }
 
     /// Builds every switcher for the host's bitness and copies them, each
@@ -615,18 +955,37 @@ impl Vmm {
     /// all arithmetic is checked, so a range that would cross 2^64 is
     /// [`PlacementError::Wraps`] and one that must stay below 4 GiB but does
     /// not is [`PlacementError::Above4G`].
-    fn check_placement(cfg: &VmmConfig, code_len: u64, hma_len: u64) -> Result<(), PlacementError> {
+    fn check_placement(
+        cfg: &VmmConfig,
+        code_len: u64,
+        hma_len: u64,
+        table_mem: Tables<'_>,
+    ) -> Result<(), PlacementError> {
         let p = &cfg.placement;
+        if p.hma_rc.0 == 0 {
+            return Err(PlacementError::ZeroHmaRc);
+        }
         aligned("core-code HC", p.code_hc.0)?;
         aligned("core-code physical", p.code_phys.0)?;
         aligned("HMA RC", u64::from(p.hma_rc.0))?;
         aligned("HMA HC", p.hma_hc.0)?;
         aligned("HMA physical", p.hma_phys.0)?;
-        aligned("intermediate tables", p.tables_phys.0)?;
-        let tables_len = u64::from(cfg.table_pages) * u64::from(PAGE);
         let code_phys = range("core-code physical", p.code_phys.0, code_len)?;
         let hma_phys = range("HMA physical", p.hma_phys.0, hma_len)?;
-        let tables = range("intermediate tables", p.tables_phys.0, tables_len)?;
+        let tables: Vec<Range<u64>> = match table_mem {
+            Tables::Region(base, pages) => {
+                aligned("intermediate tables", base)?;
+                let len = u64::from(pages) * u64::from(PAGE);
+                vec![range("intermediate tables", base, len)?]
+            }
+            Tables::Pages(list) => list
+                .iter()
+                .map(|&page| {
+                    aligned("intermediate tables", page)?;
+                    range("intermediate tables", page, u64::from(PAGE))
+                })
+                .collect::<Result<_, _>>()?,
+        };
         let code_hc = range("core-code HC", p.code_hc.0, code_len)?;
         let hma_hc = range("HMA HC", p.hma_hc.0, hma_len)?;
         // The RC window holds the HMA, then the core code's RC copy.
@@ -638,14 +997,24 @@ impl Vmm {
             })?;
         let rc = range("HMA RC", u64::from(p.hma_rc.0), rc_len)?;
         below4g("core-code physical", &code_phys)?;
-        below4g("intermediate tables", &tables)?;
+        for t in &tables {
+            below4g("intermediate tables", t)?;
+        }
         below4g("HMA RC", &rc)?;
         if cfg.host_bits == 64 {
             for (what, r) in [("core-code HC", &code_hc), ("HMA HC", &hma_hc)] {
-                let canonical = |a: u64| (a >> 47) == 0 || (a >> 47) == 0x1_ffff;
+                // 48 bits, or 57 on a host with 5-level paging.
+                let top_bit = if cfg.options.la57 { 56 } else { 47 };
+                let canonical = |a: u64| {
+                    let top = a >> top_bit;
+                    top == 0 || top == u64::MAX >> top_bit
+                };
                 // Both ends in the same canonical half: no hole in between.
                 let last = r.end.saturating_sub(1).max(r.start);
-                if !canonical(r.start) || !canonical(last) || (r.start >> 47) != (last >> 47) {
+                if !canonical(r.start)
+                    || !canonical(last)
+                    || (r.start >> top_bit) != (last >> top_bit)
+                {
                     return Err(PlacementError::NonCanonical {
                         what,
                         addr: r.start,
@@ -657,11 +1026,11 @@ impl Vmm {
             below4g("core-code HC", &code_hc)?;
             below4g("HMA HC", &hma_hc)?;
         }
-        let phys = [
+        let mut phys = vec![
             ("core-code physical", &code_phys),
             ("HMA physical", &hma_phys),
-            ("intermediate tables", &tables),
         ];
+        phys.extend(tables.iter().map(|t| ("intermediate tables", t)));
         no_overlaps(&phys, |_, _| false)?;
         // Virtual ranges that share the intermediate context must not collide;
         // the core code's HC and identity ranges may coincide exactly.
@@ -681,10 +1050,14 @@ impl Vmm {
 
     fn map_fixed(&mut self) -> Result<(), VmmError> {
         let p = self.cfg.placement;
-        let len = self.core.len() as u64;
-        // Only long-mode code runs at an HC address above 4 GiB.
-        let hc_flavours = if p.code_hc.0 >= 1 << 32 {
-            Flavours::LONG
+        let len = self.core_len as u64;
+        // Only long-mode code runs at an HC address above 4 GiB, and only
+        // 5-level code at one canonical in 57 bits but not in 48 (`map`
+        // leaves out the 5-level tables of a context without them).
+        let hc_flavours = if !pgm_intermediate::is_canonical(p.code_hc.0) {
+            Flavours::LA57
+        } else if p.code_hc.0 >= 1 << 32 {
+            Flavours::LONG | Flavours::LA57
         } else {
             Flavours::all()
         };
@@ -742,7 +1115,7 @@ impl Vmm {
             (
                 "core code (RC)",
                 "core code (hyper RC)",
-                (code_rc, p.code_phys.0, self.core.len() as u64),
+                (code_rc, p.code_phys.0, self.core_len as u64),
             ),
         ])
     }
@@ -806,7 +1179,7 @@ impl Vmm {
     /// The VM header and the VM-wide CPUM fields.
     fn write_fixed(&mut self, first: bool) -> Result<(), VmmError> {
         let l = self.hma_layout;
-        let mut fixed = VmFixed::read_from_prefix(&self.hma)
+        let mut fixed = VmFixed::read_from_prefix(self.hma_ref())
             .map(|(f, _)| f)
             .unwrap_or_else(|_| VmFixed::new_zeroed_fixed());
         fixed.header.magic = layout::VM_MAGIC;
@@ -853,8 +1226,14 @@ impl Vmm {
         let gdt_limit = layout::sel::gdt_limit(vcpus);
         let idt_rc = u64::from(self.rc(l.idt)?);
         let active = self.active;
-        let cr3 = active.map(|k| self.hyper.cr3(target_flavour(k)));
-        let old_rc_base = self.cpumcpu(i)?.hyper.gdtr.base.get();
+        let la57 = self.cfg.options.la57;
+        let cr3 = active.map(|k| match (target_flavour(k), self.hyper.cr3_la57()) {
+            // A 64-bit hypervisor context on a 5-level host is 5-level too:
+            // long mode is never left, so LA57 cannot change.
+            (Flavour::Long, Some(pml5)) if la57 => pml5,
+            (f, _) => self.hyper.cr3(f),
+        });
+        let old_rc_base = self.cpumcpu(i)?.hyper().gdtr.base.get();
         let rc_gdt = u64::from(self.rc(l.gdt)?);
         let stack_top = self.rc(self.stack_top(i)?)?;
         let helper = self.rc(l.helper)?;
@@ -948,9 +1327,10 @@ impl Vmm {
 
     /// `len` bytes of the HMA image at `off`.
     fn hma_slice(&mut self, off: usize, len: usize) -> Result<&mut [u8], VmmError> {
-        let cap = self.hma.len();
+        let cap = self.hma_len;
         off.checked_add(len)
-            .and_then(|end| self.hma.get_mut(off..end))
+            .filter(|&end| end <= cap)
+            .and_then(|end| self.hma.as_mut().get_mut(off..end))
             .ok_or(VmmError::HmaRange { off, len, cap })
     }
 
@@ -964,6 +1344,7 @@ impl Vmm {
             legacy32: PhysAddr(u64::from(self.inter.cr3_32())),
             pae: PhysAddr(u64::from(self.inter.cr3_pae())),
             amd64: PhysAddr(u64::from(self.inter.cr3_amd64())),
+            la57: self.inter.cr3_la57().map(|a| PhysAddr(u64::from(a))),
         };
         let cpum_size = cpum_size(self.cfg.vcpus)?;
         for sw in &mut self.switchers {
@@ -1009,11 +1390,11 @@ impl Vmm {
                 apic_rc: None,
             };
             let start = sw.offset as usize;
-            let cap = self.core.len();
+            let cap = self.core_len;
             let len = sw.def.code.len();
             let buf = start
                 .checked_add(len)
-                .and_then(|end| self.core.get_mut(start..end))
+                .and_then(|end| self.core.as_mut().get_mut(start..end))
                 .ok_or(VmmError::CoreRange {
                     off: start,
                     len,
@@ -1037,17 +1418,32 @@ impl Vmm {
     /// Helper code written with [`Vmm::write_helper`] keeps its bytes: it must
     /// be position-independent or be rewritten by the caller.
     ///
+    /// Moving to the current address relocates in place; a new RC window
+    /// (the HMA, then the core code's RC copy) that overlaps the current
+    /// one is refused ([`PlacementError::HmaMoveOverlaps`]), as is RC 0
+    /// ([`PlacementError::ZeroHmaRc`]).
+    ///
     /// # Errors
     /// The new placement is invalid or conflicts; the core is then unchanged
     /// only if the error is a [`PlacementError`].
     pub fn relocate_hma(&mut self, new_rc: RcAddr) -> Result<(), VmmError> {
         let mut cfg = self.cfg.clone();
         cfg.placement.hma_rc = new_rc;
-        Self::check_placement(
-            &cfg,
-            self.core.len() as u64,
-            u64::from(self.hma_layout.size),
-        )?;
+        let hma_len = u64::from(self.hma_layout.size);
+        let tables: Vec<u64> = self
+            .inter
+            .allocator()
+            .all_phys()
+            .chain(self.hyper.allocator().all_phys())
+            .collect();
+        Self::check_placement(&cfg, self.core_len as u64, hma_len, Tables::Pages(&tables))?;
+        let window = hma_len.saturating_add(self.core_len as u64);
+        let old_rc = u64::from(self.cfg.placement.hma_rc.0);
+        let old = old_rc..old_rc.saturating_add(window);
+        let new = u64::from(new_rc.0)..u64::from(new_rc.0).saturating_add(window);
+        if old != new && overlap(&old, &new) {
+            return Err(PlacementError::HmaMoveOverlaps { old, new }.into());
+        }
         self.unmap_rc()?;
         self.cfg = cfg;
         self.addrs = self.compute_addrs()?;
@@ -1066,31 +1462,26 @@ impl Vmm {
         &self.hma_layout
     }
 
-    /// The relocated core-code block (copy to `placement.code_phys`).
+    /// The relocated core-code block (copy to `placement.code_phys`, or
+    /// already there when the provider's mapping is the embedder's memory).
     pub fn core_code(&self) -> &[u8] {
-        &self.core
+        let m = self.core.as_ref();
+        m.get(..self.core_len).unwrap_or(m)
     }
 
-    /// The hypervisor-area image (copy to `placement.hma_phys`).
+    /// The hypervisor-area image (copy to `placement.hma_phys`, or already
+    /// there when the provider's mapping is the embedder's memory).
     pub fn hma(&self) -> &[u8] {
-        &self.hma
+        self.hma_ref()
     }
 
-    /// The intermediate page tables: their physical base and bytes.
-    pub fn tables(&self) -> (PhysAddr, &[u8]) {
-        let a = self.inter.allocator();
-        (PhysAddr(a.base()), a.used_bytes())
-    }
-
-    /// The hyper context's page tables (what `Hyper.cr3` points into): their
-    /// physical base and bytes.
-    pub fn hyper_tables(&self) -> (PhysAddr, &[u8]) {
-        let a = self.hyper.allocator();
-        (PhysAddr(a.base()), a.used_bytes())
+    fn hma_ref(&self) -> &[u8] {
+        let m = self.hma.as_ref();
+        m.get(..self.hma_len).unwrap_or(m)
     }
 
     /// The hyper context's tables, for walks and inspection.
-    pub fn hyper_context(&self) -> &IntermediateContext<VecAllocator> {
+    pub fn hyper_context(&self) -> &IntermediateContext<TablePool<P::Mapping>> {
         &self.hyper
     }
 
@@ -1155,7 +1546,7 @@ impl Vmm {
             g[6..8].copy_from_slice(&((h >> 16) as u16).to_le_bytes());
             let at = base + usize::from(*vector) * 8;
             // 256 gates of 8 bytes fill at most the IDT page.
-            if let Some(slot) = self.hma.get_mut(at..at + 8) {
+            if let Some(slot) = self.hma.as_mut().get_mut(at..at + 8) {
                 slot.copy_from_slice(&g);
             }
         }
@@ -1175,14 +1566,14 @@ impl Vmm {
             g[8..12].copy_from_slice(&((h >> 32) as u32).to_le_bytes());
             let at = base + usize::from(*vector) * 16;
             // 256 gates of 16 bytes fill exactly the IDT page.
-            if let Some(slot) = self.hma.get_mut(at..at + 16) {
+            if let Some(slot) = self.hma.as_mut().get_mut(at..at + 16) {
                 slot.copy_from_slice(&g);
             }
         }
     }
 
     /// The intermediate context, for walks and inspection.
-    pub fn intermediate(&self) -> &IntermediateContext<VecAllocator> {
+    pub fn intermediate(&self) -> &IntermediateContext<TablePool<P::Mapping>> {
         &self.inter
     }
 
@@ -1204,39 +1595,67 @@ impl Vmm {
 
     /// The stub for `host`'s bitness, which VirtualBox selects whenever the
     /// hypervisor context is not used (raw mode off).
-    pub fn select_stub(&self, host: HostPagingMode) -> SwitcherKind {
-        mode::stub_for(host)
+    ///
+    /// # Errors
+    /// [`SelectError::HostWidth`] when the core was not built for `host`.
+    pub fn select_stub(&self, host: HostPagingMode) -> Result<SwitcherKind, SelectError> {
+        self.serves(host)?;
+        Ok(mode::stub_for(host))
+    }
+
+    /// Whether this core serves `host`: AMD64 hosts need a core built for
+    /// 64-bit hosts, legacy and PAE hosts one built for 32-bit hosts.
+    ///
+    /// # Errors
+    /// [`SelectError::HostWidth`] naming the host mode and the core's width.
+    pub fn serves(&self, host: HostPagingMode) -> Result<(), SelectError> {
+        let bits = if host.family() == mode::HostFamily::Amd64 {
+            64
+        } else {
+            32
+        };
+        if bits != self.cfg.host_bits {
+            return Err(SelectError::HostWidth {
+                host,
+                core_bits: self.cfg.host_bits,
+            });
+        }
+        Ok(())
     }
 
     /// The switcher for `host` and `guest` under `prefs` (stubs when the
     /// hypervisor context is not used, a forced 32-bit shadow).
     ///
     /// # Errors
-    /// The choice is not available.
+    /// [`SelectError::HostWidth`] when the core was not built for `host`;
+    /// the choice is not available.
     pub fn select_with(
         &self,
         host: HostPagingMode,
         guest: GuestMode,
         prefs: mode::SelectPrefs,
     ) -> Result<SwitcherKind, SelectError> {
-        mode::select_with(host, guest, prefs, &AVAILABLE)
+        self.serves(host)?;
+        mode::select_with(host, guest, prefs, available_for(self.cfg.host_bits))
     }
 
     /// The switcher VirtualBox's table chooses for `host` and `guest`.
     ///
     /// # Errors
-    /// The choice is not implemented or not available.
+    /// [`SelectError::HostWidth`] when the core was not built for `host`
+    /// (a 32-bit core asked about an AMD64 host or the reverse).
     pub fn select(
         &self,
         host: HostPagingMode,
         guest: GuestMode,
     ) -> Result<SwitcherKind, SelectError> {
-        mode::select(host, guest, &AVAILABLE)
+        self.serves(host)?;
+        mode::select(host, guest, available_for(self.cfg.host_bits))
     }
 
     /// The VM header.
     pub fn header(&self) -> VmHeader {
-        VmFixed::read_from_prefix(&self.hma)
+        VmFixed::read_from_prefix(self.hma_ref())
             .map(|(f, _)| f.header)
             .unwrap_or_else(|_| VmFixed::new_zeroed_fixed().header)
     }
@@ -1256,32 +1675,76 @@ impl Vmm {
         Ok(start..start + CPUMCPU_SIZE)
     }
 
-    /// A copy of VCPU `index`'s `CpumCpu32`.
+    /// A copy of VCPU `index`'s `CPUMCPU` as the variant of the core's host
+    /// width ([`VmmConfig::host_bits`]).
     ///
     /// # Errors
     /// No such VCPU.
-    pub fn cpumcpu(&self, index: u32) -> Result<CpumCpu32, VmmError> {
-        let r = self.cpumcpu_range(index)?;
-        let bytes = self.hma.get(r).unwrap_or_default();
-        Ok(CpumCpu32::read_from_bytes(bytes).unwrap_or_default())
+    pub fn cpumcpu(&self, index: u32) -> Result<VcpuCpum, VmmError> {
+        Ok(if self.cfg.host_bits == 64 {
+            VcpuCpum::Host64(self.cpumcpu_as(index)?)
+        } else {
+            VcpuCpum::Host32(self.cpumcpu_as(index)?)
+        })
     }
 
-    /// Edits VCPU `index`'s `CpumCpu32` in the HMA image.
+    /// A copy of VCPU `index`'s `CPUMCPU` as `V`: [`CpumCpu32`] on a core
+    /// for 32-bit hosts, [`CpumCpu64`] on one for AMD64 hosts, or
+    /// [`CpumCpuShared`] on either.
+    ///
+    /// # Errors
+    /// No such VCPU, or [`VmmError::HostWidth`] for the other width's variant.
+    pub fn cpumcpu_as<V: CpumCpuVariant>(&self, index: u32) -> Result<V, VmmError> {
+        self.check_width::<V>()?;
+        let r = self.cpumcpu_range(index)?;
+        let (off, len, cap) = (r.start, r.len(), self.hma_len);
+        let bytes = self
+            .hma_ref()
+            .get(r)
+            .ok_or(VmmError::HmaRange { off, len, cap })?;
+        V::read_from_bytes(bytes).map_err(|_| VmmError::HmaRange { off, len, cap })
+    }
+
+    /// Edits the fields of VCPU `index`'s `CPUMCPU` that both host widths
+    /// share (`guest`, `hyper`, the flag words, the APIC state); `host` is
+    /// opaque bytes here (use [`Vmm::with_cpumcpu_as`] for it).
     ///
     /// # Errors
     /// No such VCPU.
     pub fn with_cpumcpu<R>(
         &mut self,
         index: u32,
-        f: impl FnOnce(&mut CpumCpu32) -> R,
+        f: impl FnOnce(&mut CpumCpuShared) -> R,
     ) -> Result<R, VmmError> {
+        self.with_cpumcpu_as(index, f)
+    }
+
+    /// Edits VCPU `index`'s `CPUMCPU` as `V` in the HMA image (see
+    /// [`Vmm::cpumcpu_as`]).
+    ///
+    /// # Errors
+    /// No such VCPU, or [`VmmError::HostWidth`] for the other width's variant.
+    pub fn with_cpumcpu_as<V: CpumCpuVariant, R>(
+        &mut self,
+        index: u32,
+        f: impl FnOnce(&mut V) -> R,
+    ) -> Result<R, VmmError> {
+        let mut c: V = self.cpumcpu_as(index)?;
         let r = self.cpumcpu_range(index)?;
-        let (off, len) = (r.start, r.len());
-        let slot = self.hma_slice(off, len)?;
-        let mut c = CpumCpu32::read_from_bytes(slot).unwrap_or_default();
         let out = f(&mut c);
-        slot.copy_from_slice(c.as_bytes());
+        self.hma_slice(r.start, r.len())?
+            .copy_from_slice(c.as_bytes());
         Ok(out)
+    }
+
+    fn check_width<V: CpumCpuVariant>(&self) -> Result<(), VmmError> {
+        if V::HOST_BITS != 0 && V::HOST_BITS != self.cfg.host_bits {
+            return Err(VmmError::HostWidth {
+                requested: V::HOST_BITS,
+                core: self.cfg.host_bits,
+            });
+        }
+        Ok(())
     }
 
     /// The C entry's second argument for VCPU `index` (offset of its
@@ -1334,7 +1797,7 @@ impl Vmm {
         let start = l.vm as usize;
         start
             .checked_add(l.vm_size as usize)
-            .and_then(|end| self.hma.get(start..end))
+            .and_then(|end| self.hma_ref().get(start..end))
             .unwrap_or_default()
     }
 
@@ -1388,8 +1851,8 @@ struct Addrs {
 
 /// Maps `(virt, phys, len)` into one set of intermediate tables, naming the
 /// range in the error.
-fn map_into(
-    tables: &mut IntermediateContext<VecAllocator>,
+fn map_into<M: AsRef<[u8]> + AsMut<[u8]>>(
+    tables: &mut IntermediateContext<TablePool<M>>,
     what: &'static str,
     (virt, phys, len): (u64, u64, u64),
     flags: MapFlags,

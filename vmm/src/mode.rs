@@ -28,6 +28,15 @@ pub enum HostPagingMode {
     Amd64Nx,
     /// Long mode with global pages and no-execute.
     Amd64GlobalNx,
+    /// 5-level long mode (CR4.LA57). VirtualBox's table stops at the ten
+    /// modes above; the four 5-level ones follow their naming.
+    Amd64La57,
+    /// 5-level long mode with global pages.
+    Amd64La57Global,
+    /// 5-level long mode with no-execute.
+    Amd64La57Nx,
+    /// 5-level long mode with global pages and no-execute.
+    Amd64La57GlobalNx,
 }
 
 /// The paging family a host mode belongs to; the NX and global variants
@@ -64,7 +73,9 @@ pub enum HostModeError {
 impl HostPagingMode {
     /// Decides the mode from CR0, CR4 and EFER, honouring EFER.NXE only when
     /// CPUID reports NX and EFER.LMA only when CPUID reports long mode
-    /// (`SUPR0GetPagingMode`).
+    /// (`SUPR0GetPagingMode`). CR4.LA57 makes a long mode 5-level; it needs
+    /// no CPUID check (the bit cannot be set on a CPU without it) and means
+    /// nothing outside long mode.
     ///
     /// # Errors
     /// Paging is off, or the registers are inconsistent.
@@ -94,6 +105,14 @@ impl HostPagingMode {
                 Self::Legacy32
             });
         }
+        if lma && cr4f.contains(Cr4::LA57) {
+            return Ok(match (global, nx) {
+                (false, false) => Self::Amd64La57,
+                (true, false) => Self::Amd64La57Global,
+                (false, true) => Self::Amd64La57Nx,
+                (true, true) => Self::Amd64La57GlobalNx,
+            });
+        }
         Ok(match (lma, global, nx) {
             (false, false, false) => Self::Pae,
             (false, true, false) => Self::PaeGlobal,
@@ -115,7 +134,17 @@ impl HostPagingMode {
         }
     }
 
-    /// VirtualBox's numeric value (`SUPPAGINGMODE_*`, 1..=10).
+    /// Whether the host runs 5-level paging (CR4.LA57): the switchers must
+    /// then be built with `TemplateOptions::la57`.
+    pub const fn la57(self) -> bool {
+        matches!(
+            self,
+            Self::Amd64La57 | Self::Amd64La57Global | Self::Amd64La57Nx | Self::Amd64La57GlobalNx
+        )
+    }
+
+    /// VirtualBox's numeric value (`SUPPAGINGMODE_*`, 1..=10); the 5-level
+    /// modes, which VirtualBox does not have, continue at 11..=14.
     pub const fn vbox_value(self) -> u32 {
         match self {
             Self::Legacy32 => 1,
@@ -128,6 +157,10 @@ impl HostPagingMode {
             Self::Amd64Global => 8,
             Self::Amd64Nx => 9,
             Self::Amd64GlobalNx => 10,
+            Self::Amd64La57 => 11,
+            Self::Amd64La57Global => 12,
+            Self::Amd64La57Nx => 13,
+            Self::Amd64La57GlobalNx => 14,
         }
     }
 }
@@ -169,6 +202,14 @@ pub enum SelectError {
     Unavailable {
         /// The switcher.
         kind: SwitcherKind,
+    },
+    /// The core was built for hosts of another width than `host`'s.
+    #[error("a {host:?} host needs a core built for {}-bit hosts; this one is for {core_bits}-bit hosts", if matches!(host.family(), HostFamily::Amd64) { 64 } else { 32 })]
+    HostWidth {
+        /// The host mode asked about.
+        host: HostPagingMode,
+        /// The core's host width.
+        core_bits: u32,
     },
 }
 
@@ -282,6 +323,27 @@ mod tests {
             );
             assert_eq!(want.vbox_value() as usize, i + 1);
         }
+        // CR4.LA57 (bit 12) with LMA: the 5-level modes, in the same order.
+        let la57 = [
+            (0x1020, 0x500, false, HostPagingMode::Amd64La57),
+            (0x10a0, 0x500, false, HostPagingMode::Amd64La57Global),
+            (0x1020, 0xd00, true, HostPagingMode::Amd64La57Nx),
+            (0x10a0, 0xd00, true, HostPagingMode::Amd64La57GlobalNx),
+        ];
+        for (i, (cr4, efer, nx, want)) in la57.into_iter().enumerate() {
+            let got = HostPagingMode::from_registers(PG_PE, cr4, efer, nx, true);
+            assert_eq!(got, Ok(want));
+            assert!(want.la57() && want.family() == HostFamily::Amd64);
+            assert_eq!(want.vbox_value() as usize, 11 + i);
+            // The same registers without LA57 are the 4-level mode.
+            let four = HostPagingMode::from_registers(PG_PE, cr4 & !0x1000, efer, nx, true);
+            assert!(!four.unwrap().la57());
+        }
+        // LA57 outside long mode means nothing: PAE paging.
+        assert_eq!(
+            HostPagingMode::from_registers(PG_PE, 0x1020, 0, false, true),
+            Ok(HostPagingMode::Pae)
+        );
         // NXE without CPUID NX, LMA without CPUID LM: ignored.
         assert_eq!(
             HostPagingMode::from_registers(PG_PE, 0x20, 0x800, false, false),
@@ -319,6 +381,13 @@ mod tests {
             select(H::Amd64, G::Bits32, &all),
             Ok(SwitcherKind::Amd64ToPae)
         );
+        // The 5-level hosts choose as the 4-level ones.
+        for (host, guest, want) in [
+            (H::Amd64La57, G::Bits32, SwitcherKind::Amd64ToPae),
+            (H::Amd64La57GlobalNx, G::Amd64Nx, SwitcherKind::Amd64ToAmd64),
+        ] {
+            assert_eq!(table_choice(host, guest), want);
+        }
         let none: [SwitcherKind; 0] = [];
         assert!(matches!(
             select(H::Amd64Nx, G::Amd64, &none),

@@ -100,7 +100,7 @@ fn default_core_maps_every_view_and_relocates_every_switcher() {
     assert_eq!(h.cpu_count, 2);
     assert_eq!(h.stat_switcher_to_gc.core.ticks_min, u64::MAX);
     for i in 0..2 {
-        let c = vmm.cpumcpu(i).unwrap();
+        let c = vmm.cpumcpu(i).unwrap().shared();
         assert_eq!(c.off_cpum, vmm.vcpu_arg(i));
         assert_eq!(
             c.hyper.gdtr.base.get(),
@@ -155,7 +155,7 @@ fn moving_the_hma_re_relocates_and_remaps() {
             }
         }
     }
-    let c = vmm.cpumcpu(0).unwrap();
+    let c = vmm.cpumcpu(0).unwrap().shared();
     assert_eq!(c.hyper.rip, u64::from(vmm.helper_area().0 .0));
     assert_eq!(vmm.header().vm_rc, new.0);
     let mut cfg = VmmConfig::default();
@@ -355,7 +355,7 @@ fn trampoline_call_frame_is_pushed_on_the_hyper_stack() {
         .push_trampoline_call(SwitcherKind::PaeToPae, 1, target, &[11, 22, 33])
         .unwrap();
     assert_eq!(rsp, p.hma_rc.0 + l.stack_top(1).unwrap() - 20);
-    let c = vmm.cpumcpu(1).unwrap();
+    let c = vmm.cpumcpu(1).unwrap().shared();
     assert_eq!(c.hyper.rsp, u64::from(rsp));
     assert_eq!(
         c.hyper.rip,
@@ -374,7 +374,7 @@ fn trampoline_call_frame_is_pushed_on_the_hyper_stack() {
     assert_eq!(words, vec![target.0, 12, 11, 22, 33]);
     // The other VCPU is untouched, and a too-large frame is refused.
     assert_eq!(
-        vmm.cpumcpu(0).unwrap().hyper.rsp,
+        vmm.cpumcpu(0).unwrap().shared().hyper.rsp,
         u64::from(p.hma_rc.0 + l.stack_top(0).unwrap())
     );
     assert!(vmm

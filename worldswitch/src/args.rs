@@ -69,14 +69,18 @@ pub struct PlacementArgs {
     pub phys_base: Option<u64>,
 }
 
-/// The unmask revision (`--revision`).
+/// The switcher revision (`--revision`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
 pub enum RevisionArg {
-    /// Unmask the NMI LVTs in the exit path (the earlier seed).
+    /// The earlier seed's algorithm: NMI LVTs unmasked in the exit path.
     A,
-    /// Unmask them after the worker call returns (the later seed).
-    #[default]
+    /// The later seed's algorithm: unmasked after the worker call returns.
     B,
+    /// This project's: as B, with fewer expensive operations (one xAPIC
+    /// read-back, the APIC version read at set-up, unmasking by writing back
+    /// the saved LVTs, EFER and CR0 writes derived from saved values).
+    #[default]
+    C,
 }
 
 impl From<RevisionArg> for Revision {
@@ -84,6 +88,7 @@ impl From<RevisionArg> for Revision {
         match r {
             RevisionArg::A => Revision::A,
             RevisionArg::B => Revision::B,
+            RevisionArg::C => Revision::C,
         }
     }
 }
@@ -91,8 +96,8 @@ impl From<RevisionArg> for Revision {
 /// Template and VM options shared by every subcommand that builds switchers.
 #[derive(Clone, Copy, Debug, Args)]
 pub struct BuildArgs {
-    /// Where the masked APIC NMI vectors are unmasked again.
-    #[arg(long, value_enum, default_value_t = RevisionArg::B)]
+    /// The switcher's algorithm: a or b (the seeds'), c (this project's, fewer expensive operations).
+    #[arg(long, value_enum, default_value_t = RevisionArg::C)]
     pub revision: RevisionArg,
     /// Build without APIC NMI masking.
     #[arg(long)]
@@ -120,9 +125,6 @@ pub struct QemuArgs {
     /// QEMU binary [default: qemu-system-x86_64 on PATH].
     #[arg(long, value_name = "PATH")]
     pub qemu: Option<PathBuf>,
-    /// QEMU `-cpu` model [default: QEMU's qemu64].
-    #[arg(long, value_name = "MODEL")]
-    pub cpu: Option<String>,
     /// Write QEMU's interrupt/reset log (`-d int,cpu_reset,guest_errors`) to
     /// FILE; with several switchers, `-<switcher>` is inserted before the
     /// extension (`qemu.log` → `qemu-32-to-amd64.log`), one file per boot.
@@ -200,18 +202,79 @@ pub struct Selection {
     pub all: bool,
 }
 
+/// The host APIC's mode (`--host-apic`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum HostApicArg {
+    /// xAPIC: registers in the MMIO page.
+    #[default]
+    Xapic,
+    /// x2APIC: registers through MSRs (implies `--x2apic`; QEMU 9 or later).
+    X2apic,
+}
+
+/// The AMD64 host's CR4 (`--host-cr4`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum HostCr4Arg {
+    /// What the testbed needs: PAE, PGE, OSFXSR, OSXMMEXCPT.
+    #[default]
+    Base,
+    /// Also SMEP, SMAP, UMIP, PKE (with a non-zero PKRU) and FSGSBASE, as
+    /// current kernels run (AMD64 hosts).
+    Today,
+}
+
+impl From<HostCr4Arg> for integration::scenario::HostCr4 {
+    fn from(c: HostCr4Arg) -> Self {
+        match c {
+            HostCr4Arg::Base => Self::Base,
+            HostCr4Arg::Today => Self::Today,
+        }
+    }
+}
+
+/// The options that define the host the switchers run on.
+#[derive(Clone, Debug, Args)]
+pub struct HostArgs {
+    /// The host local APIC's mode; `x2apic` builds the x2APIC masking code
+    /// (`--x2apic`) and boots a CPU model with x2APIC.
+    #[arg(long, value_enum, value_name = "MODE", default_value_t = HostApicArg::Xapic)]
+    pub host_apic: HostApicArg,
+    /// The AMD64 host's CR4; `today` boots a CPU model with SMEP, SMAP,
+    /// UMIP, PKU and FSGSBASE.
+    #[arg(long, value_enum, value_name = "CR4", default_value_t = HostCr4Arg::Base)]
+    pub host_cr4: HostCr4Arg,
+    /// AMD64 hosts: run the host with 5-level paging (CR4.LA57), the core
+    /// code at 0xff00000000c0400000 (canonical in 57 bits only) unless
+    /// --hc-base places it; boots a CPU model with LA57.
+    #[arg(long)]
+    pub la57: bool,
+    /// QEMU `-cpu` model: the switchers are relocated for its CPU facts
+    /// (NX, FXSR, SYSENTER, SYSCALL), and the image refuses a CPU whose bits
+    /// differ [default: qemu64, plus what --host-apic and --host-cr4 need].
+    #[arg(long, value_name = "MODEL")]
+    pub cpu: Option<String>,
+}
+
 /// Options that define a scenario (what the image does).
 #[derive(Clone, Debug, Args)]
 pub struct ScenarioArgs {
     /// Round trips per VCPU.
     #[arg(long, value_name = "N", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
     pub round_trips: u32,
+    /// The host.
+    #[command(flatten)]
+    pub host: HostArgs,
     /// Template options.
     #[command(flatten)]
     pub build: BuildArgs,
     /// Placement.
     #[command(flatten)]
     pub placement: PlacementArgs,
+    /// The NMI storm: place an NMI edge at every instruction offset of the
+    /// round trip, one offset per call (PIT -> 8259 -> LINT0 as NMI, exact
+    /// under -icount); the report says where each NMI was taken.
+    #[arg(long)]
+    pub nmi_storm: bool,
 }
 
 /// `worldswitch run`.
@@ -241,6 +304,12 @@ pub struct RunArgs {
     /// The gdbstub's TCP port for `--gdb`.
     #[arg(long, value_name = "PORT", default_value_t = crate::gdb::DEFAULT_PORT, requires = "gdb", value_parser = clap::value_parser!(u16).range(1..))]
     pub gdb_port: u16,
+    /// Count the expensive operations of each switch direction and trip
+    /// kind (CR/MSR/descriptor-table/segment/FPU/DR instructions, xAPIC
+    /// accesses) with the `costmodel-plugin` QEMU TCG plugin; adds `cost`
+    /// to the JSON.
+    #[arg(long, conflicts_with = "gdb")]
+    pub cost: bool,
     /// Break the switcher on purpose (one instruction replaced by NOPs) to
     /// see the testbed catch it.
     #[arg(long, value_name = "BUG", value_parser = mutation_parser())]

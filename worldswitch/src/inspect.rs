@@ -37,6 +37,7 @@ pub fn list(a: &ListArgs, out: &mut String) -> Result<Exit, CliError> {
             "type": kind as u32,
             "host_mode": kind.host().name(),
             "host_modes": setup::host_modes(kind),
+            "host_options": setup::host_options(kind),
             "guest_mode": setup::guest_mode(kind),
             "available": sw.is_some(),
             "code_size": sw.map(|s| s.def.code_len()),
@@ -76,7 +77,7 @@ pub fn list(a: &ListArgs, out: &mut String) -> Result<Exit, CliError> {
 
 fn default_build() -> BuildArgs {
     BuildArgs {
-        revision: crate::args::RevisionArg::B,
+        revision: crate::args::RevisionArg::C,
         no_apic: false,
         no_stats: false,
         trace: false,
@@ -139,6 +140,7 @@ pub fn show(a: &ShowArgs, out: &mut String) -> Result<Exit, CliError> {
             "switcher": def.kind.cli_name(),
             "vbox_name": def.kind.vbox_name(),
             "description": def.description,
+            "host_options": setup::host_options(def.kind),
             "vmmswitcherdef": fields.iter().map(|(k, v)| ((*k).to_string(), json!(v))).collect::<serde_json::Map<String, Value>>(),
             "regions": regions_json(def),
             "entries": entries.iter().map(|(n, o)| json!({"name": n, "offset": o})).collect::<Vec<_>>(),
@@ -158,6 +160,11 @@ pub fn show(a: &ShowArgs, out: &mut String) -> Result<Exit, CliError> {
         def.kind.cli_name(),
         def.kind.vbox_name(),
         def.description
+    );
+    let _ = writeln!(
+        out,
+        "hosts: {}",
+        setup::host_options(def.kind).join(", ")
     );
     let _ = writeln!(out, "\nVMMSWITCHERDEF");
     for (k, v) in &fields {

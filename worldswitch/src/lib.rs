@@ -26,6 +26,7 @@
 //! [`report`].
 
 pub mod args;
+pub mod cost;
 pub mod elf;
 pub mod gdb;
 pub mod inspect;
@@ -120,6 +121,10 @@ pub enum CliError {
         /// What is wrong.
         why: String,
     },
+    /// `run --cost` cannot measure: no plugin library, a QEMU without
+    /// plugin support, or a damaged plugin report.
+    #[error("cost model: {0}")]
+    Cost(String),
     /// The transcript has no `BOOT` line.
     #[error("no @@BOOT line in the transcript: not a COM1 log of a worldswitch image")]
     NoBoot,

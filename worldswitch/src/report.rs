@@ -96,6 +96,103 @@ pub struct MismatchJson {
     pub after: u32,
 }
 
+/// The CPU facts a switcher was relocated for (`vmm::CpuFacts`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct CpuFactsJson {
+    /// No-execute pages (EFER.NXE is set on the way to long mode).
+    pub nx: bool,
+    /// FXSAVE/FXRSTOR.
+    pub fxsr: bool,
+    /// The host uses SYSENTER (its MSRs are saved and restored).
+    pub sysenter: bool,
+    /// The host uses SYSCALL (EFER.SCE is saved and restored).
+    pub syscall: bool,
+}
+
+impl From<vmm::CpuFacts> for CpuFactsJson {
+    fn from(c: vmm::CpuFacts) -> Self {
+        Self {
+            nx: c.nx,
+            fxsr: c.fxsr,
+            sysenter: c.host_sysenter,
+            syscall: c.host_syscall,
+        }
+    }
+}
+
+/// The first offset whose NMI was fatal (`--nmi-storm` without masking).
+#[derive(Clone, Debug, Serialize)]
+pub struct FatalOffsetJson {
+    /// Instructions into the round trip.
+    pub offset: u32,
+    /// The instruction there, `label+0x…`.
+    pub label: String,
+    /// Its view (`HC`, `ID`, `RC`).
+    pub view: String,
+    /// What happened (`triple fault`, an exception, `NMI in transit (…)`,
+    /// `NMI in the hypervisor context`).
+    pub outcome: String,
+}
+
+/// What the NMI storm found.
+#[derive(Clone, Debug, Serialize)]
+pub struct NmiStormJson {
+    /// Instructions of the longest round trip (C entry to return, far side included).
+    pub path_instructions: u32,
+    /// Offsets an NMI edge was placed at inside the path.
+    pub offsets_covered: u32,
+    /// NMIs taken in all.
+    pub nmis_taken: u32,
+    /// NMIs whose edge fell while LINT0 was masked, taken at the unmask (QEMU behaviour).
+    pub nmis_deferred: u32,
+    /// NMIs the host's IDT took outside host context.
+    pub nmis_in_transit: u32,
+    /// NMIs the hypervisor context's IDT took.
+    pub nmis_in_hypervisor_context: u32,
+    /// The first fatal offset; `null` when none was.
+    pub first_fatal: Option<FatalOffsetJson>,
+}
+
+impl From<&integration::storm::StormReport> for NmiStormJson {
+    fn from(s: &integration::storm::StormReport) -> Self {
+        Self {
+            path_instructions: s.path_instructions,
+            offsets_covered: s.offsets_covered,
+            nmis_taken: s.nmis_taken,
+            nmis_deferred: s.nmis_deferred,
+            nmis_in_transit: s.nmis_in_transit,
+            nmis_in_hypervisor_context: s.nmis_in_hypervisor_context,
+            first_fatal: s.first_fatal.as_ref().map(|f| FatalOffsetJson {
+                offset: f.offset,
+                label: f.label.clone(),
+                view: f.view.clone(),
+                outcome: f.outcome.clone(),
+            }),
+        }
+    }
+}
+
+/// The `nmi storm` lines of the text report.
+fn render_storm(s: &mut String, st: &NmiStormJson) {
+    let _ = writeln!(
+        s,
+        "  nmi storm    {} of {} offsets covered; {} NMIs taken: {} deferred to the unmask, {} in transit, {} in the hypervisor context",
+        st.offsets_covered,
+        st.path_instructions,
+        st.nmis_taken,
+        st.nmis_deferred,
+        st.nmis_in_transit,
+        st.nmis_in_hypervisor_context
+    );
+    if let Some(f) = &st.first_fatal {
+        let _ = writeln!(
+            s,
+            "  first fatal  offset {}: {} ({}): {}",
+            f.offset, f.label, f.view, f.outcome
+        );
+    }
+}
+
 /// One switcher's run.
 #[derive(Clone, Debug, Serialize)]
 pub struct RunJson {
@@ -108,7 +205,7 @@ pub struct RunJson {
     /// Hypervisor-context paging mode (`32-bit`, `PAE`, `AMD64`); `None`
     /// for a stub, which has no hypervisor context.
     pub guest_mode: Option<&'static str>,
-    /// Unmask revision, `"a"` or `"b"`.
+    /// Switcher revision, `"a"`, `"b"` (the seeds') or `"c"` (this project's).
     pub revision: &'static str,
     /// STAM profiling built in.
     pub stats: bool,
@@ -118,6 +215,14 @@ pub struct RunJson {
     pub trace: bool,
     /// x2APIC-capable masking built in.
     pub x2apic: bool,
+    /// The CPU facts the switcher was relocated for.
+    pub cpu_facts: CpuFactsJson,
+    /// The host APIC's mode: `xapic` or `x2apic`.
+    pub host_apic: &'static str,
+    /// The host's CR4 configuration: `base` or `today`.
+    pub host_cr4: &'static str,
+    /// The host ran 5-level paging (CR4.LA57; `--la57`).
+    pub la57: bool,
     /// VCPUs called in turn.
     pub vcpus: u32,
     /// Round trips asked per VCPU.
@@ -156,6 +261,8 @@ pub struct RunJson {
     pub instructions_per_round_trip_max: Option<u64>,
     /// NMIs the host took during the run.
     pub nmis: Option<u32>,
+    /// What the NMI storm found (`--nmi-storm`); `null` without one.
+    pub nmi_storm: Option<NmiStormJson>,
     /// Wall-clock time of the QEMU boot in seconds (`null` when decoded or
     /// not measured).
     pub wall_seconds: Option<f64>,
@@ -165,12 +272,17 @@ pub struct RunJson {
     pub not_measured: Option<String>,
     /// The VM's STAM samples after the run (`stam::Snapshot`), `null` without a VM dump.
     pub stam: Option<Snapshot>,
+    /// `run --cost`: the expensive operations of each trip kind and
+    /// direction, counted by the QEMU plugin ([`crate::cost::Cost`]);
+    /// `null` without `--cost`.
+    pub cost: Option<crate::cost::Cost>,
 }
 
 fn revision_name(r: Revision) -> &'static str {
     match r {
         Revision::A => "a",
         Revision::B => "b",
+        Revision::C => "c",
     }
 }
 
@@ -321,6 +433,10 @@ pub fn run_json(
         apic_nmi_masking: s.options.apic_nmi_masking,
         trace: s.options.trace,
         x2apic: s.options.x2apic,
+        cpu_facts: s.cpu.into(),
+        host_apic: if s.host_x2apic { "x2apic" } else { "xapic" },
+        host_cr4: s.host_cr4.name(),
+        la57: s.la57(),
         vcpus: s.vcpus,
         round_trips_per_vcpu: s.trips,
         placement: PlacementJson {
@@ -359,9 +475,11 @@ pub fn run_json(
         instructions_per_round_trip: r.instructions_per_round_trip,
         instructions_per_round_trip_max: r.instructions_per_round_trip_max,
         nmis: report.summary.as_ref().map(|sm| sm.nmis),
+        nmi_storm: r.nmi_storm.as_ref().map(NmiStormJson::from),
         wall_seconds: wall.map(|w| (w.as_secs_f64() * 1000.0).round() / 1000.0),
         not_measured: None,
         stam,
+        cost: None,
     }
 }
 
@@ -424,6 +542,7 @@ pub fn render(r: &RunJson) -> String {
     if r.x2apic {
         opts.push("x2APIC".into());
     }
+    opts.extend(host_words(r));
     if let Some(m) = &r.mutation {
         opts.push(format!("MUTATED: {m}"));
     }
@@ -488,6 +607,9 @@ pub fn render(r: &RunJson) -> String {
         opt(r.instructions_per_round_trip),
         opt(r.instructions_per_round_trip_max)
     );
+    if let Some(st) = &r.nmi_storm {
+        render_storm(&mut s, st);
+    }
     match &r.stam {
         Some(snap) => {
             let _ = writeln!(s, "  STAM ({STAM_PATTERN}):");
@@ -553,4 +675,34 @@ pub fn render_summary(doc: &RunDoc) -> String {
     );
     s.push('\n');
     s
+}
+
+/// The text report's words for a host that is not the default one: an
+/// x2APIC-mode APIC, today's CR4, CPU facts other than the common ones.
+fn host_words(r: &RunJson) -> Vec<String> {
+    let mut v = Vec::new();
+    if r.host_apic != "xapic" {
+        v.push(format!("{} host", r.host_apic));
+    }
+    if r.host_cr4 != "base" {
+        v.push(format!("host CR4 {}", r.host_cr4));
+    }
+    if r.la57 {
+        v.push("5-level paging (LA57)".into());
+    }
+    let c = r.cpu_facts;
+    let missing: Vec<&str> = [
+        ("NX", c.nx),
+        ("FXSR", c.fxsr),
+        ("SYSENTER", c.sysenter),
+        ("SYSCALL", c.syscall),
+    ]
+    .into_iter()
+    .filter(|(_, on)| !on)
+    .map(|(n, _)| n)
+    .collect();
+    if !missing.is_empty() {
+        v.push(format!("for a CPU without {}", missing.join("/")));
+    }
+    v
 }

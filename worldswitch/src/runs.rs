@@ -15,7 +15,7 @@ use vmm_switcher::SwitcherKind;
 use crate::args::{DecodeArgs, ImageArgs, RunArgs, StatsArgs, StatsFormat};
 use crate::progress::Progress;
 use crate::report::{self, RunDoc, RunJson, SCHEMA};
-use crate::{gdb, setup, to_json, CliError, Exit, Sink};
+use crate::{cost, gdb, setup, to_json, CliError, Exit, Sink};
 use integration::qemu::{self, Outcome, QemuConfig, RunResult};
 use integration::scenario::{build, judge, run_built, Built, Scenario, ScenarioResult};
 use integration::transcript::Report;
@@ -213,15 +213,25 @@ pub fn run(a: &RunArgs, out: &mut dyn Sink) -> Result<Exit, CliError> {
     // placement fails fast, whether QEMU is installed or not.
     let progress = (!a.gdb).then(|| Progress::start("building"));
     let mut scenarios = Vec::new();
+    let mut models = Vec::new();
     for kind in &kinds {
-        let mut s = setup::scenario(*kind, &a.scenario)?;
+        let (mut s, model) = setup::scenario_and_cpu(*kind, &a.scenario)?;
         s.mutation = a.mutate;
         let built = build(&s)?;
         scenarios.push((s, built));
+        models.push(model);
     }
     let q = setup::qemu(&a.qemu, a.gdb.then_some(a.gdb_port));
     check_qemu(&q)?;
-    let configs = qemu_configs(&q, &kinds);
+    let mut configs = qemu_configs(&q, &kinds);
+    for (c, m) in configs.iter_mut().zip(&models) {
+        c.cpu = m.qemu_arg();
+    }
+    let cost_files = if a.cost {
+        cost_setup(&q, &scenarios, &mut configs)?
+    } else {
+        Vec::new()
+    };
     // Each session's files are removed when `run` returns, in failure too.
     let mut sessions = Vec::new();
     if a.gdb {
@@ -246,8 +256,14 @@ pub fn run(a: &RunArgs, out: &mut dyn Sink) -> Result<Exit, CliError> {
             if a.gdb {
                 gdb_caveats(&r, &mut j);
             }
+            let measured = match cost_files.get(i) {
+                Some(f) => cost_result(f, &j)?,
+                None => None,
+            };
+            j.cost = measured.as_ref().map(|m| m.cost.clone());
             if !a.json {
-                let text = format!("{}\n", report::render(&j));
+                let table = measured.as_ref().map(cost::render).unwrap_or_default();
+                let text = format!("{}{table}\n", report::render(&j));
                 match &progress {
                     Some(p) => p.above(|| out.put(&text)),
                     None => out.put(&text),
@@ -270,6 +286,49 @@ pub fn run(a: &RunArgs, out: &mut dyn Sink) -> Result<Exit, CliError> {
         out.put(&closing(&doc));
     }
     Ok(exit_of(&doc))
+}
+
+/// A plugin report file, removed when dropped.
+struct CostFile(PathBuf);
+
+impl Drop for CostFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// `run --cost`: checks that QEMU loads plugins and finds the plugin, then
+/// gives every boot the `-plugin` argument with its own report file.
+fn cost_setup(
+    q: &QemuConfig,
+    scenarios: &[(Scenario, Built)],
+    configs: &mut [QemuConfig],
+) -> Result<Vec<CostFile>, CliError> {
+    cost::check_plugin_support(q)?;
+    let plugin = cost::find_plugin()?;
+    let mut files = Vec::new();
+    for ((s, built), c) in scenarios.iter().zip(configs.iter_mut()) {
+        let name = format!(
+            "worldswitch-cost-{}-{}.txt",
+            std::process::id(),
+            s.kind.cli_name()
+        );
+        let file = CostFile(std::env::temp_dir().join(name));
+        c.plugin = Some(cost::plugin_arg(&plugin, built, s.kind, &file.0)?);
+        files.push(file);
+    }
+    Ok(files)
+}
+
+/// The plugin's measurement of a finished boot. A boot that failed may have
+/// ended before the plugin wrote its report: then there is none. A passing
+/// boot without a readable report is an error.
+fn cost_result(f: &CostFile, j: &RunJson) -> Result<Option<cost::Measured>, CliError> {
+    match cost::read_report(&f.0) {
+        Ok(m) => Ok(Some(m)),
+        Err(_) if !j.verified => Ok(None),
+        Err(e) => Err(e),
+    }
 }
 
 /// The file `image` writes for `kind` when `several` switchers are asked.
@@ -303,15 +362,18 @@ pub fn image(a: &ImageArgs, out: &mut String) -> Result<Exit, CliError> {
     let several = kinds.len() > 1;
     let mut images = Vec::new();
     for kind in kinds {
-        let s = setup::scenario(kind, &a.scenario)?;
+        let (s, model) = setup::scenario_and_cpu(kind, &a.scenario)?;
         let built = build(&s)?;
         let path = image_path(&a.out, kind, several);
         std::fs::write(&path, &built.testbed.image).map_err(|source| CliError::Write {
             path: path.clone(),
             source,
         })?;
-        let qemu_args: Vec<String> = QemuConfig::default()
-            .args(&path)
+        let qemu_args: Vec<String> = QemuConfig {
+            cpu: model.qemu_arg(),
+            ..QemuConfig::default()
+        }
+        .args(&path)
             .into_iter()
             .map(|s| s.to_string_lossy().into_owned())
             .collect();
@@ -409,6 +471,13 @@ pub fn transcript_outcome(r: &Report) -> Option<Outcome> {
 /// error (exit status 2), not a failed switcher.
 fn cpu_refusal_text(kind: Option<SwitcherKind>, c: &integration::transcript::CpuRefusal) -> String {
     let what = kind.map_or_else(|| "the image".to_owned(), |k| k.cli_name().to_owned());
+    if c.present {
+        return format!(
+            "the CPU has {} (CPUID {}), and {what} was relocated for a CPU without it: nothing \
+             was run; relocate for this CPU (--cpu names the model the image runs on)",
+            c.feature, c.cpuid
+        );
+    }
     format!(
         "the CPU has no {} (CPUID {}), which {what} needs: nothing was run; pick a CPU model \
          with it (--cpu)",
@@ -630,8 +699,11 @@ fn stats_run(a: &StatsArgs) -> Result<(Option<Snapshot>, Exit), CliError> {
         all: false,
     };
     setup::select(&sel)?;
-    let s = setup::scenario(kind, &a.scenario)?;
-    let q = setup::qemu(&a.qemu, None);
+    let (s, model) = setup::scenario_and_cpu(kind, &a.scenario)?;
+    let q = QemuConfig {
+        cpu: model.qemu_arg(),
+        ..setup::qemu(&a.qemu, None)
+    };
     check_qemu(&q)?;
     let built = build(&s)?;
     let progress = Progress::start(&format!(

@@ -7,8 +7,9 @@ use vmm_switcher::disasm::view_base;
 use vmm_switcher::templates::TemplateOptions;
 use vmm_switcher::{HcAddr, PhysAddr, RcAddr, SideMode, SwitcherKind, View};
 
-use crate::args::{BuildArgs, PlacementArgs, QemuArgs, ScenarioArgs, Selection};
+use crate::args::{BuildArgs, HostApicArg, PlacementArgs, QemuArgs, ScenarioArgs, Selection};
 use crate::CliError;
+use integration::cpumodel::{self, CpuModel};
 use integration::hostkernel::LAPIC_VIRT;
 use integration::paging::HostMode;
 use integration::qemu::QemuConfig;
@@ -110,23 +111,53 @@ pub fn host_bits(kind: SwitcherKind) -> u32 {
 /// The scenario for `kind` and these options.
 ///
 /// # Errors
-/// A bad placement.
+/// A bad placement or host configuration.
 pub fn scenario(kind: SwitcherKind, a: &ScenarioArgs) -> Result<Scenario, CliError> {
+    Ok(scenario_and_cpu(kind, a)?.0)
+}
+
+/// The scenario for `kind` and these options, and the CPU model it boots:
+/// the host options applied (`--host-apic x2apic` also builds the x2APIC
+/// masking code), the switcher relocated for the model's CPU facts.
+///
+/// # Errors
+/// A bad placement, or a host configuration the switcher or the `--cpu`
+/// model cannot run.
+pub fn scenario_and_cpu(
+    kind: SwitcherKind,
+    a: &ScenarioArgs,
+) -> Result<(Scenario, CpuModel), CliError> {
     let mut s = Scenario::new(kind);
     s.options = options(&a.build);
     s.placement = placement(&a.placement, kind)?;
     s.vcpus = a.build.vcpus;
     s.trips = a.round_trips;
-    Ok(s)
+    if a.host.host_apic == HostApicArg::X2apic {
+        s.host_x2apic = true;
+        s.options.x2apic = true;
+    }
+    s.host_cr4 = a.host.host_cr4.into();
+    if a.host.la57 {
+        // The core code moves to a 57-bit-only HC address unless --hc-base
+        // placed it.
+        s.set_la57(true);
+    }
+    s.nmi_storm = a.nmi_storm;
+    let model = cpumodel::model_for(&s, a.host.cpu.as_deref())
+        .map_err(integration::scenario::ScenarioError::from)?;
+    s.cpu = model.facts();
+    Ok((s, model))
 }
 
-/// The QEMU configuration for these options.
+/// The QEMU configuration for these options (QEMU's default CPU model;
+/// [`scenario_and_cpu`] gives each scenario its own).
 pub fn qemu(q: &QemuArgs, gdb: Option<u16>) -> QemuConfig {
     QemuConfig {
         binary: q.qemu.clone(),
-        cpu: q.cpu.clone(),
+        cpu: None,
         gdb,
         debug_log: q.qemu_log.clone(),
+        plugin: None,
         // Waiting for a person at a gdb prompt is not a hang: the longest
         // timeout QEMU runs take.
         timeout: if gdb.is_some() {
@@ -208,6 +239,19 @@ pub fn host_modes(kind: SwitcherKind) -> Vec<&'static str> {
         SwitcherKind::X86Stub => vec![SideMode::Bits32.name(), SideMode::Pae.name()],
         _ => vec![kind.host().name()],
     }
+}
+
+/// The host configurations `kind` runs on, as `run` options: the host APIC
+/// in either mode, today's CR4 and 5-level paging on AMD64 hosts, and CPUs
+/// without NX, SYSENTER or SYSCALL (the switcher is relocated for the
+/// `--cpu` model).
+pub fn host_options(kind: SwitcherKind) -> Vec<&'static str> {
+    let mut v = vec!["--host-apic xapic", "--host-apic x2apic", "--host-cr4 base"];
+    if kind.host() == SideMode::Amd64 {
+        v.extend(["--host-cr4 today", "--la57"]);
+    }
+    v.extend(["--cpu qemu64,-nx", "--cpu qemu64,-sep", "--cpu qemu64,-syscall"]);
+    v
 }
 
 /// The hypervisor-context paging mode of `kind`; `None` for a stub, which

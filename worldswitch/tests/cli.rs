@@ -331,7 +331,7 @@ fn run_all_json_matches_the_schema_and_the_exit_status() {
         assert_eq!(r["outcome"], "pass");
         assert_eq!(r["round_trips"], 20);
         assert_eq!(r["vcpus"], 2);
-        assert_eq!(r["revision"], "b");
+        assert_eq!(r["revision"], "c");
         for f in [
             "instructions_to_guest",
             "instructions_to_host",
@@ -1070,6 +1070,10 @@ fn readme_schema_lists_every_field_a_run_has() {
         apic_nmi_masking: false,
         trace: false,
         x2apic: false,
+        cpu_facts: vmm::CpuFacts::common().into(),
+        host_apic: "",
+        host_cr4: "",
+        la57: false,
         vcpus: 0,
         round_trips_per_vcpu: 0,
         placement: PlacementJson {
@@ -1093,9 +1097,11 @@ fn readme_schema_lists_every_field_a_run_has() {
         instructions_per_round_trip: None,
         instructions_per_round_trip_max: None,
         nmis: None,
+        nmi_storm: None,
         wall_seconds: None,
         not_measured: None,
         stam: None,
+        cost: None,
     };
     let v = serde_json::to_value(&run).unwrap();
     let mut emitted: Vec<String> = v.as_object().unwrap().keys().cloned().collect();

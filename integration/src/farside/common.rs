@@ -255,3 +255,61 @@ pub(crate) fn bit_names(names: &[&'static str], bits: u32) -> Vec<&'static str> 
         .map(|(_, n)| *n)
         .collect()
 }
+
+/// Emits, at `handler`, the NMI handler of a far-side IDT (vector 2): it
+/// counts the NMI in the dword at `count` (an RC address below 4 GiB),
+/// records the interrupted instruction pointer's low half at `first_ip` for
+/// the first one, acknowledges the 8259 (an OCW3 poll, then a non-specific
+/// EOI: the storm's NMIs come from the PIT through the 8259 and LINT0) and
+/// returns. An NMI that reaches the far side is thus counted, not fatal; the
+/// host's judge fails a run whose far side took any.
+pub(crate) fn emit_nmi_counter(
+    a: &mut CodeAssembler,
+    handler: &mut CodeLabel,
+    count: u32,
+    first_ip: u32,
+) -> Result<(), IcedError> {
+    let mut not_first = a.create_label();
+    a.set_label(handler)?;
+    if a.bitness() == 64 {
+        a.push(rax)?;
+        a.push(rcx)?;
+        a.push(rdx)?;
+        a.mov(ecx, count)?;
+        a.inc(dword_ptr(rcx))?;
+        a.cmp(dword_ptr(rcx), 1)?;
+        a.jne(not_first)?;
+        a.mov(rax, qword_ptr(rsp + 24))?;
+        a.mov(ecx, first_ip)?;
+        a.mov(dword_ptr(rcx), eax)?;
+    } else {
+        a.push(eax)?;
+        a.push(ecx)?;
+        a.push(edx)?;
+        a.mov(ecx, count)?;
+        a.inc(dword_ptr(ecx))?;
+        a.cmp(dword_ptr(ecx), 1)?;
+        a.jne(not_first)?;
+        a.mov(eax, dword_ptr(esp + 12))?;
+        a.mov(ecx, first_ip)?;
+        a.mov(dword_ptr(ecx), eax)?;
+    }
+    a.set_label(&mut not_first)?;
+    a.mov(dx, 0x20u32)?;
+    a.mov(al, 0x0cu32)?;
+    a.out(dx, al)?;
+    a.in_(al, dx)?;
+    a.mov(al, 0x20u32)?;
+    a.out(dx, al)?;
+    if a.bitness() == 64 {
+        a.pop(rdx)?;
+        a.pop(rcx)?;
+        a.pop(rax)?;
+        a.iretq()
+    } else {
+        a.pop(edx)?;
+        a.pop(ecx)?;
+        a.pop(eax)?;
+        a.iretd()
+    }
+}

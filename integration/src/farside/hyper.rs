@@ -156,6 +156,11 @@ pub struct RcMailbox {
     pub c_exit_entry: u32,
     /// Exits taken through the C-callable exit.
     pub c_exits: u32,
+    /// NMIs the hypervisor context's IDT took (the storm's, with NMI
+    /// masking off; any is a failure).
+    pub nmis: u32,
+    /// Low half of the instruction pointer the first of them interrupted.
+    pub nmi_ip: u32,
 }
 
 /// Value XORed into the return code.

@@ -10,7 +10,7 @@ use core::mem::offset_of;
 
 use iced_x86::code_asm::*;
 
-use super::common::emit_exception_reporter64;
+use super::common::{emit_exception_reporter64, emit_nmi_counter};
 use super::hyper::{
     emit_checks, emit_lazy_fpu_switch, finish, RcConfig, RcEntries, RcMailbox, MAX_TARGET_ARGS,
 };
@@ -49,10 +49,17 @@ pub fn build(cfg: &RcConfig, area_size: usize) -> Result<(Vec<u8>, RcEntries), F
     // #NM: the lazy FPU switch; every other vector is reported.
     a.set_label(&mut handlers[7])?;
     emit_lazy_fpu_switch(&mut a, cfg, true)?;
+    let mbox = cfg.rc + cfg.mailbox_off;
+    emit_nmi_counter(
+        &mut a,
+        &mut handlers[2],
+        mbox + offset_of!(RcMailbox, nmis) as u32,
+        mbox + offset_of!(RcMailbox, nmi_ip) as u32,
+    )?;
     emit_exception_reporter64(
         &mut a,
         &mut handlers,
-        &[7],
+        &[2, 7],
         cfg.com1,
         cfg.exit_port,
         cfg.exit_code,

@@ -12,7 +12,9 @@ use core::mem::offset_of;
 
 use iced_x86::code_asm::*;
 
-use super::common::{emit_exception_report, emit_exception_stub, ReporterRegs};
+use super::common::{
+    emit_exception_report, emit_exception_stub, emit_nmi_counter, ReporterRegs,
+};
 use super::hyper::{
     emit_checks, emit_lazy_fpu_switch, finish, RcConfig, RcEntries, RcMailbox, MAX_TARGET_ARGS,
 };
@@ -50,6 +52,13 @@ pub fn build(cfg: &RcConfig, area_size: usize) -> Result<(Vec<u8>, RcEntries), F
         if v == 7 {
             a.set_label(h)?;
             emit_lazy_fpu_switch(&mut a, cfg, false)?;
+        } else if v == 2 {
+            emit_nmi_counter(
+                &mut a,
+                h,
+                mbox + offset_of!(RcMailbox, nmis) as u32,
+                mbox + offset_of!(RcMailbox, nmi_ip) as u32,
+            )?;
         } else {
             emit_exception_stub(&mut a, h, v, common)?;
         }

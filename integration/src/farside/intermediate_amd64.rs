@@ -28,7 +28,8 @@ use iced_x86::BlockEncoderOptions;
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
 use super::common::{
-    bit_names, emit_apic_checks, emit_exception_reporter64, emit_record_fails, ApicCheck,
+    bit_names, emit_apic_checks, emit_exception_reporter64, emit_nmi_counter, emit_record_fails,
+    ApicCheck,
 };
 use super::FarError;
 
@@ -116,6 +117,11 @@ pub struct Mailbox {
     pub dis_seen: u32,
     /// Scratch for FCW/MXCSR stores.
     pub scratch: [u32; 3],
+    /// NMIs the helper's IDT took (the storm's, with NMI masking off; any
+    /// is a failure).
+    pub nmis: u32,
+    /// Low half of the instruction pointer the first of them interrupted.
+    pub nmi_ip: u32,
 }
 
 /// The return value for `cookie` when every check passed.
@@ -193,10 +199,17 @@ pub fn build(cfg: &FarConfig, area_size: usize) -> Result<Vec<u8>, FarError> {
     emit_debug_sync_check(&mut a)?;
     emit_return_code(&mut a)?;
     emit_clobber_and_return(&mut a)?;
+    let mbox = cfg.layout.mailbox_rc();
+    emit_nmi_counter(
+        &mut a,
+        &mut handlers[2],
+        mbox + offset_of!(Mailbox, nmis) as u32,
+        mbox + offset_of!(Mailbox, nmi_ip) as u32,
+    )?;
     emit_exception_reporter64(
         &mut a,
         &mut handlers,
-        &[],
+        &[2],
         cfg.com1,
         cfg.exit_port,
         cfg.exit_far_exception,

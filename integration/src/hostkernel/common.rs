@@ -330,6 +330,8 @@ pub(super) struct Gen {
     pub exported: Vec<(String, CodeLabel)>,
     /// The 256 interrupt handlers, by vector.
     pub vectors: Vec<CodeLabel>,
+    /// The NMI storm's slots ([`super::storm`]), once set up.
+    pub storm: Option<super::storm::StormSlots>,
 }
 
 impl Gen {
@@ -364,6 +366,7 @@ impl Gen {
             r,
             exported: Vec::new(),
             vectors: Vec::new(),
+            storm: None,
         }
     }
 
@@ -1006,33 +1009,52 @@ pub(super) fn boot_tail(
     s
 }
 
-/// Checks every feature in `features` with CPUID; for the first one
+/// Checks every feature in `required` with CPUID; for the first one
 /// missing, prints its `NOCPU` line and exits with the failure code (the
-/// exit routine adds the `CRC` line). Clobbers EAX, EBX, ECX, EDX.
-pub(super) fn emit_cpu_check(g: &mut Gen, features: &[CpuFeature]) -> R {
-    for &f in features {
+/// exit routine adds the `CRC` line). Then the same for the first feature
+/// in `forbidden` the CPU has, with its `CPUEXTRA` line. Clobbers EAX, EBX,
+/// ECX, EDX.
+pub(super) fn emit_cpu_check(g: &mut Gen, required: &[CpuFeature], forbidden: &[CpuFeature]) -> R {
+    let checks = required
+        .iter()
+        .map(|f| (*f, true))
+        .chain(forbidden.iter().map(|f| (*f, false)));
+    for (f, want) in checks {
         let (leaf, reg, bit) = f.cpuid();
-        let mut ok = g.a.create_label();
-        let mut missing = g.a.create_label();
-        if leaf >= 0x8000_0000 {
-            g.a.mov(eax, 0x8000_0000u32)?;
+        let mut has = g.a.create_label();
+        let mut lacks = g.a.create_label();
+        // A leaf exists only up to the highest one of its range (leaf 1
+        // always does).
+        let top = leaf & 0x8000_0000;
+        if top != 0 || leaf > 1 {
+            g.a.mov(eax, top)?;
             g.a.cpuid()?;
             g.a.cmp(eax, leaf)?;
-            g.a.jb(missing)?;
+            g.a.jb(lacks)?;
         }
         g.a.mov(eax, leaf)?;
         g.a.xor(ecx, ecx)?;
         g.a.cpuid()?;
         let r = match reg {
+            super::CpuidReg::Ebx => ebx,
             super::CpuidReg::Ecx => ecx,
             super::CpuidReg::Edx => edx,
         };
         g.a.test(r, 1u32 << bit)?;
-        g.a.jnz(ok)?;
-        g.mark(&mut missing)?;
-        g.text(&f.refusal_line())?;
-        g.exit_with(EXIT_FAIL)?;
-        g.mark(&mut ok)?;
+        g.a.jnz(has)?;
+        g.mark(&mut lacks)?;
+        if want {
+            g.text(&f.refusal_line())?;
+            g.exit_with(EXIT_FAIL)?;
+            g.mark(&mut has)?;
+        } else {
+            let mut ok = g.a.create_label();
+            g.a.jmp(ok)?;
+            g.mark(&mut has)?;
+            g.text(&f.extra_line())?;
+            g.exit_with(EXIT_FAIL)?;
+            g.mark(&mut ok)?;
+        }
     }
     Ok(())
 }
@@ -1491,6 +1513,7 @@ pub(super) fn emit_loop(
         g.a.mov(g.bx(off), eax)?;
         g.mark(&mut skip)?;
     }
+    super::storm::emit_after_call(g)?;
     if b.trace_trips > 0 {
         let mut skip = g.a.create_label();
         g.a.cmp(dword_ptr(g.s.trip), b.trace_trips)?;
@@ -1528,6 +1551,7 @@ pub(super) fn emit_loop(
     // ---- summary -------------------------------------------------------------------
     g.export("summary", done)?;
     g.phase(Phase::Summary)?;
+    super::storm::emit_stop(g)?;
     for (i, arg2) in b.vcpus.clone().into_iter().enumerate() {
         let rec = g.l.stats + STAT_SIZE * i as u32;
         g.text(&format!("{PREFIX}VCPU vcpu={i} arg2={arg2:08x}"))?;
@@ -1720,8 +1744,10 @@ pub(super) fn finish(
         kernel_end: code_end,
     };
     let required_cpu = b.required_cpu();
+    let forbidden_cpu = b.forbidden_cpu();
     Ok(Testbed {
         required_cpu,
+        forbidden_cpu,
         trace_trips: b.trace_trips,
         max_report_lines: b.max_report_lines,
         dumps: b.dumps.clone(),

@@ -38,6 +38,9 @@ fn emit_vectors(g: &mut Gen, b: &HostKernelBuilder) -> R {
         let name = format!("vec_{v:02x}");
         let l = g.export(&name, l)?;
         g.vectors.push(l);
+        if v == 2 && super::storm::emit_nmi_handler(g)? {
+            continue;
+        }
         if v == 2 || v == u32::from(SPURIOUS_VECTOR) {
             // NMI / spurious APIC interrupt: count and return, no EOI (DS
             // may be anything here).
@@ -360,7 +363,7 @@ fn emit_main(g: &mut Gen, b: &mut HostKernelBuilder, entry: u32, n_items: u32) -
     g.hex_mem(g.s.mb_eax)?;
     g.text(&super::common::boot_tail(b, n_items, u64::from(entry), 8))?;
     let required = b.required_cpu();
-    super::common::emit_cpu_check(g, &required)?;
+    super::common::emit_cpu_check(g, &required, &b.forbidden_cpu())?;
 
     // Legacy PIC: mask everything (LINT0 goes to NMI mode below).
     g.mask_pic()?;
@@ -443,6 +446,7 @@ fn emit_main(g: &mut Gen, b: &mut HostKernelBuilder, entry: u32, n_items: u32) -
     g.a.call(g.r.putnl)?;
 
     emit_apic_line(g, b.x2apic)?;
+    super::storm::emit_setup(g, b)?;
 
     emit_loop(g, b, n_items, &mut |g| emit_call(g, entry))
 }
@@ -469,6 +473,7 @@ fn emit_call(g: &mut Gen, entry: u32) -> R {
     g.a.push(0u32)?;
     g.a.push(g.l.snap_before)?;
     g.a.call(g.r.snap)?;
+    super::storm::emit_before_call(g)?;
 
     // (c) the call, timed.
     g.a.push(dword_ptr(g.s.arg2))?;

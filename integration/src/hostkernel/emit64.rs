@@ -83,6 +83,9 @@ fn emit_vectors(g: &mut Gen, b: &HostKernelBuilder) -> R {
         let l = g.a.create_label();
         let l = g.export(&format!("vec_{v:02x}"), l)?;
         g.vectors.push(l);
+        if v == 2 && super::storm::emit_nmi_handler(g)? {
+            continue;
+        }
         if v == 2 || v == u32::from(SPURIOUS_VECTOR) {
             // NMI / spurious APIC interrupt: count and return (no EOI).
             let slot = if v == 2 { g.s.nmi_count } else { g.s.spurious };
@@ -264,6 +267,9 @@ pub(super) fn build(mut b: HostKernelBuilder) -> Result<Testbed, BuildError> {
         });
     }
     let mut items = super::default_items64(b.x2apic);
+    if b.cr4_today {
+        items.push(super::items::pkru_item());
+    }
     items.append(&mut b.extra_items64);
     super::check_item_names(items.iter().map(|i| i.name.as_str()))?;
     for name in &b.skip {
@@ -348,8 +354,15 @@ pub(super) fn build(mut b: HostKernelBuilder) -> Result<Testbed, BuildError> {
     let names = items.iter().map(|i| i.name.as_str());
     let l = LoopTables::new(&mut d, &b.vcpus, &masks, names, 8)?;
     // The boot stub's refusals: constant texts, each with its CRC line.
-    let refusals: Vec<(CpuFeature, u32)> = [CpuFeature::LongMode, CpuFeature::Pae]
-        .into_iter()
+    // LA57 is checked here too: setting CR4.LA57 without it raises #GP.
+    let stub_checks: &[CpuFeature] = if b.la57 {
+        &[CpuFeature::LongMode, CpuFeature::Pae, CpuFeature::La57]
+    } else {
+        &[CpuFeature::LongMode, CpuFeature::Pae]
+    };
+    let refusals: Vec<(CpuFeature, u32)> = stub_checks
+        .iter()
+        .copied()
         .map(|f| {
             let line = f.refusal_line();
             let crc = crate::transcript::crc32(line.as_bytes());
@@ -432,6 +445,7 @@ fn boot_stub(
         stub.xor(ecx, ecx)?;
         stub.cpuid()?;
         let r = match reg {
+            super::CpuidReg::Ebx => ebx,
             super::CpuidReg::Ecx => ecx,
             super::CpuidReg::Edx => edx,
         };
@@ -443,6 +457,11 @@ fn boot_stub(
     let mut cr4_bits = Cr4::PAE | Cr4::PGE | Cr4::OSFXSR | Cr4::OSXMMEXCPT;
     if b.pse {
         cr4_bits |= Cr4::PSE;
+    }
+    // 5-level paging is chosen here, with paging off: CR4.LA57 cannot
+    // change in IA-32e mode.
+    if b.la57 {
+        cr4_bits |= Cr4::LA57;
     }
     stub.mov(eax, cr4)?;
     stub.or(eax, cr4_bits.bits() as u32)?;
@@ -517,7 +536,7 @@ fn emit_main(g: &mut Gen, b: &mut HostKernelBuilder, entry: u64, n_items: u32) -
     g.hex_mem(g.s.mb_eax)?;
     g.text(&super::common::boot_tail(b, n_items, entry, 16))?;
     let required = b.required_cpu();
-    super::common::emit_cpu_check(g, &required)?;
+    super::common::emit_cpu_check(g, &required, &b.forbidden_cpu())?;
 
     // Legacy PIC: mask everything (LINT0 goes to NMI mode below).
     g.mask_pic()?;
@@ -534,6 +553,9 @@ fn emit_main(g: &mut Gen, b: &mut HostKernelBuilder, entry: u64, n_items: u32) -
     // LMA are on already).
     emit_cpuid_features(g)?;
     g.set_efer_bits()?;
+    if b.cr4_today {
+        emit_cr4_today(g)?;
+    }
 
     // SYSENTER_CS, the SYSCALL MSRs, CR8.
     let mut no_sep = g.a.create_label();
@@ -581,8 +603,24 @@ fn emit_main(g: &mut Gen, b: &mut HostKernelBuilder, entry: u64, n_items: u32) -
     g.a.call(g.r.puthex64)?;
     g.a.call(g.r.putnl)?;
     emit_apic_line(g, b.x2apic)?;
+    super::storm::emit_setup(g, b)?;
 
     emit_loop(g, b, n_items, &mut |g| emit_call(g, entry))
+}
+
+/// Today's CR4: SMEP, SMAP, UMIP, PKE and FSGSBASE on (the CPU check made
+/// sure the CPU has them), then PKRU = [`super::PKRU_TODAY`]. Clobbers RAX,
+/// RCX, RDX.
+fn emit_cr4_today(g: &mut Gen) -> R {
+    g.a.mov(rax, cr4)?;
+    g.a.mov(rcx, super::CR4_TODAY)?;
+    g.a.or(rax, rcx)?;
+    g.a.mov(cr4, rax)?;
+    g.a.mov(eax, super::PKRU_TODAY)?;
+    g.a.xor(ecx, ecx)?;
+    g.a.xor(edx, edx)?;
+    g.a.wrpkru()?;
+    Ok(())
 }
 
 /// Prints ` key=` and the MSR as 16 hex digits. Clobbers RAX, RCX, RDX.
@@ -621,6 +659,7 @@ fn emit_call(g: &mut Gen, entry: u64) -> R {
     g.a.push(0)?;
     g.a.push(g.l.snap_before as i32)?;
     g.a.call(g.r.snap)?;
+    super::storm::emit_before_call(g)?;
 
     // (c) the call: u32 entry(u64 arg1 /* RDI */, u32 arg2 /* ESI */), timed.
     g.a.mov(rdi, qword_ptr(g.s.arg1))?;

@@ -4,7 +4,7 @@
 use std::fmt;
 use std::sync::Arc;
 
-use iced_x86::code_asm::CodeAssembler;
+use iced_x86::code_asm::{eax, ecx, CodeAssembler};
 use iced_x86::IcedError;
 
 use super::{
@@ -441,6 +441,18 @@ pub fn default_items64(x2apic: bool) -> Vec<SnapItem64> {
         SnapItem64::new("dr7", S::Dr(7)),
     ]);
     items
+}
+
+/// The `pkru` item: PKRU read with RDPKRU (only with CR4.PKE set, as
+/// [`HostKernelBuilder::cr4_today`](super::HostKernelBuilder::cr4_today)
+/// has it).
+pub fn pkru_item() -> SnapItem64 {
+    let read: CustomSource = Arc::new(|a: &mut CodeAssembler| {
+        a.xor(ecx, ecx)?;
+        a.rdpkru()?;
+        a.mov(eax, eax)
+    });
+    SnapItem64::new("pkru", SnapSource64::Custom(read))
 }
 
 /// `true` if `name` can appear as one token on the serial line.

@@ -94,6 +94,7 @@ mod common;
 mod emit;
 mod emit64;
 pub mod items;
+pub mod storm;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -162,6 +163,17 @@ pub const LSTAR_VALUE: u64 = 0xffff_ffff_8157_a000;
 /// AMD64 host: IA32_FMASK (TF, IF, DF, IOPL, NT, AC: what Linux masks).
 pub const SFMASK_VALUE: u64 = 0x0004_7700;
 
+/// The CR4 bits [`HostKernelBuilder::cr4_today`] adds to the AMD64 host's.
+pub const CR4_TODAY: u64 = cpum::regs::Cr4::SMEP.bits()
+    | cpum::regs::Cr4::SMAP.bits()
+    | cpum::regs::Cr4::UMIP.bits()
+    | cpum::regs::Cr4::PKE.bits()
+    | cpum::regs::Cr4::FSGSBASE.bits();
+/// PKRU under [`HostKernelBuilder::cr4_today`]: key 0 (every page here)
+/// allowed, keys 1–15 access-disabled, as a kernel restricting user keys
+/// would have it.
+pub const PKRU_TODAY: u32 = 0x5555_5554;
+
 /// Virtual address of the magic page (mapped only by the host's tables).
 pub const MAGIC_VIRT: u32 = 0x4000_0000;
 /// First dword of the magic page.
@@ -224,11 +236,25 @@ pub enum CpuFeature {
     Sep,
     /// SYSCALL/SYSRET (CPUID.80000001:EDX bit 11).
     Syscall,
+    /// 5-level paging (CPUID.7.0:ECX bit 16).
+    La57,
+    /// Supervisor-mode execution prevention (CPUID.7.0:EBX bit 7).
+    Smep,
+    /// Supervisor-mode access prevention (CPUID.7.0:EBX bit 20).
+    Smap,
+    /// User-mode instruction prevention (CPUID.7.0:ECX bit 2).
+    Umip,
+    /// Protection keys for user pages (CPUID.7.0:ECX bit 3).
+    Pku,
+    /// RDFSBASE and friends (CPUID.7.0:EBX bit 0).
+    Fsgsbase,
 }
 
 /// A CPUID output register.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CpuidReg {
+    /// EBX.
+    Ebx,
     /// ECX.
     Ecx,
     /// EDX.
@@ -237,7 +263,7 @@ pub enum CpuidReg {
 
 impl CpuFeature {
     /// Every feature, in the order the kernel checks them.
-    pub const ALL: [CpuFeature; 9] = [
+    pub const ALL: [CpuFeature; 15] = [
         Self::LongMode,
         Self::Pae,
         Self::Fxsr,
@@ -247,6 +273,12 @@ impl CpuFeature {
         Self::Nx,
         Self::Sep,
         Self::Syscall,
+        Self::La57,
+        Self::Smep,
+        Self::Smap,
+        Self::Umip,
+        Self::Pku,
+        Self::Fsgsbase,
     ];
 
     /// The name the `NOCPU` line carries.
@@ -261,6 +293,20 @@ impl CpuFeature {
             Self::Nx => "nx",
             Self::Sep => "sep",
             Self::Syscall => "syscall",
+            Self::La57 => "la57",
+            Self::Smep => "smep",
+            Self::Smap => "smap",
+            Self::Umip => "umip",
+            Self::Pku => "pku",
+            Self::Fsgsbase => "fsgsbase",
+        }
+    }
+
+    /// QEMU's name of the `-cpu` flag (`+lm`, `-nx`, …) for this feature.
+    pub fn qemu_flag(self) -> &'static str {
+        match self {
+            Self::LongMode => "lm",
+            f => f.name(),
         }
     }
 
@@ -281,20 +327,45 @@ impl CpuFeature {
             Self::Nx => (0x8000_0001, CpuidReg::Edx, 20),
             Self::Sep => (1, CpuidReg::Edx, 11),
             Self::Syscall => (0x8000_0001, CpuidReg::Edx, 11),
+            Self::La57 => (7, CpuidReg::Ecx, 16),
+            Self::Smep => (7, CpuidReg::Ebx, 7),
+            Self::Smap => (7, CpuidReg::Ebx, 20),
+            Self::Umip => (7, CpuidReg::Ecx, 2),
+            Self::Pku => (7, CpuidReg::Ecx, 3),
+            Self::Fsgsbase => (7, CpuidReg::Ebx, 0),
         }
+    }
+
+    /// Where CPUID reports the feature, as the `NOCPU` and `CPUEXTRA` lines
+    /// spell it: `leaf.register.bit` (e.g. `80000001.edx.20`).
+    pub fn cpuid_text(self) -> String {
+        let (leaf, reg, bit) = self.cpuid();
+        let reg = match reg {
+            CpuidReg::Ebx => "ebx",
+            CpuidReg::Ecx => "ecx",
+            CpuidReg::Edx => "edx",
+        };
+        format!("{leaf:08x}.{reg}.{bit}")
     }
 
     /// The `NOCPU` line (with its newline) for this feature.
     pub fn refusal_line(self) -> String {
-        let (leaf, reg, bit) = self.cpuid();
-        let reg = match reg {
-            CpuidReg::Ecx => "ecx",
-            CpuidReg::Edx => "edx",
-        };
         format!(
-            "{}NOCPU feature={} cpuid={leaf:08x}.{reg}.{bit}\n",
+            "{}NOCPU feature={} cpuid={}\n",
             crate::transcript::PREFIX,
-            self.name()
+            self.name(),
+            self.cpuid_text()
+        )
+    }
+
+    /// The `CPUEXTRA` line (with its newline): the CPU has this feature
+    /// although the image was built (relocated) for a CPU without it.
+    pub fn extra_line(self) -> String {
+        format!(
+            "{}CPUEXTRA feature={} cpuid={}\n",
+            crate::transcript::PREFIX,
+            self.name(),
+            self.cpuid_text()
         )
     }
 }
@@ -582,6 +653,12 @@ pub enum BuildError {
         /// The address.
         addr: u64,
     },
+    /// [`HostKernelBuilder::la57`] for a 32-bit host.
+    #[error("5-level paging (CR4.LA57) is built for AMD64 hosts only, not {0}")]
+    La57NeedsAmd64(HostMode),
+    /// [`HostKernelBuilder::cr4_today`] for a 32-bit host.
+    #[error("today's CR4 (SMEP, SMAP, UMIP, PKE, FSGSBASE) is built for AMD64 hosts only, not {0}")]
+    Cr4TodayNeedsAmd64(HostMode),
     /// A 64-bit value given to a 32-bit host (`entry64`, `arg1_64`,
     /// `cookie_at64`, `dump64` above 4 GiB in [`HostMode::Legacy32`] or
     /// [`HostMode::Pae`]).
@@ -662,6 +739,10 @@ pub struct HostKernelBuilder {
     pub(crate) identity_limit: u32,
     pub(crate) boot_fields: Vec<(String, String)>,
     pub(crate) required: Vec<CpuFeature>,
+    pub(crate) forbidden: Vec<CpuFeature>,
+    pub(crate) cr4_today: bool,
+    pub(crate) la57: bool,
+    pub(crate) storm: Option<storm::NmiStorm>,
 }
 
 impl fmt::Debug for HostKernelBuilder {
@@ -711,7 +792,33 @@ impl HostKernelBuilder {
             identity_limit: DEFAULT_IDENTITY_LIMIT,
             boot_fields: Vec::new(),
             required: Vec::new(),
+            forbidden: Vec::new(),
+            cr4_today: false,
+            la57: false,
+            storm: None,
         }
+    }
+
+    /// [`HostMode::Amd64`] only: run the host with 5-level paging. The
+    /// boot stub checks CPUID.(EAX=7,ECX=0):ECX.LA57 (bit 16; a `NOCPU`
+    /// line without it) and sets CR4.LA57 before it turns paging on with
+    /// EFER.LME; the host tables get a PML5 ([`PageMap::new_la57`]), so
+    /// mappings may use addresses canonical in 57 bits (e.g.
+    /// `0xff00_0000_c040_0000`). The 32-bit hosts refuse it
+    /// ([`BuildError::La57NeedsAmd64`]).
+    pub fn la57(mut self, on: bool) -> Self {
+        self.la57 = on;
+        self
+    }
+
+    /// [`HostMode::Amd64`] only: run the host as current kernels do, with
+    /// CR4.SMEP, SMAP, UMIP, PKE (PKRU = [`PKRU_TODAY`]) and FSGSBASE set
+    /// ([`CR4_TODAY`]), and snapshot PKRU (`pkru`) around every call. The
+    /// kernel then requires those CPU features (`NOCPU` without one). The
+    /// 32-bit hosts refuse it ([`BuildError::Cr4TodayNeedsAmd64`]).
+    pub fn cr4_today(mut self, on: bool) -> Self {
+        self.cr4_today = on;
+        self
     }
 
     /// Appends `key=value` fields to the `BOOT` line (after `entry`), e.g.
@@ -734,6 +841,26 @@ impl HostKernelBuilder {
         self
     }
 
+    /// CPU features the kernel refuses to run with (after the required
+    /// ones are checked): for each one CPUID reports, it prints a
+    /// `CPUEXTRA` line naming it, then its `CRC` line, and exits with the
+    /// failure code. For code built for a CPU without the feature (e.g. no
+    /// SYSENTER), which is only right on such a CPU. A feature both
+    /// required and forbidden is required.
+    pub fn forbid_cpu(mut self, features: impl IntoIterator<Item = CpuFeature>) -> Self {
+        self.forbidden.extend(features);
+        self
+    }
+
+    /// Every feature the kernel refuses, each once, in [`CpuFeature::ALL`] order.
+    pub fn forbidden_cpu(&self) -> Vec<CpuFeature> {
+        let required = self.required_cpu();
+        CpuFeature::ALL
+            .into_iter()
+            .filter(|f| self.forbidden.contains(f) && !required.contains(f))
+            .collect()
+    }
+
     /// Every feature the kernel checks, each once, in [`CpuFeature::ALL`] order.
     pub fn required_cpu(&self) -> Vec<CpuFeature> {
         let mut want = self.required.clone();
@@ -746,6 +873,18 @@ impl HostKernelBuilder {
         }
         if self.x2apic {
             want.push(CpuFeature::X2apic);
+        }
+        if self.la57 {
+            want.push(CpuFeature::La57);
+        }
+        if self.cr4_today {
+            want.extend([
+                CpuFeature::Smep,
+                CpuFeature::Smap,
+                CpuFeature::Umip,
+                CpuFeature::Pku,
+                CpuFeature::Fsgsbase,
+            ]);
         }
         CpuFeature::ALL
             .into_iter()
@@ -977,6 +1116,10 @@ impl HostKernelBuilder {
     pub fn build(self) -> Result<Testbed, BuildError> {
         if self.mode.is_long() {
             emit64::build(self)
+        } else if self.la57 {
+            Err(BuildError::La57NeedsAmd64(self.mode))
+        } else if self.cr4_today {
+            Err(BuildError::Cr4TodayNeedsAmd64(self.mode))
         } else {
             emit::build(self)
         }
@@ -1076,6 +1219,8 @@ pub struct Testbed {
     pub boot_fields: Vec<(String, String)>,
     /// The CPU features the kernel checks before it runs.
     pub required_cpu: Vec<CpuFeature>,
+    /// The CPU features the kernel refuses to run with.
+    pub forbidden_cpu: Vec<CpuFeature>,
 }
 
 impl fmt::Debug for Testbed {
@@ -1223,7 +1368,11 @@ pub(crate) fn check_item_names<'n>(
 /// page, the local APIC, and the caller's mappings.
 pub(crate) fn host_page_map(b: &HostKernelBuilder) -> Result<PageMap, BuildError> {
     use crate::paging::{PTE_PCD, PTE_RW};
-    let mut map = PageMap::new(b.mode);
+    let mut map = if b.la57 && b.mode.is_long() {
+        PageMap::new_la57()
+    } else {
+        PageMap::new(b.mode)
+    };
     map.map(
         "kernel identity",
         PAGE,

@@ -16,6 +16,18 @@
 //! to the host copy. The call trampoline pops a target and an argument byte
 //! count, passes up to six 32-bit arguments in RDI, RSI, RDX, RCX, R8, R9
 //! (System V), calls the target and exits with its EAX.
+//!
+//! # 5-level paging hosts
+//!
+//! On a host with CR4.LA57 ([`TemplateOptions::la57`]) long mode is never
+//! left, so LA57 can never change (a `mov cr4` that flips it in IA-32e mode
+//! raises #GP): the hypervisor context is 5-level too. The intermediate root
+//! loaded in long mode is the PML5 (`FIX_INTER_LA57_CR3`, which maps the HC
+//! address canonical in 57 bits), and `Hyper.cr3` is the PML5 of the hyper
+//! tables, whose entry 0 leads to a PML4 mapping the RC addresses (all
+//! below 4 GiB, so RC code runs the same under either depth). The hypervisor CR4
+//! keeps the host's LA57. Only the intermediate-root fixup differs from the
+//! code for a 4-level host.
 
 use core::mem::offset_of;
 
@@ -24,7 +36,7 @@ use cpum::regs::{Efer, MSR_EFER};
 use cpum::UseFlags;
 use iced_x86::code_asm::*;
 
-use super::amd64_legacy::{emit_host_entry64, emit_host_exit64};
+use super::amd64_legacy::{emit_host_entry64, emit_host_exit64, inter_long_cr3};
 use super::legacy_pae::TRAMPOLINE_RESUMED;
 use super::{
     adv_start64, adv_stop64, ctx_entry_traps, finish, jmp_slot64, load_tr_ldtr, mov_fix,
@@ -248,7 +260,7 @@ pub fn build(o: &TemplateOptions, vm: &VmLayout) -> Result<SwitcherDef, BuildErr
         a.sub(rbp, rbx)?;
         a.mov(rax, qword_ptr(r9 + d(l::HOST64_CR3)))?;
     }
-    mov_fix(&mut b, ecx, K::InterAmd64Cr3, Operand::None)?;
+    mov_fix(&mut b, ecx, inter_long_cr3(o), Operand::None)?;
     b.a().mov(cr3, rcx)?;
     jmp_slot64(&mut b, "pHCExitTarget", K::Hc64Bit, "HCExitTarget")?;
 

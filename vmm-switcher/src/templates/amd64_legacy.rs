@@ -13,6 +13,19 @@
 //! turns paging on and far-jumps into the RC copy — the same hypervisor-side
 //! code as the 32-bit/PAE family. The way back re-enters long mode in the
 //! identity copy and reaches the host address through a 64-bit slot.
+//!
+//! # 5-level paging hosts
+//!
+//! With [`TemplateOptions::la57`] the host runs with CR4.LA57, which can
+//! change only outside IA-32e mode (a `mov cr4` that flips it in long mode
+//! raises #GP). So the hypervisor CR4 written while still in long mode keeps
+//! LA57 (it is in the mask of host bits kept), the intermediate root loaded
+//! there is the 5-level one (`FIX_INTER_LA57_CR3`, which maps the HC
+//! address canonical in 57 bits), and the identity code clears LA57 only
+//! after paging is off, together with PAE for a 32-bit target. On the way
+//! back it sets LA57 again with PAE while paging is off, loads the 5-level
+//! root and only then sets EFER.LME and CR0.PG. The LA57 instructions are
+//! emitted only for such hosts: the code for a 4-level host is unchanged.
 
 use core::mem::offset_of;
 
@@ -33,6 +46,27 @@ use crate::fixup::FixupKind as K;
 
 const fn d(off: usize) -> i32 {
     disp(off)
+}
+
+/// The intermediate root an AMD64-host switcher loads while in long mode:
+/// the PML4, or the PML5 on a host with CR4.LA57 (LA57 cannot change there).
+pub(crate) fn inter_long_cr3(o: &TemplateOptions) -> K {
+    if o.la57 {
+        K::InterLa57Cr3
+    } else {
+        K::InterAmd64Cr3
+    }
+}
+
+/// The host CR4 bits the hypervisor CR4 keeps while still in long mode:
+/// LA57 too on a 5-level host, since clearing it there raises #GP.
+fn cr4_kept_in_long_mode(o: &TemplateOptions) -> Cr4 {
+    let kept = Cr4::MCE | Cr4::PSE | Cr4::PAE | Cr4::VMXE;
+    if o.la57 {
+        kept | Cr4::LA57
+    } else {
+        kept
+    }
 }
 
 /// The 64-bit C entry and the host-saving worker shared by the AMD64-host
@@ -69,7 +103,7 @@ pub(crate) fn emit_host_entry64(
         a.push(rax)?;
         a.call(worker)?;
     }
-    if o.apic_nmi_masking && o.revision == Revision::B {
+    if o.apic_nmi_masking && o.revision.unmasks_after_call() {
         apic_unmask64(b, o)?;
     }
     b.a().popfq()?;
@@ -164,12 +198,10 @@ pub(crate) fn emit_host_entry64(
         a.mov(qword_ptr(r8 + d(l::HOST64_CR3)), rax)?;
         a.mov(rcx, cr4)?;
         a.mov(qword_ptr(r8 + d(l::HOST64_CR4)), rcx)?;
-        // Hyper CR4 (PAE stays on while in long mode; the identity code sets
-        // it for the target) and hyper CR0 (WP clear, TS set).
-        a.and(
-            ecx,
-            (Cr4::MCE | Cr4::PSE | Cr4::PAE | Cr4::VMXE).bits() as i32,
-        )?;
+        // Hyper CR4 (PAE, and LA57 on a 5-level host, stay on while in long
+        // mode; the identity code sets them for the target) and hyper CR0
+        // (WP clear, TS set).
+        a.and(ecx, cr4_kept_in_long_mode(o).bits() as i32)?;
         a.mov(eax, dword_ptr(r8 + d(l::GUEST_CR4)))?;
         a.mov(rdx, r8)?;
         a.sub(rdx, rbp)?; // CPUM
@@ -192,7 +224,7 @@ pub(crate) fn emit_host_entry64(
     trace(b, o, Step::HostCrSaved)?;
     mov_fix(b, eax, K::GcCpumOff, Operand::Value(0))?;
     b.a().add(esi, eax)?;
-    mov_fix(b, eax, K::InterAmd64Cr3, Operand::None)?;
+    mov_fix(b, eax, inter_long_cr3(o), Operand::None)?;
     b.a().mov(cr3, rax)?;
     trace(b, o, Step::InterCr3)
 }
@@ -393,9 +425,18 @@ pub fn build(
         // comes back whole on the way out.
         a.and(eax, !((Efer::LME | Efer::SCE).bits() as u32) as i32)?;
         a.wrmsr()?;
+        // Outside IA-32e mode now: PAE off for a 32-bit target, LA57 off
+        // on a 5-level host.
+        let mut clear = Cr4::empty();
         if target == Flavour::Legacy32 {
+            clear |= Cr4::PAE;
+        }
+        if o.la57 {
+            clear |= Cr4::LA57;
+        }
+        if !clear.is_empty() {
             a.mov(eax, cr4)?;
-            a.and(eax, !(Cr4::PAE.bits() as u32) as i32)?;
+            a.and(eax, !(clear.bits() as u32) as i32)?;
             a.mov(cr4, eax)?;
         }
     }
@@ -431,10 +472,16 @@ pub fn build(
         a.and(ebx, !(Cr0::PG.bits() as u32) as i32)?;
         a.mov(cr0, ebx)?;
         a.mov(eax, cr4)?;
-        a.or(eax, Cr4::PAE.bits() as i32)?;
+        // LA57 goes back on while paging is off, before EFER.LME and CR0.PG.
+        let set = if o.la57 {
+            Cr4::PAE | Cr4::LA57
+        } else {
+            Cr4::PAE
+        };
+        a.or(eax, set.bits() as i32)?;
         a.mov(cr4, eax)?;
     }
-    mov_fix(&mut b, eax, K::InterAmd64Cr3, Operand::None)?;
+    mov_fix(&mut b, eax, inter_long_cr3(o), Operand::None)?;
     {
         let a = b.a();
         a.mov(cr3, eax)?;

@@ -87,6 +87,24 @@ fn load_ic_cpumcpu(b: &mut Builder, slot: CodeLabel) -> Result<(), BuildError> {
     Ok(())
 }
 
+/// Revision C, in HC0 with EDX = CPUMCPU and EAX = the host's EFER (low
+/// half): keeps EAX in EDI for ID0's EFER write and puts in ESI the AND mask
+/// for the CR0 value that turns paging on — WP clear, and on an FPU-sync
+/// trip TS and EM clear as well, so that FXRSTOR in 64-bit mode needs no
+/// CR0 writes of its own (FXRSTOR raises #NM only with TS or EM set, SDM
+/// Vol. 2A FXRSTOR; the host's CR0 is written back on the way home).
+/// Clobbers flags.
+fn rev_c_carry_to_id0(a: &mut CodeAssembler) -> Result<(), BuildError> {
+    let mut no_fpu = a.create_label();
+    a.mov(edi, eax)?;
+    a.mov(esi, !(Cr0::WP.bits() as u32))?;
+    a.test(dword_ptr(edx + d(l::USE_FLAGS)), UseFlags::SYNC_FPU_STATE.bits())?;
+    a.jz(no_fpu)?;
+    a.mov(esi, !((Cr0::WP | Cr0::TS | Cr0::EM).bits() as u32))?;
+    a.set_label(&mut no_fpu)?;
+    Ok(())
+}
+
 /// The trace characters one round trip prints with `o.trace`, in order.
 pub fn trace_steps(o: &TemplateOptions) -> Vec<Step> {
     use Step as S;
@@ -171,6 +189,10 @@ pub fn build(
         a.mov(dword_ptr(ebx + d(l::HOST32_EFER + 4)), edx)?;
         a.mov(edx, ebx)?;
     }
+    let rev_c = o.revision == Revision::C;
+    if rev_c {
+        rev_c_carry_to_id0(b.a())?;
+    }
     marker32(&mut b, o, 3)?;
     b.a().lgdt(fword_ptr(edx + d(l::HYPER_GDTR)))?;
     marker32(&mut b, o, 4)?;
@@ -204,7 +226,17 @@ pub fn build(
     {
         let a = b.a();
         a.mov(ecx, MSR_EFER)?;
-        a.rdmsr()?;
+        if rev_c {
+            // EFER is what the host had (EDI: its low half, saved above):
+            // only WRMSR changes EFER but for LMA, which is 0 on a 32-bit
+            // host and with paging off (Intel SDM Vol. 3A, 10.8.5
+            // "Initializing IA-32e Mode"), and bits 63:32 are reserved, so
+            // read as 0 (Vol. 4, IA32_EFER). No second RDMSR.
+            a.mov(eax, edi)?;
+            a.xor(edx, edx)?;
+        } else {
+            a.rdmsr()?;
+        }
     }
     // `or eax, imm32` with a full 32-bit immediate the relocator fills in.
     b.fixup(K::EferOrMask, Slot::Imm, Operand::None);
@@ -223,7 +255,12 @@ pub fn build(
     {
         let a = b.a();
         a.or(ebx, Cr0::PG.bits() as i32)?;
-        a.and(ebx, !(Cr0::WP.bits() as u32) as i32)?;
+        if rev_c {
+            // ESI: ~WP, and ~(TS | EM) too on an FPU-sync trip.
+            a.and(ebx, esi)?;
+        } else {
+            a.and(ebx, !(Cr0::WP.bits() as u32) as i32)?;
+        }
         a.mov(cr0, ebx)?;
     }
     trace(&mut b, o, Step::PagingOn)?;
@@ -270,12 +307,17 @@ pub fn build(
         a.mov(esi, dword_ptr(rdx + d(l::USE_FLAGS)))?;
         a.test(esi, UseFlags::SYNC_FPU_STATE.bits())?;
         a.jz(no_fpu)?;
-        a.mov(rax, cr0)?;
-        a.mov(rcx, rax)?;
-        a.and(rax, !((Cr0::TS | Cr0::EM).bits() as u32) as i32)?;
-        a.mov(cr0, rax)?;
-        a.fxrstor(ptr(rdx + d(l::GUEST_FPU)))?;
-        a.mov(cr0, rcx)?;
+        if rev_c {
+            // CR0.TS and EM were cleared when paging went on.
+            a.fxrstor(ptr(rdx + d(l::GUEST_FPU)))?;
+        } else {
+            a.mov(rax, cr0)?;
+            a.mov(rcx, rax)?;
+            a.and(rax, !((Cr0::TS | Cr0::EM).bits() as u32) as i32)?;
+            a.mov(cr0, rax)?;
+            a.fxrstor(ptr(rdx + d(l::GUEST_FPU)))?;
+            a.mov(cr0, rcx)?;
+        }
         a.and(
             dword_ptr(rdx + d(l::USE_FLAGS)),
             !UseFlags::SYNC_FPU_STATE.bits() as i32,
@@ -332,6 +374,13 @@ pub fn build(
     b.a().int3()?;
 
     b.label("VMMGCGuestToHostAsm")?;
+    if rev_c {
+        // The host's EFER (EDI) and CR0 (ESI) for ID1, which runs with paging off.
+        load_ic_cpumcpu(&mut b, slot)?;
+        let a = b.a();
+        a.mov(edi, dword_ptr(rdx + d(l::HOST32_EFER)))?;
+        a.mov(esi, dword_ptr(rdx + d(l::HOST32_CR0)))?;
+    }
     jmp_far_id32(&mut b, "fpIDEnterTarget", "IDExitTarget")?;
 
     // ---------------------------------------------------------------- ID1: back to host paging
@@ -349,8 +398,21 @@ pub fn build(
         let a = b.a();
         a.mov(cr3, edx)?;
         a.mov(ecx, MSR_EFER)?;
-        a.rdmsr()?;
-        a.and(eax, !(Efer::LME.bits() as u32) as i32)?;
+        if rev_c {
+            // The host's EFER itself, LME clear as on any 32-bit host, in
+            // place of RDMSR, AND and the restoring WRMSR in HC1: LME may
+            // be cleared now that paging is off (SDM Vol. 3A, 10.8.5.4
+            // "Switching Out of IA-32e Mode Operation"), and the host's NXE
+            // and SCE are safe here because the intermediate tables the
+            // VMM builds carry no XD bit (reserved with NXE = 0) and no
+            // SYSCALL runs before the host's code.
+            a.mov(eax, edi)?;
+            a.and(eax, !(Efer::LME.bits() as u32) as i32)?;
+            a.xor(edx, edx)?;
+        } else {
+            a.rdmsr()?;
+            a.and(eax, !(Efer::LME.bits() as u32) as i32)?;
+        }
         a.wrmsr()?;
     }
     trace(&mut b, o, Step::LongModeOff)?;
@@ -363,8 +425,18 @@ pub fn build(
     {
         let a = b.a();
         let mut just_a_jump = a.create_label();
-        a.or(ebx, Cr0::PG.bits() as i32)?;
-        a.mov(cr0, ebx)?;
+        if rev_c {
+            // Paging goes on with the host's own CR0 (PG and PE set, as
+            // on any paged host), which HC1 then need not write again:
+            // WP, TS, EM, CD, NW have no effect on the intermediate tables'
+            // supervisor-writable mappings or on the code to HC1 (no FPU
+            // instruction), and CR0 has no bits that must wait for CR4 or
+            // CR3 (SDM Vol. 3A, 2.5 "Control Registers").
+            a.mov(cr0, esi)?;
+        } else {
+            a.or(ebx, Cr0::PG.bits() as i32)?;
+            a.mov(cr0, ebx)?;
+        }
         a.jmp(just_a_jump)?;
         a.set_label(&mut just_a_jump)?;
         a.nop()?;
@@ -394,12 +466,14 @@ pub fn build(
     hc_cpumcpu(&mut b)?;
     {
         let a = b.a();
-        a.mov(ebx, edx)?;
-        a.mov(ecx, MSR_EFER)?;
-        a.mov(eax, dword_ptr(ebx + d(l::HOST32_EFER)))?;
-        a.mov(edx, dword_ptr(ebx + d(l::HOST32_EFER + 4)))?;
-        a.wrmsr()?;
-        a.mov(edx, ebx)?;
+        if !rev_c {
+            a.mov(ebx, edx)?;
+            a.mov(ecx, MSR_EFER)?;
+            a.mov(eax, dword_ptr(ebx + d(l::HOST32_EFER)))?;
+            a.mov(edx, dword_ptr(ebx + d(l::HOST32_EFER + 4)))?;
+            a.wrmsr()?;
+            a.mov(edx, ebx)?;
+        }
         restore_host_tables32(a)?;
     }
     trace_hc(&mut b, o, Step::HostTables)?;
@@ -409,8 +483,10 @@ pub fn build(
         let a = b.a();
         a.mov(ecx, dword_ptr(edx + d(l::HOST32_CR4)))?;
         a.mov(cr4, ecx)?;
-        a.mov(ecx, dword_ptr(edx + d(l::HOST32_CR0)))?;
-        a.mov(cr0, ecx)?;
+        if !rev_c {
+            a.mov(ecx, dword_ptr(edx + d(l::HOST32_CR0)))?;
+            a.mov(cr0, ecx)?;
+        }
     }
     trace_hc(&mut b, o, Step::HostCr)?;
     if o.apic_nmi_masking && o.revision == Revision::A {

@@ -85,7 +85,7 @@ pub(crate) fn trace_hc(b: &mut Builder, o: &TemplateOptions, step: Step) -> Resu
 /// The 32-bit C entry (cdecl `u32 entry(void *vm, u32 off_cpumcpu)`) shared
 /// by the 32-bit/PAE-host switchers: profiles, keeps EBP and EFLAGS, and
 /// far-calls `vmmR0HostToGuestAsm` with EBP = VCPU offset and EDX = HC CPUM;
-/// unmasks the NMI LVTs after it for revision B.
+/// unmasks the NMI LVTs after it for revisions B and C.
 pub(crate) fn emit_host_entry32(
     b: &mut Builder,
     o: &TemplateOptions,
@@ -108,7 +108,7 @@ pub(crate) fn emit_host_entry32(
     let worker = b.named("vmmR0HostToGuestAsm");
     b.a().push(cs)?;
     b.a().call(worker)?;
-    if o.apic_nmi_masking && o.revision == Revision::B {
+    if o.apic_nmi_masking && o.revision.unmasks_after_call() {
         // EDX = CPUMCPU (HC) as the exit path leaves it; EAX = status.
         apic_unmask32(b, o)?;
     }

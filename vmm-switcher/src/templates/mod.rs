@@ -14,7 +14,9 @@ use serde::Serialize;
 use crate::builder::{BuildError, Builder, Operand, Slot};
 use crate::fixup::FixupKind;
 
-/// Where the APIC NMI vectors are unmasked again.
+/// Which algorithm the switcher follows: the two seeds' (A, B), which differ
+/// in where the APIC NMI vectors are unmasked again, or this project's
+/// cheaper one (C).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize)]
 pub enum Revision {
     /// Revision A: in the exit path, before the host's general registers and
@@ -22,8 +24,28 @@ pub enum Revision {
     A,
     /// Revision B: in the C-callable entry, right after the call into the
     /// worker returns (host CS is back).
-    #[default]
     B,
+    /// Revision C: unmasks where B does, with fewer expensive operations and
+    /// the same guarantees: one xAPIC read-back after the last masking write
+    /// instead of one per write, the APIC version taken from
+    /// `CpumCpu::apic_version` (read once at set-up) instead of the APIC on
+    /// every switch, unmasking by writing back the saved LVT values instead
+    /// of a read-modify-write, and, on the 32-bit/PAE → AMD64 switchers,
+    /// EFER and CR0 writes derived from saved values (see
+    /// [`legacy_amd64`]).
+    #[default]
+    C,
+}
+
+impl Revision {
+    /// Every revision.
+    pub const ALL: [Revision; 3] = [Revision::A, Revision::B, Revision::C];
+
+    /// Whether the NMI LVTs are unmasked in the C entry after the worker
+    /// returns (B and C) rather than in the exit path (A).
+    pub const fn unmasks_after_call(self) -> bool {
+        !matches!(self, Revision::A)
+    }
 }
 
 /// Build options every template honours.
@@ -43,6 +65,14 @@ pub struct TemplateOptions {
     /// Also handle a host APIC in x2APIC mode (`fX2Apic` set): mask and unmask
     /// through the MSRs 0x800 + (register >> 4) instead of the MMIO page.
     pub x2apic: bool,
+    /// The host runs 5-level paging (CR4.LA57): the AMD64-host switchers
+    /// load the 5-level intermediate root ([`FixupKind::InterLa57Cr3`]) in
+    /// long mode and change LA57 only while paging is off. No effect on the
+    /// 32-bit/PAE-host switchers; without it the code is byte for byte what
+    /// it was before LA57 existed.
+    ///
+    /// [`FixupKind::InterLa57Cr3`]: crate::fixup::FixupKind::InterLa57Cr3
+    pub la57: bool,
 }
 
 impl Default for TemplateOptions {
@@ -50,10 +80,11 @@ impl Default for TemplateOptions {
         Self {
             stats: true,
             apic_nmi_masking: true,
-            revision: Revision::B,
+            revision: Revision::C,
             trace: false,
             crash_markers: false,
             x2apic: false,
+            la57: false,
         }
     }
 }
@@ -107,6 +138,7 @@ pub fn sample_context(vm: &VmLayout) -> crate::RelocContext {
             legacy32: PhysAddr(0x60_0000),
             pae: PhysAddr(0x60_1000),
             amd64: PhysAddr(0x60_2000),
+            la57: Some(PhysAddr(0x60_3000)),
         },
         sel: HyperSelectors {
             cs: 0x08,
@@ -525,20 +557,50 @@ fn lvt_disp(reg: u32) -> i32 {
     reg as i32
 }
 
+/// Revision C's test for the thermal LVT: the max-LVT index (version bits
+/// 16..23) the VMM stored in `CpumCpu::apic_version` at set-up, a cached
+/// memory read instead of an uncached APIC (or MSR) read on every switch;
+/// jumps to `skip` when it is below 5 (no thermal LVT).
+fn thermal_absent_c<R>(a: &mut CodeAssembler, cpu: R, skip: CodeLabel) -> Result<(), BuildError>
+where
+    R: Copy + Add<i32, Output = AsmMemoryOperand>,
+{
+    a.cmp(byte_ptr(cpu + (cpum::layout::APIC_VERSION as i32 + 2)), 5)?;
+    a.jb(skip)?;
+    Ok(())
+}
+
+/// The displacement of LVT `i`'s saved value in `CpumCpu::apic_saved_lvt`.
+fn saved_lvt(i: usize) -> i32 {
+    (cpum::layout::APIC_SAVED_LVT + 4 * i) as i32
+}
+
 /// Masks the NMI LVTs through the x2APIC MSRs, ORing their bits into EDI.
-/// Clobbers EAX, EBX, ECX, EDX.
-fn x2apic_mask_lvts(a: &mut CodeAssembler) -> Result<(), BuildError> {
+/// With `rev_c`, the thermal LVT's presence comes from `CpumCpu` at `cpu`
+/// and each LVT's value is saved there for the unmasking. Clobbers EAX,
+/// EBX, ECX, EDX.
+fn x2apic_mask_lvts<R>(a: &mut CodeAssembler, rev_c: Option<R>) -> Result<(), BuildError>
+where
+    R: Copy + Add<i32, Output = AsmMemoryOperand>,
+{
     for (i, (reg, bit)) in NMI_LVTS.iter().enumerate() {
         let mut skip = a.create_label();
         if i == 3 {
-            a.mov(ecx, apic::x2apic_msr(apic::reg::VERSION))?;
-            a.rdmsr()?;
-            a.shr(eax, 16)?;
-            a.cmp(al, 5)?;
-            a.jb(skip)?;
+            if let Some(cpu) = rev_c {
+                thermal_absent_c(a, cpu, skip)?;
+            } else {
+                a.mov(ecx, apic::x2apic_msr(apic::reg::VERSION))?;
+                a.rdmsr()?;
+                a.shr(eax, 16)?;
+                a.cmp(al, 5)?;
+                a.jb(skip)?;
+            }
         }
         a.mov(ecx, apic::x2apic_msr(*reg))?;
         a.rdmsr()?;
+        if let Some(cpu) = rev_c {
+            a.mov(dword_ptr(cpu + saved_lvt(i)), eax)?;
+        }
         a.mov(ebx, eax)?;
         a.and(ebx, (apic::lvt::MASKED | apic::lvt::MODE_MASK) as i32)?;
         a.cmp(ebx, apic::lvt::MODE_NMI as i32)?;
@@ -552,26 +614,49 @@ fn x2apic_mask_lvts(a: &mut CodeAssembler) -> Result<(), BuildError> {
 }
 
 /// Masks the NMI LVTs of the MMIO page at `page` (EBX or RBX), ORing their
-/// bits into EDI; the last check falls through to `store`, which is placed
-/// after the loop. Clobbers EAX, ECX.
-fn mmio_mask_lvts<R>(a: &mut CodeAssembler, page: R, store: CodeLabel) -> Result<(), BuildError>
+/// bits into EDI; the code falls through to `store`, which is placed after
+/// it. Clobbers EAX, ECX.
+///
+/// The seeds (A, B) read the version register on every switch for the
+/// thermal LVT's presence and read each LVT back right after masking it.
+/// With `rev_c` (the `CpumCpu` at `cpu`) the presence comes from
+/// `apic_version`, each LVT's value is saved in `apic_saved_lvt`, and one
+/// read-back follows the last masking write: the xAPIC page is strong
+/// uncacheable (UC), and UC reads and writes are executed in program order
+/// without reordering (Intel SDM Vol. 3A, 12.3 "Methods of Caching
+/// Available", UC), so a read that returns after the last write can only
+/// return after every earlier write has reached the APIC as well.
+fn mmio_mask_lvts<R, C>(
+    a: &mut CodeAssembler,
+    page: R,
+    store: CodeLabel,
+    rev_c: Option<C>,
+) -> Result<(), BuildError>
 where
     R: Copy + Add<i32, Output = AsmMemoryOperand>,
+    C: Copy + Add<i32, Output = AsmMemoryOperand>,
 {
     for (i, (reg, bit)) in NMI_LVTS.iter().enumerate() {
-        let mut skip = if i + 1 == NMI_LVTS.len() {
+        let mut skip = if i + 1 == NMI_LVTS.len() && rev_c.is_none() {
             store
         } else {
             a.create_label()
         };
         if i == 3 {
             // Thermal LVT only exists when the max-LVT index is at least 5.
-            a.mov(eax, dword_ptr(page + lvt_disp(apic::reg::VERSION)))?;
-            a.shr(eax, 16)?;
-            a.cmp(al, 5)?;
-            a.jb(skip)?;
+            if let Some(cpu) = rev_c {
+                thermal_absent_c(a, cpu, skip)?;
+            } else {
+                a.mov(eax, dword_ptr(page + lvt_disp(apic::reg::VERSION)))?;
+                a.shr(eax, 16)?;
+                a.cmp(al, 5)?;
+                a.jb(skip)?;
+            }
         }
         a.mov(eax, dword_ptr(page + lvt_disp(*reg)))?;
+        if let Some(cpu) = rev_c {
+            a.mov(dword_ptr(cpu + saved_lvt(i)), eax)?;
+        }
         a.mov(ecx, eax)?;
         a.and(ecx, (apic::lvt::MASKED | apic::lvt::MODE_MASK) as i32)?;
         a.cmp(ecx, apic::lvt::MODE_NMI as i32)?;
@@ -579,23 +664,40 @@ where
         a.or(edi, bit.bits() as i32)?;
         a.or(eax, apic::lvt::MASKED as i32)?;
         a.mov(dword_ptr(page + lvt_disp(*reg)), eax)?;
-        // Read back: the write has completed before we go on.
-        a.mov(eax, dword_ptr(page + lvt_disp(*reg)))?;
+        if rev_c.is_none() {
+            // Read back: the write has completed before we go on.
+            a.mov(eax, dword_ptr(page + lvt_disp(*reg)))?;
+        }
         a.set_label(&mut skip)?;
+    }
+    if rev_c.is_some() {
+        // One read-back after the last masking write (none without one).
+        a.test(edi, edi)?;
+        a.jz(store)?;
+        a.mov(eax, dword_ptr(page + lvt_disp(apic::reg::LVT_LINT0)))?;
     }
     Ok(())
 }
 
 /// Unmasks, through the x2APIC MSRs, the LVTs whose bits are set in EBX
-/// (consumed). Clobbers EAX, ECX, EDX.
-fn x2apic_unmask_lvts(a: &mut CodeAssembler) -> Result<(), BuildError> {
-    for (reg, _bit) in NMI_LVTS.iter() {
+/// (consumed). With `rev_c`, by writing back the values saved in the
+/// `CpumCpu` at `cpu` (no RDMSR). Clobbers EAX, ECX, EDX.
+fn x2apic_unmask_lvts<R>(a: &mut CodeAssembler, rev_c: Option<R>) -> Result<(), BuildError>
+where
+    R: Copy + Add<i32, Output = AsmMemoryOperand>,
+{
+    for (i, (reg, _bit)) in NMI_LVTS.iter().enumerate() {
         let mut skip = a.create_label();
         a.shr(ebx, 1)?;
         a.jae(skip)?;
         a.mov(ecx, apic::x2apic_msr(*reg))?;
-        a.rdmsr()?;
-        a.and(eax, !apic::lvt::MASKED as i32)?;
+        if let Some(cpu) = rev_c {
+            a.mov(eax, dword_ptr(cpu + saved_lvt(i)))?;
+            a.xor(edx, edx)?;
+        } else {
+            a.rdmsr()?;
+            a.and(eax, !apic::lvt::MASKED as i32)?;
+        }
         a.wrmsr()?;
         a.set_label(&mut skip)?;
     }
@@ -604,15 +706,28 @@ fn x2apic_unmask_lvts(a: &mut CodeAssembler) -> Result<(), BuildError> {
 
 /// Unmasks, on the MMIO page at `page` (EBX or RBX), the LVTs whose bits are
 /// set in ECX (consumed).
-fn mmio_unmask_lvts<R>(a: &mut CodeAssembler, page: R) -> Result<(), BuildError>
+///
+/// The seeds clear the mask bit with a read-modify-write (`and [lvt]`: an
+/// uncached read and write each). With `rev_c` (the `CpumCpu` at `cpu`) the
+/// value saved before masking is written back instead, a write only, and
+/// bit for bit what the host had: interrupts are off from the masking to
+/// here and the LVTs are this CPU's own registers, so nothing else can have
+/// changed them in between. Clobbers EAX with `rev_c`.
+fn mmio_unmask_lvts<R, C>(a: &mut CodeAssembler, page: R, rev_c: Option<C>) -> Result<(), BuildError>
 where
     R: Copy + Add<i32, Output = AsmMemoryOperand>,
+    C: Copy + Add<i32, Output = AsmMemoryOperand>,
 {
-    for (reg, _bit) in NMI_LVTS.iter() {
+    for (i, (reg, _bit)) in NMI_LVTS.iter().enumerate() {
         let mut skip = a.create_label();
         a.shr(ecx, 1)?;
         a.jae(skip)?;
-        a.and(dword_ptr(page + lvt_disp(*reg)), !apic::lvt::MASKED as i32)?;
+        if let Some(cpu) = rev_c {
+            a.mov(eax, dword_ptr(cpu + saved_lvt(i)))?;
+            a.mov(dword_ptr(page + lvt_disp(*reg)), eax)?;
+        } else {
+            a.and(dword_ptr(page + lvt_disp(*reg)), !apic::lvt::MASKED as i32)?;
+        }
         a.set_label(&mut skip)?;
     }
     Ok(())
@@ -623,6 +738,7 @@ where
 /// starting from a cleared register (VirtualBox ORed into host EDI).
 pub(crate) fn apic_mask32(b: &mut Builder, o: &TemplateOptions) -> Result<(), BuildError> {
     use cpum::layout as l;
+    let rev_c = o.revision == Revision::C;
     let a = b.a();
     let store = a.create_label();
     a.xor(edi, edi)?;
@@ -632,7 +748,7 @@ pub(crate) fn apic_mask32(b: &mut Builder, o: &TemplateOptions) -> Result<(), Bu
         a.je(mmio)?;
         // x2APIC: RDMSR/WRMSR clobber EDX; keep CPUMCPU in ESI.
         a.mov(esi, edx)?;
-        x2apic_mask_lvts(a)?;
+        x2apic_mask_lvts(a, rev_c.then_some(esi))?;
         a.mov(edx, esi)?;
         a.jmp(store)?;
         a.set_label(&mut mmio)?;
@@ -640,7 +756,7 @@ pub(crate) fn apic_mask32(b: &mut Builder, o: &TemplateOptions) -> Result<(), Bu
     a.mov(ebx, dword_ptr(edx + l::APIC_BASE as i32))?;
     a.test(ebx, ebx)?;
     a.jz(store)?;
-    mmio_mask_lvts(a, ebx, store)?;
+    mmio_mask_lvts(a, ebx, store, rev_c.then_some(edx))?;
     a.mov(dword_ptr(edx + l::APIC_DIS_VECTORS as i32), edi)?;
     Ok(())
 }
@@ -652,6 +768,7 @@ pub(crate) fn apic_unmask32(b: &mut Builder, o: &TemplateOptions) -> Result<(), 
     use cpum::layout as l;
     let a = b.a();
     let mut done = a.create_label();
+    let rev_c = o.revision == Revision::C;
     a.push(ebx)?;
     a.mov(ebx, dword_ptr(edx + l::APIC_DIS_VECTORS as i32))?;
     if o.x2apic {
@@ -660,7 +777,15 @@ pub(crate) fn apic_unmask32(b: &mut Builder, o: &TemplateOptions) -> Result<(), 
         a.je(mmio)?;
         a.push(eax)?;
         a.push(edx)?;
-        x2apic_unmask_lvts(a)?;
+        if rev_c {
+            // WRMSR takes EDX: the saved values are read through ESI.
+            a.push(esi)?;
+            a.mov(esi, edx)?;
+            x2apic_unmask_lvts(a, Some(esi))?;
+            a.pop(esi)?;
+        } else {
+            x2apic_unmask_lvts(a, None::<AsmRegister32>)?;
+        }
         a.pop(edx)?;
         a.pop(eax)?;
         a.jmp(done)?;
@@ -670,7 +795,13 @@ pub(crate) fn apic_unmask32(b: &mut Builder, o: &TemplateOptions) -> Result<(), 
     a.mov(ebx, dword_ptr(edx + l::APIC_BASE as i32))?;
     a.test(ebx, ebx)?;
     a.jz(done)?;
-    mmio_unmask_lvts(a, ebx)?;
+    if rev_c {
+        a.push(eax)?;
+        mmio_unmask_lvts(a, ebx, Some(edx))?;
+        a.pop(eax)?;
+    } else {
+        mmio_unmask_lvts(a, ebx, None::<AsmRegister32>)?;
+    }
     a.nop()?;
     a.set_label(&mut done)?;
     a.pop(ebx)?;
@@ -681,6 +812,7 @@ pub(crate) fn apic_unmask32(b: &mut Builder, o: &TemplateOptions) -> Result<(), 
 /// RBX, RCX, RDX, RDI. Always rewrites `apic_dis_vectors`.
 pub(crate) fn apic_mask64(b: &mut Builder, o: &TemplateOptions) -> Result<(), BuildError> {
     use cpum::layout as l;
+    let rev_c = o.revision == Revision::C;
     let a = b.a();
     let store = a.create_label();
     a.xor(edi, edi)?;
@@ -688,14 +820,14 @@ pub(crate) fn apic_mask64(b: &mut Builder, o: &TemplateOptions) -> Result<(), Bu
         let mut mmio = a.create_label();
         a.cmp(dword_ptr(r8 + l::X2APIC as i32), 0)?;
         a.je(mmio)?;
-        x2apic_mask_lvts(a)?;
+        x2apic_mask_lvts(a, rev_c.then_some(r8))?;
         a.jmp(store)?;
         a.set_label(&mut mmio)?;
     }
     a.mov(rbx, qword_ptr(r8 + l::APIC_BASE as i32))?;
     a.test(rbx, rbx)?;
     a.jz(store)?;
-    mmio_mask_lvts(a, rbx, store)?;
+    mmio_mask_lvts(a, rbx, store, rev_c.then_some(r8))?;
     a.mov(dword_ptr(r8 + l::APIC_DIS_VECTORS as i32), edi)?;
     Ok(())
 }
@@ -706,6 +838,7 @@ pub(crate) fn apic_unmask64(b: &mut Builder, o: &TemplateOptions) -> Result<(), 
     use cpum::layout as l;
     let a = b.a();
     let mut done = a.create_label();
+    let rev_c = o.revision == Revision::C;
     a.push(rbx)?;
     a.push(rax)?;
     a.push(rdx)?;
@@ -714,7 +847,15 @@ pub(crate) fn apic_unmask64(b: &mut Builder, o: &TemplateOptions) -> Result<(), 
         let mut mmio = a.create_label();
         a.cmp(dword_ptr(rdx + l::X2APIC as i32), 0)?;
         a.je(mmio)?;
-        x2apic_unmask_lvts(a)?;
+        if rev_c {
+            // WRMSR takes RDX: the saved values are read through RSI.
+            a.push(rsi)?;
+            a.mov(rsi, rdx)?;
+            x2apic_unmask_lvts(a, Some(rsi))?;
+            a.pop(rsi)?;
+        } else {
+            x2apic_unmask_lvts(a, None::<AsmRegister64>)?;
+        }
         a.jmp(done)?;
         a.set_label(&mut mmio)?;
     }
@@ -722,7 +863,8 @@ pub(crate) fn apic_unmask64(b: &mut Builder, o: &TemplateOptions) -> Result<(), 
     a.mov(rbx, qword_ptr(rdx + l::APIC_BASE as i32))?;
     a.test(rbx, rbx)?;
     a.jz(done)?;
-    mmio_unmask_lvts(a, rbx)?;
+    // RAX is restored below: revision C may use it.
+    mmio_unmask_lvts(a, rbx, rev_c.then_some(rdx))?;
     a.nop()?;
     a.set_label(&mut done)?;
     a.pop(rdx)?;

@@ -15,7 +15,7 @@ pub fn all_options() -> Vec<TemplateOptions> {
     let mut v = Vec::new();
     for stats in [false, true] {
         for apic in [false, true] {
-            for revision in [Revision::A, Revision::B] {
+            for revision in Revision::ALL {
                 for trace in [false, true] {
                     for crash_markers in [false, true] {
                         for x2apic in [false, true] {
@@ -26,6 +26,7 @@ pub fn all_options() -> Vec<TemplateOptions> {
                                 trace,
                                 crash_markers,
                                 x2apic,
+                                la57: false,
                             });
                         }
                     }
