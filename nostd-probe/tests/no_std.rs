@@ -20,7 +20,14 @@ fn build(features: &str) -> Output {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
     Command::new(env!("CARGO"))
         .current_dir(root)
-        .args(["build", "--offline", "-p", "nostd-probe", "--features", features])
+        .args([
+            "build",
+            "--offline",
+            "-p",
+            "nostd-probe",
+            "--features",
+            features,
+        ])
         .arg("--target-dir")
         .arg(target_dir())
         .env_remove("CARGO_TARGET_DIR")

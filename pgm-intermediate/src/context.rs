@@ -503,8 +503,17 @@ impl<A: PageAllocator> IntermediateContext<A> {
         let mut cache = walk::WalkCache::default();
         for flavour in flavours.flavours() {
             let want = requested_flags(flavour, flags);
+            let root = self.root(flavour, virt).ok();
             for page in 0..pages {
                 let (v, p) = (virt + page * PAGE_SIZE, phys + page * PAGE_SIZE);
+                match root.and_then(|r| cache.pt_lookup(&self.alloc, flavour, r, v)) {
+                    Some(Ok(walk::PtEntry::Absent)) => continue,
+                    Some(Ok(walk::PtEntry::Leaf {
+                        phys: got, flags: f, ..
+                    })) if got == p && f == want => continue,
+                    // A conflict or an error: the full walk below names it.
+                    Some(_) | None => {}
+                }
                 match self.translate_cached(flavour, v, &mut cache) {
                     Ok(t) if t.phys == p && t.flags == want => {}
                     Ok(t) => {
@@ -541,6 +550,17 @@ impl<A: PageAllocator> IntermediateContext<A> {
             for page in 0..pages {
                 let v = virt + page * PAGE_SIZE;
                 let leaf = (phys + page * PAGE_SIZE) | leaf_bits;
+                let root = self.root(flavour, v)?;
+                match cache.pt_lookup(&self.alloc, flavour, root, v) {
+                    Some(Ok(walk::PtEntry::Leaf { .. })) => continue,
+                    Some(Ok(walk::PtEntry::Absent)) if !user => {
+                        if let Some(addr) = cache.pt_entry(flavour, root, v) {
+                            self.write_entry(flavour, addr, leaf)?;
+                            continue;
+                        }
+                    }
+                    _ => {}
+                }
                 match self.translate_cached(flavour, v, &mut cache) {
                     Ok(_) => continue,
                     // Every directory is there and none needs U/S: what
@@ -690,8 +710,18 @@ impl<A: PageAllocator> IntermediateContext<A> {
         let mut clear = Vec::new();
         let mut cache = walk::WalkCache::default();
         for flavour in flavours.flavours() {
+            let root = self.root(flavour, virt).ok();
             for page in 0..pages {
                 let v = virt + page * PAGE_SIZE;
+                match root.and_then(|r| cache.pt_lookup(&self.alloc, flavour, r, v)) {
+                    Some(Ok(walk::PtEntry::Absent)) => continue,
+                    Some(Ok(walk::PtEntry::Leaf { addr, .. })) => {
+                        clear.push((flavour, addr));
+                        continue;
+                    }
+                    Some(Err(e)) => return Err(e.into()),
+                    None => {}
+                }
                 match self.translate_cached(flavour, v, &mut cache) {
                     Ok(t) if t.page_size == PageSize::Size4K => {
                         if let Some(leaf) = t.path.leaf() {

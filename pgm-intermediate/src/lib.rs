@@ -351,9 +351,9 @@ const _: () = {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
     use std::string::ToString;
     use std::vec::Vec;
-    use super::*;
 
     #[test]
     fn flavour_limits() {

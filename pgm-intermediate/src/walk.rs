@@ -416,6 +416,22 @@ fn chunk_of(flavour: Flavour, virt: u64) -> u64 {
         .map_or(virt >> 12, |pd| virt >> pd.shift)
 }
 
+/// A page-table entry found through a [`WalkCache`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum PtEntry {
+    /// Not present.
+    Absent,
+    /// A 4 KiB page.
+    Leaf {
+        /// Physical address of the entry.
+        addr: u64,
+        /// The page's physical address.
+        phys: u64,
+        /// Its attributes, as [`Translation::flags`].
+        flags: MapFlags,
+    },
+}
+
 /// A walk's directory part, kept between walks of neighbouring pages.
 /// Valid only while no directory entry changes: clear it after writing one.
 #[derive(Clone, Copy, Debug, Default)]
@@ -427,11 +443,46 @@ impl WalkCache {
         self.0 = None;
     }
 
+    /// `virt`'s page-table entry read through the cache, without building a
+    /// [`Translation`]: `None` when the cache does not hold the directory
+    /// part of `virt`'s walk (walk it with [`walk_cached`] then). A present
+    /// entry is decoded as [`walk`] decodes it, with the same errors.
+    pub(crate) fn pt_lookup<M: TableMemory + ?Sized>(
+        &self,
+        mem: &M,
+        flavour: Flavour,
+        root: u64,
+        virt: u64,
+    ) -> Option<Result<PtEntry, WalkError>> {
+        let addr = self.pt_entry(flavour, root, virt)?;
+        if !flavour.is_valid_virt(virt) {
+            return None;
+        }
+        let spec = levels(flavour).last()?;
+        let entry = match read_at(mem, flavour, spec, addr & !0xfff, spec.index(virt), virt) {
+            Ok(e) => e,
+            Err(e) => return Some(Err(e)),
+        };
+        if entry & EntryFlags::PRESENT.bits() == 0 {
+            return Some(Ok(PtEntry::Absent));
+        }
+        Some(match decode(flavour, spec, virt, entry) {
+            Ok(Decoded::Leaf { base, .. }) => Ok(PtEntry::Leaf {
+                addr,
+                phys: base + (virt & 0xfff),
+                flags: leaf_flags(flavour, entry),
+            }),
+            Ok(Decoded::Table(_)) => return None,
+            Err(e) => Err(e),
+        })
+    }
+
     /// The address of `virt`'s page-table entry when the cache holds the
     /// directory part of its walk (`flavour` rooted at `root`).
     pub(crate) fn pt_entry(&self, flavour: Flavour, root: u64, virt: u64) -> Option<u64> {
         let state = self
             .0
+            .as_ref()
             .filter(|s| s.flavour == flavour && s.root == root && s.chunk == chunk_of(flavour, virt))?;
         let pt = levels(flavour).last()?;
         Some(state.table + pt.index(virt) * flavour.entry_size())
@@ -454,9 +505,10 @@ pub(crate) fn walk_cached<M: TableMemory + ?Sized>(
     let chunk = chunk_of(flavour, virt);
     if let Some(state) = cache
         .0
+        .as_ref()
         .filter(|s| s.flavour == flavour && s.root == root && s.chunk == chunk)
     {
-        return walk_pt(mem, &state, virt);
+        return walk_pt(mem, state, virt);
     }
     match walk_dirs(mem, flavour, root, virt) {
         Dirs::Done(result) => {
@@ -642,3 +694,52 @@ const _: () = {
     assert!(LA57[0].shift + LA57[0].index_bits == 57);
     assert!(1u64 << (PAE[0].shift + PAE[0].index_bits) == FOUR_GIB);
 };
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Flavours, IntermediateContext, VecAllocator};
+
+    /// One cache across many addresses, in and out of page tables, across
+    /// page-table boundaries, in each flavour, and across a directory change
+    /// (after which the cache is cleared, as its callers do): always the
+    /// full walk's answer.
+    #[test]
+    fn cached_walks_are_full_walks() -> Result<(), std::boxed::Box<dyn std::error::Error>> {
+        let mut ctx = IntermediateContext::new(VecAllocator::new(0x60_0000, 64)?)?;
+        ctx.map(0x40_0000, 0x40_0000, 0x3000, MapFlags::WRITABLE, Flavours::all())?;
+        // Straddles a 2 MiB and a 4 MiB boundary.
+        ctx.map(0x9fff_e000, 0x50_0000, 0x5000, MapFlags::WRITABLE, Flavours::all())?;
+        let addrs: std::vec::Vec<u64> = (0x9ffe_0000u64..0xa002_0000)
+            .step_by(0x1000)
+            .chain([0x40_0000, 0x40_1000, 0x9fff_e000, 0x1234_5000, 0xffff_f000, 1 << 48])
+            .collect();
+        let check = |ctx: &IntermediateContext<VecAllocator>| {
+            for flavour in [Flavour::Legacy32, Flavour::Pae, Flavour::Long] {
+                let root = u64::from(ctx.cr3(flavour));
+                let mut cache = WalkCache::default();
+                for &v in addrs.iter().chain(addrs.iter().rev()) {
+                    let full = walk(ctx.allocator(), flavour, root, v);
+                    assert_eq!(walk_cached(ctx.allocator(), flavour, root, v, &mut cache), full);
+                    let fast = cache.pt_lookup(ctx.allocator(), flavour, root, v);
+                    match (fast, full) {
+                        (None, _) => {}
+                        (Some(Ok(PtEntry::Absent)), Err(WalkError::NotPresent { level, .. })) => {
+                            assert_eq!(level, Level::Pt);
+                        }
+                        (Some(Ok(PtEntry::Leaf { addr, phys, flags })), Ok(t)) => {
+                            assert_eq!((phys, flags), (t.phys, t.flags));
+                            assert_eq!(Some(addr), t.path.leaf().map(|l| l.entry_addr(flavour)));
+                        }
+                        (fast, full) => panic!("{v:#x} {flavour:?}: {fast:?} vs {full:?}"),
+                    }
+                }
+            }
+        };
+        check(&ctx);
+        ctx.unmap(0x9fff_f000, 0x2000, Flavours::all())?;
+        ctx.map(0xa040_0000, 0x58_0000, 0x1000, MapFlags::WRITABLE, Flavours::all())?;
+        check(&ctx);
+        Ok(())
+    }
+}

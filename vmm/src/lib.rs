@@ -639,6 +639,19 @@ fn no_overlaps(
     ranges: &[Named<'_>],
     allowed: impl Fn(&Named<'_>, &Named<'_>) -> bool,
 ) -> Result<(), PlacementError> {
+    // A sweep in start order finds whether any two ranges overlap at all
+    // (a range starting before the furthest end seen so far); only then is
+    // the pair to report searched for, in the given order.
+    let mut sorted: Vec<&Range<u64>> = ranges.iter().map(|r| r.1).collect();
+    sorted.sort_unstable_by_key(|r| r.start);
+    let mut furthest = 0;
+    if sorted.iter().all(|r| {
+        let clear = r.start >= furthest;
+        furthest = furthest.max(r.end);
+        clear
+    }) {
+        return Ok(());
+    }
     for (i, a) in ranges.iter().enumerate() {
         for b in &ranges[i + 1..] {
             if overlap(a.1, b.1) && !allowed(a, b) {
@@ -783,8 +796,9 @@ impl Vmm {
     }
 
     /// The intermediate tables as one image: their physical base and the
-    /// bytes from the lowest used page to the highest (the pages of a
-    /// [`VecPages`] region, so at most the region).
+    /// bytes from the lowest used page to the highest, gaps between
+    /// scattered pages zero-filled (all inside the [`VecPages`] region, so at
+    /// most the region).
     pub fn tables(&self) -> (PhysAddr, Vec<u8>) {
         span_image(self.inter.allocator())
     }
