@@ -360,6 +360,21 @@ fn outcome_detail(
             "the transcript ends without a RESULT line (reset, triple fault or hang)".to_string()
         }
         Outcome::Pass | Outcome::VerificationFailed => return None,
+        // A long-mode host reports all 64 bits of RIP and CR2 (an LA57 host's
+        // code lies above 2^48); a 32-bit host's equal EIP and CR2.
+        Outcome::HostException(Some(e)) if e.rip > u64::from(u32::MAX) => format!(
+            "{}({:#x}) in the host at rip {:#x} [{}], cs {:#x}, rflags {:#x}, cr2 {:#x}, trip {}, vcpu {}, phase {:?}",
+            vector_name(e.vector),
+            e.error_code,
+            e.rip,
+            symbolize(built, kind, e.rip),
+            e.cs,
+            e.eflags,
+            e.cr2_64,
+            e.trip,
+            e.vcpu,
+            e.phase
+        ),
         Outcome::HostException(Some(e)) => format!(
             "{}({:#x}) in the host at eip {:#010x} [{}], cs {:#x}, eflags {:#x}, cr2 {:#x}, trip {}, vcpu {}, phase {:?}",
             vector_name(e.vector),

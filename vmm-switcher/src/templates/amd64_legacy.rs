@@ -331,6 +331,20 @@ pub(crate) fn emit_host_exit64(b: &mut Builder, o: &TemplateOptions) -> Result<(
     trace(b, o, Step::HostMsrs)?;
     b.a().mov(rdx, r8)?;
     if o.apic_nmi_masking && o.revision == Revision::A {
+        // Once the LVTs are unmasked an NMI may arrive at any instruction,
+        // and the host's handler returns with IRETQ, which reloads the CS it
+        // interrupted from the host GDT loaded above. CS still holds the
+        // switcher's own 64-bit selector, which names no code segment there
+        // (#GP at the IRETQ), so take the host CS first: a far return
+        // through the frame the C entry left on the host stack (RIP at
+        // [RSP], CS at [RSP+8]), to the next instruction.
+        let a = b.a();
+        let mut host_cs = a.create_label();
+        a.push(qword_ptr(rsp + 8))?;
+        a.lea(rax, ptr(host_cs))?;
+        a.push(rax)?;
+        a.add_instruction(iced_x86::Instruction::with(iced_x86::Code::Retfq))?;
+        a.set_label(&mut host_cs)?;
         apic_unmask64(b, o)?;
         trace(b, o, Step::ApicUnmasked)?;
     }
