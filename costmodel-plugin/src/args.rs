@@ -52,7 +52,11 @@ pub fn parse<'a>(args: impl IntoIterator<Item = &'a str>) -> Result<PluginArgs, 
             Some(("far", r)) => p.ranges.far.push(range(r)?),
             Some(("apic", n)) => p.apic_page = number(n)? & !0xfff,
             Some(("out", f)) if !f.is_empty() => p.out = Some(f.to_owned()),
-            _ => return Err(format!("unknown argument `{a}` (expected sw=, far=, apic=, out=)")),
+            _ => {
+                return Err(format!(
+                    "unknown argument `{a}` (expected sw=, far=, apic=, out=)"
+                ))
+            }
         }
     }
     if p.ranges.switcher.is_empty() {
@@ -67,10 +71,20 @@ mod tests {
 
     #[test]
     fn arguments_parse_and_bad_ones_are_named() {
-        let p = parse(["sw=0xc0400000-0xc0401000", "sw=4194304-4198400", "far=0xa0000000-0xa0100000", "out=/tmp/x"]);
+        let p = parse([
+            "sw=0xc0400000-0xc0401000",
+            "sw=4194304-4198400",
+            "far=0xa0000000-0xa0100000",
+            "out=/tmp/x",
+        ]);
         let p = p.map_err(|e| e.to_string());
         assert_eq!(
-            p.as_ref().map(|p| (p.ranges.switcher.len(), p.ranges.far.len(), p.apic_page, p.out.clone())),
+            p.as_ref().map(|p| (
+                p.ranges.switcher.len(),
+                p.ranges.far.len(),
+                p.apic_page,
+                p.out.clone()
+            )),
             Ok((2, 1, DEFAULT_APIC_PAGE, Some("/tmp/x".to_owned())))
         );
         for (bad, want) in [

@@ -125,7 +125,10 @@ pub fn classify(bytes: &[u8], long: Option<bool>) -> Option<Class> {
     // A 0x40..0x4f byte with more bytes behind it can only be a REX prefix:
     // in 32-bit code `inc`/`dec` are complete in that one byte.
     let rex = match bytes.get(i) {
-        Some(&b) if b & 0xf0 == 0x40 && (long == Some(true) || (long.is_none() && bytes.len() > i + 1)) => {
+        Some(&b)
+            if b & 0xf0 == 0x40
+                && (long == Some(true) || (long.is_none() && bytes.len() > i + 1)) =>
+        {
             i += 1;
             b
         }
@@ -252,13 +255,17 @@ mod tests {
         assert_eq!(c(&[0x0f, 0xae, 0x00]), Some(Class::Fxsave)); // fxsave [eax]
         assert_eq!(c(&[0x48, 0x0f, 0xae, 0x08]), Some(Class::Fxrstor)); // fxrstor64 [rax]
         assert_eq!(c(&[0x0f, 0xae, 0xf0]), None); // mfence
-        assert_eq!(classify(&[0xc4, 0xe2, 0x79, 0x18, 0x00], Some(true)), None); // VEX
+        assert_eq!(classify(&[0xc4, 0xe2, 0x79, 0x18, 0x00], Some(true)), None);
+        // VEX
     }
 
     #[test]
     fn rex_versus_inc_dec() {
         assert_eq!(c(&[0x40]), None); // inc eax
-        assert_eq!(classify(&[0x41, 0x0f, 0x22, 0xc0], Some(true)), Some(Class::Cr0Write));
+        assert_eq!(
+            classify(&[0x41, 0x0f, 0x22, 0xc0], Some(true)),
+            Some(Class::Cr0Write)
+        );
         assert_eq!(c(&[]), None);
         assert_eq!(c(&[0x66]), None);
     }

@@ -144,7 +144,9 @@ fn unpack(u: usize) -> (Place, Option<Class>) {
         1 => Place::Far,
         _ => Place::Elsewhere,
     };
-    let class = (u >> 2).checked_sub(1).and_then(|i| Class::ALL.get(i).copied());
+    let class = (u >> 2)
+        .checked_sub(1)
+        .and_then(|i| Class::ALL.get(i).copied());
     (place, class)
 }
 

@@ -110,7 +110,10 @@ impl Trip {
     /// The trip's kind, from the FPU and debug-register classes it executed.
     pub fn kind(&self) -> TripKind {
         let any = |c: Class| self.dirs.iter().any(|d| d.get(c) > 0);
-        match (any(Class::Fxsave) || any(Class::Fxrstor), any(Class::DrWrite)) {
+        match (
+            any(Class::Fxsave) || any(Class::Fxrstor),
+            any(Class::DrWrite),
+        ) {
             (false, false) => TripKind::NoSync,
             (true, false) => TripKind::FpuSync,
             (false, true) => TripKind::DebugSync,
@@ -248,7 +251,12 @@ mod tests {
         t.apic(0, true);
         assert!(t.trips.is_empty());
         t.insn(0, Place::Elsewhere, None);
-        let (trip, n) = t.trips.iter().next().map(|(t, n)| (*t, *n)).unwrap_or_default();
+        let (trip, n) = t
+            .trips
+            .iter()
+            .next()
+            .map(|(t, n)| (*t, *n))
+            .unwrap_or_default();
         assert_eq!(n, 1);
         assert_eq!(trip.dir(Direction::ToGc).instructions, 2);
         assert_eq!(trip.dir(Direction::ToGc).get(Class::Cr3Write), 1);

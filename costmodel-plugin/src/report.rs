@@ -74,9 +74,7 @@ impl Report {
             line: line + 1,
             what,
         };
-        let (_, head) = lines
-            .next()
-            .ok_or_else(|| err(0, "empty report".into()))?;
+        let (_, head) = lines.next().ok_or_else(|| err(0, "empty report".into()))?;
         let total = head
             .strip_prefix(MAGIC)
             .and_then(|r| r.trim().strip_prefix("trips="))
@@ -92,7 +90,10 @@ impl Report {
         }
         let sum: u64 = trips.iter().map(|t| t.0).sum();
         if sum != total {
-            return Err(err(0, format!("trips={total} but the trip lines count {sum}")));
+            return Err(err(
+                0,
+                format!("trips={total} but the trip lines count {sum}"),
+            ));
         }
         trips.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
         Ok(Report { total, trips })
@@ -124,7 +125,8 @@ fn parse_trip(line: &str) -> Result<(u64, Trip), String> {
             return Err(format!("`{key}` given twice"));
         }
         if key == "kind" {
-            kind = Some(TripKind::from_name(value).ok_or_else(|| format!("unknown kind `{value}`"))?);
+            kind =
+                Some(TripKind::from_name(value).ok_or_else(|| format!("unknown kind `{value}`"))?);
             continue;
         }
         let n: u64 = value
@@ -201,9 +203,15 @@ mod tests {
             ("costmodel/2 trips=1\n", "expected `costmodel/1"),
             (&text.replace("trips=16", "trips=17"), "trip lines count 16"),
             (&text.replace("count=7", "count=x"), "not a number"),
-            (&text.replace("to_gc.iret=0", "to_gc.iretx=0"), "unknown class"),
+            (
+                &text.replace("to_gc.iret=0", "to_gc.iretx=0"),
+                "unknown class",
+            ),
             (&text.replace(" to_hc.iret=0", ""), "fields, expected"),
-            (&text.replace("kind=no_sync", "kind=debug_sync"), "does not match"),
+            (
+                &text.replace("kind=no_sync", "kind=debug_sync"),
+                "does not match",
+            ),
         ];
         for (t, want) in bad {
             let e = Report::parse(t).map(|_| ()).map_err(|e| e.to_string());

@@ -196,6 +196,9 @@ pub struct QemuConfig {
     pub plugin: Option<std::ffi::OsString>,
     /// Wall-clock limit; QEMU is killed when it expires.
     pub timeout: Duration,
+    /// Host CPUs: `-smp` when more than 1 (`-icount` keeps them on one
+    /// thread, round robin).
+    pub smp: u32,
 }
 
 impl Default for QemuConfig {
@@ -207,6 +210,7 @@ impl Default for QemuConfig {
             debug_log: None,
             plugin: None,
             timeout: Duration::from_secs(30),
+            smp: 1,
         }
     }
 }
@@ -233,6 +237,10 @@ impl QemuConfig {
         .iter()
         .map(Into::into)
         .collect();
+        if self.smp > 1 {
+            args.push("-smp".into());
+            args.push(self.smp.to_string().into());
+        }
         if let Some(cpu) = &self.cpu {
             args.push("-cpu".into());
             args.push(cpu.into());
@@ -280,6 +288,9 @@ pub enum Outcome {
     QemuRefused(String),
     /// Any other status (signals as 128 + signal number).
     Other(i32),
+    /// The engine stopped the machine itself (a Bochs panic other than a
+    /// triple fault); its words.
+    EnginePanic(String),
 }
 
 impl Outcome {

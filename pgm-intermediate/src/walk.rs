@@ -710,7 +710,7 @@ mod tests {
         ctx.map(0x40_0000, 0x40_0000, 0x3000, MapFlags::WRITABLE, Flavours::all())?;
         // Straddles a 2 MiB and a 4 MiB boundary.
         ctx.map(0x9fff_e000, 0x50_0000, 0x5000, MapFlags::WRITABLE, Flavours::all())?;
-        let addrs: std::vec::Vec<u64> = (0x9ffe_0000u64..0xa002_0000)
+        let addrs: Vec<u64> = (0x9ffe_0000u64..0xa002_0000)
             .step_by(0x1000)
             .chain([0x40_0000, 0x40_1000, 0x9fff_e000, 0x1234_5000, 0xffff_f000, 1 << 48])
             .collect();

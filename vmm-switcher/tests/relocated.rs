@@ -83,12 +83,18 @@ fn layout_offsets() -> BTreeSet<i64> {
         l::APIC_DIS_VECTORS,
         l::HOST32_GDTR + core::mem::offset_of!(cpum::regs::Xdtr32, base),
         l::X2APIC,
+        // Revision C: the max-LVT byte of the APIC version read at set-up.
+        l::APIC_VERSION + 2,
     ]
     .into_iter()
     .map(|x| x as i64)
     .collect();
     for n in 0..8 {
         s.insert((l::GUEST_DR + 8 * n) as i64);
+    }
+    // Revision C: the LVT values saved before masking.
+    for n in 0..4 {
+        s.insert((l::APIC_SAVED_LVT + 4 * n) as i64);
     }
     s
 }
@@ -269,6 +275,10 @@ fn check(def: &SwitcherDef, o: &TemplateOptions, c: &RelocContext) {
                 "ebx+{disp:#x} at {off:#x}"
             ),
             Register::EAX => assert!(disp == 0 || disp == 4, "eax+{disp:#x} at {off:#x}"),
+            // Revision C's x2APIC paths keep CPUMCPU in ESI (WRMSR takes EDX).
+            Register::ESI if o.revision == Revision::C && o.x2apic => {
+                assert!(offs.contains(&disp), "esi+{disp:#x} at {off:#x}")
+            }
             r => panic!("unexpected base {r:?} at {off:#x}: {insn}"),
         }
     }
@@ -311,8 +321,10 @@ fn check(def: &SwitcherDef, o: &TemplateOptions, c: &RelocContext) {
                 "MSR {m:#x} in mask and unmask"
             );
         }
-        assert!(
+        // Revision C takes the version from CPUMCPU (read at set-up).
+        assert_eq!(
             msrs.contains(&0x803),
+            o.revision != Revision::C,
             "x2APIC VERSION for the thermal check"
         );
     } else {
@@ -330,8 +342,23 @@ fn check(def: &SwitcherDef, o: &TemplateOptions, c: &RelocContext) {
                 && x.3.immediate32() == !0x1_0000
         })
         .collect::<Vec<_>>();
-    if o.apic_nmi_masking {
+    let lvt_writes = d
+        .insns
+        .iter()
+        .filter(|x| {
+            x.3.code() == Code::Mov_rm32_r32
+                && matches!(x.3.memory_base(), Register::EBX | Register::RBX)
+                && [0x330, 0x340, 0x350, 0x360].contains(&x.3.memory_displacement32())
+        })
+        .count();
+    if o.apic_nmi_masking && o.revision == Revision::C {
+        // No read-modify-write: the saved values are written back, so each
+        // LVT has one write to mask and one to unmask.
+        assert!(apic_and.is_empty());
+        assert_eq!(lvt_writes, 8);
+    } else if o.apic_nmi_masking {
         assert_eq!(apic_and.len(), 4);
+        assert_eq!(lvt_writes, 4);
         let hc1 = def.labels["ICExitTarget"];
         let in_exit_path = apic_and.iter().all(|x| x.0 >= hc1);
         assert_eq!(in_exit_path, o.revision == Revision::A, "unmask placement");

@@ -275,6 +275,15 @@ pub struct ScenarioArgs {
     /// under -icount); the report says where each NMI was taken.
     #[arg(long)]
     pub nmi_storm: bool,
+    /// Host CPUs switching at once (QEMU -smp N, 1 to 8, at most --vcpus):
+    /// VCPU v runs on CPU v % N, and PIT deadlines interleave the CPUs
+    /// mid-switch.
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=i64::from(integration::hostkernel::smp::MAX_CPUS)))]
+    pub cpus: u32,
+    /// With --cpus: leave the PIT deadlines off, so each CPU runs until it
+    /// waits and no round trip overlaps another CPU's (a baseline).
+    #[arg(long)]
+    pub no_deadlines: bool,
 }
 
 /// `worldswitch run`.
@@ -314,6 +323,25 @@ pub struct RunArgs {
     /// see the testbed catch it.
     #[arg(long, value_name = "BUG", value_parser = mutation_parser())]
     pub mutate: Option<Mutation>,
+    /// The machine that runs the image: QEMU's TCG, or Bochs, which
+    /// enforces mode-transition rules TCG lets through (it has no
+    /// instruction counter: the figures are TSC ticks).
+    #[arg(long, value_enum, default_value_t = EngineArg::Qemu)]
+    pub engine: EngineArg,
+    /// The Bochs CPU model (`bochs-bin --help cpu`; `--engine bochs` only)
+    /// [default: tigerlake].
+    #[arg(long, value_name = "MODEL")]
+    pub bochs_cpu: Option<String>,
+}
+
+/// `run --engine`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum EngineArg {
+    /// QEMU TCG with -icount.
+    #[default]
+    Qemu,
+    /// Bochs 2.7, headless.
+    Bochs,
 }
 
 /// `--mutate`'s values: every [`Mutation`] by its command-line name, with a

@@ -47,6 +47,10 @@ pub type KindCost = BTreeMap<&'static str, ClassCounts>;
 #[serde(transparent)]
 pub struct Cost(pub BTreeMap<&'static str, Option<KindCost>>);
 
+/// One trip kind as measured: the kind, its typical trip with how many
+/// trips were exactly it, and how many trips of the kind ran.
+pub type KindTrips = (TripKind, Option<(Trip, u64)>, u64);
+
 /// What the plugin measured for one switcher, for the text report.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Measured {
@@ -54,7 +58,7 @@ pub struct Measured {
     pub cost: Cost,
     /// Per kind: the typical trip and how many trips were exactly it, and
     /// how many trips of the kind ran.
-    pub typical: Vec<(TripKind, Option<(Trip, u64)>, u64)>,
+    pub typical: Vec<KindTrips>,
 }
 
 impl Measured {
@@ -85,7 +89,10 @@ fn kind_cost(t: &Trip) -> KindCost {
         .into_iter()
         .map(|d| {
             let c = t.dir(d);
-            let classes = Class::ALL.into_iter().map(|k| (k.name(), c.get(k))).collect();
+            let classes = Class::ALL
+                .into_iter()
+                .map(|k| (k.name(), c.get(k)))
+                .collect();
             (d.name(), classes)
         })
         .collect()

@@ -140,6 +140,10 @@ pub enum CliError {
     /// JSON output failed.
     #[error("JSON: {0}")]
     Json(#[from] serde_json::Error),
+    /// Bochs is missing, refused to start, or the image cannot be made
+    /// into a Bochs disk.
+    #[error("Bochs: {0}")]
+    Bochs(#[from] integration::bochs::BochsError),
 }
 
 /// Pretty JSON with a final newline.

@@ -225,6 +225,8 @@ pub struct RunJson {
     pub la57: bool,
     /// VCPUs called in turn.
     pub vcpus: u32,
+    /// Host CPUs switching at once (`--cpus`).
+    pub cpus: u32,
     /// Round trips asked per VCPU.
     pub round_trips_per_vcpu: u32,
     /// Addresses.
@@ -263,6 +265,12 @@ pub struct RunJson {
     pub nmis: Option<u32>,
     /// What the NMI storm found (`--nmi-storm`); `null` without one.
     pub nmi_storm: Option<NmiStormJson>,
+    /// With `--cpus` above 1: round trips during which another host CPU
+    /// was inside its own switch; `null` with one CPU.
+    pub overlapping_trips: Option<u64>,
+    /// With `--cpus` above 1: every host CPU's calls, overlapping calls,
+    /// failed calls and TSC range; `null` with one CPU.
+    pub per_cpu: Option<Vec<integration::scenario::CpuFigures>>,
     /// Wall-clock time of the QEMU boot in seconds (`null` when decoded or
     /// not measured).
     pub wall_seconds: Option<f64>,
@@ -276,6 +284,54 @@ pub struct RunJson {
     /// direction, counted by the QEMU plugin ([`crate::cost::Cost`]);
     /// `null` without `--cost`.
     pub cost: Option<crate::cost::Cost>,
+    /// The engine that ran the image: `qemu` or `bochs` (`run --engine`).
+    pub engine: &'static str,
+    /// The Bochs CPU model (`--bochs-cpu`); `null` under QEMU.
+    pub bochs_cpu: Option<String>,
+    /// Under Bochs, which has no instruction counter, the `instructions_*`
+    /// figures are `null` and the same figures are here, in emulated TSC
+    /// ticks (what Bochs' RDTSC counts); `null` under QEMU.
+    pub tsc_ticks: Option<TscTicksJson>,
+    /// The lines of the Bochs log that name an architectural rule the run
+    /// broke, or Bochs' panic; empty under QEMU.
+    pub engine_faults: Vec<String>,
+}
+
+/// The host's RDTSC figures under Bochs, in emulated TSC ticks.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct TscTicksJson {
+    /// Host → hypervisor context (`/VMM/Switcher/ToGC` average).
+    pub to_guest: Option<u64>,
+    /// Hypervisor context → host (`/VMM/Switcher/ToHC` average).
+    pub to_host: Option<u64>,
+    /// The cheapest round trip as the host measures it.
+    pub per_round_trip: Option<u64>,
+    /// The dearest round trip.
+    pub per_round_trip_max: Option<u64>,
+}
+
+/// What the QEMU figures are not under Bochs.
+pub const BOCHS_NOT_INSTRUCTIONS: &str =
+    "Bochs has no instruction counter: its RDTSC counts emulated TSC ticks (see tsc_ticks)";
+
+/// Marks `r` as a Bochs run on `cpu`: the RDTSC figures move from the
+/// `instructions_*` fields to [`RunJson::tsc_ticks`], and the log's fault
+/// lines (`faults`, one per line) join [`RunJson::engine_faults`] and the
+/// outcome's details.
+pub fn as_bochs_run(r: &mut RunJson, cpu: &str, faults: &str) {
+    r.engine = "bochs";
+    r.bochs_cpu = Some(cpu.to_owned());
+    r.tsc_ticks = Some(TscTicksJson {
+        to_guest: r.instructions_to_guest.take(),
+        to_host: r.instructions_to_host.take(),
+        per_round_trip: r.instructions_per_round_trip.take(),
+        per_round_trip_max: r.instructions_per_round_trip_max.take(),
+    });
+    r.not_measured = Some(BOCHS_NOT_INSTRUCTIONS.to_owned());
+    r.engine_faults = faults.lines().map(str::to_owned).collect();
+    if let (Some(first), Some(d)) = (r.engine_faults.first(), r.outcome_detail.as_mut()) {
+        let _ = write!(d, "; Bochs: {first}");
+    }
 }
 
 fn revision_name(r: Revision) -> &'static str {
@@ -301,6 +357,7 @@ pub fn outcome_name(o: &Outcome, incomplete: bool, verified: bool) -> &'static s
         Outcome::Timeout => "timeout",
         Outcome::QemuRefused(_) => "qemu-refused",
         Outcome::Other(_) => "exit-status",
+        Outcome::EnginePanic(_) => "engine-panic",
     }
 }
 
@@ -408,6 +465,7 @@ fn outcome_detail(
             err.lines().next().unwrap_or("").trim()
         ),
         Outcome::Other(s) => format!("QEMU exit status {s}"),
+        Outcome::EnginePanic(p) => format!("Bochs panicked: {p}"),
     };
     if let Some(n) = &report.nested_exception {
         let _ = write!(
@@ -453,6 +511,7 @@ pub fn run_json(
         host_cr4: s.host_cr4.name(),
         la57: s.la57(),
         vcpus: s.vcpus,
+        cpus: s.cpus,
         round_trips_per_vcpu: s.trips,
         placement: PlacementJson {
             code_hc: p.code_hc.0,
@@ -491,10 +550,16 @@ pub fn run_json(
         instructions_per_round_trip_max: r.instructions_per_round_trip_max,
         nmis: report.summary.as_ref().map(|sm| sm.nmis),
         nmi_storm: r.nmi_storm.as_ref().map(NmiStormJson::from),
+        overlapping_trips: r.smp.as_ref().map(|m| m.overlapping_trips),
+        per_cpu: r.smp.as_ref().map(|m| m.per_cpu.clone()),
         wall_seconds: wall.map(|w| (w.as_secs_f64() * 1000.0).round() / 1000.0),
         not_measured: None,
         stam,
         cost: None,
+        engine: "qemu",
+        bochs_cpu: None,
+        tsc_ticks: None,
+        engine_faults: Vec::new(),
     }
 }
 
@@ -606,24 +671,57 @@ pub fn render(r: &RunJson) -> String {
     if let Some(why) = &r.not_measured {
         let _ = writeln!(s, "  not measured {why}");
     }
+    let (unit, to_guest, to_host, trip, trip_max) = match &r.tsc_ticks {
+        Some(t) => (
+            "TSC ticks",
+            t.to_guest,
+            t.to_host,
+            t.per_round_trip,
+            t.per_round_trip_max,
+        ),
+        None => (
+            "instructions",
+            r.instructions_to_guest,
+            r.instructions_to_host,
+            r.instructions_per_round_trip,
+            r.instructions_per_round_trip_max,
+        ),
+    };
+    for f in &r.engine_faults {
+        let _ = writeln!(s, "  bochs        {f}");
+    }
     let _ = writeln!(
         s,
-        "  to guest     {:>5} instructions per switch (/VMM/Switcher/ToGC average)",
-        opt(r.instructions_to_guest)
+        "  to guest     {:>5} {unit} per switch (/VMM/Switcher/ToGC average)",
+        opt(to_guest)
     );
     let _ = writeln!(
         s,
-        "  to host      {:>5} instructions per switch (/VMM/Switcher/ToHC average)",
-        opt(r.instructions_to_host)
+        "  to host      {:>5} {unit} per switch (/VMM/Switcher/ToHC average)",
+        opt(to_host)
     );
     let _ = writeln!(
         s,
-        "  round trip   {:>5} .. {} instructions (C call to return, helper included; no sync .. FPU+debug sync)",
-        opt(r.instructions_per_round_trip),
-        opt(r.instructions_per_round_trip_max)
+        "  round trip   {:>5} .. {} {unit} (C call to return, helper included; no sync .. FPU+debug sync)",
+        opt(trip),
+        opt(trip_max)
     );
     if let Some(st) = &r.nmi_storm {
         render_storm(&mut s, st);
+    }
+    if let (Some(overlap), Some(cpus)) = (r.overlapping_trips, &r.per_cpu) {
+        let _ = writeln!(
+            s,
+            "  host CPUs    {}, {overlap} of {} round trips overlapping another CPU's switch",
+            r.cpus, r.round_trips
+        );
+        for c in cpus {
+            let _ = writeln!(
+                s,
+                "    cpu {}      {} round trips, {} overlapping, {} failed, tsc {}..{}",
+                c.cpu, c.calls, c.overlapping_trips, c.failed, c.tsc_min, c.tsc_max
+            );
+        }
     }
     match &r.stam {
         Some(snap) => {
@@ -656,12 +754,27 @@ pub fn render_table(runs: &[RunJson]) -> String {
         } else {
             format!("NO: {}", r.outcome)
         };
-        let trip = match (
-            r.instructions_per_round_trip,
-            r.instructions_per_round_trip_max,
-        ) {
+        // Under Bochs, TSC ticks (marked `t`) stand where QEMU's
+        // instruction counts stand.
+        let (to_guest, to_host, lo, hi, mark) = match &r.tsc_ticks {
+            Some(t) => (
+                t.to_guest,
+                t.to_host,
+                t.per_round_trip,
+                t.per_round_trip_max,
+                "t",
+            ),
+            None => (
+                r.instructions_to_guest,
+                r.instructions_to_host,
+                r.instructions_per_round_trip,
+                r.instructions_per_round_trip_max,
+                "",
+            ),
+        };
+        let trip = match (lo, hi) {
             (None, None) => "n/a".to_owned(),
-            (lo, hi) => format!("{}..{}", opt(lo), opt(hi)),
+            (lo, hi) => format!("{}..{}{mark}", opt(lo), opt(hi)),
         };
         let wall = r
             .wall_seconds
@@ -671,8 +784,8 @@ pub fn render_table(runs: &[RunJson]) -> String {
             "{:<15} {:<25} {:>5} {:>5}  {:<12} {:>7}",
             r.switcher,
             verdict,
-            opt(r.instructions_to_guest),
-            opt(r.instructions_to_host),
+            opt(to_guest),
+            opt(to_host),
             trip,
             wall
         );

@@ -12,10 +12,11 @@ use serde_json::{json, Value};
 use stam::{Pattern, Snapshot};
 use vmm_switcher::SwitcherKind;
 
-use crate::args::{DecodeArgs, ImageArgs, RunArgs, StatsArgs, StatsFormat};
+use crate::args::{DecodeArgs, EngineArg, ImageArgs, RunArgs, StatsArgs, StatsFormat};
 use crate::progress::Progress;
 use crate::report::{self, RunDoc, RunJson, SCHEMA};
 use crate::{cost, gdb, setup, to_json, CliError, Exit, Sink};
+use integration::bochs::BochsConfig;
 use integration::qemu::{self, Outcome, QemuConfig, RunResult};
 use integration::scenario::{build, judge, run_built, Built, Scenario, ScenarioResult};
 use integration::transcript::Report;
@@ -31,7 +32,16 @@ fn check_qemu(q: &QemuConfig) -> Result<(), CliError> {
 /// `--cpu` model, a `--qemu-log` it cannot open, a `--qemu` that is not
 /// QEMU) is an environment error carrying QEMU's own words, not a failed
 /// switcher.
-fn boot(s: &Scenario, built: &Built, q: &QemuConfig) -> Result<ScenarioResult, CliError> {
+fn boot(
+    s: &Scenario,
+    built: &Built,
+    q: &QemuConfig,
+    bochs: Option<&BochsConfig>,
+) -> Result<ScenarioResult, CliError> {
+    if let Some(b) = bochs {
+        let run = integration::bochs::run_image(&built.testbed.image, b)?;
+        return Ok(judge(s, built, run));
+    }
     let r = run_built(s, built, q)?;
     match r.run.refusal(q) {
         Some(e) => Err(e.into()),
@@ -71,6 +81,7 @@ type Booted = (usize, Result<ScenarioResult, CliError>);
 fn boot_all(
     scenarios: &[(Scenario, Built)],
     configs: &[QemuConfig],
+    bochs: Option<&BochsConfig>,
     jobs: usize,
     progress: Option<&Progress>,
     ready: &mut dyn FnMut(usize, Result<ScenarioResult, CliError>) -> Result<(), CliError>,
@@ -109,7 +120,7 @@ fn boot_all(
                     r.insert(i);
                 }
                 show();
-                let r = boot(s, built, q);
+                let r = boot(s, built, q, bochs);
                 if let Ok(mut r) = running.lock() {
                     r.remove(&i);
                 }
@@ -186,6 +197,41 @@ fn exit_of(doc: &RunDoc) -> Exit {
     }
 }
 
+/// The Bochs configuration of `run --engine bochs` (`None` for QEMU);
+/// refuses the options that only QEMU has.
+fn bochs_config(a: &RunArgs) -> Result<Option<BochsConfig>, CliError> {
+    if a.engine == EngineArg::Qemu {
+        return match &a.bochs_cpu {
+            Some(m) => Err(CliError::Usage(format!(
+                "--bochs-cpu {m} needs --engine bochs"
+            ))),
+            None => Ok(None),
+        };
+    }
+    let qemu_only = [
+        ("--gdb", a.gdb),
+        ("--cost", a.cost),
+        ("--qemu", a.qemu.qemu.is_some()),
+        ("--qemu-log", a.qemu.qemu_log.is_some()),
+        ("--cpu", a.scenario.host.cpu.is_some()),
+    ];
+    if let Some((opt, _)) = qemu_only.iter().find(|(_, on)| *on) {
+        return Err(CliError::Usage(format!(
+            "{opt} is for QEMU and cannot be used with --engine bochs"
+        )));
+    }
+    let cpu = a
+        .bochs_cpu
+        .clone()
+        .unwrap_or_else(|| integration::bochs::DEFAULT_CPU.to_owned());
+    integration::bochs::model_facts(&cpu, vmm_switcher::SideMode::Amd64)?;
+    Ok(Some(BochsConfig {
+        cpu,
+        timeout: Duration::from_secs(a.qemu.timeout),
+        keep: None,
+    }))
+}
+
 /// `worldswitch run`: builds every scenario, boots them up to `--jobs` at a
 /// time and writes each text report as soon as its boot and every earlier
 /// one have ended (in switcher order), then the comparison table; with
@@ -196,6 +242,7 @@ fn exit_of(doc: &RunDoc) -> Exit {
 /// refusing to start.
 pub fn run(a: &RunArgs, out: &mut dyn Sink) -> Result<Exit, CliError> {
     let kinds = setup::select(&a.select)?;
+    let bochs = bochs_config(a)?;
     if a.gdb && kinds.len() != 1 {
         return Err(CliError::Usage(format!(
             "--gdb debugs one switcher; name one of: {}",
@@ -217,12 +264,20 @@ pub fn run(a: &RunArgs, out: &mut dyn Sink) -> Result<Exit, CliError> {
     for kind in &kinds {
         let (mut s, model) = setup::scenario_and_cpu(*kind, &a.scenario)?;
         s.mutation = a.mutate;
+        if let Some(b) = &bochs {
+            s.cpu = integration::bochs::model_facts(&b.cpu, kind.host())?;
+        }
         let built = build(&s)?;
         scenarios.push((s, built));
         models.push(model);
     }
     let q = setup::qemu(&a.qemu, a.gdb.then_some(a.gdb_port));
-    check_qemu(&q)?;
+    match &bochs {
+        Some(_) => {
+            integration::bochs::find_bochs()?;
+        }
+        None => check_qemu(&q)?,
+    }
     let mut configs = qemu_configs(&q, &kinds);
     for (c, m) in configs.iter_mut().zip(&models) {
         c.cpu = m.qemu_arg();
@@ -246,6 +301,7 @@ pub fn run(a: &RunArgs, out: &mut dyn Sink) -> Result<Exit, CliError> {
     boot_all(
         &scenarios,
         &configs,
+        bochs.as_ref(),
         jobs,
         progress.as_ref(),
         &mut |i, r| {
@@ -253,6 +309,9 @@ pub fn run(a: &RunArgs, out: &mut dyn Sink) -> Result<Exit, CliError> {
             cpu_refusal(&r)?;
             let (s, built) = &scenarios[i];
             let mut j = report::run_json(s, built, &r, Some(r.run.wall), false);
+            if let Some(b) = &bochs {
+                report::as_bochs_run(&mut j, &b.cpu, &r.run.stderr);
+            }
             if a.gdb {
                 gdb_caveats(&r, &mut j);
             }
@@ -712,7 +771,7 @@ fn stats_run(a: &StatsArgs) -> Result<(Option<Snapshot>, Exit), CliError> {
         s.vcpus,
         s.trips
     ));
-    let r = boot(&s, &built, &q)?;
+    let r = boot(&s, &built, &q, None)?;
     drop(progress);
     let exit = if r.verified {
         Exit::Ok

@@ -143,6 +143,8 @@ pub fn scenario_and_cpu(
         s.set_la57(true);
     }
     s.nmi_storm = a.nmi_storm;
+    s.cpus = a.cpus;
+    s.deadlines = !a.no_deadlines;
     let model = cpumodel::model_for(&s, a.host.cpu.as_deref())
         .map_err(integration::scenario::ScenarioError::from)?;
     s.cpu = model.facts();
@@ -158,6 +160,7 @@ pub fn qemu(q: &QemuArgs, gdb: Option<u16>) -> QemuConfig {
         gdb,
         debug_log: q.qemu_log.clone(),
         plugin: None,
+        smp: 1,
         // Waiting for a person at a gdb prompt is not a hang: the longest
         // timeout QEMU runs take.
         timeout: if gdb.is_some() {

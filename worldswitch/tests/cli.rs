@@ -218,7 +218,7 @@ fn bad_arguments_and_placements_exit_2_with_one_line() {
         &["list", "--bogus"],
         &["run", "--round-trips", "0"],
         &["run", "--round-trips", "many"],
-        &["run", "--revision", "c"],
+        &["run", "--revision", "d"],
         &["run", "--all", "32-to-amd64"],
         &["run", "amd64-to-amd65"],
         &["run", "--vcpus", "0"],
@@ -1075,6 +1075,7 @@ fn readme_schema_lists_every_field_a_run_has() {
         host_cr4: "",
         la57: false,
         vcpus: 0,
+        cpus: 1,
         round_trips_per_vcpu: 0,
         placement: PlacementJson {
             code_hc: 0,
@@ -1098,10 +1099,16 @@ fn readme_schema_lists_every_field_a_run_has() {
         instructions_per_round_trip_max: None,
         nmis: None,
         nmi_storm: None,
+        overlapping_trips: None,
+        per_cpu: None,
         wall_seconds: None,
         not_measured: None,
         stam: None,
         cost: None,
+        engine: "qemu",
+        bochs_cpu: None,
+        tsc_ticks: None,
+        engine_faults: Vec::new(),
     };
     let v = serde_json::to_value(&run).unwrap();
     let mut emitted: Vec<String> = v.as_object().unwrap().keys().cloned().collect();

@@ -95,7 +95,10 @@ fn check_shape(name: &str, cost: &Value) {
     for kind in KINDS {
         let k = &cost[kind];
         if k.is_null() {
-            assert!(name.ends_with("stub") && kind != "no_sync", "{name}: no {kind} trip");
+            assert!(
+                name.ends_with("stub") && kind != "no_sync",
+                "{name}: no {kind} trip"
+            );
             continue;
         }
         assert_eq!(k.as_object().unwrap().len(), 2, "{name}: {k}");
@@ -115,8 +118,10 @@ fn every_switcher_and_revision_is_measured_and_c_is_cheaper() {
     if support::qemu().is_none() {
         return;
     }
-    let runs: Vec<(&str, Vec<(String, Value)>)> =
-        ["a", "b", "c"].into_iter().map(|r| (r, cost_runs(r))).collect();
+    let runs: Vec<(&str, Vec<(String, Value)>)> = ["a", "b", "c"]
+        .into_iter()
+        .map(|r| (r, cost_runs(r)))
+        .collect();
     for (rev, rs) in &runs {
         assert_eq!(rs.len(), 11, "revision {rev}");
         for (name, r) in rs {
@@ -130,7 +135,10 @@ fn every_switcher_and_revision_is_measured_and_c_is_cheaper() {
             // Every switch loads a GDT each way and writes CR3 each way.
             for dir in DIRS {
                 assert!(n(cost, "no_sync", dir, "lgdt") >= 1, "{name} {rev} {dir}");
-                assert!(n(cost, "no_sync", dir, "cr3_write") >= 1, "{name} {rev} {dir}");
+                assert!(
+                    n(cost, "no_sync", dir, "cr3_write") >= 1,
+                    "{name} {rev} {dir}"
+                );
             }
             // The trip kinds are what they say.
             assert_eq!(trip(cost, "no_sync", "dr_write"), 0, "{name} {rev}");
@@ -150,8 +158,16 @@ fn every_switcher_and_revision_is_measured_and_c_is_cheaper() {
     for seed in ["32-to-amd64", "pae-to-amd64"] {
         for rev in ["a", "b"] {
             let c = of(rev, seed);
-            assert_eq!(n(&c, "no_sync", "to_gc", "apic_mmio_read"), 8, "{seed} {rev}");
-            assert_eq!(n(&c, "no_sync", "to_hc", "apic_mmio_read"), 3, "{seed} {rev}");
+            assert_eq!(
+                n(&c, "no_sync", "to_gc", "apic_mmio_read"),
+                8,
+                "{seed} {rev}"
+            );
+            assert_eq!(
+                n(&c, "no_sync", "to_hc", "apic_mmio_read"),
+                3,
+                "{seed} {rev}"
+            );
             assert_eq!(trip(&c, "no_sync", "apic_mmio_write"), 6, "{seed} {rev}");
             assert_eq!(trip(&c, "no_sync", "rdmsr"), 3, "{seed} {rev}");
             assert_eq!(trip(&c, "no_sync", "wrmsr"), 3, "{seed} {rev}");
@@ -174,7 +190,10 @@ fn every_switcher_and_revision_is_measured_and_c_is_cheaper() {
             trip(&c, "no_sync", "cr0_write"),
             "{seed}"
         );
-        assert_eq!(trip(&c, "no_sync", "cr0_write") + 1, trip(&b, "no_sync", "cr0_write"));
+        assert_eq!(
+            trip(&c, "no_sync", "cr0_write") + 1,
+            trip(&b, "no_sync", "cr0_write")
+        );
     }
     // Everywhere: at most 11 xAPIC accesses per round trip, and never more
     // of any class than revision B.
@@ -226,10 +245,21 @@ fn without_plugin_support_or_the_plugin_it_is_one_line_and_exit_2() {
     }
     let fake = fake.to_str().unwrap();
     let o = Command::new(BIN)
-        .args(["run", "32-to-amd64", "--round-trips", "1", "--cost", "--qemu", fake])
+        .args([
+            "run",
+            "32-to-amd64",
+            "--round-trips",
+            "1",
+            "--cost",
+            "--qemu",
+            fake,
+        ])
         .output()
         .unwrap();
-    one_line(&o, "has no TCG plugin support (`-plugin help`: qemu-system-x86_64: -plugin: invalid option)");
+    one_line(
+        &o,
+        "has no TCG plugin support (`-plugin help`: qemu-system-x86_64: -plugin: invalid option)",
+    );
     // The same stand-in without --cost runs as usual.
     let o = Command::new(BIN)
         .args(["run", "32-to-amd64", "--round-trips", "1", "--qemu", fake])
@@ -238,7 +268,10 @@ fn without_plugin_support_or_the_plugin_it_is_one_line_and_exit_2() {
     assert_eq!(o.status.code(), Some(0), "{}", err(&o));
     // A plugin library that is not there.
     let o = Command::new(BIN)
-        .env("WORLDSWITCH_COST_PLUGIN", "/nonexistent/libcostmodel_plugin.so")
+        .env(
+            "WORLDSWITCH_COST_PLUGIN",
+            "/nonexistent/libcostmodel_plugin.so",
+        )
         .args(["run", "32-to-amd64", "--round-trips", "1", "--cost"])
         .output()
         .unwrap();
@@ -256,9 +289,15 @@ fn the_text_report_has_the_cost_table() {
         .unwrap();
     assert_eq!(o.status.code(), Some(0), "{}", err(&o));
     let out = String::from_utf8_lossy(&o.stdout);
-    assert!(out.contains("  cost         expensive operations per switch"), "{out}");
+    assert!(
+        out.contains("  cost         expensive operations per switch"),
+        "{out}"
+    );
     for class in CLASSES {
-        assert!(out.lines().any(|l| l.trim_start().starts_with(class)), "{class}: {out}");
+        assert!(
+            out.lines().any(|l| l.trim_start().starts_with(class)),
+            "{class}: {out}"
+        );
     }
     // Without --cost there is no table and `cost` is null.
     let o = Command::new(BIN)

@@ -111,7 +111,7 @@ fn every_switcher_and_revision_round_trips_through_image_qemu_and_decode() {
             .flat_map(|h| h.join().unwrap())
             .collect()
     });
-    assert_eq!(results.len(), 22);
+    assert_eq!(results.len(), 33);
     for (what, o, serial) in results {
         assert_eq!(o.status.code(), Some(0), "{what}: {}\n{serial}", err(&o));
         let doc: Value = serde_json::from_slice(&o.stdout).unwrap();

@@ -361,9 +361,24 @@ fn a_gdb_session_stops_at_the_named_entry_and_decodes_32_bit_code() {
     ]);
     eprintln!("---- gdb session ----\n{out}---- end ----");
 
-    let entry = listing_from(kind, 0xc040_1dc0, 3);
+    // The C entry's HC address, as `relocate --json` reports it.
+    let o = Command::new(BIN)
+        .args(["relocate", kind, "--out", "/dev/null", "--json"])
+        .output()
+        .unwrap();
+    let doc: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let addr = doc["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == "R0HostToGuest")
+        .and_then(|e| e["addr"].as_u64())
+        .unwrap();
+    let entry = listing_from(kind, addr, 3);
     assert!(
-        out.contains("Breakpoint 1, 0x00000000c0401dc0 in vmmR0HostToGuest@HC ()"),
+        out.contains(&format!(
+            "Breakpoint 1, {addr:#018x} in vmmR0HostToGuest@HC ()"
+        )),
         "{out}"
     );
     assert!(
@@ -378,7 +393,7 @@ fn a_gdb_session_stops_at_the_named_entry_and_decodes_32_bit_code() {
     let at = out.find(head).unwrap_or_else(|| panic!("{out}"));
     let decoded: Vec<&str> = out[at..].lines().skip(1).take(3).collect();
     assert!(
-        decoded[0].starts_with("=> 0xc0401dc0 <vmmR0HostToGuest@HC>:"),
+        decoded[0].starts_with(&format!("=> {addr:#x} <vmmR0HostToGuest@HC>:")),
         "{out}"
     );
     for (line, want) in decoded.iter().zip(&entry) {

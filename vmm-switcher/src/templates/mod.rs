@@ -675,6 +675,8 @@ where
         a.test(edi, edi)?;
         a.jz(store)?;
         a.mov(eax, dword_ptr(page + lvt_disp(apic::reg::LVT_LINT0)))?;
+        let mut store = store;
+        a.set_label(&mut store)?;
     }
     Ok(())
 }
@@ -712,7 +714,7 @@ where
 /// value saved before masking is written back instead, a write only, and
 /// bit for bit what the host had: interrupts are off from the masking to
 /// here and the LVTs are this CPU's own registers, so nothing else can have
-/// changed them in between. Clobbers EAX with `rev_c`.
+/// changed them in between. Clobbers EDI with `rev_c`.
 fn mmio_unmask_lvts<R, C>(a: &mut CodeAssembler, page: R, rev_c: Option<C>) -> Result<(), BuildError>
 where
     R: Copy + Add<i32, Output = AsmMemoryOperand>,
@@ -723,8 +725,8 @@ where
         a.shr(ecx, 1)?;
         a.jae(skip)?;
         if let Some(cpu) = rev_c {
-            a.mov(eax, dword_ptr(cpu + saved_lvt(i)))?;
-            a.mov(dword_ptr(page + lvt_disp(*reg)), eax)?;
+            a.mov(edi, dword_ptr(cpu + saved_lvt(i)))?;
+            a.mov(dword_ptr(page + lvt_disp(*reg)), edi)?;
         } else {
             a.and(dword_ptr(page + lvt_disp(*reg)), !apic::lvt::MASKED as i32)?;
         }
@@ -796,9 +798,9 @@ pub(crate) fn apic_unmask32(b: &mut Builder, o: &TemplateOptions) -> Result<(), 
     a.test(ebx, ebx)?;
     a.jz(done)?;
     if rev_c {
-        a.push(eax)?;
+        a.push(edi)?;
         mmio_unmask_lvts(a, ebx, Some(edx))?;
-        a.pop(eax)?;
+        a.pop(edi)?;
     } else {
         mmio_unmask_lvts(a, ebx, None::<AsmRegister32>)?;
     }
@@ -863,8 +865,13 @@ pub(crate) fn apic_unmask64(b: &mut Builder, o: &TemplateOptions) -> Result<(), 
     a.mov(rbx, qword_ptr(rdx + l::APIC_BASE as i32))?;
     a.test(rbx, rbx)?;
     a.jz(done)?;
-    // RAX is restored below: revision C may use it.
-    mmio_unmask_lvts(a, rbx, rev_c.then_some(rdx))?;
+    if rev_c {
+        a.push(rdi)?;
+        mmio_unmask_lvts(a, rbx, Some(rdx))?;
+        a.pop(rdi)?;
+    } else {
+        mmio_unmask_lvts(a, rbx, None::<AsmRegister64>)?;
+    }
     a.nop()?;
     a.set_label(&mut done)?;
     a.pop(rdx)?;
