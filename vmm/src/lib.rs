@@ -1733,6 +1733,21 @@ impl<P: PageProvider> Vmm<P> {
         self.with_cpumcpu_as(index, f)
     }
 
+    /// Records the host APIC's version register (read once, when the VMM is
+    /// set up on that CPU) in every VCPU's `CPUMCPU`: revision C of the
+    /// switchers masks the thermal LVT only when its max-LVT field (bits
+    /// 16..23) is at least 5, instead of reading the register on every
+    /// switch. Left at 0, no thermal LVT is assumed.
+    ///
+    /// # Errors
+    /// The HMA image cannot be written (none in practice).
+    pub fn set_host_apic_version(&mut self, version: u32) -> Result<(), VmmError> {
+        for i in 0..self.cfg.vcpus {
+            self.with_cpumcpu(i, |c| c.apic_version = version)?;
+        }
+        Ok(())
+    }
+
     /// Edits VCPU `index`'s `CPUMCPU` as `V` in the HMA image (see
     /// [`Vmm::cpumcpu_as`]).
     ///

@@ -366,3 +366,15 @@ fn the_default_provider_can_scatter_its_table_pages() {
         assert_eq!(phys, p.hma_phys.0);
     }
 }
+
+#[test]
+fn the_host_apic_version_reaches_every_vcpu_at_its_layout_offset() {
+    for cfg in [VmmConfig::default(), VmmConfig::amd64_host()] {
+        let mut vmm = Vmm::new(cfg).unwrap();
+        vmm.set_host_apic_version(0x0005_0014).unwrap();
+        for i in 0..vmm.config().vcpus {
+            let at = vmm::layout::OFF_CPUM + vmm.vcpu_arg(i) as usize + cpum::layout::APIC_VERSION;
+            assert_eq!(&vmm.hma()[at..at + 4], &0x0005_0014u32.to_le_bytes(), "vcpu {i}");
+        }
+    }
+}
