@@ -67,6 +67,7 @@
 //!
 //! For the protocol see [`transcript`]; for the checks see [`hostkernel`].
 
+pub mod bochs;
 pub mod cpumodel;
 pub mod farside;
 pub mod hostkernel;

@@ -402,6 +402,18 @@ impl PageMap {
         }
     }
 
+    /// Points the already mapped pages of `virt..virt + len` (whole pages)
+    /// at `phys..` instead, keeping their flags: the shape of the tables
+    /// does not change. `None` when a page of the range is not mapped.
+    pub fn remap(&mut self, virt: u64, phys: u32, len: u32) -> Option<()> {
+        for i in 0..len.div_ceil(PAGE) {
+            let page = virt.checked_add(u64::from(i) * u64::from(PAGE))?;
+            let pte = self.pages.get_mut(&page)?;
+            pte.phys = phys.checked_add(i.checked_mul(PAGE)?)?;
+        }
+        Some(())
+    }
+
     /// Number of 4 KiB table pages [`PageMap::layout`] will produce.
     pub fn table_pages(&self) -> u32 {
         let below: usize = self

@@ -215,10 +215,13 @@ impl Mutation {
                     && insn.op0_register() == Register::EBX
                     && insn.memory_displacement32() as usize == cl::HOST32_EBX
             }
+            // Revisions A and B clear the mask bit (`and`); revision C
+            // writes the saved value back from EDI (its masking writes EAX).
             Self::LvtNotUnmasked => {
-                insn.code() == Code::And_rm32_imm32
-                    && mem_disp(apic::reg::LVT_LINT0 as usize)
-                    && insn.immediate32() == !apic::lvt::MASKED
+                mem_disp(apic::reg::LVT_LINT0 as usize)
+                    && (insn.code() == Code::And_rm32_imm32
+                        && insn.immediate32() == !apic::lvt::MASKED
+                        || insn.code() == Code::Mov_rm32_r32 && insn.op1_register() == Register::EDI)
             }
             Self::PaeLeftOn => {
                 in_id_exit
@@ -285,6 +288,12 @@ pub struct Scenario {
     pub cpu: vmm::CpuFacts,
     /// The AMD64 host's CR4 and protection features.
     pub host_cr4: HostCr4,
+    /// Host CPUs switching at once (QEMU `-smp`); VCPU `v` runs on CPU
+    /// `v % cpus` (see [`crate::hostkernel::smp`]).
+    pub cpus: u32,
+    /// With several CPUs: the PIT deadlines that interleave them mid-switch
+    /// (without, each CPU runs until it waits and no calls overlap).
+    pub deadlines: bool,
 }
 
 /// The control-register configuration of an AMD64 host.
@@ -344,6 +353,8 @@ impl Scenario {
             nmi_storm: false,
             cpu: vmm::CpuFacts::common(),
             host_cr4: HostCr4::Base,
+            cpus: 1,
+            deadlines: true,
         }
     }
 
@@ -512,6 +523,116 @@ pub struct ScenarioResult {
     pub scratch_marker: Option<u32>,
     /// What the NMI storm found (`None` without one).
     pub nmi_storm: Option<crate::storm::StormReport>,
+    /// Several host CPUs: how they shared the work and how often their
+    /// calls overlapped (`None` with one CPU).
+    pub smp: Option<SmpReport>,
+}
+
+/// What a run on several host CPUs reports (`CPU` and `SMP` lines).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct SmpReport {
+    /// Host CPUs.
+    pub cpus: u32,
+    /// The PIT divisor whose timer deadlines interleave the CPUs.
+    pub deadline_divisor: u32,
+    /// Calls during which another CPU was inside its own call.
+    pub overlapping_trips: u64,
+    /// Every CPU's figures, by CPU index.
+    pub per_cpu: Vec<CpuFigures>,
+}
+
+/// One host CPU's figures.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct CpuFigures {
+    /// CPU index (0: the bootstrap CPU).
+    pub cpu: u32,
+    /// Calls it made (its VCPUs' round trips).
+    pub calls: u32,
+    /// Of those, calls during which another CPU was inside its own call.
+    pub overlapping_trips: u32,
+    /// Calls that failed a check.
+    pub failed: u32,
+    /// Smallest and largest RDTSC delta of its calls.
+    pub tsc_min: u32,
+    /// Largest RDTSC delta of its calls.
+    pub tsc_max: u32,
+}
+
+/// The [`SmpReport`] of a transcript (`None` without an `SMP` line).
+fn smp_report(r: &crate::transcript::Report) -> Option<SmpReport> {
+    let smp = r.smp.as_ref()?;
+    let mut per_cpu: Vec<CpuFigures> = r
+        .cpu_lines
+        .iter()
+        .map(|c| CpuFigures {
+            cpu: c.cpu,
+            calls: c.calls,
+            overlapping_trips: c.overlapping,
+            failed: c
+                .mismatches
+                .saturating_add(c.retfails)
+                .saturating_add(c.hookfails),
+            tsc_min: c.tsc_min,
+            tsc_max: c.tsc_max,
+        })
+        .collect();
+    per_cpu.sort_by_key(|c| c.cpu);
+    Some(SmpReport {
+        cpus: smp.cpus,
+        deadline_divisor: smp.divisor,
+        overlapping_trips: u64::from(smp.overlapping),
+        per_cpu,
+    })
+}
+
+/// Several host CPUs: one clean `CPU` line per CPU with its share of the
+/// calls, and an `SMP` line with the sums.
+fn smp_failures(s: &Scenario, r: &crate::transcript::Report) -> Vec<String> {
+    let mut f = Vec::new();
+    let mut cpus: Vec<u32> = r.cpu_lines.iter().map(|c| c.cpu).collect();
+    cpus.sort_unstable();
+    if cpus != (0..s.cpus).collect::<Vec<_>>() {
+        f.push(format!(
+            "CPU lines for CPUs {cpus:?}, the run has {} CPUs",
+            s.cpus
+        ));
+    }
+    for c in &r.cpu_lines {
+        let mine = (0..s.vcpus).filter(|v| v % s.cpus == c.cpu).count() as u64;
+        let clean = c.mismatches == 0 && c.retfails == 0 && c.hookfails == 0;
+        if c.trips != s.trips
+            || u64::from(c.calls) != mine * u64::from(s.trips)
+            || c.overlapping > c.calls
+            || !clean
+        {
+            f.push(format!(
+                "CPU {} made {} calls in {} trips ({} overlapping), not a clean {} trips of its {mine} VCPUs",
+                c.cpu, c.calls, c.trips, c.overlapping, s.trips
+            ));
+        }
+    }
+    let Some(smp) = &r.smp else {
+        f.push("no SMP line".into());
+        return f;
+    };
+    let calls: u64 = r.cpu_lines.iter().map(|c| u64::from(c.calls)).sum();
+    let overlapping: u64 = r.cpu_lines.iter().map(|c| u64::from(c.overlapping)).sum();
+    let divisor = if s.deadlines {
+        u32::from(crate::hostkernel::smp::DEADLINE_DIVISOR)
+    } else {
+        0
+    };
+    if smp.cpus != s.cpus
+        || smp.divisor != divisor
+        || u64::from(smp.calls) != calls
+        || u64::from(smp.overlapping) != overlapping
+    {
+        f.push(format!(
+            "SMP cpus={} divisor={} overlapping={} calls={} disagrees with the CPU lines ({calls} calls, {overlapping} overlapping)",
+            smp.cpus, smp.divisor, smp.overlapping, smp.calls
+        ));
+    }
+    f
 }
 
 /// A built scenario: the VMM core and the bootable testbed.
@@ -994,6 +1115,8 @@ fn add_tables_and_trips(
             hyper_tables.to_vec(),
         )
         .vcpus(vcpu_args)
+        .cpus(s.cpus)
+        .deadlines(s.deadlines)
         .trips(s.trips))
 }
 
@@ -1692,6 +1815,7 @@ pub fn judge(s: &Scenario, b: &Built, run: RunResult) -> ScenarioResult {
         last_step,
         scratch_marker: r.dump("scratch").and_then(|d| d.u32_at(0)),
         nmi_storm,
+        smp: smp_report(r),
         vm_image: vm_dump.filter(|d| d.complete).map(|d| d.bytes.clone()),
         run,
     }
@@ -1821,6 +1945,8 @@ impl Scenario {
         out.push(("host_cr4".into(), self.host_cr4.name().into()));
         out.push(("nmi_storm".into(), flag(self.nmi_storm)));
         out.push(("la57".into(), flag(self.options.la57)));
+        out.push(("cpus".into(), self.cpus.to_string()));
+        out.push(("deadlines".into(), flag(self.deadlines)));
         out
     }
 
@@ -1840,6 +1966,8 @@ impl Scenario {
             "host_cr4",
             "nmi_storm",
             "la57",
+            "cpus",
+            "deadlines",
         ]);
         for (k, _) in &boot.scenario {
             if !keys.contains(&k.as_str()) {
@@ -1928,6 +2056,13 @@ impl Scenario {
         s.host_cr4 = HostCr4::from_name(cr4_name).ok_or_else(|| bad("host_cr4", cr4_name))?;
         s.nmi_storm = flag("nmi_storm")?;
         s.options.la57 = flag("la57")?;
+        let cpus = get("cpus")?;
+        s.cpus = cpus
+            .parse()
+            .ok()
+            .filter(|n| (1..=crate::hostkernel::smp::MAX_CPUS).contains(n))
+            .ok_or_else(|| bad("cpus", cpus))?;
+        s.deadlines = flag("deadlines")?;
         s.trips = boot.trips;
         s.vcpus = boot.vcpus;
         if s.host_mode().name() != boot.mode {
@@ -1989,6 +2124,21 @@ impl ScenarioResult {
 }
 
 /// The keyword of a protocol line body.
+/// Several host CPUs print their `TRIP`, `VCPU` and `CPU` lines as they
+/// run: the run of such lines, in the order a single CPU prints them
+/// (every `TRIP`, then every `VCPU`, then every `CPU` line).
+fn smp_canonical(keywords: &mut [&str]) {
+    let rank = |k: &str| ["TRIP", "VCPU", "CPU"].iter().position(|&r| r == k);
+    let Some(start) = keywords.iter().position(|k| rank(k).is_some()) else {
+        return;
+    };
+    let len = keywords[start..]
+        .iter()
+        .take_while(|k| rank(k).is_some())
+        .count();
+    keywords[start..start + len].sort_by_key(|k| rank(k));
+}
+
 fn keyword(line: &str) -> &str {
     line.split(' ').next().unwrap_or("")
 }
@@ -2022,6 +2172,10 @@ fn expected_keywords(s: &Scenario, b: &Built, storm_lines: usize) -> Vec<String>
         }
     }
     k.extend(std::iter::repeat_n("VCPU".to_owned(), t.vcpus.len()));
+    if s.cpus > 1 {
+        k.extend(std::iter::repeat_n("CPU".to_owned(), s.cpus as usize));
+        k.push("SMP".into());
+    }
     k.extend(["SUMMARY".into(), "NMI".into()]);
     for d in &t.dumps {
         k.push("DUMP".into());
@@ -2126,7 +2280,10 @@ fn transcript_failures(s: &Scenario, b: &Built, r: &crate::transcript::Report) -
     }
     // Completeness: the exact line sequence of a passing run.
     let want = expected_keywords(s, b, r.storm.len());
-    let got: Vec<&str> = r.lines.iter().map(|l| keyword(l)).collect();
+    let mut got: Vec<&str> = r.lines.iter().map(|l| keyword(l)).collect();
+    if s.cpus > 1 {
+        smp_canonical(&mut got);
+    }
     let first_diff = (0..want.len().max(got.len()))
         .find(|&i| got.get(i).copied() != want.get(i).map(String::as_str));
     if let Some(i) = first_diff {
@@ -2215,7 +2372,15 @@ fn boot_failures(s: &Scenario, b: &Built, r: &crate::transcript::Report) -> Vec<
 fn count_failures(s: &Scenario, b: &Built, r: &crate::transcript::Report) -> Vec<String> {
     let mut f = Vec::new();
     let t = &b.testbed;
-    for (i, v) in r.vcpus.iter().enumerate() {
+    // Several host CPUs print in the order they run.
+    let mut vcpu_lines = r.vcpus.clone();
+    let mut trip_lines = r.trips.clone();
+    if s.cpus > 1 {
+        vcpu_lines.sort_by_key(|v| v.vcpu);
+        trip_lines.sort_by_key(|l| (l.trip, l.vcpu));
+        f.extend(smp_failures(s, r));
+    }
+    for (i, v) in vcpu_lines.iter().enumerate() {
         let want_arg2 = t.vcpus.get(i).copied();
         let sum_lo = u64::from(v.calls) * u64::from(v.tsc_min);
         let sum_hi = u64::from(v.calls) * u64::from(v.tsc_max);
@@ -2267,14 +2432,14 @@ fn count_failures(s: &Scenario, b: &Built, r: &crate::transcript::Report) -> Vec
             traced.push((trip, vcpu));
         }
     }
-    let got: Vec<(u32, u32)> = r.trips.iter().map(|l| (l.trip, l.vcpu)).collect();
+    let got: Vec<(u32, u32)> = trip_lines.iter().map(|l| (l.trip, l.vcpu)).collect();
     if got != traced {
         f.push(format!(
             "TRIP lines for (trip, vcpu) {got:?}, expected {traced:?}"
         ));
     }
-    for l in &r.trips {
-        let v = r.vcpus.get(l.vcpu as usize);
+    for l in &trip_lines {
+        let v = vcpu_lines.get(l.vcpu as usize);
         let want = v.map(|v| match l.trip {
             0 => v.tsc_first,
             _ => v.tsc_second,

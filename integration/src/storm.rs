@@ -190,6 +190,7 @@ fn crash_outcome(run: &RunResult) -> Option<String> {
         Outcome::Timeout => Some("a hang (timeout)".into()),
         Outcome::QemuRefused(_) => None,
         Outcome::Other(st) => Some(format!("QEMU exit status {st}")),
+        Outcome::EnginePanic(p) => Some(format!("the engine panicked: {p}")),
     }
 }
 

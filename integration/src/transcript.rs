@@ -400,6 +400,45 @@ pub struct FarExceptionInfo {
     pub rip: u64,
 }
 
+/// One `CPU` line: a host CPU's own figures (several host CPUs only).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CpuLine {
+    /// CPU index (0: the bootstrap CPU).
+    pub cpu: u32,
+    /// Trips this CPU completed.
+    pub trips: u32,
+    /// Calls it made.
+    pub calls: u32,
+    /// Calls during which another CPU was inside its own call.
+    pub overlapping: u32,
+    /// Calls with at least one mismatch.
+    pub mismatches: u32,
+    /// Calls with a wrong return value.
+    pub retfails: u32,
+    /// Calls whose hooks reported failure.
+    pub hookfails: u32,
+    /// Smallest RDTSC delta.
+    pub tsc_min: u32,
+    /// Largest RDTSC delta.
+    pub tsc_max: u32,
+    /// Sum of RDTSC deltas.
+    pub tsc_sum: u64,
+}
+
+/// The `SMP` line: how many host CPUs ran and how often their calls
+/// overlapped (several host CPUs only).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SmpLine {
+    /// Host CPUs.
+    pub cpus: u32,
+    /// The PIT divisor that made the timer deadlines.
+    pub divisor: u32,
+    /// Calls during which another CPU was inside its own call, all CPUs.
+    pub overlapping: u32,
+    /// Calls, all CPUs.
+    pub calls: u32,
+}
+
 /// The `PIT` line of an NMI storm: when the first edges arrived.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PitLine {
@@ -490,6 +529,10 @@ pub struct Report {
     pub pit: Option<PitLine>,
     /// `STORM` lines, in order (NMI storm only).
     pub storm: Vec<StormLine>,
+    /// `CPU` lines, in the order the CPUs finished (several host CPUs).
+    pub cpu_lines: Vec<CpuLine>,
+    /// `SMP` (several host CPUs).
+    pub smp: Option<SmpLine>,
     /// `EXC`.
     pub exception: Option<ExceptionInfo>,
     /// `EXC2`.
@@ -979,6 +1022,47 @@ impl Report {
                     })
                 });
                 once(&mut self.summary, sm.flatten(), kw, p)
+            }
+            "CPU" => {
+                let keys = [
+                    "cpu",
+                    "trips",
+                    "calls",
+                    "overlapping",
+                    "mismatches",
+                    "retfails",
+                    "hookfails",
+                    "tsc_min",
+                    "tsc_max",
+                    "tsc_sum",
+                ];
+                let line = f.exact(&keys).then(|| {
+                    Some(CpuLine {
+                        cpu: f.dec("cpu")?,
+                        trips: f.dec("trips")?,
+                        calls: f.dec("calls")?,
+                        overlapping: f.dec("overlapping")?,
+                        mismatches: f.dec("mismatches")?,
+                        retfails: f.dec("retfails")?,
+                        hookfails: f.dec("hookfails")?,
+                        tsc_min: f.dec("tsc_min")?,
+                        tsc_max: f.dec("tsc_max")?,
+                        tsc_sum: f.hex64("tsc_sum")?,
+                    })
+                });
+                push(&mut self.cpu_lines, line.flatten())
+            }
+            "SMP" => {
+                let keys = ["cpus", "divisor", "overlapping", "calls"];
+                let line = f.exact(&keys).then(|| {
+                    Some(SmpLine {
+                        cpus: f.dec("cpus")?,
+                        divisor: f.dec("divisor")?,
+                        overlapping: f.dec("overlapping")?,
+                        calls: f.dec("calls")?,
+                    })
+                });
+                once(&mut self.smp, line.flatten(), kw, p)
             }
             "NMI" => {
                 let n = f.exact(&["count"]).then(|| f.dec("count")).flatten();

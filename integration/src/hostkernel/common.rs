@@ -332,6 +332,8 @@ pub(super) struct Gen {
     pub vectors: Vec<CodeLabel>,
     /// The NMI storm's slots ([`super::storm`]), once set up.
     pub storm: Option<super::storm::StormSlots>,
+    /// Several host CPUs ([`super::smp`]).
+    pub smp: Option<super::smp::SmpSlots>,
 }
 
 impl Gen {
@@ -367,7 +369,13 @@ impl Gen {
             exported: Vec::new(),
             vectors: Vec::new(),
             storm: None,
+            smp: None,
         }
+    }
+
+    /// The running CRC's slot: the shared page's with several CPUs.
+    pub(super) fn crc_slot(&self) -> u32 {
+        self.smp.as_ref().map_or(self.s.crc, |m| m.crc())
     }
 
     /// `true` for the 64-bit kernel.
@@ -390,7 +398,7 @@ impl Gen {
     }
 
     /// Pushes `reg`, or the 64-bit register it is the low half of.
-    fn push_gpr(&mut self, reg: AsmRegister32) -> R {
+    pub(super) fn push_gpr(&mut self, reg: AsmRegister32) -> R {
         if self.bits64() {
             self.a.push(wide(reg)?)?;
         } else {
@@ -400,7 +408,7 @@ impl Gen {
     }
 
     /// Pops `reg`, or the 64-bit register it is the low half of.
-    fn pop_gpr(&mut self, reg: AsmRegister32) -> R {
+    pub(super) fn pop_gpr(&mut self, reg: AsmRegister32) -> R {
         if self.bits64() {
             self.a.pop(wide(reg)?)?;
         } else {
@@ -735,6 +743,7 @@ impl Gen {
         self.export("putc", l)?;
         self.push_gpr(edx)?;
         self.push_gpr(eax)?;
+        super::smp::emit_putc_lock(self)?;
         self.a.mov(dx, u32::from(COM1 + 5))?;
         let mut wait = self.a.create_label();
         self.mark(&mut wait)?;
@@ -747,9 +756,10 @@ impl Gen {
         // crc = (crc >> 8) ^ table[(crc ^ AL) & 0xff]
         self.push_gpr(ecx)?;
         self.push_gpr(eax)?;
+        let crc = self.crc_slot();
         self.a.movzx(ecx, al)?;
-        self.a.xor(cl, byte_ptr(self.s.crc))?;
-        self.a.mov(eax, dword_ptr(self.s.crc))?;
+        self.a.xor(cl, byte_ptr(crc))?;
+        self.a.mov(eax, dword_ptr(crc))?;
         self.a.shr(eax, 8)?;
         let entry = if bits64 {
             dword_ptr(rcx * 4 + self.s.crc_table)
@@ -757,8 +767,9 @@ impl Gen {
             dword_ptr(ecx * 4 + self.s.crc_table)
         };
         self.a.xor(eax, entry)?;
-        self.a.mov(dword_ptr(self.s.crc), eax)?;
+        self.a.mov(dword_ptr(crc), eax)?;
         self.pop_gpr(eax)?;
+        super::smp::emit_putc_unlock(self)?;
         self.pop_gpr(ecx)?;
         self.pop_gpr(edx)?;
         self.a.ret()?;
@@ -875,7 +886,8 @@ impl Gen {
         self.a.jne(out)?;
         self.a.mov(dword_ptr(self.s.exiting), 1u32)?;
         self.push_gpr(eax)?;
-        self.a.mov(eax, dword_ptr(self.s.crc))?;
+        super::smp::emit_exit_lock(self)?;
+        self.a.mov(eax, dword_ptr(self.crc_slot()))?;
         self.a.not(eax)?;
         self.a.mov(dword_ptr(self.s.crc_final), eax)?;
         self.text(&format!("{PREFIX}CRC crc32="))?;
@@ -1085,7 +1097,11 @@ pub(super) fn emit_cpuid_features(g: &mut Gen) -> R {
     g.a.cpuid()?;
     for (bits, flags) in [
         (1u32 << 20, FEATURE_NX | FEATURE_EFER),
-        ((1 << 29) | (1 << 11), FEATURE_SCE | FEATURE_EFER),
+        (1 << 29, FEATURE_EFER),
+        // SCE only where CPUID shows SYSCALL in the current mode (Intel
+        // hides it outside 64-bit mode but still accepts EFER.SCE): the
+        // facts a switcher is relocated for say the same.
+        (1 << 11, FEATURE_SCE | FEATURE_EFER),
     ] {
         let mut no = g.a.create_label();
         g.a.test(edx, bits)?;
@@ -1289,9 +1305,10 @@ pub(super) fn emit_loop(
     let trip_loop = g.a.create_label();
     let vcpu_loop = g.a.create_label();
     let done = g.a.create_label();
+    super::smp::mark_loop_start(g)?;
     g.a.mov(dword_ptr(g.s.trip), 0u32)?;
     g.export("trip_loop", trip_loop)?;
-    g.a.mov(dword_ptr(g.s.vcpu), 0u32)?;
+    super::smp::emit_first_vcpu(g)?;
     g.export("vcpu_loop", vcpu_loop)?;
 
     // Per-call state.
@@ -1538,7 +1555,7 @@ pub(super) fn emit_loop(
         g.a.cmp(dword_ptr(g.s.iter_failed), 0)?;
         g.a.jne(done)?;
     }
-    g.a.inc(dword_ptr(g.s.vcpu))?;
+    super::smp::emit_next_vcpu(g)?;
     g.a.cmp(dword_ptr(g.s.vcpu), n_vcpus)?;
     g.a.jb(vcpu_loop)?;
     g.a.mov(eax, dword_ptr(g.s.trip))?;
@@ -1554,6 +1571,7 @@ pub(super) fn emit_loop(
     super::storm::emit_stop(g)?;
     for (i, arg2) in b.vcpus.clone().into_iter().enumerate() {
         let rec = g.l.stats + STAT_SIZE * i as u32;
+        let other_cpu = super::smp::emit_vcpu_guard(g, i as u32)?;
         g.text(&format!("{PREFIX}VCPU vcpu={i} arg2={arg2:08x}"))?;
         g.field_dec("calls", rec + STAT_CALLS)?;
         g.field_dec("mismatches", rec + STAT_MISM)?;
@@ -1565,7 +1583,11 @@ pub(super) fn emit_loop(
         g.field_dec("tsc_first", rec + STAT_FIRST)?;
         g.field_dec("tsc_second", rec + STAT_SECOND)?;
         g.a.call(g.r.putnl)?;
+        if let Some(mut l) = other_cpu {
+            g.mark(&mut l)?;
+        }
     }
+    super::smp::emit_merge(g, b.deadlines)?;
     g.text(&format!("{PREFIX}SUMMARY"))?;
     g.field_dec("trips", g.s.trips_done)?;
     g.field_dec("calls", g.s.calls)?;
@@ -1760,6 +1782,7 @@ pub(super) fn finish(
         items,
         page_tables: tables,
         trips: b.trips,
+        cpus: b.cpus,
         vcpus: b.vcpus,
     })
 }

@@ -250,8 +250,10 @@ pub(super) fn build(mut b: HostKernelBuilder) -> Result<Testbed, BuildError> {
     super::check_addresses(&tables, &b, entry64)?;
 
     // ---- data --------------------------------------------------------------
-    let data_base = TABLES_BASE + tables_pages * PAGE;
+    // Each host CPU has its own tables ([`super::smp`]).
+    let data_base = TABLES_BASE + b.cpus * tables_pages * PAGE;
     let mut d = DataArena::new(data_base);
+    let smp = super::smp::alloc(&mut d, b.cpus)?;
     let n_items = items.len() as u32;
     let mut gdt_entries = vec![
         0u64,
@@ -310,9 +312,12 @@ pub(super) fn build(mut b: HostKernelBuilder) -> Result<Testbed, BuildError> {
     };
 
     let mut g = Gen::new(CodeAssembler::new(32)?, d, s, t, l);
+    super::smp::attach(&mut g, smp);
 
     // ---- code --------------------------------------------------------------
     emit_main(&mut g, &mut b, entry, n_items)?;
+    let (cr4_bits, cr0_bits) = paging_bits(&b);
+    super::smp::emit_ap_entry32(&mut g, &b, cr4_bits, cr0_bits)?;
     g.emit_library()?;
     emit_snap(&mut g, &items)?;
     emit_vectors(&mut g, &b)?;
@@ -323,6 +328,15 @@ pub(super) fn build(mut b: HostKernelBuilder) -> Result<Testbed, BuildError> {
             return Err(BuildError::Internal("IDT outside the data area".into()));
         }
     }
+    super::smp::finish_copies(
+        &mut g,
+        &mut b,
+        &map,
+        tables_pages,
+        code.base,
+        code.end(),
+        code.symbols.get("ap_entry").copied(),
+    )?;
 
     // Boot stub: save the multiboot registers, load the GDT, far-jump to the code.
     let mut stub = CodeAssembler::new(32)?;
@@ -382,21 +396,14 @@ fn emit_main(g: &mut Gen, b: &mut HostKernelBuilder, entry: u32, n_items: u32) -
     emit_cpuid_features(g)?;
 
     // Paging.
-    let mut cr4_bits = Cr4::PGE | Cr4::OSFXSR | Cr4::OSXMMEXCPT;
-    if b.pse {
-        cr4_bits |= Cr4::PSE;
-    }
-    if mode == HostMode::Pae {
-        cr4_bits |= Cr4::PAE;
-    }
-    let cr0_bits = Cr0::PG | Cr0::WP | Cr0::NE | Cr0::MP | Cr0::ET | Cr0::PE;
+    let (cr4_bits, cr0_bits) = paging_bits(b);
     g.a.mov(eax, TABLES_BASE)?;
     g.a.mov(cr3, eax)?;
     g.a.mov(eax, cr4)?;
-    g.a.or(eax, cr4_bits.bits() as u32)?;
+    g.a.or(eax, cr4_bits)?;
     g.a.mov(cr4, eax)?;
     g.a.mov(eax, cr0)?;
-    g.a.or(eax, cr0_bits.bits() as u32)?;
+    g.a.or(eax, cr0_bits)?;
     g.a.mov(cr0, eax)?;
     let mut paged = g.a.create_label();
     g.a.jmp(paged)?;
@@ -448,7 +455,21 @@ fn emit_main(g: &mut Gen, b: &mut HostKernelBuilder, entry: u32, n_items: u32) -
     emit_apic_line(g, b.x2apic)?;
     super::storm::emit_setup(g, b)?;
 
+    super::smp::emit_start_aps(g, b)?;
     emit_loop(g, b, n_items, &mut |g| emit_call(g, entry))
+}
+
+/// The CR4 and CR0 bits the 32-bit host turns on with paging.
+fn paging_bits(b: &HostKernelBuilder) -> (u32, u32) {
+    let mut cr4_bits = Cr4::PGE | Cr4::OSFXSR | Cr4::OSXMMEXCPT;
+    if b.pse {
+        cr4_bits |= Cr4::PSE;
+    }
+    if b.mode == HostMode::Pae {
+        cr4_bits |= Cr4::PAE;
+    }
+    let cr0_bits = Cr0::PG | Cr0::WP | Cr0::NE | Cr0::MP | Cr0::ET | Cr0::PE;
+    (cr4_bits.bits() as u32, cr0_bits.bits() as u32)
 }
 
 /// Loads EBX/ESI/EDI/EBP with the call's patterns, takes the first
@@ -474,6 +495,7 @@ fn emit_call(g: &mut Gen, entry: u32) -> R {
     g.a.push(g.l.snap_before)?;
     g.a.call(g.r.snap)?;
     super::storm::emit_before_call(g)?;
+    super::smp::emit_enter(g)?;
 
     // (c) the call, timed.
     g.a.push(dword_ptr(g.s.arg2))?;
@@ -505,6 +527,7 @@ fn emit_call(g: &mut Gen, entry: u32) -> R {
     g.a.mov(gs, ax)?;
     g.a.cld()?;
     g.phase(Phase::Check)?;
+    super::smp::emit_leave(g)?;
     g.a.pop(eax)?;
     g.a.pop(edx)?;
     g.a.sub(eax, dword_ptr(g.s.tsc0))?;

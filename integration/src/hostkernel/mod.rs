@@ -94,6 +94,7 @@ mod common;
 mod emit;
 mod emit64;
 pub mod items;
+pub mod smp;
 pub mod storm;
 
 use std::collections::BTreeMap;
@@ -615,6 +616,20 @@ pub enum BuildError {
     /// Zero trips.
     #[error("trip count must be at least 1, got {0}")]
     ZeroTrips(u32),
+    /// A host CPU count outside 1..=[`smp::MAX_CPUS`], or above the VCPU
+    /// count (every CPU runs at least one VCPU).
+    #[error("host CPUs must be 1 to {max} and at most the VCPU count ({vcpus}), got {cpus}")]
+    BadCpus {
+        /// The CPU count asked for.
+        cpus: u32,
+        /// The VCPU count.
+        vcpus: u32,
+        /// [`smp::MAX_CPUS`].
+        max: u32,
+    },
+    /// Several host CPUs with a feature the multiprocessor kernel lacks.
+    #[error("several host CPUs cannot be combined with {0}")]
+    SmpUnsupported(&'static str),
     /// A skip names no snapshot item.
     #[error("no snapshot item is named `{0}`")]
     UnknownItem(String),
@@ -743,6 +758,8 @@ pub struct HostKernelBuilder {
     pub(crate) cr4_today: bool,
     pub(crate) la57: bool,
     pub(crate) storm: Option<storm::NmiStorm>,
+    pub(crate) cpus: u32,
+    pub(crate) deadlines: bool,
 }
 
 impl fmt::Debug for HostKernelBuilder {
@@ -796,6 +813,8 @@ impl HostKernelBuilder {
             cr4_today: false,
             la57: false,
             storm: None,
+            cpus: 1,
+            deadlines: true,
         }
     }
 
@@ -1221,6 +1240,8 @@ pub struct Testbed {
     pub required_cpu: Vec<CpuFeature>,
     /// The CPU features the kernel refuses to run with.
     pub forbidden_cpu: Vec<CpuFeature>,
+    /// Host CPUs ([`HostKernelBuilder::cpus`]).
+    pub cpus: u32,
 }
 
 impl fmt::Debug for Testbed {
@@ -1245,6 +1266,10 @@ impl Testbed {
 
     /// Boots the image under QEMU.
     pub fn run(&self, config: &QemuConfig) -> Result<RunResult, QemuError> {
+        let config = &QemuConfig {
+            smp: self.cpus,
+            ..config.clone()
+        };
         let image = self.write_image().map_err(QemuError::WriteImage)?;
         run_image(image.path(), config)
     }
@@ -1311,6 +1336,7 @@ pub(crate) fn validate(b: &HostKernelBuilder) -> Result<u64, BuildError> {
     if b.trips == 0 {
         return Err(BuildError::ZeroTrips(b.trips));
     }
+    smp::validate(b)?;
     if b.identity_limit % PAGE != 0 || b.identity_limit > crate::image::PHYS_LIMIT {
         return Err(BuildError::BadIdentityLimit(b.identity_limit));
     }

@@ -88,3 +88,14 @@ pub fn assert_caught(cases: &[(SwitcherKind, Mutation, &Caught)], q: &QemuConfig
         );
     }
 }
+
+/// The default Bochs configuration, or `None` (skip) if Bochs is missing.
+pub fn bochs() -> Option<integration::bochs::BochsConfig> {
+    match integration::bochs::find_bochs() {
+        Ok(_) => Some(integration::bochs::BochsConfig::default()),
+        Err(e) => {
+            skip(&e.to_string());
+            None
+        }
+    }
+}
