@@ -177,8 +177,13 @@ macro_rules! cpumcpu {
             /// PC, THMR), written back to unmask the ones in
             /// `apic_dis_vectors`.
             pub apic_saved_lvt: [u32; 4],
-            /// Reserved.
-            pub reserved: [u32; 4],
+            /// `/VMM/CPU<i>/Switcher/ToGC`: this VCPU's host → hypervisor
+            /// context switches, in TSC ticks. Per VCPU so that switches on
+            /// several host CPUs at once, each updating its own profile with
+            /// plain stores, lose nothing; the VM-wide figure is their sum.
+            pub stat_to_gc: stam::StamProfileAdv,
+            /// `/VMM/CPU<i>/Switcher/ToHC`: this VCPU's way back, in TSC ticks.
+            pub stat_to_hc: stam::StamProfileAdv,
         }
 
         impl Default for $name {
@@ -235,7 +240,7 @@ pub const HYPER_TSS_STRIDE: u16 = 16;
 /// `log2(HYPER_TSS_STRIDE)`, the shift machine code uses.
 pub const HYPER_TSS_STRIDE_SHIFT: u32 = HYPER_TSS_STRIDE.trailing_zeros();
 /// Size of [`CpumCpu32`] and [`CpumCpu64`].
-pub const CPUMCPU_SIZE: usize = 2560;
+pub const CPUMCPU_SIZE: usize = 2624;
 
 /// Offsets machine code uses, from `offset_of!`, with the pinned values asserted.
 ///
@@ -440,6 +445,10 @@ pub mod layout {
         APIC_VERSION = CpumCpu32, apic_version => 2524;
         /// The LVT values before masking (`[u32; 4]`: LINT0, LINT1, PC, THMR).
         APIC_SAVED_LVT = CpumCpu32, apic_saved_lvt => 2528;
+        /// This VCPU's ToGC profile (`StamProfileAdv`).
+        STAT_TO_GC = CpumCpu32, stat_to_gc => 2544;
+        /// This VCPU's ToHC profile (`StamProfileAdv`).
+        STAT_TO_HC = CpumCpu32, stat_to_hc => 2584;
     }
 
     macro_rules! same_for_both_hosts {
@@ -462,7 +471,9 @@ pub mod layout {
         apic_base,
         x2apic,
         apic_version,
-        apic_saved_lvt
+        apic_saved_lvt,
+        stat_to_gc,
+        stat_to_hc
     );
 
     /// A structure offset as a 32-bit displacement for an x86 memory operand.
@@ -530,7 +541,7 @@ mod tests {
     #[test]
     fn offsets_of_vcpus() {
         assert_eq!(cpumcpu_offset(64, 0), Some(64));
-        assert_eq!(cpumcpu_offset(64, 3), Some(64 + 3 * 2560));
+        assert_eq!(cpumcpu_offset(64, 3), Some(64 + 3 * 2624));
         assert_eq!(cpumcpu_offset(u32::MAX, 1), None);
     }
 

@@ -84,6 +84,23 @@ pub const MODELS: [(&str, bool); 18] = [
     ("ryzen", true),
 ];
 
+/// The models of [`MODELS`] whose CPUID reports PCID (CPUID.1:ECX bit 17),
+/// which `--host-cr4 today+pcid` needs: Intel's from Sandy Bridge on.
+pub const PCID_MODELS: [&str; 8] = [
+    "corei7_sandy_bridge_2600k",
+    "corei7_ivy_bridge_3770k",
+    "corei7_haswell_4770",
+    "broadwell_ult",
+    "corei7_skylake_x",
+    "corei3_cnl",
+    "corei7_icelake_u",
+    "tigerlake",
+];
+
+/// The models of [`MODELS`] with CET (CPUID.7.0:ECX bit 7), which
+/// `--host-cr4 today+pcid+cet` needs.
+pub const CET_MODELS: [&str; 1] = ["tigerlake"];
+
 /// The AMD model the tests boot next to the Intel [`DEFAULT_CPU`].
 pub const AMD_CPU: &str = "ryzen";
 

@@ -18,7 +18,7 @@ use std::collections::BTreeSet;
 use vmm::{CpuFacts, CpuidLeaves};
 
 use crate::hostkernel::CpuFeature;
-use crate::scenario::{HostCr4, Scenario};
+use crate::scenario::Scenario;
 use thiserror::Error;
 
 /// The model QEMU runs when none is given.
@@ -54,11 +54,30 @@ fn base_features(name: &str) -> Option<&'static [CpuFeature]> {
         "qemu64" => QEMU64,
         "qemu32" => QEMU32,
         "486" => &[],
-        // TCG's `max` is everything TCG emulates.
-        "max" => &CpuFeature::ALL,
+        // TCG's `max` is everything TCG emulates: not PCID, not CET.
+        "max" => &TCG_MAX,
         _ => return None,
     })
 }
+
+/// Every feature of [`CpuFeature::ALL`] QEMU's TCG emulates (its `max`).
+const TCG_MAX: [CpuFeature; 15] = [
+    CpuFeature::LongMode,
+    CpuFeature::Pae,
+    CpuFeature::Fxsr,
+    CpuFeature::Sse2,
+    CpuFeature::Apic,
+    CpuFeature::X2apic,
+    CpuFeature::Nx,
+    CpuFeature::Sep,
+    CpuFeature::Syscall,
+    CpuFeature::La57,
+    CpuFeature::Smep,
+    CpuFeature::Smap,
+    CpuFeature::Umip,
+    CpuFeature::Pku,
+    CpuFeature::Fsgsbase,
+];
 
 /// The feature a QEMU flag name stands for (with QEMU's aliases).
 fn flag_feature(flag: &str) -> Option<CpuFeature> {
@@ -179,10 +198,16 @@ pub fn host_needs(s: &Scenario) -> Vec<(&'static str, CpuFeature)> {
     if s.host_x2apic {
         v.push(("--host-apic x2apic", CpuFeature::X2apic));
     }
-    if s.host_cr4 == HostCr4::Today {
+    if s.host_cr4.today() {
         for f in TODAY_FEATURES {
             v.push(("--host-cr4 today", f));
         }
+    }
+    if s.host_cr4.pcid() {
+        v.push(("--host-cr4 today+pcid", CpuFeature::Pcid));
+    }
+    if s.host_cr4.cet() {
+        v.push(("--host-cr4 today+pcid+cet", CpuFeature::CetSs));
     }
     if s.la57() {
         v.push(("--la57", CpuFeature::La57));
@@ -206,7 +231,7 @@ pub const TODAY_FEATURES: [CpuFeature; 5] = [
 /// See above.
 pub fn check_host(s: &Scenario) -> Result<(), HostConfigError> {
     for (asked, option) in [
-        (s.host_cr4 == HostCr4::Today, "--host-cr4 today"),
+        (s.host_cr4.today(), "--host-cr4 today"),
         (s.la57(), "--la57"),
     ] {
         if asked && !s.amd64_host() {
@@ -284,7 +309,8 @@ mod tests {
         assert!(!CpuModel::parse("qemu64,nx=off").facts().nx);
         let max = CpuModel::parse("max");
         for f in CpuFeature::ALL {
-            assert!(max.has(f), "{f:?}");
+            let tcg = !matches!(f, CpuFeature::Pcid | CpuFeature::CetSs);
+            assert_eq!(max.has(f), tcg, "{f:?}");
         }
         assert!(!CpuModel::parse("486").has(CpuFeature::LongMode));
         assert!(!CpuModel::parse("qemu32").facts().nx);

@@ -541,7 +541,9 @@ mod tests {
             "-accel tcg -nodefaults -display none -monitor none -serial stdio -no-reboot \
              -device isa-debug-exit,iobase=0xf4,iosize=0x04 -icount shift=0,align=off,sleep=off"
         ));
-        assert!(line.contains("-cpu max -gdb tcp:127.0.0.1:1234 -S -d int,cpu_reset,guest_errors -D /tmp/x.log"));
+        assert!(line.contains(
+            "-cpu max -gdb tcp:127.0.0.1:1234 -S -d int,cpu_reset,guest_errors -D /tmp/x.log"
+        ));
         assert!(line.ends_with("-kernel /tmp/k.bin"));
     }
 

@@ -22,7 +22,7 @@ use vmm_switcher::templates::{Step, TemplateOptions};
 use vmm_switcher::{RcAddr, SideMode, SwitcherKind, View};
 
 use crate::farside::intermediate_amd64::{self, FarConfig, FarLayout, Mailbox};
-use crate::farside::{hyper, hyper_amd64, hyper_legacy, FarError};
+use crate::farside::{self, hyper, hyper_amd64, hyper_legacy, FarError};
 use crate::hostkernel::{BuildError, Expected, HookCtx, HostKernelBuilder, Testbed, LAPIC_VIRT};
 use crate::paging::HostMode;
 use crate::qemu::{Outcome, QemuConfig, RunResult, EXIT_FAR_EXCEPTION};
@@ -77,11 +77,18 @@ pub enum Mutation {
     HyperTssBusyNotCleared,
     /// 32-bit/PAE hypervisor contexts: `Hyper.cr3` is not loaded (RC code runs on the intermediate CR3).
     HyperCr3NotLoaded,
+    /// Set-up: every VCPU's `Hyper.esp` is VCPU 0's stack top (harmless
+    /// while one host CPU switches at a time; caught by `--cpus` ≥ 2 with
+    /// deadlines).
+    SharedHyperStack,
+    /// Testbed: every VCPU's far side and the host's hooks use VCPU 0's
+    /// mailbox (as on one host CPU; caught by `--cpus` ≥ 2 with deadlines).
+    SharedFarMailbox,
 }
 
 impl Mutation {
     /// Every mutation.
-    pub const ALL: [Mutation; 10] = [
+    pub const ALL: [Mutation; 12] = [
         Self::TssBusyNotCleared,
         Self::HostEbxNotRestored,
         Self::LvtNotUnmasked,
@@ -92,6 +99,8 @@ impl Mutation {
         Self::SysenterCsNotRestored,
         Self::HyperTssBusyNotCleared,
         Self::HyperCr3NotLoaded,
+        Self::SharedHyperStack,
+        Self::SharedFarMailbox,
     ];
 
     /// The command-line name (`pae-left-on`, …), as `--mutate`, the `BOOT`
@@ -108,6 +117,8 @@ impl Mutation {
             Self::SysenterCsNotRestored => "sysenter-cs-not-restored",
             Self::HyperTssBusyNotCleared => "hyper-tss-busy-not-cleared",
             Self::HyperCr3NotLoaded => "hyper-cr3-not-loaded",
+            Self::SharedHyperStack => "shared-hyper-stack",
+            Self::SharedFarMailbox => "shared-far-mailbox",
         }
     }
 
@@ -134,6 +145,12 @@ impl Mutation {
             Self::HyperTssBusyNotCleared => "the hyper TSS busy bit is not cleared before `ltr`",
             Self::HyperCr3NotLoaded => {
                 "`Hyper.cr3` is not loaded (the RC code runs on the intermediate CR3)"
+            }
+            Self::SharedHyperStack => {
+                "every VCPU runs on VCPU 0's hyper stack (needs --cpus 2 or more to show)"
+            }
+            Self::SharedFarMailbox => {
+                "every VCPU's far side shares one mailbox (needs --cpus 2 or more to show)"
             }
         }
     }
@@ -168,7 +185,14 @@ impl Mutation {
             | Self::SysenterCsNotRestored
             | Self::HyperTssBusyNotCleared => !far_helper,
             Self::HyperCr3NotLoaded => !matches!(guest, SideMode::Amd64),
+            Self::SharedHyperStack | Self::SharedFarMailbox => true,
         }
+    }
+
+    /// The mutation breaks the set-up (the VCPUs' data, the far side), not
+    /// the switcher's code.
+    pub const fn is_setup(self) -> bool {
+        matches!(self, Self::SharedHyperStack | Self::SharedFarMailbox)
     }
 
     /// The switchers this mutation applies to, in [`SwitcherKind::ALL`] order.
@@ -210,6 +234,8 @@ impl Mutation {
             }
             // Handled through the switcher's own conditional-jump fixup.
             Self::SysenterCsNotRestored => false,
+            // Set-up mutations patch no code.
+            Self::SharedHyperStack | Self::SharedFarMailbox => false,
             Self::HostEbxNotRestored => {
                 insn.code() == Code::Mov_r32_rm32
                     && insn.op0_register() == Register::EBX
@@ -221,7 +247,8 @@ impl Mutation {
                 mem_disp(apic::reg::LVT_LINT0 as usize)
                     && (insn.code() == Code::And_rm32_imm32
                         && insn.immediate32() == !apic::lvt::MASKED
-                        || insn.code() == Code::Mov_rm32_r32 && insn.op1_register() == Register::EDI)
+                        || insn.code() == Code::Mov_rm32_r32
+                            && insn.op1_register() == Register::EDI)
             }
             Self::PaeLeftOn => {
                 in_id_exit
@@ -306,24 +333,62 @@ pub enum HostCr4 {
     /// A host as current kernels run it: also SMEP, SMAP, UMIP, PKE (with a
     /// non-zero PKRU) and FSGSBASE.
     Today,
+    /// [`Self::Today`] plus CR4.PCIDE with a non-zero PCID in CR3
+    /// ([`crate::hostkernel::HOST_PCID`]). QEMU TCG does not emulate PCID:
+    /// Bochs runs it.
+    #[serde(rename = "today+pcid")]
+    TodayPcid,
+    /// [`Self::TodayPcid`] plus CR4.CET (IA32_S_CET left 0), which Bochs
+    /// runs and QEMU TCG does not emulate.
+    #[serde(rename = "today+pcid+cet")]
+    TodayPcidCet,
 }
 
 impl HostCr4 {
-    /// Every configuration.
+    /// Every configuration QEMU TCG can run.
     pub const ALL: [HostCr4; 2] = [Self::Base, Self::Today];
+    /// The configurations only Bochs can run (TCG has no PCID).
+    pub const BOCHS_ONLY: [HostCr4; 2] = [Self::TodayPcid, Self::TodayPcidCet];
 
-    /// The command-line name (`base`, `today`), as `--host-cr4`, the `BOOT`
-    /// line and the JSON spell it.
+    /// The command-line name (`base`, `today`, `today+pcid`,
+    /// `today+pcid+cet`), as `--host-cr4`, the `BOOT` line and the JSON
+    /// spell it.
     pub const fn name(self) -> &'static str {
         match self {
             Self::Base => "base",
             Self::Today => "today",
+            Self::TodayPcid => "today+pcid",
+            Self::TodayPcidCet => "today+pcid+cet",
         }
     }
 
     /// The configuration named `name`.
     pub fn from_name(name: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|c| c.name() == name)
+        Self::ALL
+            .into_iter()
+            .chain(Self::BOCHS_ONLY)
+            .find(|c| c.name() == name)
+    }
+
+    /// Whether today's CR4 bits (SMEP, SMAP, UMIP, PKE, FSGSBASE) are on.
+    pub const fn today(self) -> bool {
+        matches!(self, Self::Today | Self::TodayPcid | Self::TodayPcidCet)
+    }
+
+    /// Whether CR4.PCIDE is on, with [`crate::hostkernel::HOST_PCID`] in CR3.
+    pub const fn pcid(self) -> bool {
+        matches!(self, Self::TodayPcid | Self::TodayPcidCet)
+    }
+
+    /// Whether CR4.CET is on.
+    pub const fn cet(self) -> bool {
+        matches!(self, Self::TodayPcidCet)
+    }
+
+    /// Whether QEMU TCG can run this configuration (it emulates neither
+    /// PCID nor CET).
+    pub const fn qemu_can_run(self) -> bool {
+        !self.pcid() && !self.cet()
     }
 }
 
@@ -681,6 +746,10 @@ pub fn build_over(
     make: impl FnOnce(VmmConfig) -> Result<Vmm, ScenarioError>,
 ) -> Result<Built, ScenarioError> {
     check_trampoline(s)?;
+    if s.cpus > 1 && s.options.trace {
+        // The trace characters go to COM1 outside the host's line lock.
+        return Err(BuildError::SmpUnsupported("the switcher trace").into());
+    }
     crate::cpumodel::check_host(s)?;
     let mut vmm = make(vmm_config(s))?;
     let sw = vmm.activate(s.kind)?.clone();
@@ -690,7 +759,9 @@ pub fn build_over(
     let core = mutated_core(s, &vmm, &sw)?;
     let kb = HostKernelBuilder::new(s.host_mode())
         .x2apic(s.host_x2apic)
-        .cr4_today(s.host_cr4 == HostCr4::Today)
+        .cr4_today(s.host_cr4.today())
+        .pcid(s.host_cr4.pcid())
+        .cet(s.host_cr4.cet())
         .la57(s.la57());
     let kb = map_core_and_hma(kb, s, &vmm, &sw, &at, core)?;
     let kb = add_tables_and_trips(kb, s, &vmm)?;
@@ -779,8 +850,10 @@ struct Addresses {
     hma_hc64: u64,
     /// The HMA's RC address.
     hma_rc: u32,
-    /// HC address of the mailbox.
+    /// HC address of the mailbox (VCPU 0's when each has its own).
     mailbox_hc: u32,
+    /// Far-side mailboxes: one per VCPU on several host CPUs, else one.
+    mailboxes: u32,
     /// HC address of `Cpum`.
     cpum_hc: u32,
     /// RC address of `Cpum`.
@@ -817,10 +890,10 @@ impl Addresses {
             hma_hc64: p.hma_hc.0,
             hma_rc: p.hma_rc.0,
             mailbox_hc: hma_hc + (far_layout.mailbox_rc() - p.hma_rc.0),
+            mailboxes: mailboxes(s),
             cpum_hc: vm_hc + OFF_CPUM as u32,
             cpum_rc: vm_rc.0 + OFF_CPUM as u32,
-            scratch_phys: p.hma_phys.0
-                + u64::from(helper_rc.0 - p.hma_rc.0 + far_layout.scratch_off),
+            scratch_phys: hma_phys_of(vmm, helper_rc.0 - p.hma_rc.0 + far_layout.scratch_off)?,
         })
     }
 
@@ -832,6 +905,25 @@ impl Addresses {
     /// HC address (for hooks) of the crash-marker scratch page.
     fn scratch_hc(&self) -> u32 {
         self.hc_of(self.helper_rc + self.far_layout.scratch_off)
+    }
+
+    /// Distance between two VCPUs' mailboxes (0: one shared mailbox).
+    fn mailbox_stride(&self) -> u32 {
+        if self.mailboxes > 1 {
+            farside::MAILBOX_STRIDE
+        } else {
+            0
+        }
+    }
+
+    /// RC address of VCPU `i`'s mailbox.
+    fn mailbox_rc(&self, i: u32) -> u32 {
+        self.far_layout.mailbox_rc() + i * self.mailbox_stride()
+    }
+
+    /// Bytes from the first mailbox to the end of the last.
+    fn mailboxes_len(&self, one: usize) -> u32 {
+        (self.mailboxes - 1) * farside::MAILBOX_STRIDE + one as u32
     }
 
     /// The full-width HC address of the hook address `lo` (the HMA's high
@@ -864,6 +956,7 @@ fn write_far_side(
             com1: 0x3f8,
             exit_port: 0xf4,
             exit_far_exception: EXIT_FAR_EXCEPTION,
+            mailboxes: at.mailboxes,
         };
         vmm.write_helper(&intermediate_amd64::build(&far_cfg, helper_size)?)?;
         return Ok(None);
@@ -872,6 +965,7 @@ fn write_far_side(
     let rc_cfg = hyper::RcConfig {
         rc: at.helper_rc,
         mailbox_off: at.far_layout.mailbox_off,
+        mailboxes: at.mailboxes,
         cpum_rc: at.cpum_rc,
         exit_rc: sw.entries.rc_guest_to_host_asm.0,
         c_exit_rc: sw.entries.rc_guest_to_host.0,
@@ -915,6 +1009,7 @@ fn init_vcpus(
     at: &Addresses,
     rc_entries: Option<&hyper::RcEntries>,
 ) -> Result<(), ScenarioError> {
+    let stack0 = at.hma_rc + vmm.hma_layout().stack_top(0).unwrap_or_default();
     for i in 0..s.vcpus {
         let rc_entry = rc_entries.map(|e| e.entry);
         let cpumcpu_rc = at.cpum_rc + vmm.vcpu_arg(i);
@@ -929,10 +1024,17 @@ fn init_vcpus(
             // Crash markers: progress in Guest.dr[4]; while paging is off, the
             // scratch page at the physical address in Guest.dr[5].
             c.guest.dr[5] = at.scratch_phys;
+            if s.mutation == Some(Mutation::SharedHyperStack) {
+                c.hyper.rsp = u64::from(stack0);
+            }
+            if at.mailboxes > 1 {
+                // The far helper finds its VCPU's mailbox here.
+                c.hyper.rdi = u64::from(at.mailbox_rc(i));
+            }
             if let Some(entry) = rc_entry {
                 c.hyper.rip = u64::from(entry);
                 c.hyper.rsi = u64::from(cpumcpu_rc);
-                c.hyper.rdi = u64::from(at.far_layout.mailbox_rc());
+                c.hyper.rdi = u64::from(at.mailbox_rc(i));
                 c.hyper.rbp = u64::from(hyper::ebp_magic(i));
                 c.hyper.rbx = 0;
                 c.hyper.dr[7] = cpum::regs::DR7_INIT;
@@ -953,6 +1055,9 @@ fn mutated_core(s: &Scenario, vmm: &Vmm, sw: &Installed) -> Result<Vec<u8>, Scen
             mutation: m,
             kind: s.kind,
         });
+    }
+    if m.is_setup() {
+        return Ok(core);
     }
     let patched = if m == Mutation::SysenterCsNotRestored {
         skip_sysenter_cs_restore(&mut core, sw)
@@ -1031,6 +1136,36 @@ fn identity_exit(def: &vmm_switcher::SwitcherDef) -> core::ops::Range<u32> {
     start..end
 }
 
+/// The physical address of HMA offset `off` (the HMA's pages need not be
+/// adjacent).
+fn hma_phys_of(vmm: &Vmm, off: u32) -> Result<u64, ScenarioError> {
+    let page = vmm.hma_pages().get((off / 4096) as usize);
+    let phys = page.map(|p| p.0 + u64::from(off % 4096));
+    let beyond = vmm::PlacementError::LayoutTooLarge {
+        what: "HMA offset",
+        value: u64::from(off),
+    };
+    Ok(phys.ok_or(VmmError::Placement(beyond))?)
+}
+
+/// The HMA as runs of physically adjacent pages: (offset in the HMA,
+/// physical address, bytes), each physical address below 4 GiB.
+fn hma_runs(vmm: &Vmm) -> Result<Vec<(u32, u32, Vec<u8>)>, ScenarioError> {
+    let mut runs: Vec<(u32, u32, Vec<u8>)> = Vec::new();
+    let pages = vmm.hma_pages().iter().zip(vmm.hma().chunks(4096));
+    for (i, (page, bytes)) in pages.enumerate() {
+        let phys = u32_addr("HMA page", page.0)?;
+        if let Some((_, start, run)) = runs.last_mut() {
+            if u64::from(*start) + run.len() as u64 == u64::from(phys) {
+                run.extend_from_slice(bytes);
+                continue;
+            }
+        }
+        runs.push(((i * 4096) as u32, phys, bytes.to_vec()));
+    }
+    Ok(runs)
+}
+
 /// Maps the core code and the HMA at their host addresses and names the
 /// switcher entry, its argument, the cookie slot and the dumps (the VM
 /// structure, the scratch page). On an AMD64 host the HMA also gets the low
@@ -1044,31 +1179,35 @@ fn map_core_and_hma(
     core: Vec<u8>,
 ) -> Result<HostKernelBuilder, ScenarioError> {
     let p = s.placement;
-    let hma_bytes = vmm.hma().to_vec();
-    let hma_len = hma_bytes.len() as u32;
-    let hma_phys = u32_addr("HMA", p.hma_phys.0)?;
+    // HC page i of the HMA is its physical page i.
+    let hma_runs = hma_runs(vmm)?;
     let code_phys = u32_addr("core code", p.code_phys.0)?;
     let vm_size = vmm.hma_layout().vm_size;
     if !at.wide {
         let entry = u32_addr("switcher entry", sw.entries.r0_host_to_guest_hc.0)?;
+        kb = kb.blob_mapped(
+            "core-code",
+            code_phys,
+            u32_addr("core code HC", p.code_hc.0)?,
+            core,
+            true,
+        );
+        for (off, phys, bytes) in hma_runs {
+            kb = kb.blob_mapped("hma", phys, at.hma_hc + off, bytes, true);
+        }
         return Ok(kb
-            .blob_mapped(
-                "core-code",
-                code_phys,
-                u32_addr("core code HC", p.code_hc.0)?,
-                core,
-                true,
-            )
-            .blob_mapped("hma", hma_phys, at.hma_hc, hma_bytes, true)
             .entry(entry)
             .arg1(at.vm_hc)
             .cookie_at(at.mailbox_hc + offset_of!(Mailbox, cookie) as u32)
+            .cookie_stride(at.mailbox_stride())
             .dump("vm", at.vm_hc, vm_size)
             .dump("scratch", at.scratch_hc(), 4));
     }
-    kb = kb
-        .blob_mapped64("core-code", code_phys, p.code_hc.0, core, true)
-        .blob_mapped64("hma", hma_phys, p.hma_hc.0, hma_bytes, true);
+    kb = kb.blob_mapped64("core-code", code_phys, p.code_hc.0, core, true);
+    for (off, phys, bytes) in &hma_runs {
+        let virt = p.hma_hc.0 + u64::from(*off);
+        kb = kb.blob_mapped64("hma", *phys, virt, bytes.clone(), true);
+    }
     // Hook code reaches the HMA with 32-bit addresses: zero-extended
     // through `[reg+disp]` and sign-extended as absolute displacements.
     // Map whichever of the two aliases the HC mapping is not.
@@ -1076,19 +1215,22 @@ fn map_core_and_hma(
     let sign_ext = i64::from(at.hma_hc as i32) as u64;
     for (name, virt) in [("hma-alias", zero_ext), ("hma-alias-sx", sign_ext)] {
         if virt != p.hma_hc.0 && !(name == "hma-alias-sx" && sign_ext == zero_ext) {
-            kb = kb.map64(crate::hostkernel::Mapping64 {
-                name: name.into(),
-                virt,
-                phys: hma_phys,
-                len: hma_len,
-                writable: true,
-            });
+            for (off, phys, bytes) in &hma_runs {
+                kb = kb.map64(crate::hostkernel::Mapping64 {
+                    name: name.into(),
+                    virt: virt + u64::from(*off),
+                    phys: *phys,
+                    len: bytes.len() as u32,
+                    writable: true,
+                });
+            }
         }
     }
     Ok(kb
         .entry64(sw.entries.r0_host_to_guest_hc.0)
         .arg1_64(at.vm_hc64)
         .cookie_at64(at.hi(at.mailbox_hc) + offset_of!(Mailbox, cookie) as u64)
+        .cookie_stride(at.mailbox_stride())
         .dump64("vm", at.vm_hc64, vm_size)
         .dump64("scratch", at.hi(at.scratch_hc()), 4))
 }
@@ -1135,13 +1277,18 @@ fn add_checks(
     let apic_on = s.options.apic_nmi_masking;
     let x2 = s.host_x2apic;
     let mailbox_hc = at.mailbox_hc;
+    let stride = at.mailbox_stride();
     let cpum_hc = at.cpum_hc;
     if s.is_stub() {
         kb.expect(Expected::Value(vmm_switcher::templates::stub::STUB_STATUS))
     } else if s.uses_far_helper() {
-        long_hooks(kb, apic_on, x2, mailbox_hc, cpum_hc)
+        long_hooks(kb, apic_on, x2, (mailbox_hc, stride), cpum_hc)
             .expect(Expected::CookieXor(intermediate_amd64::RET_XOR))
-            .dump("mailbox", mailbox_hc, size_of::<Mailbox>() as u32)
+            .dump(
+                "mailbox",
+                mailbox_hc,
+                at.mailboxes_len(size_of::<Mailbox>()),
+            )
     } else if let (Some(args), Some(e)) = (&s.trampoline_args, rc_entries) {
         let target = e.targets[args.len()];
         let tramp = sw.entries.rc_call_trampoline.0;
@@ -1157,9 +1304,13 @@ fn add_checks(
     } else {
         // Long mode runs with CR4.PAE set as well.
         let pae = vmm::target_flavour(s.kind) != vmm::Flavour::Legacy32;
-        rc_hooks(kb, apic_on, x2, pae, mailbox_hc, cpum_hc)
+        rc_hooks(kb, apic_on, x2, pae, (mailbox_hc, stride), cpum_hc)
             .expect(Expected::CookieXor(hyper::RET_XOR))
-            .dump("mailbox", mailbox_hc, size_of::<hyper::RcMailbox>() as u32)
+            .dump(
+                "mailbox",
+                mailbox_hc,
+                at.mailboxes_len(size_of::<hyper::RcMailbox>()),
+            )
     }
 }
 
@@ -1201,14 +1352,18 @@ fn long_hooks(
     kb: HostKernelBuilder,
     apic_on: bool,
     x2: bool,
-    mailbox_hc: u32,
+    (mailbox_hc, stride): (u32, u32),
     cpum_hc: u32,
 ) -> HostKernelBuilder {
+    let mbox = MailboxAt {
+        hc: mailbox_hc,
+        stride,
+    };
     let pre = move |a: &mut CodeAssembler, h: &mut HookCtx| -> Result<(), IcedError> {
         if apic_on {
             apic_version_once(a, h, cpum_hc, x2)?;
         }
-        let mb = |f: usize| mailbox_hc + f as u32;
+        mbox.load(a, h)?;
         let mut no_fpu = a.create_label();
         let mut no_dbg = a.create_label();
         a.mov(esi, dword_ptr(h.trip_slot))?;
@@ -1221,10 +1376,7 @@ fn long_hooks(
         if x2 {
             a.or(edx, intermediate_amd64::expect::X2APIC)?;
         }
-        a.mov(
-            dword_ptr(abs_addr(h, mb(offset_of!(Mailbox, want_dis)))),
-            0x7u32,
-        )?;
+        a.mov(mbox.field(h, offset_of!(Mailbox, want_dis)), 0x7u32)?;
         // Even trips load Guest.fpu in the far world.
         a.test(esi, 1)?;
         a.jnz(no_fpu)?;
@@ -1257,7 +1409,7 @@ fn long_hooks(
         a.mov(dword_ptr(ebx + d6), eax)?;
         a.mov(dword_ptr(ebx + d6 + 4), 0u32)?;
         a.set_label(&mut no_dbg)?;
-        a.mov(dword_ptr(abs_addr(h, mb(offset_of!(Mailbox, expect)))), edx)?;
+        a.mov(mbox.field(h, offset_of!(Mailbox, expect)), edx)?;
         Ok(())
     };
     let post = move |a: &mut CodeAssembler, h: &mut HookCtx| -> Result<(), IcedError> {
@@ -1273,7 +1425,8 @@ fn long_hooks(
         a.jz(ok)?;
         a.mov(dword_ptr(h.hook_fail_slot), HOOKFAIL_SYNC_LEFT)?;
         a.set_label(&mut ok)?;
-        far_fails(a, h, mailbox_hc + offset_of!(Mailbox, fails) as u32)
+        mbox.load(a, h)?;
+        far_fails(a, h, mbox.field(h, offset_of!(Mailbox, fails)))
     };
     kb.pre_call(pre).post_call(post)
 }
@@ -1352,10 +1505,46 @@ fn abs_addr(h: &HookCtx, addr: u32) -> u64 {
     }
 }
 
-/// Reports the far side's failure bits (the dword at `fails_hc`) as a `HOOKFAIL`.
-fn far_fails(a: &mut CodeAssembler, h: &HookCtx, fails_hc: u32) -> Result<(), IcedError> {
+/// Where the hooks find the far side's mailbox: at `hc`, or, with a
+/// `stride`, VCPU `i`'s at `hc + i * stride` (EDI/RDI holds `i * stride`
+/// after [`MailboxAt::load`]).
+#[derive(Clone, Copy)]
+struct MailboxAt {
+    /// HC address (for hooks) of the (first) mailbox.
+    hc: u32,
+    /// Distance between two VCPUs' mailboxes; 0 for one shared mailbox.
+    stride: u32,
+}
+
+impl MailboxAt {
+    /// With per-VCPU mailboxes: EDI/RDI = this call's VCPU index times the
+    /// stride. Nothing otherwise.
+    fn load(self, a: &mut CodeAssembler, h: &HookCtx) -> Result<(), IcedError> {
+        if self.stride != 0 {
+            a.mov(edi, dword_ptr(h.vcpu_slot))?;
+            a.imul_3(edi, edi, self.stride)?;
+        }
+        Ok(())
+    }
+
+    /// The dword at offset `f` of this call's mailbox (after
+    /// [`MailboxAt::load`], EDI/RDI intact).
+    fn field(self, h: &HookCtx, f: usize) -> AsmMemoryOperand {
+        let addr = self.hc + f as u32;
+        if self.stride == 0 {
+            dword_ptr(abs_addr(h, addr))
+        } else if h.bitness == 64 {
+            dword_ptr(rdi + addr as i32)
+        } else {
+            dword_ptr(edi + addr as i32)
+        }
+    }
+}
+
+/// Reports the far side's failure bits (the dword `fails`) as a `HOOKFAIL`.
+fn far_fails(a: &mut CodeAssembler, h: &HookCtx, fails: AsmMemoryOperand) -> Result<(), IcedError> {
     let mut ok = a.create_label();
-    a.mov(eax, dword_ptr(abs_addr(h, fails_hc)))?;
+    a.mov(eax, fails)?;
     a.test(eax, eax)?;
     a.jz(ok)?;
     a.or(eax, HOOKFAIL_FAR)?;
@@ -1381,17 +1570,10 @@ struct RcHookParams {
     x2: bool,
     /// The hypervisor context has CR4.PAE set.
     pae: bool,
-    /// HC address of the RC code's mailbox.
-    mailbox_hc: u32,
+    /// The RC code's mailbox(es).
+    mbox: MailboxAt,
     /// HC address of `Cpum`.
     cpum_hc: u32,
-}
-
-impl RcHookParams {
-    /// HC address of the mailbox field at offset `f`.
-    fn mb(self, f: usize) -> u32 {
-        self.mailbox_hc + f as u32
-    }
 }
 
 /// Hooks for the 32-bit/PAE family: expectations for the RC code, hyper
@@ -1402,14 +1584,17 @@ fn rc_hooks(
     apic_on: bool,
     x2: bool,
     pae: bool,
-    mailbox_hc: u32,
+    (mailbox_hc, stride): (u32, u32),
     cpum_hc: u32,
 ) -> HostKernelBuilder {
     let p = RcHookParams {
         apic_on,
         x2,
         pae,
-        mailbox_hc,
+        mbox: MailboxAt {
+            hc: mailbox_hc,
+            stride,
+        },
         cpum_hc,
     };
     let pre = move |a: &mut CodeAssembler, h: &mut HookCtx| -> Result<(), IcedError> {
@@ -1423,7 +1608,8 @@ fn rc_hooks(
     let post = move |a: &mut CodeAssembler, h: &mut HookCtx| -> Result<(), IcedError> {
         check_host_fpu_and_dr(a, h)?;
         check_guest_fpu_saved(a, h, p)?;
-        far_fails(a, h, p.mb(offset_of!(hyper::RcMailbox, fails)))
+        p.mbox.load(a, h)?;
+        far_fails(a, h, p.mbox.field(h, offset_of!(hyper::RcMailbox, fails)))
     };
     kb.pre_call(pre).post_call(post)
 }
@@ -1440,6 +1626,7 @@ fn rc_expectations(
     let mut no_fpu = a.create_label();
     let mut no_dbg = a.create_label();
     let mut dbg_done = a.create_label();
+    p.mbox.load(a, h)?;
     a.mov(esi, dword_ptr(h.trip_slot))?;
     a.mov(ebx, dword_ptr(h.arg2_slot))?;
     a.add(ebx, p.cpum_hc)?;
@@ -1450,12 +1637,9 @@ fn rc_expectations(
     if p.x2 {
         a.or(edx, ex::X2APIC)?;
     }
+    a.mov(p.mbox.field(h, offset_of!(RcMailbox, want_dis)), 0x7u32)?;
     a.mov(
-        dword_ptr(abs_addr(h, p.mb(offset_of!(RcMailbox, want_dis)))),
-        0x7u32,
-    )?;
-    a.mov(
-        dword_ptr(abs_addr(h, p.mb(offset_of!(RcMailbox, want_pae)))),
+        p.mbox.field(h, offset_of!(RcMailbox, want_pae)),
         u32::from(p.pae),
     )?;
     // Even trips: the RC code uses the FPU, finding these Guest values.
@@ -1485,10 +1669,7 @@ fn rc_expectations(
         !UseFlags::USE_DEBUG_REGS.bits(),
     )?;
     a.set_label(&mut dbg_done)?;
-    a.mov(
-        dword_ptr(abs_addr(h, p.mb(offset_of!(RcMailbox, expect)))),
-        edx,
-    )
+    a.mov(p.mbox.field(h, offset_of!(RcMailbox, expect)), edx)
 }
 
 /// Before a trip: the host's own FPU state (FCW [`HOST_FCW`], XMM0 the
@@ -1562,9 +1743,10 @@ fn check_guest_fpu_saved(
         eax,
         word_ptr(ebx + (cl::GUEST_FPU + offset_of!(cpum::FxSaveArea, fcw)) as i32),
     )?;
+    p.mbox.load(a, h)?;
     a.cmp(
         eax,
-        dword_ptr(abs_addr(h, p.mb(offset_of!(hyper::RcMailbox, guest_fcw)))),
+        p.mbox.field(h, offset_of!(hyper::RcMailbox, guest_fcw)),
     )?;
     a.je(saved)?;
     a.mov(dword_ptr(h.hook_fail_slot), HOOKFAIL_GUEST_FPU_SAVE)?;
@@ -1608,6 +1790,77 @@ fn trampoline_hooks(
     kb.pre_call(pre)
 }
 
+/// Each VCPU's own switcher profiles: one period per round trip of its
+/// own, none left running.
+fn vcpu_profile_failures(s: &Scenario, cpumcpu: &[CpumCpu32], pass: bool) -> Vec<String> {
+    let mut f = Vec::new();
+    for (i, c) in cpumcpu.iter().enumerate() {
+        for (name, p) in [
+            (vmm::stats::vcpu_to_gc(i as u32), &c.stat_to_gc),
+            (vmm::stats::vcpu_to_hc(i as u32), &c.stat_to_hc),
+        ] {
+            if p.core.periods != u64::from(s.trips) && pass {
+                f.push(format!(
+                    "{name} has {} periods, expected {}",
+                    p.core.periods, s.trips
+                ));
+            }
+            if p.ts_start != 0 {
+                f.push(format!("{name} left running"));
+            }
+        }
+    }
+    f
+}
+
+/// The far side's mailboxes: one per VCPU on several host CPUs (unless
+/// [`Mutation::SharedFarMailbox`]), else one for all.
+fn mailboxes(s: &Scenario) -> u32 {
+    if s.cpus > 1 && s.mutation != Some(Mutation::SharedFarMailbox) {
+        s.vcpus
+    } else {
+        1
+    }
+}
+
+/// The VCPUs' `n` mailboxes in the dump (each [`farside::MAILBOX_STRIDE`]
+/// after the one before) as one: VCPU 0's, with the others' counters
+/// added by `merge`. `None` when the dump lacks one of them.
+fn merged_mailbox<M: zerocopy::FromBytes>(
+    d: &crate::transcript::Dump,
+    n: u32,
+    merge: fn(&mut M, &M),
+) -> Option<M> {
+    let mut all = d.read::<M>(0)?;
+    for i in 1..n {
+        let other = d.read::<M>((i * farside::MAILBOX_STRIDE) as usize)?;
+        merge(&mut all, &other);
+    }
+    Some(all)
+}
+
+/// Adds the far helper's counters of `o` to `m` (failures ORed).
+fn merge_long(m: &mut Mailbox, o: &Mailbox) {
+    m.calls = m.calls.wrapping_add(o.calls);
+    m.nmis = m.nmis.wrapping_add(o.nmis);
+    m.fails |= o.fails;
+    if m.first_fail_cookie == 0 {
+        m.first_fail_cookie = o.first_fail_cookie;
+    }
+}
+
+/// Adds the RC code's counters of `o` to `m` (failures ORed).
+fn merge_rc(m: &mut hyper::RcMailbox, o: &hyper::RcMailbox) {
+    m.calls = m.calls.wrapping_add(o.calls);
+    m.nm_count = m.nm_count.wrapping_add(o.nm_count);
+    m.c_exits = m.c_exits.wrapping_add(o.c_exits);
+    m.nmis = m.nmis.wrapping_add(o.nmis);
+    m.fails |= o.fails;
+    if m.first_fail_cookie == 0 {
+        m.first_fail_cookie = o.first_fail_cookie;
+    }
+}
+
 /// Boots a built scenario and judges it.
 ///
 /// # Errors
@@ -1643,21 +1896,29 @@ pub fn judge(s: &Scenario, b: &Built, run: RunResult) -> ScenarioResult {
     }
     let calls = u64::from(s.trips) * u64::from(s.vcpus);
     let vm_dump = r.dump("vm");
-    let vm: Option<VmFixed> = vm_dump.and_then(|d| d.read::<VmFixed>(0));
+    // The VM-wide switcher profiles as every consumer of the samples sees
+    // them: with each VCPU's own added in.
+    let vm: Option<VmFixed> = vm_dump.and_then(|d| {
+        let totals = b.vmm.stam().ok()?.with_totals(&d.bytes);
+        <VmFixed as zerocopy::FromBytes>::read_from_prefix(&totals)
+            .ok()
+            .map(|(v, _)| v)
+    });
     let cpumcpu: Vec<CpumCpu32> = (0..s.vcpus)
         .filter_map(|i| {
             vm_dump.and_then(|d| d.read::<CpumCpu32>(OFF_CPUM + b.vmm.vcpu_arg(i) as usize))
         })
         .collect();
     let long = s.uses_far_helper();
+    let mailboxes = mailboxes(s);
     let mailbox: Option<Mailbox> = r
         .dump("mailbox")
         .filter(|_| long)
-        .and_then(|d| d.read::<Mailbox>(0));
+        .and_then(|d| merged_mailbox(d, mailboxes, merge_long));
     let rc_mailbox: Option<hyper::RcMailbox> = r
         .dump("mailbox")
         .filter(|_| !long)
-        .and_then(|d| d.read::<hyper::RcMailbox>(0));
+        .and_then(|d| merged_mailbox(d, mailboxes, merge_rc));
     let summary = r.summary.as_ref();
     match summary {
         Some(sm) => {
@@ -1759,6 +2020,11 @@ pub fn judge(s: &Scenario, b: &Built, run: RunResult) -> ScenarioResult {
                     failures.push(format!("/VMM/Switcher/{name} left running"));
                 }
             }
+            failures.extend(vcpu_profile_failures(
+                s,
+                &cpumcpu,
+                run.outcome == Outcome::Pass,
+            ));
             to_gc = h
                 .stat_switcher_to_gc
                 .core
@@ -2110,7 +2376,11 @@ impl Scenario {
         if !self.is_stub() && !self.uses_far_helper() && self.trampoline_args.is_none() {
             v.push(F::Sse2);
         }
-        v.extend(crate::cpumodel::host_needs(self).into_iter().map(|(_, f)| f));
+        v.extend(
+            crate::cpumodel::host_needs(self)
+                .into_iter()
+                .map(|(_, f)| f),
+        );
         v
     }
 }
@@ -2196,7 +2466,7 @@ fn host_config_failures(s: &Scenario, r: &crate::transcript::Report) -> Vec<Stri
     let Some(h) = &r.host else {
         return f;
     };
-    if s.host_cr4 == HostCr4::Today {
+    if s.host_cr4.today() {
         let want = crate::hostkernel::CR4_TODAY;
         if u64::from(h.cr4) & want != want {
             f.push(format!(
@@ -2204,6 +2474,21 @@ fn host_config_failures(s: &Scenario, r: &crate::transcript::Report) -> Vec<Stri
                 h.cr4
             ));
         }
+    }
+    if s.host_cr4.pcid() {
+        let pcide = cpum::regs::Cr4::PCIDE.bits();
+        let pcid = u64::from(h.cr3) & 0xfff;
+        if u64::from(h.cr4) & pcide == 0 || pcid != crate::hostkernel::HOST_PCID {
+            f.push(format!(
+                "the host ran with CR4 {:#x} and CR3 {:#x}, not with PCIDE and PCID {:#x}",
+                h.cr4,
+                h.cr3,
+                crate::hostkernel::HOST_PCID
+            ));
+        }
+    }
+    if s.host_cr4.cet() && u64::from(h.cr4) & crate::hostkernel::CR4_CET == 0 {
+        f.push(format!("the host ran with CR4 {:#x}, without CET", h.cr4));
     }
     let la57 = cpum::regs::Cr4::LA57.bits();
     if s.la57() && u64::from(h.cr4) & la57 == 0 {
@@ -2354,11 +2639,17 @@ fn boot_failures(s: &Scenario, b: &Built, r: &crate::transcript::Report) -> Vec<
         f.push("the BOOT line names another scenario than this build".into());
     }
     if let Some(h) = &r.host {
-        use crate::hostkernel::{FS_MAGIC, MAGIC_VALUE};
-        if h.magic != MAGIC_VALUE || h.fs0 != FS_MAGIC || h.cr3 != t.addrs.cr3 {
+        use crate::hostkernel::{FS_MAGIC, HOST_PCID, MAGIC_VALUE};
+        // With PCIDE the host's CR3 carries its PCID in bits 11:0.
+        let want_cr3 = if s.host_cr4.pcid() {
+            t.addrs.cr3 | HOST_PCID as u32
+        } else {
+            t.addrs.cr3
+        };
+        if h.magic != MAGIC_VALUE || h.fs0 != FS_MAGIC || h.cr3 != want_cr3 {
             f.push(format!(
-                "HOST magic={:#x} fs0={:#x} cr3={:#x}, expected {MAGIC_VALUE:#x}, {FS_MAGIC:#x}, {:#x}",
-                h.magic, h.fs0, h.cr3, t.addrs.cr3
+                "HOST magic={:#x} fs0={:#x} cr3={:#x}, expected {MAGIC_VALUE:#x}, {FS_MAGIC:#x}, {want_cr3:#x}",
+                h.magic, h.fs0, h.cr3
             ));
         }
     }

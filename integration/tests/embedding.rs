@@ -1,6 +1,6 @@
 //! The testbed over a core in pages an embedder chose: the intermediate and
-//! hyper tables on scattered, non-adjacent pages, and a switcher still
-//! verifies under QEMU.
+//! hyper tables on scattered, non-adjacent pages, the hypervisor area's
+//! pages in descending order, and a switcher still verifies under QEMU.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod support;
@@ -28,6 +28,14 @@ fn switchers_verify_with_scattered_table_pages() {
                 assert!(w[0] > w[1] + 0x1000, "not scattered: {used:x?}");
             }
         }
+        // The HMA's pages from the top down: HC and RC page i on physical
+        // page i, none where a contiguous HMA would put it.
+        let hma: Vec<u64> = b.vmm.hma_pages().iter().map(|p| p.0).collect();
+        assert!(hma.len() > 2, "{hma:x?}");
+        for w in hma.windows(2) {
+            assert_eq!(w[0], w[1] + 0x1000, "not descending: {hma:x?}");
+        }
+        assert_eq!(b.vmm.config().placement.hma_phys.0, hma[0]);
         let r = run_built(&s, &b, &q).unwrap();
         eprintln!(
             "{}: {:?}, {} round trips",

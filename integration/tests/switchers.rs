@@ -83,7 +83,7 @@ fn both_switchers_both_revisions_thousand_trips_two_vcpus_deterministic() {
             let image = a.vm_image.as_deref().unwrap();
             let snap = st
                 .registry
-                .snapshot("/VMM/Switcher/*", &st.backing(image))
+                .snapshot("/VMM/Switcher/*", &st.backing(&st.with_totals(image)))
                 .unwrap();
             for sv in &snap.samples {
                 match &sv.value {

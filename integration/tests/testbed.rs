@@ -562,7 +562,10 @@ fn x2apic_option_in_the_32_bit_hosts() {
                 .errors
                 .iter()
                 .any(|e| e.contains("CPUID.1:ECX.x2APIC (bit 21) is 0"))
-                || r.report.cpu_refusal.as_ref().is_some_and(|c| c.feature == "x2apic");
+                || r.report
+                    .cpu_refusal
+                    .as_ref()
+                    .is_some_and(|c| c.feature == "x2apic");
             if absent {
                 assert_eq!(r.outcome, Outcome::VerificationFailed, "{}", r.transcript());
                 assert!(r.report.summary.is_none(), "no call was made");

@@ -517,7 +517,10 @@ fn judge_x2apic(r: &RunResult) -> bool {
         .errors
         .iter()
         .any(|e| e.contains("CPUID.1:ECX.x2APIC (bit 21) is 0"))
-        || r.report.cpu_refusal.as_ref().is_some_and(|c| c.feature == "x2apic");
+        || r.report
+            .cpu_refusal
+            .as_ref()
+            .is_some_and(|c| c.feature == "x2apic");
     if absent {
         assert_eq!(r.outcome, Outcome::VerificationFailed, "{}", r.transcript());
         assert!(r.report.boot.is_some());

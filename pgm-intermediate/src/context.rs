@@ -509,7 +509,9 @@ impl<A: PageAllocator> IntermediateContext<A> {
                 match root.and_then(|r| cache.pt_lookup(&self.alloc, flavour, r, v)) {
                     Some(Ok(walk::PtEntry::Absent)) => continue,
                     Some(Ok(walk::PtEntry::Leaf {
-                        phys: got, flags: f, ..
+                        phys: got,
+                        flags: f,
+                        ..
                     })) if got == p && f == want => continue,
                     // A conflict or an error: the full walk below names it.
                     Some(_) | None => {}

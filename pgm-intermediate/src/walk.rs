@@ -313,7 +313,8 @@ fn step<M: TableMemory + ?Sized>(
     if !(flavour == Flavour::Pae && spec.level == Level::Pdpt) {
         acc.writable &= entry & EntryFlags::WRITABLE.bits() != 0;
         acc.user &= entry & EntryFlags::USER.bits() != 0;
-        acc.no_execute |= flavour != Flavour::Legacy32 && entry & EntryFlags::NO_EXECUTE.bits() != 0;
+        acc.no_execute |=
+            flavour != Flavour::Legacy32 && entry & EntryFlags::NO_EXECUTE.bits() != 0;
     }
     match decode(flavour, spec, virt, entry) {
         Err(e) => Next::Done(Err(e)),
@@ -480,10 +481,9 @@ impl WalkCache {
     /// The address of `virt`'s page-table entry when the cache holds the
     /// directory part of its walk (`flavour` rooted at `root`).
     pub(crate) fn pt_entry(&self, flavour: Flavour, root: u64, virt: u64) -> Option<u64> {
-        let state = self
-            .0
-            .as_ref()
-            .filter(|s| s.flavour == flavour && s.root == root && s.chunk == chunk_of(flavour, virt))?;
+        let state = self.0.as_ref().filter(|s| {
+            s.flavour == flavour && s.root == root && s.chunk == chunk_of(flavour, virt)
+        })?;
         let pt = levels(flavour).last()?;
         Some(state.table + pt.index(virt) * flavour.entry_size())
     }
@@ -707,12 +707,31 @@ mod tests {
     #[test]
     fn cached_walks_are_full_walks() -> Result<(), std::boxed::Box<dyn std::error::Error>> {
         let mut ctx = IntermediateContext::new(VecAllocator::new(0x60_0000, 64)?)?;
-        ctx.map(0x40_0000, 0x40_0000, 0x3000, MapFlags::WRITABLE, Flavours::all())?;
+        ctx.map(
+            0x40_0000,
+            0x40_0000,
+            0x3000,
+            MapFlags::WRITABLE,
+            Flavours::all(),
+        )?;
         // Straddles a 2 MiB and a 4 MiB boundary.
-        ctx.map(0x9fff_e000, 0x50_0000, 0x5000, MapFlags::WRITABLE, Flavours::all())?;
+        ctx.map(
+            0x9fff_e000,
+            0x50_0000,
+            0x5000,
+            MapFlags::WRITABLE,
+            Flavours::all(),
+        )?;
         let addrs: Vec<u64> = (0x9ffe_0000u64..0xa002_0000)
             .step_by(0x1000)
-            .chain([0x40_0000, 0x40_1000, 0x9fff_e000, 0x1234_5000, 0xffff_f000, 1 << 48])
+            .chain([
+                0x40_0000,
+                0x40_1000,
+                0x9fff_e000,
+                0x1234_5000,
+                0xffff_f000,
+                1 << 48,
+            ])
             .collect();
         let check = |ctx: &IntermediateContext<VecAllocator>| {
             for flavour in [Flavour::Legacy32, Flavour::Pae, Flavour::Long] {
@@ -720,7 +739,10 @@ mod tests {
                 let mut cache = WalkCache::default();
                 for &v in addrs.iter().chain(addrs.iter().rev()) {
                     let full = walk(ctx.allocator(), flavour, root, v);
-                    assert_eq!(walk_cached(ctx.allocator(), flavour, root, v, &mut cache), full);
+                    assert_eq!(
+                        walk_cached(ctx.allocator(), flavour, root, v, &mut cache),
+                        full
+                    );
                     let fast = cache.pt_lookup(ctx.allocator(), flavour, root, v);
                     match (fast, full) {
                         (None, _) => {}
@@ -738,7 +760,13 @@ mod tests {
         };
         check(&ctx);
         ctx.unmap(0x9fff_f000, 0x2000, Flavours::all())?;
-        ctx.map(0xa040_0000, 0x58_0000, 0x1000, MapFlags::WRITABLE, Flavours::all())?;
+        ctx.map(
+            0xa040_0000,
+            0x58_0000,
+            0x1000,
+            MapFlags::WRITABLE,
+            Flavours::all(),
+        )?;
         check(&ctx);
         Ok(())
     }

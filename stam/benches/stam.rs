@@ -226,7 +226,9 @@ mod baseline {
     /// The XML snapshot with `write!`.
     pub fn xml(samples: &[SampleValue]) -> String {
         let mut out = String::new();
-        out.push_str("<?xml version=\"1.0\" encoding=\"UTF-8\" standalone=\"no\"?>\n<Statistics>\n");
+        out.push_str(
+            "<?xml version=\"1.0\" encoding=\"UTF-8\" standalone=\"no\"?>\n<Statistics>\n",
+        );
         for s in samples.iter().filter(|s| !hidden(s)) {
             let _ = match s.value {
                 Value::Counter { c } => write!(out, "<Counter c=\"{}\"", c as i64),
@@ -323,10 +325,26 @@ mod baseline {
             }
         }
         reg.register("stam_counter", "STAM counter samples (COUNTER).", counters);
-        reg.register("stam_profile_periods", "Periods of STAM profile samples.", periods);
-        reg.register("stam_profile_ticks", "Ticks of STAM profile samples.", ticks);
-        reg.register("stam_profile_ticks_max", "Longest period of a profile.", max);
-        reg.register("stam_profile_ticks_min", "Shortest period of a profile.", min);
+        reg.register(
+            "stam_profile_periods",
+            "Periods of STAM profile samples.",
+            periods,
+        );
+        reg.register(
+            "stam_profile_ticks",
+            "Ticks of STAM profile samples.",
+            ticks,
+        );
+        reg.register(
+            "stam_profile_ticks_max",
+            "Longest period of a profile.",
+            max,
+        );
+        reg.register(
+            "stam_profile_ticks_min",
+            "Shortest period of a profile.",
+            min,
+        );
         reg.register("stam_value", "STAM scalar samples.", values);
         reg
     }

@@ -312,7 +312,10 @@ fn xml_row(out: &mut String, row: &Row<'_>, with_desc: bool) {
 fn push_json_str(out: &mut String, s: &str) {
     out.push('"');
     let mut rest = s;
-    while let Some(i) = rest.bytes().position(|b| b < 0x20 || b == b'"' || b == b'\\') {
+    while let Some(i) = rest
+        .bytes()
+        .position(|b| b < 0x20 || b == b'"' || b == b'\\')
+    {
         out.push_str(&rest[..i]);
         let b = rest.as_bytes()[i];
         match b {
@@ -576,7 +579,12 @@ pub(crate) fn prometheus<'a>(rows: impl Iterator<Item = Row<'a>>) -> String {
         }
     }
     let total: usize = series.iter().map(Vec::len).sum();
-    let mut out = String::with_capacity(labels.len().saturating_mul(2).saturating_add(total.saturating_mul(48)));
+    let mut out = String::with_capacity(
+        labels
+            .len()
+            .saturating_mul(2)
+            .saturating_add(total.saturating_mul(48)),
+    );
     for (fam, list) in FAMILIES.iter().zip(&series) {
         if list.is_empty() {
             continue;
@@ -661,7 +669,12 @@ mod tests {
             Value::Unsigned(0),
             Value::Bool(true),
         ];
-        let names = ["/a", "/q\"uote\\back", "/ctl\u{1}\u{8}\u{c}\n\r\t\u{1f}\u{7f}", "/ünï"];
+        let names = [
+            "/a",
+            "/q\"uote\\back",
+            "/ctl\u{1}\u{8}\u{c}\n\r\t\u{1f}\u{7f}",
+            "/ünï",
+        ];
         for (i, ty) in StamType::ALL.into_iter().enumerate() {
             for unit in StamUnit::ALL {
                 samples.push(SampleValue {

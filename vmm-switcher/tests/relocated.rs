@@ -75,6 +75,8 @@ fn layout_offsets() -> BTreeSet<i64> {
         l::GUEST_FPU,
         l::HYPER_RSP,
         l::HYPER_RIP,
+        l::STAT_TO_GC,
+        l::STAT_TO_HC,
         l::HYPER_GDTR,
         l::HYPER_LSS_ESP,
         l::USE_FLAGS,
@@ -231,17 +233,26 @@ fn check(def: &SwitcherDef, o: &TemplateOptions, c: &RelocContext) {
             a.record.kind, a.record.off
         );
     }
-    for (k, stat) in [(K::HcVmOff, VM.stat_to_gc), (K::GcVmOff, VM.stat_to_gc)] {
-        let n = def
-            .fixups
-            .iter()
-            .filter(|f| f.kind == k && f.operand == Some(stat))
-            .count();
-        assert_eq!(
-            n,
-            usize::from(o.stats),
-            "{k:?} ToGC fixups with stats={}",
-            o.stats
+    // The profiles are per VCPU: the C entry reaches its VCPU's through the
+    // HC CPUM; no switcher updates the VM-wide ones.
+    let n = def
+        .fixups
+        .iter()
+        .filter(|f| f.kind == K::HcCpumOff && f.operand == Some(cpum::layout::STAT_TO_GC as u32))
+        .count();
+    assert_eq!(
+        n,
+        usize::from(o.stats),
+        "ToGC fixups with stats={}",
+        o.stats
+    );
+    for k in [K::HcVmOff, K::GcVmOff] {
+        assert!(
+            !def.fixups
+                .iter()
+                .any(|f| f.kind == k
+                    && [VM.stat_to_gc, VM.stat_to_hc].contains(&f.operand.unwrap_or(0))),
+            "{k:?}: a VM-wide profile is updated"
         );
     }
 
@@ -466,9 +477,10 @@ fn every_invalid_input_class_gets_its_error() {
     c.sel.cs64 = 0;
     assert!(matches!(err(def, &c), RelocError::NullCs64 { .. }));
     let mut c = good;
-    c.vm_size = VM.stat_to_gc;
+    let stat = cpum::layout::STAT_TO_GC as u32;
+    c.cpum_size = stat;
     assert!(
-        matches!(err(def, &c), RelocError::OperandOutOfRange { operand, .. } if operand == VM.stat_to_gc)
+        matches!(err(def, &c), RelocError::OperandOutOfRange { operand, .. } if operand == stat)
     );
     let mut c = good;
     c.vm_hc = HcAddr(0xffff_8000_0000_0000);

@@ -268,7 +268,7 @@ mod tests {
     #[test]
     fn layout_is_page_granular_and_ordered() {
         let l = HmaLayout::new(2, 4).unwrap();
-        assert_eq!(l.vm_size, 256 + 2 * 2560);
+        assert_eq!(l.vm_size, 256 + 2 * 2624);
         assert_eq!(l.gdt, 0x2000);
         assert_eq!(l.tss, 0x3000);
         assert_eq!(l.idt, 0x4000);
@@ -278,7 +278,7 @@ mod tests {
         assert_eq!(l.helper, 0x9000);
         assert_eq!(l.size, 0xd000);
         assert_eq!(l.tss_of(1), Some(0x3080));
-        assert_eq!(off_cpumcpu(1), Some(64 + 2560));
+        assert_eq!(off_cpumcpu(1), Some(64 + 2624));
         assert_eq!(off_cpumcpu(u32::MAX), None);
         assert_eq!(vm_size(u32::MAX), None);
     }

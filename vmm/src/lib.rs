@@ -46,7 +46,9 @@ pub mod stats;
 pub mod vcpu;
 
 pub use cpum::{CpumCpu32, CpumCpu64, CpumCpuShared};
-pub use pages::{PageError, PageProvider, Pages, Purpose, TableOrder, TablePool, VecPages};
+pub use pages::{
+    HmaPages, PageError, PageProvider, Pages, Purpose, TableOrder, TablePool, VecPages,
+};
 pub use pgm_intermediate::Flavour;
 pub use vcpu::{CpumCpuVariant, VcpuCpum};
 pub use vmm_switcher::entry::{EntryContract, EntryPoint};
@@ -80,7 +82,9 @@ pub struct Placement {
     pub hma_rc: RcAddr,
     /// HC address of the hypervisor area (where the host sees the VM structure).
     pub hma_hc: HcAddr,
-    /// Physical address of the hypervisor area.
+    /// Physical address of the hypervisor area's first page (the area's
+    /// pages need not be adjacent: [`Vmm::hma_pages`] lists them; the
+    /// default provider puts them from here up).
     pub hma_phys: PhysAddr,
     /// Physical address of the intermediate page tables (below 4 GiB).
     pub tables_phys: PhysAddr,
@@ -278,6 +282,14 @@ pub enum PlacementError {
         start: u64,
         /// End.
         end: u64,
+    },
+    /// The provider handed out a different number of HMA pages than asked.
+    #[error("the provider handed out {got} hypervisor-area page(s) for a request of {want}")]
+    HmaPageCount {
+        /// Pages handed out.
+        got: usize,
+        /// Pages asked for.
+        want: usize,
     },
     /// A range starting at `start` and `len` bytes long runs past 2^64.
     #[error(
@@ -586,6 +598,7 @@ pub struct Vmm<P: PageProvider = VecPages> {
     core_len: usize,
     hma: P::Mapping,
     hma_len: usize,
+    hma_pages: Vec<PhysAddr>,
     inter: IntermediateContext<TablePool<P::Mapping>>,
     hyper: IntermediateContext<TablePool<P::Mapping>>,
     active: Option<SwitcherKind>,
@@ -675,6 +688,24 @@ fn range(what: &'static str, start: u64, len: u64) -> Result<Range<u64>, Placeme
     Ok(start..end)
 }
 
+/// The byte ranges of `mem`, each page aligned and not wrapping.
+fn phys_ranges(what: &'static str, mem: Tables<'_>) -> Result<Vec<Range<u64>>, PlacementError> {
+    match mem {
+        Tables::Region(base, pages) => {
+            aligned(what, base)?;
+            let len = u64::from(pages) * u64::from(PAGE);
+            Ok(vec![range(what, base, len)?])
+        }
+        Tables::Pages(list) => list
+            .iter()
+            .map(|&page| {
+                aligned(what, page)?;
+                range(what, page, u64::from(PAGE))
+            })
+            .collect(),
+    }
+}
+
 fn below4g(what: &'static str, r: &Range<u64>) -> Result<(), PlacementError> {
     if r.end > 1 << 32 {
         return Err(PlacementError::Above4G {
@@ -739,6 +770,39 @@ fn take_contiguous<P: PageProvider>(
     Ok(got)
 }
 
+/// The hypervisor area's pages from a provider, checked: one page per 4 KiB
+/// of `len`, each aligned, and a mapping of exactly that size.
+fn take_hma<P: PageProvider>(
+    provider: &mut P,
+    len: usize,
+) -> Result<HmaPages<P::Mapping>, VmmError> {
+    let page = PAGE_SIZE as usize;
+    let pages = len.div_ceil(page).max(1);
+    let got = provider.hma(pages)?;
+    let what = Purpose::Hma.name();
+    if got.phys.len() != pages {
+        return Err(PlacementError::HmaPageCount {
+            got: got.phys.len(),
+            want: pages,
+        }
+        .into());
+    }
+    for p in &got.phys {
+        aligned(what, p.0)?;
+    }
+    let mapped = got.map.as_ref().len();
+    if mapped != pages * page {
+        return Err(PlacementError::MappingSize {
+            what,
+            phys: got.phys.first().map_or(0, |p| p.0),
+            got: mapped,
+            want: pages * page,
+        }
+        .into());
+    }
+    Ok(got)
+}
+
 /// `table_pages` pages of `purpose`, each checked.
 fn take_tables<P: PageProvider>(
     provider: &mut P,
@@ -783,10 +847,12 @@ impl Vmm {
         let a = Assembled::new(cfg)?;
         // The table region as a whole, before it is split into pages.
         let p = a.cfg.placement;
+        let hma_len = u64::from(a.hma_layout.size);
+        let hma_region = u32::try_from(hma_len.div_ceil(u64::from(PAGE))).unwrap_or(u32::MAX);
         Self::check_placement(
             &a.cfg,
             a.core.len() as u64,
-            u64::from(a.hma_layout.size),
+            (hma_len, Tables::Region(p.hma_phys.0, hma_region)),
             Tables::Region(p.tables_phys.0, a.cfg.table_pages),
         )?;
         pgm_intermediate::VecAllocator::new(p.tables_phys.0, (a.cfg.table_pages / 2) as usize)
@@ -829,8 +895,8 @@ fn span_image<M: AsRef<[u8]> + AsMut<[u8]>>(pool: &TablePool<M>) -> (PhysAddr, V
     (PhysAddr(lo), image)
 }
 
-/// The intermediate tables' physical memory, as [`Vmm::check_placement`]
-/// checks it.
+/// The physical memory of the HMA or the intermediate tables, as
+/// [`Vmm::check_placement`] checks it.
 enum Tables<'a> {
     /// A region of pages at a base.
     Region(u64, u32),
@@ -861,7 +927,7 @@ impl<P: PageProvider> Vmm<P> {
         } = a;
         let hma_len = hma_layout.size as usize;
         let mut core = take_contiguous(&mut pages, Purpose::CoreCode, code.len())?;
-        let mut hma = take_contiguous(&mut pages, Purpose::Hma, hma_len)?;
+        let mut hma = take_hma(&mut pages, hma_len)?;
         let half = cfg.table_pages / 2;
         let inter_pages = take_tables(&mut pages, Purpose::Tables, half)?;
         let hyper_pages = take_tables(&mut pages, Purpose::HyperTables, cfg.table_pages - half)?;
@@ -871,11 +937,17 @@ impl<P: PageProvider> Vmm<P> {
             .map(|(p, _)| *p)
             .collect();
         cfg.placement.code_phys = core.phys;
-        cfg.placement.hma_phys = hma.phys;
+        let hma_pages: Vec<u64> = hma.phys.iter().map(|p| p.0).collect();
+        cfg.placement.hma_phys = hma.phys.first().copied().unwrap_or_default();
         if let Some(&lo) = all.iter().min() {
             cfg.placement.tables_phys = PhysAddr(lo);
         }
-        Self::check_placement(&cfg, code.len() as u64, hma_len as u64, Tables::Pages(&all))?;
+        Self::check_placement(
+            &cfg,
+            code.len() as u64,
+            (hma_len as u64, Tables::Pages(&hma_pages)),
+            Tables::Pages(&all),
+        )?;
         if let Some(dst) = core.map.as_mut().get_mut(..code.len()) {
             dst.copy_from_slice(&code);
         }
@@ -899,6 +971,7 @@ impl<P: PageProvider> Vmm<P> {
             core_len: code.len(),
             hma: hma.map,
             hma_len,
+            hma_pages: hma.phys,
             inter,
             hyper,
             active: None,
@@ -972,7 +1045,7 @@ impl<P: PageProvider> Vmm<P> {
     fn check_placement(
         cfg: &VmmConfig,
         code_len: u64,
-        hma_len: u64,
+        (hma_len, hma_mem): (u64, Tables<'_>),
         table_mem: Tables<'_>,
     ) -> Result<(), PlacementError> {
         let p = &cfg.placement;
@@ -983,23 +1056,16 @@ impl<P: PageProvider> Vmm<P> {
         aligned("core-code physical", p.code_phys.0)?;
         aligned("HMA RC", u64::from(p.hma_rc.0))?;
         aligned("HMA HC", p.hma_hc.0)?;
-        aligned("HMA physical", p.hma_phys.0)?;
         let code_phys = range("core-code physical", p.code_phys.0, code_len)?;
-        let hma_phys = range("HMA physical", p.hma_phys.0, hma_len)?;
-        let tables: Vec<Range<u64>> = match table_mem {
-            Tables::Region(base, pages) => {
-                aligned("intermediate tables", base)?;
-                let len = u64::from(pages) * u64::from(PAGE);
-                vec![range("intermediate tables", base, len)?]
+        let hma_phys = match hma_mem {
+            // One run exactly the area's size.
+            Tables::Region(base, _) => {
+                aligned("HMA physical", base)?;
+                vec![range("HMA physical", base, hma_len)?]
             }
-            Tables::Pages(list) => list
-                .iter()
-                .map(|&page| {
-                    aligned("intermediate tables", page)?;
-                    range("intermediate tables", page, u64::from(PAGE))
-                })
-                .collect::<Result<_, _>>()?,
+            Tables::Pages(_) => phys_ranges("HMA physical", hma_mem)?,
         };
+        let tables = phys_ranges("intermediate tables", table_mem)?;
         let code_hc = range("core-code HC", p.code_hc.0, code_len)?;
         let hma_hc = range("HMA HC", p.hma_hc.0, hma_len)?;
         // The RC window holds the HMA, then the core code's RC copy.
@@ -1013,6 +1079,10 @@ impl<P: PageProvider> Vmm<P> {
         below4g("core-code physical", &code_phys)?;
         for t in &tables {
             below4g("intermediate tables", t)?;
+        }
+        // The RC view goes through 32-bit tables too.
+        for h in &hma_phys {
+            below4g("HMA physical", h)?;
         }
         below4g("HMA RC", &rc)?;
         if cfg.host_bits == 64 {
@@ -1040,10 +1110,8 @@ impl<P: PageProvider> Vmm<P> {
             below4g("core-code HC", &code_hc)?;
             below4g("HMA HC", &hma_hc)?;
         }
-        let mut phys = vec![
-            ("core-code physical", &code_phys),
-            ("HMA physical", &hma_phys),
-        ];
+        let mut phys = vec![("core-code physical", &code_phys)];
+        phys.extend(hma_phys.iter().map(|h| ("HMA physical", h)));
         phys.extend(tables.iter().map(|t| ("intermediate tables", t)));
         no_overlaps(&phys, |_, _| false)?;
         // Virtual ranges that share the intermediate context must not collide;
@@ -1116,22 +1184,36 @@ impl<P: PageProvider> Vmm<P> {
 
     /// The ranges the RC view adds to both sets of tables: the names they carry
     /// in the switcher's tables and in the hyper context's, and `(virt, phys, len)`.
-    fn rc_ranges(&self) -> Result<[RcRange; 2], PlacementError> {
+    ///
+    /// The HMA is one range per run of physically adjacent pages: RC page
+    /// *i* maps to [`Vmm::hma_pages`]`[i]`.
+    fn rc_ranges(&self) -> Result<Vec<RcRange>, PlacementError> {
         let p = self.cfg.placement;
         let hma = u64::from(self.hma_layout.size);
         let code_rc = u64::from(self.code_rc()?.0);
-        Ok([
-            (
+        let page = u64::from(PAGE);
+        let mut ranges: Vec<RcRange> = Vec::new();
+        for (i, phys) in (0u64..).zip(&self.hma_pages) {
+            let off = i * page;
+            let len = page.min(hma.saturating_sub(off));
+            if let Some((_, _, (_, run_phys, run_len))) = ranges.last_mut() {
+                if run_phys.checked_add(*run_len) == Some(phys.0) {
+                    *run_len += len;
+                    continue;
+                }
+            }
+            ranges.push((
                 "hypervisor area (RC)",
                 "hypervisor area (hyper RC)",
-                (u64::from(p.hma_rc.0), p.hma_phys.0, hma),
-            ),
-            (
-                "core code (RC)",
-                "core code (hyper RC)",
-                (code_rc, p.code_phys.0, self.core_len as u64),
-            ),
-        ])
+                (u64::from(p.hma_rc.0) + off, phys.0, len),
+            ));
+        }
+        ranges.push((
+            "core code (RC)",
+            "core code (hyper RC)",
+            (code_rc, p.code_phys.0, self.core_len as u64),
+        ));
+        Ok(ranges)
     }
 
     /// Maps the RC ranges into the switcher's tables, then into the hyper
@@ -1139,7 +1221,7 @@ impl<P: PageProvider> Vmm<P> {
     fn map_rc(&mut self) -> Result<(), VmmError> {
         let ranges = self.rc_ranges()?;
         for (tables, hyper) in [(&mut self.inter, false), (&mut self.hyper, true)] {
-            for (inter_what, hyper_what, range) in ranges {
+            for &(inter_what, hyper_what, range) in &ranges {
                 let what = if hyper { hyper_what } else { inter_what };
                 map_into(tables, what, range, MapFlags::WRITABLE, Flavours::all())?;
             }
@@ -1150,7 +1232,7 @@ impl<P: PageProvider> Vmm<P> {
     fn unmap_rc(&mut self) -> Result<(), VmmError> {
         let ranges = self.rc_ranges()?;
         for (tables, hyper) in [(&mut self.inter, false), (&mut self.hyper, true)] {
-            for (inter_what, hyper_what, (virt, _, len)) in ranges {
+            for &(inter_what, hyper_what, (virt, _, len)) in &ranges {
                 let what = if hyper { hyper_what } else { inter_what };
                 tables
                     .unmap(virt, len, Flavours::all())
@@ -1273,6 +1355,8 @@ impl<P: PageProvider> Vmm<P> {
             c.hyper.ss = SelSlot::new(layout::sel::DS);
             if first {
                 c.hyper.rflags = cpum::regs::Eflags::RA1.bits();
+                c.stat_to_gc = Default::default();
+                c.stat_to_hc = Default::default();
             }
             if let (Some(kind), Some(cr3)) = (active, cr3) {
                 c.hyper.cr3 = u64::from(cr3);
@@ -1450,7 +1534,13 @@ impl<P: PageProvider> Vmm<P> {
             .all_phys()
             .chain(self.hyper.allocator().all_phys())
             .collect();
-        Self::check_placement(&cfg, self.core_len as u64, hma_len, Tables::Pages(&tables))?;
+        let hma_pages: Vec<u64> = self.hma_pages.iter().map(|p| p.0).collect();
+        Self::check_placement(
+            &cfg,
+            self.core_len as u64,
+            (hma_len, Tables::Pages(&hma_pages)),
+            Tables::Pages(&tables),
+        )?;
         let window = hma_len.saturating_add(self.core_len as u64);
         let old_rc = u64::from(self.cfg.placement.hma_rc.0);
         let old = old_rc..old_rc.saturating_add(window);
@@ -1483,10 +1573,19 @@ impl<P: PageProvider> Vmm<P> {
         m.get(..self.core_len).unwrap_or(m)
     }
 
-    /// The hypervisor-area image (copy to `placement.hma_phys`, or already
-    /// there when the provider's mapping is the embedder's memory).
+    /// The hypervisor-area image as the host sees it at
+    /// `placement.hma_hc`: 4 KiB page *i* belongs at [`Vmm::hma_pages`]`[i]`
+    /// (copy it there, or it is already there when the provider's mapping
+    /// is the embedder's memory).
     pub fn hma(&self) -> &[u8] {
         self.hma_ref()
+    }
+
+    /// The physical page of each 4 KiB page of the hypervisor area, in
+    /// order: what the core maps RC page *i* to and where the embedder maps
+    /// HC page *i*.
+    pub fn hma_pages(&self) -> &[PhysAddr] {
+        &self.hma_pages
     }
 
     fn hma_ref(&self) -> &[u8] {
@@ -1849,14 +1948,12 @@ impl<P: PageProvider> Vmm<P> {
     fn compute_addrs(&self) -> Result<Addrs, VmmError> {
         let l = &self.hma_layout;
         let phys = |off: u32| {
-            let base = self.cfg.placement.hma_phys.0;
-            base.checked_add(u64::from(off))
-                .map(PhysAddr)
-                .ok_or(PlacementError::Wraps {
-                    what: "HMA physical",
-                    start: base,
-                    len: u64::from(off),
-                })
+            let page = self.hma_pages.get((off / PAGE) as usize);
+            let at = page.map(|p| PhysAddr(p.0 + u64::from(off % PAGE)));
+            at.ok_or(PlacementError::LayoutTooLarge {
+                what: "HMA offset",
+                value: u64::from(off),
+            })
         };
         Ok(Addrs {
             vm_hc: HcAddr(self.hc(l.vm)?),

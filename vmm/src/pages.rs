@@ -7,7 +7,7 @@
 //! | purpose | pages | contiguous | below 4 GiB | why |
 //! |---|---|---|---|---|
 //! | [`Purpose::CoreCode`] | the core-code block | yes | yes | the mode-changing code runs at its identity (physical) address with paging off, so every switcher must be one physical run the identity map covers |
-//! | [`Purpose::Hma`] | the hypervisor area | yes | no | the host reaches the VM structure at one HC range and the core maps it as one RC range ([`crate::Placement::hma_phys`]) |
+//! | [`Purpose::Hma`] | the hypervisor area, page by page ([`PageProvider::hma`]) | no | yes | the host reaches it at one HC range and the core at one RC range, but both are virtual: the core maps RC page *i* to physical page *i* ([`crate::Vmm::hma_pages`]), the embedder maps HC page *i* to it; below 4 GiB because the 32-bit intermediate tables hold 32-bit physical addresses |
 //! | [`Purpose::Tables`] | one page at a time | no | yes | CR3 and 32-bit page-table entries hold 32-bit physical addresses; each table is one page and tables point at each other, so they may be scattered |
 //!
 //! Every page is handed out together with the embedder's mapping of it
@@ -27,7 +27,8 @@ use crate::Placement;
 pub enum Purpose {
     /// The core-code block: physically contiguous, below 4 GiB.
     CoreCode,
-    /// The hypervisor area: physically contiguous, anywhere.
+    /// The hypervisor area: pages below 4 GiB, anywhere relative to each
+    /// other ([`PageProvider::hma`]).
     Hma,
     /// One page of the intermediate (switcher) page tables: below 4 GiB,
     /// anywhere relative to the other table pages.
@@ -40,12 +41,14 @@ pub enum Purpose {
 impl Purpose {
     /// Whether a request for this purpose needs physically contiguous pages.
     pub const fn contiguous(self) -> bool {
-        matches!(self, Self::CoreCode | Self::Hma)
+        matches!(self, Self::CoreCode)
     }
 
-    /// Whether every page of this purpose must lie below 4 GiB.
+    /// Whether every page of this purpose must lie below 4 GiB (all of them:
+    /// CR3, the 32-bit page-table entries the RC and identity views go
+    /// through, and the core code's identity address are 32-bit).
     pub const fn below_4g(self) -> bool {
-        !matches!(self, Self::Hma)
+        true
     }
 
     /// The name used in errors.
@@ -66,6 +69,19 @@ pub struct Pages<M> {
     /// Physical address of the first page (4 KiB aligned).
     pub phys: PhysAddr,
     /// The embedder's mapping: exactly `pages * 4096` bytes, zero-filled.
+    pub map: M,
+}
+
+/// The hypervisor area as handed out by [`PageProvider::hma`]: one
+/// physical page per 4 KiB of the area, in order, and the embedder's
+/// mapping of all of them as one contiguous range.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HmaPages<M> {
+    /// Physical address of page *i* of the area (each 4 KiB aligned, below
+    /// 4 GiB, anywhere relative to the others).
+    pub phys: Vec<PhysAddr>,
+    /// The embedder's mapping: exactly `phys.len() * 4096` bytes,
+    /// zero-filled, byte `i * 4096 + o` being byte `o` of page `phys[i]`.
     pub map: M,
 }
 
@@ -95,8 +111,9 @@ pub enum PageError {
 /// Hands out the physical pages the core lives in, with the embedder's
 /// mapping of each.
 ///
-/// [`contiguous`](Self::contiguous) is asked once for [`Purpose::CoreCode`]
-/// and once for [`Purpose::Hma`]; [`table_page`](Self::table_page) is asked
+/// [`contiguous`](Self::contiguous) is asked once for [`Purpose::CoreCode`],
+/// [`hma`](Self::hma) once for the hypervisor area;
+/// [`table_page`](Self::table_page) is asked
 /// `table_pages / 2` times for [`Purpose::Tables`] and the rest for
 /// [`Purpose::HyperTables`] ([`crate::VmmConfig::table_pages`]). The core
 /// checks what it gets (alignment, mapping size, the 4 GiB limit, overlaps)
@@ -105,8 +122,9 @@ pub trait PageProvider {
     /// The embedder's mapping of a run of pages: the bytes the core writes.
     type Mapping: AsRef<[u8]> + AsMut<[u8]>;
 
-    /// `pages` physically contiguous, zero-filled pages for `purpose`
-    /// ([`Purpose::CoreCode`]: below 4 GiB; [`Purpose::Hma`]: anywhere).
+    /// `pages` physically contiguous, zero-filled pages below 4 GiB for
+    /// `purpose` ([`Purpose::CoreCode`]; also [`Purpose::Hma`] from the
+    /// default [`hma`](Self::hma)).
     ///
     /// # Errors
     /// [`PageError`] when the provider cannot serve the request.
@@ -122,6 +140,24 @@ pub trait PageProvider {
     /// # Errors
     /// [`PageError`] when the provider cannot serve the request.
     fn table_page(&mut self, purpose: Purpose) -> Result<Pages<Self::Mapping>, PageError>;
+
+    /// The hypervisor area: `pages` zero-filled pages below 4 GiB, page
+    /// *i* anywhere relative to page *i - 1*, and one mapping of all of
+    /// them in order. The mapping is the embedder's HC view of the area:
+    /// the host reaches the VM structure at [`crate::Placement::hma_hc`],
+    /// so the embedder maps HC page *i* to `phys[i]` (the core maps RC page
+    /// *i* there itself). The default asks [`contiguous`](Self::contiguous)
+    /// for one run of [`Purpose::Hma`] pages.
+    ///
+    /// # Errors
+    /// [`PageError`] when the provider cannot serve the request.
+    fn hma(&mut self, pages: usize) -> Result<HmaPages<Self::Mapping>, PageError> {
+        let run = self.contiguous(Purpose::Hma, pages)?;
+        let phys = (0..pages as u64)
+            .map(|i| PhysAddr(run.phys.0.saturating_add(i * PAGE_SIZE)))
+            .collect();
+        Ok(HmaPages { phys, map: run.map })
+    }
 }
 
 /// The order in which [`VecPages`] hands out table pages inside its region.
@@ -133,13 +169,16 @@ pub enum TableOrder {
     Ascending,
     /// Every other page of a region twice the size, from the top down: the
     /// intermediate tables in the upper half, the hyper tables in the lower
-    /// half, no two tables adjacent and each set in descending order.
+    /// half, no two tables adjacent and each set in descending order. The
+    /// hypervisor area's pages are handed out in descending order too (page
+    /// 0 the highest), so no two consecutive HMA pages are adjacent upwards.
     Scattered,
 }
 
 /// The default provider: `Vec`-backed images at the placement's physical
-/// addresses (the core code at [`Placement::code_phys`], the HMA at
-/// [`Placement::hma_phys`], the tables inside the region of
+/// addresses (the core code at [`Placement::code_phys`], the HMA in the
+/// pages from [`Placement::hma_phys`] up (ascending, or descending for
+/// [`TableOrder::Scattered`]), the tables inside the region of
 /// `table_pages` pages at [`Placement::tables_phys`]), for embedders that
 /// copy the images to those addresses themselves.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -148,6 +187,7 @@ pub struct VecPages {
     hma_phys: PhysAddr,
     tables_phys: PhysAddr,
     region_pages: u32,
+    order: TableOrder,
     /// Table pages still to hand out, by purpose, next one last.
     inter: Vec<u64>,
     hyper: Vec<u64>,
@@ -196,6 +236,7 @@ impl VecPages {
                 TableOrder::Ascending => table_pages,
                 TableOrder::Scattered => table_pages.saturating_mul(2),
             },
+            order,
             inter,
             hyper,
         }
@@ -239,6 +280,28 @@ impl PageProvider for VecPages {
         Ok(Pages {
             phys,
             map: zeroed(purpose, pages)?,
+        })
+    }
+
+    fn hma(&mut self, pages: usize) -> Result<HmaPages<Vec<u8>>, PageError> {
+        let base = self.hma_phys.0;
+        let page = |i: usize| {
+            (i as u64)
+                .checked_mul(PAGE_SIZE)
+                .and_then(|off| base.checked_add(off))
+                .map(PhysAddr)
+                .ok_or(PageError::Exhausted {
+                    purpose: Purpose::Hma,
+                    pages,
+                })
+        };
+        let phys = match self.order {
+            TableOrder::Ascending => (0..pages).map(page).collect::<Result<_, _>>()?,
+            TableOrder::Scattered => (0..pages).rev().map(page).collect::<Result<_, _>>()?,
+        };
+        Ok(HmaPages {
+            phys,
+            map: zeroed(Purpose::Hma, pages)?,
         })
     }
 
@@ -410,6 +473,16 @@ mod tests {
             })
         );
         assert!(v.contiguous(Purpose::Tables, 2).is_err());
+        let hma = v.hma(3).unwrap();
+        let h = p.hma_phys.0;
+        assert_eq!(
+            hma.phys,
+            [h + 0x2000, h + 0x1000, h].map(PhysAddr).to_vec(),
+            "descending HMA pages"
+        );
+        assert_eq!(hma.map.len(), 3 * 4096);
+        let asc = VecPages::new(&p, 4).hma(2).unwrap().phys;
+        assert_eq!(asc, [h, h + 0x1000].map(PhysAddr).to_vec());
     }
 
     #[test]

@@ -276,9 +276,13 @@ fn stam_registry_reads_the_vm_image() {
         [
             "/VMM/CPU0/ApicDisVectors",
             "/VMM/CPU0/RetCode",
+            "/VMM/CPU0/Switcher/ToGC",
+            "/VMM/CPU0/Switcher/ToHC",
             "/VMM/CPU0/UseFlags",
             "/VMM/CPU1/ApicDisVectors",
             "/VMM/CPU1/RetCode",
+            "/VMM/CPU1/Switcher/ToGC",
+            "/VMM/CPU1/Switcher/ToHC",
             "/VMM/CPU1/UseFlags",
             vmm::stats::TO_GC,
             vmm::stats::TO_HC,

@@ -7,9 +7,9 @@ use std::collections::BTreeSet;
 
 use vmm::mode::{GuestMode, HostPagingMode, SelectError};
 use vmm::{
-    CpumCpu32, CpumCpu64, CpumCpuShared, Flavour, HcAddr, PageError, PageProvider, Pages, PhysAddr,
-    Placement, PlacementError, Purpose, RcAddr, SwitcherKind, TableOrder, VcpuCpum, VecPages, Vmm,
-    VmmConfig, VmmError,
+    CpumCpu32, CpumCpu64, CpumCpuShared, Flavour, HcAddr, HmaPages, PageError, PageProvider, Pages,
+    PhysAddr, Placement, PlacementError, Purpose, RcAddr, SwitcherKind, TableOrder, VcpuCpum,
+    VecPages, Vmm, VmmConfig, VmmError,
 };
 
 const PAE_HOST: (u64, u64, u64) = (0x8001_0033, 0x6b0, 0x801);
@@ -172,11 +172,13 @@ fn placement_builder_derives_the_default_layouts() {
 }
 
 /// A provider over pages the test chooses: the core code and HMA at fixed
-/// addresses, table pages from a list, a log of every request.
+/// addresses (or the HMA page by page from a list), table pages from a
+/// list, a log of every request.
 #[derive(Debug, Default)]
 struct Chosen {
     code: u64,
     hma: u64,
+    hma_pages: Option<Vec<u64>>,
     tables: Vec<u64>,
     mapping_len: Option<usize>,
     log: Vec<(Purpose, usize)>,
@@ -200,6 +202,21 @@ impl PageProvider for Chosen {
         Ok(Pages {
             phys: PhysAddr(phys),
             map: vec![0; len].into_boxed_slice(),
+        })
+    }
+
+    fn hma(&mut self, pages: usize) -> Result<HmaPages<Box<[u8]>>, PageError> {
+        let Some(list) = &self.hma_pages else {
+            let run = self.contiguous(Purpose::Hma, pages)?;
+            let phys = (0..pages as u64)
+                .map(|i| PhysAddr(run.phys.0 + i * 4096))
+                .collect();
+            return Ok(HmaPages { phys, map: run.map });
+        };
+        self.log.push((Purpose::Hma, pages));
+        Ok(HmaPages {
+            phys: list.iter().copied().take(pages).map(PhysAddr).collect(),
+            map: vec![0; pages * 4096].into_boxed_slice(),
         })
     }
 
@@ -243,7 +260,7 @@ fn an_embedders_scattered_pages_hold_working_tables() {
     assert_eq!(log[1].0, Purpose::Hma);
     assert!(log[2..].iter().all(|(p, n)| *n == 1 && !p.contiguous()));
     assert!(Purpose::CoreCode.contiguous() && Purpose::CoreCode.below_4g());
-    assert!(Purpose::Hma.contiguous() && !Purpose::Hma.below_4g());
+    assert!(!Purpose::Hma.contiguous() && Purpose::Hma.below_4g());
     // The placement reports the pages actually used.
     let p = vmm.config().placement;
     assert_eq!(p.code_phys, PhysAddr(0x0180_0000));
@@ -270,6 +287,111 @@ fn an_embedders_scattered_pages_hold_working_tables() {
     assert_eq!(default.core_code().len(), vmm.core_code().len());
     assert_ne!(default.core_code(), vmm.core_code());
     assert!(vmm.intermediate().cr3_pae() as u64 >= 0x0400_0000);
+}
+
+/// HMA pages two apart, from the top down: no page next to the one before.
+fn scattered_hma(pages: usize) -> Vec<u64> {
+    (0..pages as u64)
+        .map(|i| 0x0300_0000 - i * 0x2000)
+        .collect()
+}
+
+#[test]
+fn an_embedders_scattered_hma_pages_are_mapped_page_by_page() {
+    let cfg = VmmConfig::default();
+    let mut c = chosen(scattered_pages());
+    c.hma_pages = Some(scattered_hma(256));
+    let vmm = Vmm::with_pages(cfg, c).unwrap();
+    let p = vmm.config().placement;
+    let hma = vmm.hma_pages().to_vec();
+    let pages = vmm.hma().len().div_ceil(4096);
+    assert!(pages > 2, "{pages}");
+    assert_eq!(hma.len(), pages);
+    assert_eq!(
+        hma,
+        scattered_hma(pages)
+            .into_iter()
+            .map(PhysAddr)
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(p.hma_phys, hma[0]);
+    // RC page i lands on physical page i in both contexts, every flavour.
+    for (i, page) in (0u64..).zip(&hma) {
+        let rc = u64::from(p.hma_rc.0) + i * 4096 + 0x18;
+        for flavour in Flavour::ALL {
+            for ctx in [vmm.intermediate(), vmm.hyper_context()] {
+                assert_eq!(ctx.translate(flavour, rc).unwrap().phys, page.0 + 0x18);
+            }
+        }
+    }
+    // The VM structure's physical address is on its own page.
+    let (_, _, vm_phys) = vmm.vm_addrs();
+    let off = u64::from(vmm.hma_layout().vm);
+    assert_eq!(vm_phys.0, hma[(off / 4096) as usize].0 + off % 4096);
+}
+
+#[test]
+fn bad_hma_pages_from_a_provider_are_typed_errors() {
+    let err = |hma: Vec<u64>| {
+        let mut c = chosen(scattered_pages());
+        c.hma_pages = Some(hma);
+        match Vmm::with_pages(VmmConfig::default(), c) {
+            Err(e) => e,
+            Ok(_) => panic!("bad HMA pages accepted"),
+        }
+    };
+    // One page above 4 GiB: the 32-bit tables cannot point at it.
+    let mut hma = scattered_hma(256);
+    hma[1] = 0x1_0000_0000;
+    let e = err(hma);
+    assert!(
+        matches!(
+            e,
+            VmmError::Placement(PlacementError::Above4G {
+                what: "HMA physical",
+                start: 0x1_0000_0000,
+                ..
+            })
+        ),
+        "{e:?}"
+    );
+    // Two HMA pages at one address, one on the core code, one misaligned.
+    let mut hma = scattered_hma(256);
+    hma[2] = hma[0];
+    let e = err(hma);
+    assert!(
+        matches!(e, VmmError::Placement(PlacementError::Overlap { .. })),
+        "{e:?}"
+    );
+    let mut hma = scattered_hma(256);
+    hma[1] = 0x0180_0000;
+    let e = err(hma);
+    assert!(
+        matches!(e, VmmError::Placement(PlacementError::Overlap { .. })),
+        "{e:?}"
+    );
+    let mut hma = scattered_hma(256);
+    hma[1] = 0x0300_0800;
+    let e = err(hma);
+    assert!(
+        matches!(
+            e,
+            VmmError::Placement(PlacementError::Misaligned {
+                addr: 0x0300_0800,
+                ..
+            })
+        ),
+        "{e:?}"
+    );
+    // Too few pages.
+    let e = err(scattered_hma(1));
+    assert!(
+        matches!(
+            e,
+            VmmError::Placement(PlacementError::HmaPageCount { got: 1, .. })
+        ),
+        "{e:?}"
+    );
 }
 
 #[test]
@@ -374,7 +496,11 @@ fn the_host_apic_version_reaches_every_vcpu_at_its_layout_offset() {
         vmm.set_host_apic_version(0x0005_0014).unwrap();
         for i in 0..vmm.config().vcpus {
             let at = vmm::layout::OFF_CPUM + vmm.vcpu_arg(i) as usize + cpum::layout::APIC_VERSION;
-            assert_eq!(&vmm.hma()[at..at + 4], &0x0005_0014u32.to_le_bytes(), "vcpu {i}");
+            assert_eq!(
+                &vmm.hma()[at..at + 4],
+                &0x0005_0014u32.to_le_bytes(),
+                "vcpu {i}"
+            );
         }
     }
 }

@@ -189,14 +189,21 @@ typedef struct WsConfig {
 // else until [`ws_vmm_destroy`]. Callbacks must not unwind (no C++
 // exceptions).
 typedef struct WsPageProvider {
-  // Passed to both callbacks.
+  // Passed to every callback.
   void *ctx;
-  // `pages` physically contiguous pages for `purpose`
-  // ([`WS_PURPOSE_CORE_CODE`]: below 4 GiB; [`WS_PURPOSE_HMA`]: anywhere).
+  // `pages` physically contiguous pages below 4 GiB for `purpose`
+  // ([`WS_PURPOSE_CORE_CODE`]; [`WS_PURPOSE_HMA`] when `hma` is NULL).
   int32_t (*contiguous)(void *ctx, uint32_t purpose, size_t pages, uint64_t *phys, uint8_t **map);
   // One page below 4 GiB for `purpose` ([`WS_PURPOSE_TABLES`] or
   // [`WS_PURPOSE_HYPER_TABLES`]); pages need not be adjacent.
   int32_t (*table_page)(void *ctx, uint32_t purpose, uint64_t *phys, uint8_t **map);
+  // The hypervisor area, page by page (may be NULL: then `contiguous` is
+  // asked for [`WS_PURPOSE_HMA`]): writes `phys[i]`, the physical address
+  // of page `i` (4 KiB aligned, below 4 GiB, anywhere relative to the
+  // others), for `i < pages`, and `*map`, the embedder's mapping of all
+  // `pages` pages in order as one range (the host's HC view of the
+  // area: HC page `i` must be physical page `phys[i]`).
+  int32_t (*hma)(void *ctx, size_t pages, uint64_t *phys, uint8_t **map);
 } WsPageProvider;
 
 // An image and where it goes.
@@ -430,11 +437,27 @@ enum WsStatus ws_vmm_activate(struct WsVmm *vmm, uint32_t kind);
 // `vmm` is a live handle; `out` points to writable memory for a [`WsImage`].
 enum WsStatus ws_vmm_core_code(const struct WsVmm *vmm, struct WsImage *out);
 
-// The hypervisor-area image and its addresses.
+// The hypervisor-area image as the host sees it at HC, and its addresses;
+// `phys` is that of its first page only: the pages need not be adjacent,
+// so copy it page by page ([`ws_vmm_hma_page_count`], [`ws_vmm_hma_page`]).
 //
 // # Safety
 // `vmm` is a live handle; `out` points to writable memory for a [`WsImage`].
 enum WsStatus ws_vmm_hma(const struct WsVmm *vmm, struct WsImage *out);
+
+// How many 4 KiB pages the hypervisor area has.
+//
+// # Safety
+// `vmm` is a live handle; `count` points to writable memory for a `size_t`.
+enum WsStatus ws_vmm_hma_page_count(const struct WsVmm *vmm, size_t *count);
+
+// Page `index` of the hypervisor area: its bytes (the last page may be
+// shorter than 4 KiB), its physical page (pages need not be adjacent) and
+// its HC and RC addresses.
+//
+// # Safety
+// `vmm` is a live handle; `out` points to writable memory for a [`WsImage`].
+enum WsStatus ws_vmm_hma_page(const struct WsVmm *vmm, size_t index, struct WsImage *out);
 
 // How many pages of table set `which` (`WS_PURPOSE_TABLES`,
 // `WS_PURPOSE_HYPER_TABLES`) are in use.

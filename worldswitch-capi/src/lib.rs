@@ -9,7 +9,7 @@
 //!    placement's physical addresses or in its own pages ([`WsPageProvider`]),
 //! 3. selects the switcher for the host's CR0/CR4/EFER ([`ws_vmm_select`])
 //!    and prepares the VCPUs for it ([`ws_vmm_activate`]),
-//! 4. copies the images ([`ws_vmm_core_code`], [`ws_vmm_hma`],
+//! 4. copies the images ([`ws_vmm_core_code`], [`ws_vmm_hma_page`],
 //!    [`ws_vmm_table_page`]) to their physical addresses (unless they are
 //!    already there), and calls the entry ([`ws_vmm_entries`]),
 //! 5. relocates after moving the hypervisor area ([`ws_vmm_relocate_hma`])
@@ -29,8 +29,8 @@ use std::ptr::NonNull;
 use cpum::CpumCpuShared;
 use vmm::mode::{GuestMode, HostPagingMode};
 use vmm::{
-    CpuFacts, CpuidLeaves, ExtraMapping, HcAddr, PageError, PageProvider, Pages, PhysAddr,
-    Placement, Purpose, RcAddr, SwitcherKind, VecPages, Vmm, VmmConfig, VmmError,
+    CpuFacts, CpuidLeaves, ExtraMapping, HcAddr, HmaPages, PageError, PageProvider, Pages,
+    PhysAddr, Placement, Purpose, RcAddr, SwitcherKind, VecPages, Vmm, VmmConfig, VmmError,
 };
 use vmm_switcher::VmmSwitcherDefC;
 
@@ -189,10 +189,10 @@ pub struct WsConfig {
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct WsPageProvider {
-    /// Passed to both callbacks.
+    /// Passed to every callback.
     pub ctx: *mut c_void,
-    /// `pages` physically contiguous pages for `purpose`
-    /// ([`WS_PURPOSE_CORE_CODE`]: below 4 GiB; [`WS_PURPOSE_HMA`]: anywhere).
+    /// `pages` physically contiguous pages below 4 GiB for `purpose`
+    /// ([`WS_PURPOSE_CORE_CODE`]; [`WS_PURPOSE_HMA`] when `hma` is NULL).
     pub contiguous: Option<
         unsafe extern "C" fn(
             ctx: *mut c_void,
@@ -208,6 +208,20 @@ pub struct WsPageProvider {
         unsafe extern "C" fn(
             ctx: *mut c_void,
             purpose: u32,
+            phys: *mut u64,
+            map: *mut *mut u8,
+        ) -> i32,
+    >,
+    /// The hypervisor area, page by page (may be NULL: then `contiguous` is
+    /// asked for [`WS_PURPOSE_HMA`]): writes `phys[i]`, the physical address
+    /// of page `i` (4 KiB aligned, below 4 GiB, anywhere relative to the
+    /// others), for `i < pages`, and `*map`, the embedder's mapping of all
+    /// `pages` pages in order as one range (the host's HC view of the
+    /// area: HC page `i` must be physical page `phys[i]`).
+    pub hma: Option<
+        unsafe extern "C" fn(
+            ctx: *mut c_void,
+            pages: usize,
             phys: *mut u64,
             map: *mut *mut u8,
         ) -> i32,
@@ -429,6 +443,26 @@ impl PageProvider for CPages {
         // SAFETY: as in `contiguous`.
         let rc = unsafe { f(self.0.ctx, purpose_code(purpose), &mut phys, &mut map) };
         Self::mapping(purpose, 1, rc, phys, map)
+    }
+
+    fn hma(&mut self, pages: usize) -> Result<HmaPages<CMapping>, PageError> {
+        let Some(f) = self.0.hma else {
+            let run = self.contiguous(Purpose::Hma, pages)?;
+            let phys = (0..pages as u64)
+                .map(|i| PhysAddr(run.phys.0.saturating_add(i * 4096)))
+                .collect();
+            return Ok(HmaPages { phys, map: run.map });
+        };
+        let mut phys = vec![0u64; pages];
+        let mut map = std::ptr::null_mut::<u8>();
+        // SAFETY: the embedder's callback, called as its type says, with
+        // room for `pages` addresses and a valid pointer to a local.
+        let rc = unsafe { f(self.0.ctx, pages, phys.as_mut_ptr(), &mut map) };
+        let run = Self::mapping(Purpose::Hma, pages, rc, 0, map)?;
+        Ok(HmaPages {
+            phys: phys.into_iter().map(PhysAddr).collect(),
+            map: run.map,
+        })
     }
 }
 
@@ -780,7 +814,9 @@ pub unsafe extern "C" fn ws_vmm_core_code(vmm: *const WsVmm, out: *mut WsImage) 
     })
 }
 
-/// The hypervisor-area image and its addresses.
+/// The hypervisor-area image as the host sees it at HC, and its addresses;
+/// `phys` is that of its first page only: the pages need not be adjacent,
+/// so copy it page by page ([`ws_vmm_hma_page_count`], [`ws_vmm_hma_page`]).
 ///
 /// # Safety
 /// `vmm` is a live handle; `out` points to writable memory for a [`WsImage`].
@@ -791,6 +827,51 @@ pub unsafe extern "C" fn ws_vmm_hma(vmm: *const WsVmm, out: *mut WsImage) -> WsS
             let p = v.config().placement;
             let hma = v.hma();
             WsImage { data: hma.as_ptr(), len: hma.len(), phys: p.hma_phys.0, hc: p.hma_hc.0, rc: p.hma_rc.0 }
+        });
+        put(out, "out", img)
+    })
+}
+
+/// How many 4 KiB pages the hypervisor area has.
+///
+/// # Safety
+/// `vmm` is a live handle; `count` points to writable memory for a `size_t`.
+#[no_mangle]
+pub unsafe extern "C" fn ws_vmm_hma_page_count(vmm: *const WsVmm, count: *mut usize) -> WsStatus {
+    guard(|| {
+        let n = with_core!(&handle(vmm)?.core, v => v.hma_pages().len());
+        put(count, "count", n)
+    })
+}
+
+/// Page `index` of the hypervisor area: its bytes (the last page may be
+/// shorter than 4 KiB), its physical page (pages need not be adjacent) and
+/// its HC and RC addresses.
+///
+/// # Safety
+/// `vmm` is a live handle; `out` points to writable memory for a [`WsImage`].
+#[no_mangle]
+pub unsafe extern "C" fn ws_vmm_hma_page(
+    vmm: *const WsVmm,
+    index: usize,
+    out: *mut WsImage,
+) -> WsStatus {
+    guard(|| {
+        let img = with_core!(&handle(vmm)?.core, v => {
+            let p = v.config().placement;
+            let count = v.hma_pages().len();
+            let missing = || Failure::invalid(format!("HMA page {index} does not exist ({count} pages)"));
+            let phys = v.hma_pages().get(index).copied().ok_or_else(missing)?;
+            let off = index.checked_mul(4096).ok_or_else(missing)?;
+            let bytes = v.hma().get(off..).ok_or_else(missing)?;
+            let bytes = bytes.get(..bytes.len().min(4096)).unwrap_or_default();
+            WsImage {
+                data: bytes.as_ptr(),
+                len: bytes.len(),
+                phys: phys.0,
+                hc: p.hma_hc.0.wrapping_add(off as u64),
+                rc: p.hma_rc.0.wrapping_add(off as u32),
+            }
         });
         put(out, "out", img)
     })
@@ -1034,7 +1115,8 @@ fn render_stam<P: PageProvider>(
 ) -> Result<String, Failure> {
     let stam_err = |e: stam::StamError| Failure::new(WsStatus::Stam, e.to_string());
     let st = vmm.stam().map_err(stam_err)?;
-    let backing = st.backing(image.unwrap_or(vmm.vm_image()));
+    let totals = st.with_totals(image.unwrap_or(vmm.vm_image()));
+    let backing = st.backing(&totals);
     let r = &st.registry;
     match format {
         WS_STAM_PRINT => r.print(pattern, &backing),

@@ -162,6 +162,8 @@ fn a_c_embedder_builds_images_the_testbed_boots() {
             "core code differs from the C program's"
         );
         assert!(vmm.hma() == hma, "HMA differs from the C program's");
+        let hma_pages: Vec<u64> = vmm.hma_pages().iter().map(|p| p.0).collect();
+        assert_eq!(hma_pages, m["hma_page"], "HMA pages differ");
         assert!(
             pages_of(&vmm, Purpose::Tables) == tables,
             "intermediate tables differ"

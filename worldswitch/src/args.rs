@@ -221,6 +221,14 @@ pub enum HostCr4Arg {
     /// Also SMEP, SMAP, UMIP, PKE (with a non-zero PKRU) and FSGSBASE, as
     /// current kernels run (AMD64 hosts).
     Today,
+    /// `today` plus CR4.PCIDE with a non-zero PCID in CR3 (Bochs only:
+    /// QEMU TCG does not emulate PCID).
+    #[value(name = "today+pcid")]
+    TodayPcid,
+    /// `today+pcid` plus CR4.CET (IA32_S_CET left 0; Bochs only: QEMU TCG
+    /// does not emulate CET).
+    #[value(name = "today+pcid+cet")]
+    TodayPcidCet,
 }
 
 impl From<HostCr4Arg> for integration::scenario::HostCr4 {
@@ -228,6 +236,8 @@ impl From<HostCr4Arg> for integration::scenario::HostCr4 {
         match c {
             HostCr4Arg::Base => Self::Base,
             HostCr4Arg::Today => Self::Today,
+            HostCr4Arg::TodayPcid => Self::TodayPcid,
+            HostCr4Arg::TodayPcidCet => Self::TodayPcidCet,
         }
     }
 }
@@ -240,7 +250,9 @@ pub struct HostArgs {
     #[arg(long, value_enum, value_name = "MODE", default_value_t = HostApicArg::Xapic)]
     pub host_apic: HostApicArg,
     /// The AMD64 host's CR4; `today` boots a CPU model with SMEP, SMAP,
-    /// UMIP, PKU and FSGSBASE.
+    /// UMIP, PKU and FSGSBASE; `today+pcid` also sets CR4.PCIDE with a
+    /// PCID in CR3, `today+pcid+cet` also CR4.CET (--engine bochs on a
+    /// model with PCID and CET).
     #[arg(long, value_enum, value_name = "CR4", default_value_t = HostCr4Arg::Base)]
     pub host_cr4: HostCr4Arg,
     /// AMD64 hosts: run the host with 5-level paging (CR4.LA57), the core

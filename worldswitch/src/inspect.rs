@@ -161,11 +161,7 @@ pub fn show(a: &ShowArgs, out: &mut String) -> Result<Exit, CliError> {
         def.kind.vbox_name(),
         def.description
     );
-    let _ = writeln!(
-        out,
-        "hosts: {}",
-        setup::host_options(def.kind).join(", ")
-    );
+    let _ = writeln!(out, "hosts: {}", setup::host_options(def.kind).join(", "));
     let _ = writeln!(out, "\nVMMSWITCHERDEF");
     for (k, v) in &fields {
         let _ = writeln!(out, "  {k:<28} {v:#06x}  ({v})");

@@ -494,7 +494,9 @@ pub fn run_json(
     let report = &r.run.report;
     let stam = r.vm_image.as_deref().and_then(|img| {
         let st = built.vmm.stam().ok()?;
-        st.registry.snapshot(STAM_PATTERN, &st.backing(img)).ok()
+        st.registry
+            .snapshot(STAM_PATTERN, &st.backing(&st.with_totals(img)))
+            .ok()
     });
     RunJson {
         switcher: s.kind.cli_name(),

@@ -200,7 +200,14 @@ fn exit_of(doc: &RunDoc) -> Exit {
 /// The Bochs configuration of `run --engine bochs` (`None` for QEMU);
 /// refuses the options that only QEMU has.
 fn bochs_config(a: &RunArgs) -> Result<Option<BochsConfig>, CliError> {
+    let cr4: integration::scenario::HostCr4 = a.scenario.host.host_cr4.into();
     if a.engine == EngineArg::Qemu {
+        if !cr4.qemu_can_run() {
+            return Err(CliError::Usage(format!(
+                "--host-cr4 {} needs --engine bochs: QEMU TCG does not emulate PCID or CET",
+                cr4.name()
+            )));
+        }
         return match &a.bochs_cpu {
             Some(m) => Err(CliError::Usage(format!(
                 "--bochs-cpu {m} needs --engine bochs"
@@ -225,6 +232,18 @@ fn bochs_config(a: &RunArgs) -> Result<Option<BochsConfig>, CliError> {
         .clone()
         .unwrap_or_else(|| integration::bochs::DEFAULT_CPU.to_owned());
     integration::bochs::model_facts(&cpu, vmm_switcher::SideMode::Amd64)?;
+    for (on, feature, models) in [
+        (cr4.pcid(), "PCID", &integration::bochs::PCID_MODELS[..]),
+        (cr4.cet(), "CET", &integration::bochs::CET_MODELS[..]),
+    ] {
+        if on && !models.contains(&cpu.as_str()) {
+            return Err(CliError::Usage(format!(
+                "--host-cr4 {} needs a Bochs model with {feature} ({}), not {cpu}",
+                cr4.name(),
+                models.join(", ")
+            )));
+        }
+    }
     Ok(Some(BochsConfig {
         cpu,
         timeout: Duration::from_secs(a.qemu.timeout),
@@ -433,9 +452,9 @@ pub fn image(a: &ImageArgs, out: &mut String) -> Result<Exit, CliError> {
             ..QemuConfig::default()
         }
         .args(&path)
-            .into_iter()
-            .map(|s| s.to_string_lossy().into_owned())
-            .collect();
+        .into_iter()
+        .map(|s| s.to_string_lossy().into_owned())
+        .collect();
         let qemu_cmd = format!("{} {} > serial.log", qemu::QEMU_BINARY, qemu_args.join(" "));
         images.push(json!({
             "switcher": kind.cli_name(),
@@ -793,7 +812,9 @@ fn stats_run(a: &StatsArgs) -> Result<(Option<Snapshot>, Exit), CliError> {
         )));
     };
     let st = built.vmm.stam()?;
-    let snap = st.registry.snapshot(&a.pattern, &st.backing(img))?;
+    let snap = st
+        .registry
+        .snapshot(&a.pattern, &st.backing(&st.with_totals(img)))?;
     Ok((Some(snap), exit))
 }
 

@@ -253,7 +253,11 @@ pub fn host_options(kind: SwitcherKind) -> Vec<&'static str> {
     if kind.host() == SideMode::Amd64 {
         v.extend(["--host-cr4 today", "--la57"]);
     }
-    v.extend(["--cpu qemu64,-nx", "--cpu qemu64,-sep", "--cpu qemu64,-syscall"]);
+    v.extend([
+        "--cpu qemu64,-nx",
+        "--cpu qemu64,-sep",
+        "--cpu qemu64,-syscall",
+    ]);
     v
 }
 

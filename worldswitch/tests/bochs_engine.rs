@@ -68,6 +68,36 @@ fn qemu_only_options_and_unknown_models_are_refused() {
             ][..],
             "\"p3_katmai\" is not one the testbed knows",
         ),
+        (
+            &["run", "amd64-to-pae", "--host-cr4", "today+pcid"][..],
+            "--host-cr4 today+pcid needs --engine bochs: QEMU TCG does not emulate PCID",
+        ),
+        (
+            &[
+                "run",
+                "amd64-to-pae",
+                "--engine",
+                "bochs",
+                "--bochs-cpu",
+                "ryzen",
+                "--host-cr4",
+                "today+pcid",
+            ][..],
+            "--host-cr4 today+pcid needs a Bochs model with PCID",
+        ),
+        (
+            &[
+                "run",
+                "amd64-to-pae",
+                "--engine",
+                "bochs",
+                "--bochs-cpu",
+                "corei7_icelake_u",
+                "--host-cr4",
+                "today+pcid+cet",
+            ][..],
+            "--host-cr4 today+pcid+cet needs a Bochs model with CET",
+        ),
     ] {
         let err = one_line_error(&ws(args, None));
         assert!(err.contains(want), "{args:?}: {err}");
@@ -118,4 +148,32 @@ fn a_bochs_run_reports_tsc_ticks_not_instructions() {
     let text = String::from_utf8_lossy(&o.stdout);
     assert!(text.contains("TSC ticks per switch"), "{text}");
     assert!(!text.contains("instructions per switch"), "{text}");
+}
+
+/// A PCIDE and CET host under Bochs: verified, and named in the JSON.
+#[test]
+fn a_pcid_and_cet_host_is_reported() {
+    if support::bochs().is_none() {
+        return;
+    }
+    let o = ws(
+        &[
+            "run",
+            "amd64-to-amd64",
+            "--engine",
+            "bochs",
+            "--host-cr4",
+            "today+pcid+cet",
+            "--round-trips",
+            "3",
+            "--json",
+        ],
+        None,
+    );
+    assert_eq!(o.status.code(), Some(0), "{o:?}");
+    let doc: Value = serde_json::from_slice(&o.stdout).unwrap();
+    for r in doc["runs"].as_array().unwrap() {
+        assert_eq!(r["verified"], true, "{r}");
+        assert_eq!(r["host_cr4"], "today+pcid+cet", "{r}");
+    }
 }

@@ -243,7 +243,14 @@ fn bad_arguments_and_placements_exit_2_with_one_line() {
         &["stats", "32-to-32", "--timeout", "18446744073709551615"],
         &["run", "32-to-32", "--timeout", "86401"],
         &["disasm", "32-to-32", "--hc-base", "0xffffffffffeff000"],
-        &["relocate", "amd64-to-pae", "--hc-base", "0xffffffffffeff000", "--out", "/dev/null"],
+        &[
+            "relocate",
+            "amd64-to-pae",
+            "--hc-base",
+            "0xffffffffffeff000",
+            "--out",
+            "/dev/null",
+        ],
     ];
     for args in cases {
         let o = ws(args);

@@ -85,7 +85,10 @@ fn every_switcher_and_revision_round_trips_through_image_qemu_and_decode() {
     }
     let kinds = available();
     assert_eq!(kinds.len(), 11, "{kinds:?}");
-    let jobs: Vec<(&str, &str)> = kinds.iter().flat_map(|k| [(*k, "a"), (*k, "b"), (*k, "c")]).collect();
+    let jobs: Vec<(&str, &str)> = kinds
+        .iter()
+        .flat_map(|k| [(*k, "a"), (*k, "b"), (*k, "c")])
+        .collect();
     // Two boots at a time (the machine has two cores).
     let results: Vec<(String, Output, String)> = std::thread::scope(|sc| {
         let handles: Vec<_> = jobs

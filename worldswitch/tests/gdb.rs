@@ -402,8 +402,9 @@ fn a_gdb_session_stops_at_the_named_entry_and_decodes_32_bit_code() {
             "{line:?} is not {want:?}\n{out}"
         );
     }
-    // The second instruction is 32-bit `push eax` (gdb's own x/i says `push %rax`).
-    assert_eq!(entry[1], "push    eax");
+    // The second instruction (the VCPU's profile: HC CPUM plus the VCPU
+    // offset argument) is decoded as 32-bit code, `[esp+8]`, not `[rsp+8]`.
+    assert_eq!(entry[1], "add     ecx,[esp+8]");
 
     let status = run.wait().expect("the run ends once gdb kills QEMU");
     assert!(status.code().is_some(), "{status:?}");

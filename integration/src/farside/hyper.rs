@@ -177,6 +177,10 @@ pub struct RcConfig {
     pub rc: u32,
     /// Offset of the mailbox in the helper area.
     pub mailbox_off: u32,
+    /// Mailboxes: 1, shared by every VCPU, or one per VCPU,
+    /// [`super::MAILBOX_STRIDE`] apart (the host gives each VCPU its own in
+    /// `Hyper.edi`, where the RC code and its `#NM` handler find it).
+    pub mailboxes: u32,
     /// RC address of `Cpum`.
     pub cpum_rc: u32,
     /// RC address of the switcher's assembly exit entry.
@@ -610,6 +614,7 @@ pub(crate) fn emit_lazy_fpu_switch(
     a.movzx(ecx, cx)?;
     a.sub(ecx, dword_ptr(cpu(l::CPUM_HYPER_TSS_SEL0)))?;
     a.shr(ecx, cpum::HYPER_TSS_STRIDE_SHIFT)?;
+    let nm_count = offset_of!(RcMailbox, nm_count);
     a.imul_2(ecx, dword_ptr(cpu(l::CPUM_CB_CPUMCPU)))?;
     a.add(ecx, dword_ptr(cpu(l::CPUM_OFF_CPUMCPU0)))?;
     if wide {
@@ -626,20 +631,35 @@ pub(crate) fn emit_lazy_fpu_switch(
     a.fxsave(ptr(cpu(l::HOST32_FPU)))?;
     a.fxrstor(ptr(cpu(l::GUEST_FPU)))?;
     a.or(dword_ptr(cpu(l::USE_FLAGS)), UseFlags::USED_FPU.bits())?;
-    let nm_count = offset_of!(RcMailbox, nm_count);
-    if wide {
+    if cfg.mailboxes > 1 {
+        // The fault comes from the RC code's FPU check, where EDI/RDI is
+        // this VCPU's own mailbox.
+        a.add(w_field(wide, nm_count), 1)?;
+    } else if wide {
         a.mov(ecx, mbox)?;
         a.add(dword_ptr(rcx + mb(nm_count)), 1)?;
+    } else {
+        a.add(dword_ptr(mbox + nm_count as u32), 1)?;
+    }
+    if wide {
         a.pop(rdx)?;
         a.pop(rcx)?;
         a.pop(rax)?;
         a.iretq()
     } else {
-        a.add(dword_ptr(mbox + nm_count as u32), 1)?;
         a.pop(edx)?;
         a.pop(ecx)?;
         a.pop(eax)?;
         a.iretd()
+    }
+}
+
+/// The mailbox field at `f` through EDI (RDI when `wide`).
+fn w_field(wide: bool, f: usize) -> AsmMemoryOperand {
+    if wide {
+        dword_ptr(rdi + mb(f))
+    } else {
+        dword_ptr(edi + mb(f))
     }
 }
 
@@ -658,7 +678,11 @@ pub(crate) fn finish(
         BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS,
     )?;
     let code = &res.inner.code_buffer;
-    let need = cfg.mailbox_off as usize + size_of::<RcMailbox>();
+    let stride = super::MAILBOX_STRIDE as usize;
+    let need = (cfg.mailboxes.max(1) as usize - 1)
+        .checked_mul(stride)
+        .and_then(|n| n.checked_add(cfg.mailbox_off as usize + size_of::<RcMailbox>()))
+        .unwrap_or(usize::MAX);
     if code.len() > cfg.mailbox_off as usize || area_size < need {
         return Err(FarError::TooSmall {
             need: need.max(code.len()),
@@ -671,8 +695,10 @@ pub(crate) fn finish(
         (offset_of!(RcMailbox, exit_entry), cfg.exit_rc),
         (offset_of!(RcMailbox, c_exit_entry), cfg.c_exit_rc),
     ] {
-        let slot = cfg.mailbox_off as usize + field;
-        blob[slot..slot + 4].copy_from_slice(&value.to_le_bytes());
+        for i in 0..cfg.mailboxes.max(1) as usize {
+            let slot = cfg.mailbox_off as usize + i * stride + field;
+            blob[slot..slot + 4].copy_from_slice(&value.to_le_bytes());
+        }
     }
     let ip = |l: &CodeLabel| res.label_ip(l).map(|v| v as u32);
     Ok((

@@ -12,9 +12,7 @@ use core::mem::offset_of;
 
 use iced_x86::code_asm::*;
 
-use super::common::{
-    emit_exception_report, emit_exception_stub, emit_nmi_counter, ReporterRegs,
-};
+use super::common::{emit_exception_report, emit_exception_stub, emit_nmi_counter, ReporterRegs};
 use super::hyper::{
     emit_checks, emit_lazy_fpu_switch, finish, RcConfig, RcEntries, RcMailbox, MAX_TARGET_ARGS,
 };
@@ -104,6 +102,7 @@ mod tests {
         let cfg = RcConfig {
             rc: 0xa000_9000,
             mailbox_off: 0x3000,
+            mailboxes: 1,
             cpum_rc: 0xa000_00c0,
             exit_rc: 0xa000_d123,
             c_exit_rc: 0xa000_d100,

@@ -172,6 +172,10 @@ pub struct FarConfig {
     pub exit_port: u16,
     /// Value written to the exit port after a far exception.
     pub exit_far_exception: u32,
+    /// Mailboxes: 1, shared by every VCPU, or one per VCPU,
+    /// [`super::MAILBOX_STRIDE`] apart, each VCPU's RC address in its
+    /// `CpumCpu`'s `Hyper.rdi` (which these switchers leave alone).
+    pub mailboxes: u32,
 }
 
 fn mb(field: usize) -> i32 {
@@ -236,7 +240,11 @@ fn emit_entry_and_mode_checks(
 ) -> Result<(), IcedError> {
     a.lidt(ptr(idtr))?;
     a.mov(r13, rdx)?; // RDMSR below clobbers RDX
-    a.mov(rbx, i64::from(cfg.layout.mailbox_rc()))?;
+    if cfg.mailboxes > 1 {
+        a.mov(rbx, qword_ptr(r13 + l::HYPER_RDI as i32))?;
+    } else {
+        a.mov(rbx, i64::from(cfg.layout.mailbox_rc()))?;
+    }
     a.add(field(offset_of!(Mailbox, calls)), 1)?;
     // R15D collects the failure bits of this trip.
     a.xor(r15d, r15d)?;
@@ -424,7 +432,10 @@ fn assemble(
     let res = a.assemble_options(base, BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS)?;
     let code = &res.inner.code_buffer;
     let mut blob = vec![0u8; area_size];
-    let need = cfg.layout.mailbox_off as usize + size_of::<Mailbox>();
+    let need = (cfg.mailboxes.max(1) as usize - 1)
+        .checked_mul(super::MAILBOX_STRIDE as usize)
+        .and_then(|n| n.checked_add(cfg.layout.mailbox_off as usize + size_of::<Mailbox>()))
+        .unwrap_or(usize::MAX);
     if code.len() > cfg.layout.scratch_off as usize || area_size < need {
         return Err(FarError::TooSmall {
             need: need.max(code.len()),

@@ -28,6 +28,17 @@ pub mod intermediate_amd64;
 use iced_x86::IcedError;
 use thiserror::Error;
 
+/// log2 of [`MAILBOX_STRIDE`].
+pub const MAILBOX_STRIDE_SHIFT: u32 = 8;
+
+/// Distance between two VCPUs' mailboxes when each VCPU has its own (runs
+/// on several host CPUs): VCPU `i`'s mailbox is `i * MAILBOX_STRIDE` bytes
+/// after VCPU 0's.
+pub const MAILBOX_STRIDE: u32 = 1 << MAILBOX_STRIDE_SHIFT;
+
+const _: () = assert!(size_of::<hyper::RcMailbox>() <= MAILBOX_STRIDE as usize);
+const _: () = assert!(size_of::<intermediate_amd64::Mailbox>() <= MAILBOX_STRIDE as usize);
+
 /// Building far-side code failed.
 #[derive(Debug, Error)]
 pub enum FarError {

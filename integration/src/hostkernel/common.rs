@@ -1289,6 +1289,42 @@ fn build_image(p: ImageParts<'_>) -> R<(Vec<u8>, Vec<LayoutRegion>)> {
     Ok((img.build(STUB_ADDR)?, layout))
 }
 
+/// Stores the cookie (EAX) at `addr`, plus the VCPU index times
+/// [`HostKernelBuilder::cookie_stride`] when that is set. Clobbers ECX/RCX
+/// and EDX/RDX.
+fn emit_cookie_store(g: &mut Gen, b: &HostKernelBuilder, addr: u64) -> R {
+    let stride = b.cookie_stride;
+    let n_vcpus = u64::try_from(b.vcpus.len()).unwrap_or(u64::MAX);
+    let last = u64::from(stride)
+        .checked_mul(n_vcpus.saturating_sub(1))
+        .and_then(|span| addr.checked_add(span))
+        .ok_or(BuildError::TooWide {
+            what: "last cookie address",
+            value: addr,
+            mode: b.mode,
+        })?;
+    if g.bits64() {
+        g.a.mov(rcx, addr)?;
+        if stride != 0 {
+            g.a.mov(edx, dword_ptr(g.s.vcpu))?;
+            g.a.imul_3(edx, edx, stride)?;
+            g.a.add(rcx, rdx)?;
+        }
+        g.a.mov(dword_ptr(rcx), eax)?;
+    } else if stride != 0 {
+        narrow("last cookie address", last, b.mode)?;
+        g.a.mov(ecx, dword_ptr(g.s.vcpu))?;
+        g.a.imul_3(ecx, ecx, stride)?;
+        g.a.mov(
+            dword_ptr(ecx + narrow("cookie address", addr, b.mode)?),
+            eax,
+        )?;
+    } else {
+        g.a.mov(dword_ptr(narrow("cookie address", addr, b.mode)?), eax)?;
+    }
+    Ok(())
+}
+
 /// The call loop, the summary and the verdict. `emit_call` emits the
 /// kernel's own part of each iteration: the register patterns, the first
 /// snapshot, the timed call, the second snapshot, the return value into
@@ -1335,12 +1371,7 @@ pub(super) fn emit_loop(
     g.a.xor(eax, COOKIE_SEED)?;
     g.a.mov(dword_ptr(g.s.cookie), eax)?;
     if let Some(addr) = b.cookie_addr {
-        if bits64 {
-            g.a.mov(rcx, addr)?;
-            g.a.mov(dword_ptr(rcx), eax)?;
-        } else {
-            g.a.mov(dword_ptr(narrow("cookie address", addr, mode)?), eax)?;
-        }
+        emit_cookie_store(g, b, addr)?;
     }
     for slot in [
         g.s.hook_fail,

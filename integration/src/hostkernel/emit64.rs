@@ -270,6 +270,12 @@ pub(super) fn build(mut b: HostKernelBuilder) -> Result<Testbed, BuildError> {
     if b.cr4_today {
         items.push(super::items::pkru_item());
     }
+    if b.cet {
+        items.push(SnapItem64::new(
+            "s_cet",
+            SnapSource64::Msr(super::MSR_S_CET),
+        ));
+    }
     items.append(&mut b.extra_items64);
     super::check_item_names(items.iter().map(|i| i.name.as_str()))?;
     for name in &b.skip {
@@ -556,6 +562,15 @@ fn emit_main(g: &mut Gen, b: &mut HostKernelBuilder, entry: u64, n_items: u32) -
     if b.cr4_today {
         emit_cr4_today(g)?;
     }
+    if b.pcid {
+        emit_pcid(g)?;
+    }
+    if b.cet {
+        // CR0.WP is set already: CR4.CET cannot be set without it.
+        g.a.mov(rax, cr4)?;
+        g.a.or(eax, super::CR4_CET as i32)?;
+        g.a.mov(cr4, rax)?;
+    }
 
     // SYSENTER_CS, the SYSCALL MSRs, CR8.
     let mut no_sep = g.a.create_label();
@@ -620,6 +635,19 @@ fn emit_cr4_today(g: &mut Gen) -> R {
     g.a.xor(ecx, ecx)?;
     g.a.xor(edx, edx)?;
     g.a.wrpkru()?;
+    Ok(())
+}
+
+/// CR4.PCIDE on, then CR3 with [`super::HOST_PCID`]: PCIDE can be set only
+/// in IA-32e mode with CR3 bits 11:0 clear (else #GP), which holds here since the
+/// boot stub loaded a page-aligned root. Clobbers RAX, RCX.
+fn emit_pcid(g: &mut Gen) -> R {
+    g.a.mov(rax, cr4)?;
+    g.a.or(eax, Cr4::PCIDE.bits() as i32)?;
+    g.a.mov(cr4, rax)?;
+    g.a.mov(rax, cr3)?;
+    g.a.or(rax, super::HOST_PCID as i32)?;
+    g.a.mov(cr3, rax)?;
     Ok(())
 }
 

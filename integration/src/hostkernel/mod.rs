@@ -174,6 +174,15 @@ pub const CR4_TODAY: u64 = cpum::regs::Cr4::SMEP.bits()
 /// allowed, keys 1–15 access-disabled, as a kernel restricting user keys
 /// would have it.
 pub const PKRU_TODAY: u32 = 0x5555_5554;
+/// The PCID in the AMD64 host's CR3 under [`HostKernelBuilder::pcid`]
+/// (CR3 bits 11:0, with CR4.PCIDE set).
+pub const HOST_PCID: u64 = 0x05a;
+/// CR4.CET (bit 23): control-flow enforcement on; it cannot be set while
+/// CR0.WP = 0, nor WP cleared while it is set.
+pub const CR4_CET: u64 = 1 << 23;
+/// IA32_S_CET: the supervisor CET controls (shadow stack, IBT), snapshot
+/// as `s_cet` under [`HostKernelBuilder::cet`].
+pub const MSR_S_CET: u32 = 0x6a2;
 
 /// Virtual address of the magic page (mapped only by the host's tables).
 pub const MAGIC_VIRT: u32 = 0x4000_0000;
@@ -249,6 +258,11 @@ pub enum CpuFeature {
     Pku,
     /// RDFSBASE and friends (CPUID.7.0:EBX bit 0).
     Fsgsbase,
+    /// Process-context identifiers (CPUID.1:ECX bit 17).
+    Pcid,
+    /// CET shadow stacks (CPUID.7.0:ECX bit 7), which makes CR4.CET
+    /// settable.
+    CetSs,
 }
 
 /// A CPUID output register.
@@ -264,7 +278,7 @@ pub enum CpuidReg {
 
 impl CpuFeature {
     /// Every feature, in the order the kernel checks them.
-    pub const ALL: [CpuFeature; 15] = [
+    pub const ALL: [CpuFeature; 17] = [
         Self::LongMode,
         Self::Pae,
         Self::Fxsr,
@@ -280,6 +294,8 @@ impl CpuFeature {
         Self::Umip,
         Self::Pku,
         Self::Fsgsbase,
+        Self::Pcid,
+        Self::CetSs,
     ];
 
     /// The name the `NOCPU` line carries.
@@ -300,6 +316,8 @@ impl CpuFeature {
             Self::Umip => "umip",
             Self::Pku => "pku",
             Self::Fsgsbase => "fsgsbase",
+            Self::Pcid => "pcid",
+            Self::CetSs => "cet-ss",
         }
     }
 
@@ -334,6 +352,8 @@ impl CpuFeature {
             Self::Umip => (7, CpuidReg::Ecx, 2),
             Self::Pku => (7, CpuidReg::Ecx, 3),
             Self::Fsgsbase => (7, CpuidReg::Ebx, 0),
+            Self::Pcid => (1, CpuidReg::Ecx, 17),
+            Self::CetSs => (7, CpuidReg::Ecx, 7),
         }
     }
 
@@ -671,8 +691,9 @@ pub enum BuildError {
     /// [`HostKernelBuilder::la57`] for a 32-bit host.
     #[error("5-level paging (CR4.LA57) is built for AMD64 hosts only, not {0}")]
     La57NeedsAmd64(HostMode),
-    /// [`HostKernelBuilder::cr4_today`] for a 32-bit host.
-    #[error("today's CR4 (SMEP, SMAP, UMIP, PKE, FSGSBASE) is built for AMD64 hosts only, not {0}")]
+    /// [`HostKernelBuilder::cr4_today`], [`HostKernelBuilder::pcid`] or
+    /// [`HostKernelBuilder::cet`] for a 32-bit host.
+    #[error("today's CR4 (SMEP, SMAP, UMIP, PKE, FSGSBASE, PCIDE, CET) is built for AMD64 hosts only, not {0}")]
     Cr4TodayNeedsAmd64(HostMode),
     /// A 64-bit value given to a 32-bit host (`entry64`, `arg1_64`,
     /// `cookie_at64`, `dump64` above 4 GiB in [`HostMode::Legacy32`] or
@@ -736,6 +757,7 @@ pub struct HostKernelBuilder {
     pub(crate) entry: Option<u64>,
     pub(crate) expected: Expected,
     pub(crate) cookie_addr: Option<u64>,
+    pub(crate) cookie_stride: u32,
     pub(crate) mappings: Vec<Mapping64>,
     pub(crate) blobs: Vec<(String, u32, Vec<u8>)>,
     pub(crate) dumps: Vec<DumpRegion64>,
@@ -756,6 +778,8 @@ pub struct HostKernelBuilder {
     pub(crate) required: Vec<CpuFeature>,
     pub(crate) forbidden: Vec<CpuFeature>,
     pub(crate) cr4_today: bool,
+    pub(crate) pcid: bool,
+    pub(crate) cet: bool,
     pub(crate) la57: bool,
     pub(crate) storm: Option<storm::NmiStorm>,
     pub(crate) cpus: u32,
@@ -791,6 +815,7 @@ impl HostKernelBuilder {
             entry: None,
             expected: Expected::Any,
             cookie_addr: None,
+            cookie_stride: 0,
             mappings: Vec::new(),
             blobs: Vec::new(),
             dumps: Vec::new(),
@@ -811,6 +836,8 @@ impl HostKernelBuilder {
             required: Vec::new(),
             forbidden: Vec::new(),
             cr4_today: false,
+            pcid: false,
+            cet: false,
             la57: false,
             storm: None,
             cpus: 1,
@@ -837,6 +864,26 @@ impl HostKernelBuilder {
     /// 32-bit hosts refuse it ([`BuildError::Cr4TodayNeedsAmd64`]).
     pub fn cr4_today(mut self, on: bool) -> Self {
         self.cr4_today = on;
+        self
+    }
+
+    /// [`HostMode::Amd64`] only: run the host with CR4.PCIDE set and
+    /// [`HOST_PCID`] in CR3 bits 11:0 (PCIDE is set in IA-32e mode with
+    /// CR3 bits 11:0 clear, then CR3 is loaded with the PCID). The kernel then
+    /// requires PCID (`NOCPU` without it). The 32-bit hosts refuse it
+    /// ([`BuildError::Cr4TodayNeedsAmd64`]).
+    pub fn pcid(mut self, on: bool) -> Self {
+        self.pcid = on;
+        self
+    }
+
+    /// [`HostMode::Amd64`] only: run the host with CR4.CET set ([`CR4_CET`];
+    /// CR0.WP is on already) and IA32_S_CET left 0 — no supervisor shadow
+    /// stack or IBT is enabled — and snapshot IA32_S_CET (`s_cet`) around
+    /// every call. The kernel then requires CET_SS (`NOCPU` without it).
+    /// The 32-bit hosts refuse it ([`BuildError::Cr4TodayNeedsAmd64`]).
+    pub fn cet(mut self, on: bool) -> Self {
+        self.cet = on;
         self
     }
 
@@ -905,6 +952,12 @@ impl HostKernelBuilder {
                 CpuFeature::Fsgsbase,
             ]);
         }
+        if self.pcid {
+            want.push(CpuFeature::Pcid);
+        }
+        if self.cet {
+            want.push(CpuFeature::CetSs);
+        }
         CpuFeature::ALL
             .into_iter()
             .filter(|f| want.contains(f))
@@ -972,6 +1025,14 @@ impl HostKernelBuilder {
     /// [`HostKernelBuilder::cookie_at`] at a 64-bit host-virtual address.
     pub fn cookie_at64(mut self, hc_addr: u64) -> Self {
         self.cookie_addr = Some(hc_addr);
+        self
+    }
+
+    /// Writes the cookie of the VCPU at index `i` (into the `vcpus` list)
+    /// to the [`HostKernelBuilder::cookie_at`] address plus `i * stride`
+    /// (one far-side mailbox per VCPU); 0, the default, is one address for all.
+    pub fn cookie_stride(mut self, stride: u32) -> Self {
+        self.cookie_stride = stride;
         self
     }
 
@@ -1137,7 +1198,7 @@ impl HostKernelBuilder {
             emit64::build(self)
         } else if self.la57 {
             Err(BuildError::La57NeedsAmd64(self.mode))
-        } else if self.cr4_today {
+        } else if self.cr4_today || self.pcid || self.cet {
             Err(BuildError::Cr4TodayNeedsAmd64(self.mode))
         } else {
             emit::build(self)

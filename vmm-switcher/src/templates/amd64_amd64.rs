@@ -170,7 +170,7 @@ pub fn build(o: &TemplateOptions, vm: &VmLayout) -> Result<SwitcherDef, BuildErr
     }
     trace(&mut b, o, Step::RcLoaded)?;
     if o.stats {
-        mov_fix(&mut b, ecx, K::GcVmOff, Operand::Value(vm.stat_to_gc))?;
+        b.a().lea(rcx, ptr(rsi + d(l::STAT_TO_GC)))?;
         adv_stop64(&mut b)?;
     }
     {
@@ -249,7 +249,7 @@ pub fn build(o: &TemplateOptions, vm: &VmLayout) -> Result<SwitcherDef, BuildErr
         a.mov(r9, rdx)?;
     }
     if o.stats {
-        mov_fix(&mut b, ecx, K::GcVmOff, Operand::Value(vm.stat_to_hc))?;
+        b.a().lea(rcx, ptr(r9 + d(l::STAT_TO_HC)))?;
         adv_start64(&mut b)?;
     }
     trace(&mut b, o, Step::RcExit)?;

@@ -75,7 +75,7 @@ fn cr4_kept_in_long_mode(o: &TemplateOptions) -> Cr4 {
 pub(crate) fn emit_host_entry64(
     b: &mut Builder,
     o: &TemplateOptions,
-    vm: &VmLayout,
+    _vm: &VmLayout,
 ) -> Result<(), BuildError> {
     // ------------------------------------------------------------ HC0: C entry (64-bit)
     b.label("vmmR0HostToGuest")?;
@@ -88,7 +88,11 @@ pub(crate) fn emit_host_entry64(
         a.mov(rbx, rdi)?;
     }
     if o.stats {
-        b.a().lea(rcx, ptr(rbx + vm.stat_to_gc as i32))?;
+        // This VCPU's profile: HC CPUM plus the VCPU offset (ESI).
+        let a = b.a();
+        a.mov(ecx, esi)?;
+        a.add(rcx, qword_ptr(cpum_slot))?;
+        a.add(rcx, d(l::STAT_TO_GC))?;
         adv_start64(b)?;
     }
     let worker = b.named("vmmR0HostToGuestAsm");
@@ -110,7 +114,8 @@ pub(crate) fn emit_host_entry64(
     if o.stats {
         let a = b.a();
         a.mov(r9d, eax)?;
-        a.lea(rcx, ptr(rbx + vm.stat_to_hc as i32))?;
+        // RDX = HC CPUMCPU, as the exit path leaves it.
+        a.lea(rcx, ptr(rdx + d(l::STAT_TO_HC)))?;
         adv_stop64(b)?;
         b.a().mov(eax, r9d)?;
     }
@@ -229,6 +234,38 @@ pub(crate) fn emit_host_entry64(
     trace(b, o, Step::InterCr3)
 }
 
+/// Restores the host CR0, CR4 and, on a host with CR4.PCIDE, the PCID in
+/// CR3, from the hyper CR0/CR4 (WP clear; neither PCIDE nor CET, which the
+/// entry dropped with the hyper CR4 before clearing WP and PG), in an order
+/// the architecture permits: CR0 first, since a `mov cr4` setting CR4.CET
+/// while CR0.WP = 0 raises #GP; then CR4, where setting PCIDE raises #GP
+/// unless CR3 bits 11:0 are clear, so a PCIDE host first gets its CR3 without the
+/// PCID and the whole CR3 after CR4. Decided at run time from the saved
+/// CR4 rather than by a build option: a host may turn PCIDE on or off
+/// while the switcher stays the same, and a host without PCIDE pays a
+/// `test`, a not-taken `jnz` and a `jmp`. R8 = HC `CpumCpu`; clobbers RAX,
+/// RCX.
+fn restore_host_cr0_cr4(a: &mut CodeAssembler) -> Result<(), IcedError> {
+    let mut pcide = a.create_label();
+    let mut done = a.create_label();
+    a.mov(rax, qword_ptr(r8 + d(l::HOST64_CR0)))?;
+    a.mov(cr0, rax)?;
+    a.mov(rax, qword_ptr(r8 + d(l::HOST64_CR4)))?;
+    a.test(eax, Cr4::PCIDE.bits() as u32)?;
+    a.jnz(pcide)?;
+    a.mov(cr4, rax)?;
+    a.jmp(done)?;
+    a.set_label(&mut pcide)?;
+    a.mov(rcx, cr3)?;
+    a.and(rcx, -0x1000)?;
+    a.mov(cr3, rcx)?;
+    a.mov(cr4, rax)?;
+    a.mov(rax, qword_ptr(r8 + d(l::HOST64_CR3)))?;
+    a.mov(cr3, rax)?;
+    a.set_label(&mut done)?;
+    Ok(())
+}
+
 /// The 64-bit host-restoring exit shared by the AMD64-host switchers, from
 /// `HCExitTarget` (reached at its HC address under the intermediate PML4,
 /// RAX = host CR3, EBP = VCPU offset, EDI = status) to the `retfq`, which
@@ -298,10 +335,7 @@ pub(crate) fn emit_host_exit64(b: &mut Builder, o: &TemplateOptions) -> Result<(
         a.fxsave(ptr(r8 + d(l::GUEST_FPU)))?;
         a.fxrstor(ptr(r8 + d(l::HOST32_FPU)))?;
         a.set_label(&mut no_fpu)?;
-        a.mov(rax, qword_ptr(r8 + d(l::HOST64_CR4)))?;
-        a.mov(cr4, rax)?;
-        a.mov(rax, qword_ptr(r8 + d(l::HOST64_CR0)))?;
-        a.mov(cr0, rax)?;
+        restore_host_cr0_cr4(a)?;
         let mut no_dr = a.create_label();
         let mut no_hyper_dr = a.create_label();
         a.test(

@@ -98,7 +98,10 @@ fn rev_c_carry_to_id0(a: &mut CodeAssembler) -> Result<(), BuildError> {
     let mut no_fpu = a.create_label();
     a.mov(edi, eax)?;
     a.mov(esi, !(Cr0::WP.bits() as u32))?;
-    a.test(dword_ptr(edx + d(l::USE_FLAGS)), UseFlags::SYNC_FPU_STATE.bits())?;
+    a.test(
+        dword_ptr(edx + d(l::USE_FLAGS)),
+        UseFlags::SYNC_FPU_STATE.bits(),
+    )?;
     a.jz(no_fpu)?;
     a.mov(esi, !((Cr0::WP | Cr0::TS | Cr0::EM).bits() as u32))?;
     a.set_label(&mut no_fpu)?;
@@ -339,7 +342,11 @@ pub fn build(
     marker64(&mut b, o, 9)?;
     trace(&mut b, o, Step::Synced)?;
     if o.stats {
-        mov_fix(&mut b, ecx, K::GcVmOff, Operand::Value(vm.stat_to_gc))?;
+        if o.trace {
+            // The trace above clobbered RDX.
+            load_ic_cpumcpu(&mut b, slot)?;
+        }
+        b.a().lea(rcx, ptr(rdx + d(l::STAT_TO_GC)))?;
         adv_stop64(&mut b)?;
     }
     load_ic_cpumcpu(&mut b, slot)?;
@@ -361,7 +368,7 @@ pub fn build(
     b.a().mov(dword_ptr(rdx + d(l::RET_CODE)), r12d)?;
     marker64(&mut b, o, 10)?;
     if o.stats {
-        mov_fix(&mut b, ecx, K::GcVmOff, Operand::Value(vm.stat_to_hc))?;
+        b.a().lea(rcx, ptr(rdx + d(l::STAT_TO_HC)))?;
         adv_start64(&mut b)?;
     }
     let to_host = b.named("VMMGCGuestToHostAsm");

@@ -89,12 +89,14 @@ pub(crate) fn trace_hc(b: &mut Builder, o: &TemplateOptions, step: Step) -> Resu
 pub(crate) fn emit_host_entry32(
     b: &mut Builder,
     o: &TemplateOptions,
-    vm: &VmLayout,
+    _vm: &VmLayout,
 ) -> Result<(), BuildError> {
     b.label("vmmR0HostToGuest")?;
     trace(b, o, Step::Entry)?;
     if o.stats {
-        mov_fix(b, ecx, K::HcVmOff, Operand::Value(vm.stat_to_gc))?;
+        // This VCPU's profile: HC CPUM plus the VCPU offset (cdecl arg 2).
+        mov_fix(b, ecx, K::HcCpumOff, Operand::Value(l::STAT_TO_GC as u32))?;
+        b.a().add(ecx, dword_ptr(esp + 8))?;
         adv_start32(b)?;
     }
     {
@@ -115,7 +117,8 @@ pub(crate) fn emit_host_entry32(
     b.a().popfd()?;
     b.a().pop(ebp)?;
     if o.stats {
-        mov_fix(b, ecx, K::HcVmOff, Operand::Value(vm.stat_to_hc))?;
+        mov_fix(b, ecx, K::HcCpumOff, Operand::Value(l::STAT_TO_HC as u32))?;
+        b.a().add(ecx, dword_ptr(esp + 8))?;
         adv_stop32(b)?;
     }
     b.a().ret()?;
@@ -253,7 +256,7 @@ impl HostDrSlots {
 pub(crate) fn emit_gc(
     b: &mut Builder,
     o: &TemplateOptions,
-    vm: &VmLayout,
+    _vm: &VmLayout,
     host: HostDrSlots,
 ) -> Result<(), BuildError> {
     b.label("FarJmpGCTarget")?;
@@ -316,7 +319,7 @@ pub(crate) fn emit_gc(
         b.a().mov(edx, esi)?;
     }
     if o.stats {
-        mov_fix(b, ecx, K::GcVmOff, Operand::Value(vm.stat_to_gc))?;
+        b.a().lea(ecx, ptr(edx + d(l::STAT_TO_GC)))?;
         adv_stop32(b)?;
     }
     {
@@ -386,7 +389,7 @@ pub(crate) fn emit_gc(
         a.mov(edi, eax)?; // status
     }
     if o.stats {
-        mov_fix(b, ecx, K::GcVmOff, Operand::Value(vm.stat_to_hc))?;
+        b.a().lea(ecx, ptr(edx + d(l::STAT_TO_HC)))?;
         adv_start32(b)?;
     }
     if o.trace {

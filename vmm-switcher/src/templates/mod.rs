@@ -715,7 +715,11 @@ where
 /// bit for bit what the host had: interrupts are off from the masking to
 /// here and the LVTs are this CPU's own registers, so nothing else can have
 /// changed them in between. Clobbers EDI with `rev_c`.
-fn mmio_unmask_lvts<R, C>(a: &mut CodeAssembler, page: R, rev_c: Option<C>) -> Result<(), BuildError>
+fn mmio_unmask_lvts<R, C>(
+    a: &mut CodeAssembler,
+    page: R,
+    rev_c: Option<C>,
+) -> Result<(), BuildError>
 where
     R: Copy + Add<i32, Output = AsmMemoryOperand>,
     C: Copy + Add<i32, Output = AsmMemoryOperand>,

@@ -7,7 +7,8 @@
  * the directory given as the only argument, then checks the rest of the
  * interface: relocation after an HMA move, the VMMSWITCHERDEF and CPUM
  * layout exports, STAM dumps, errors, and a core in pages of its own
- * (scattered table pages) handed out through a page provider.
+ * (scattered table and hypervisor-area pages) handed out through a page
+ * provider.
  *
  * Exit status 0 when every check passed; otherwise a message on stderr.
  */
@@ -68,8 +69,8 @@ static void write_tables(const WsVmm *vmm, uint32_t which, const char *name,
 }
 
 /* A page provider over malloc'd memory with made-up physical addresses:
- * the code and the HMA at fixed addresses, each table page 3 pages below
- * the previous one. */
+ * the code at a fixed address, HMA page i at 0x03000000 - 2 * i pages,
+ * each table page 3 pages below the previous one. */
 struct pages {
     uint64_t next_table;
     void *blocks[256];
@@ -99,9 +100,15 @@ static int32_t table_page(void *ctx, uint32_t purpose, uint64_t *phys, uint8_t *
     return give(p, 1, map);
 }
 
+static int32_t hma_pages(void *ctx, size_t pages, uint64_t *phys, uint8_t **map) {
+    for (size_t i = 0; i < pages; i++) phys[i] = 0x03000000u - 2 * 4096 * (uint64_t)i;
+    return give(ctx, pages, map);
+}
+
 static void own_pages(const WsConfig *base) {
     struct pages p = {.next_table = 0x04000000u, .count = 0};
-    WsPageProvider provider = {.ctx = &p, .contiguous = contiguous, .table_page = table_page};
+    WsPageProvider provider = {
+        .ctx = &p, .contiguous = contiguous, .table_page = table_page, .hma = hma_pages};
     WsVmm *vmm = NULL;
     OK(ws_vmm_create(base, &provider, &vmm));
     WsPlacement where;
@@ -112,6 +119,18 @@ static void own_pages(const WsConfig *base) {
     OK(ws_vmm_core_code(vmm, &code));
     CHECK(code.data == p.blocks[0], "the core code is not in the provider's memory");
     size_t count = 0;
+    OK(ws_vmm_hma_page_count(vmm, &count));
+    CHECK(count > 2, "%zu HMA pages", count);
+    for (size_t i = 0; i < count; i++) {
+        WsImage page;
+        OK(ws_vmm_hma_page(vmm, i, &page));
+        CHECK(page.phys == 0x03000000u - 2 * 4096 * (uint64_t)i, "HMA page %zu at 0x%llx", i,
+              (unsigned long long)page.phys);
+        CHECK(page.data == (const uint8_t *)p.blocks[1] + 4096 * i, "HMA page %zu not mapped", i);
+        CHECK(page.hc == where.hma_hc + 4096 * i, "HMA page %zu HC", i);
+    }
+    WsImage none;
+    CHECK(ws_vmm_hma_page(vmm, count, &none) == WS_STATUS_INVALID_ARGUMENT, "page past the end");
     OK(ws_vmm_table_count(vmm, WS_PURPOSE_TABLES, &count));
     uint64_t previous = 0;
     for (size_t i = 0; i < count; i++) {
@@ -194,7 +213,7 @@ int main(int argc, char **argv) {
     CHECK(strlen((const char *)(uintptr_t)def.psz_desc) > 0, "no description");
     WsCpumLayout layout;
     OK(ws_cpum_layout(&layout));
-    CHECK(layout.cpumcpu_size == 2560, "CPUMCPU is %u bytes", layout.cpumcpu_size);
+    CHECK(layout.cpumcpu_size == 2624, "CPUMCPU is %u bytes", layout.cpumcpu_size);
     uint32_t ret_code;
     memcpy(&ret_code,
            hma.data + layout.vm_off_cpum + entries.off_cpumcpu + layout.ret_code, 4);
@@ -212,6 +231,14 @@ int main(int argc, char **argv) {
     fprintf(info, "entry 0x%llx\nvm_hc 0x%llx\nvcpu1_arg 0x%x\n",
             (unsigned long long)entries.r0_host_to_guest_hc, (unsigned long long)entries.vm_hc,
             entries.off_cpumcpu);
+    size_t hma_count = 0;
+    OK(ws_vmm_hma_page_count(vmm, &hma_count));
+    for (size_t i = 0; i < hma_count; i++) {
+        WsImage page;
+        OK(ws_vmm_hma_page(vmm, i, &page));
+        CHECK(page.data == hma.data + 4096 * i, "HMA page %zu is not in the image", i);
+        fprintf(info, "hma_page 0x%llx\n", (unsigned long long)page.phys);
+    }
     write_tables(vmm, WS_PURPOSE_TABLES, "tables.bin", "table", info);
     write_tables(vmm, WS_PURPOSE_HYPER_TABLES, "hyper.bin", "hyper", info);
     fclose(info);
