@@ -1880,47 +1880,70 @@ pub fn run(s: &Scenario, q: &QemuConfig) -> Result<ScenarioResult, ScenarioError
     run_built(s, &b, q)
 }
 
-/// Judges a finished run of `s` (built as `b`): every check of the testbed,
-/// the far helper and the STAM profiles. Also used to judge a transcript
-/// captured elsewhere (e.g. from real hardware).
-pub fn judge(s: &Scenario, b: &Built, run: RunResult) -> ScenarioResult {
-    let r = &run.report;
-    let mut failures = Vec::new();
-    if run.outcome != Outcome::Pass {
-        failures.push(format!("outcome {:?}", run.outcome));
-    }
-    for f in transcript_failures(s, b, r) {
-        if !failures.contains(&f) {
-            failures.push(f);
+/// What a run's dumps decode to: the VM structure (its switcher profiles
+/// with each VCPU's own added in), every VCPU's CPUM data and the far side's
+/// mailbox of the run's family (the VCPUs' mailboxes merged).
+struct Dumps {
+    vm: Option<VmFixed>,
+    cpumcpu: Vec<CpumCpu32>,
+    mailbox: Option<Mailbox>,
+    rc_mailbox: Option<hyper::RcMailbox>,
+}
+
+impl Dumps {
+    fn decode(s: &Scenario, b: &Built, r: &crate::transcript::Report) -> Self {
+        let vm_dump = r.dump("vm");
+        // The VM-wide switcher profiles as every consumer of the samples sees
+        // them: with each VCPU's own added in.
+        let vm = vm_dump.and_then(|d| {
+            let totals = b.vmm.stam().ok()?.with_totals(&d.bytes);
+            <VmFixed as zerocopy::FromBytes>::read_from_prefix(&totals)
+                .ok()
+                .map(|(v, _)| v)
+        });
+        let cpumcpu = (0..s.vcpus)
+            .filter_map(|i| {
+                vm_dump.and_then(|d| d.read::<CpumCpu32>(OFF_CPUM + b.vmm.vcpu_arg(i) as usize))
+            })
+            .collect();
+        let long = s.uses_far_helper();
+        let boxes = mailboxes(s);
+        let dump = r.dump("mailbox");
+        Self {
+            vm,
+            cpumcpu,
+            mailbox: dump
+                .filter(|_| long)
+                .and_then(|d| merged_mailbox(d, boxes, merge_long)),
+            rc_mailbox: dump
+                .filter(|_| !long)
+                .and_then(|d| merged_mailbox(d, boxes, merge_rc)),
         }
     }
-    let calls = u64::from(s.trips) * u64::from(s.vcpus);
-    let vm_dump = r.dump("vm");
-    // The VM-wide switcher profiles as every consumer of the samples sees
-    // them: with each VCPU's own added in.
-    let vm: Option<VmFixed> = vm_dump.and_then(|d| {
-        let totals = b.vmm.stam().ok()?.with_totals(&d.bytes);
-        <VmFixed as zerocopy::FromBytes>::read_from_prefix(&totals)
-            .ok()
-            .map(|(v, _)| v)
-    });
-    let cpumcpu: Vec<CpumCpu32> = (0..s.vcpus)
-        .filter_map(|i| {
-            vm_dump.and_then(|d| d.read::<CpumCpu32>(OFF_CPUM + b.vmm.vcpu_arg(i) as usize))
-        })
-        .collect();
-    let long = s.uses_far_helper();
-    let mailboxes = mailboxes(s);
-    let mailbox: Option<Mailbox> = r
-        .dump("mailbox")
-        .filter(|_| long)
-        .and_then(|d| merged_mailbox(d, mailboxes, merge_long));
-    let rc_mailbox: Option<hyper::RcMailbox> = r
-        .dump("mailbox")
-        .filter(|_| !long)
-        .and_then(|d| merged_mailbox(d, mailboxes, merge_rc));
-    let summary = r.summary.as_ref();
-    match summary {
+
+    /// The far side's calls, failure bits and NMIs, whichever family ran.
+    fn far_counts(&self) -> Option<(u32, u32, u32)> {
+        match (&self.mailbox, &self.rc_mailbox) {
+            (Some(m), _) => Some((m.calls, m.fails, m.nmis)),
+            (_, Some(m)) => Some((m.calls, m.fails, m.nmis)),
+            _ => None,
+        }
+    }
+}
+
+/// Names the far side's failure bits in the words of the family that ran.
+fn far_fail_names(s: &Scenario, bits: u32) -> String {
+    if s.uses_far_helper() {
+        intermediate_amd64::fail_names(bits).join(", ")
+    } else {
+        hyper::fail_names(bits).join(", ")
+    }
+}
+
+/// The host's own account: the summary's counts and the first mismatches.
+fn summary_failures(r: &crate::transcript::Report, calls: u64) -> Vec<String> {
+    let mut failures = Vec::new();
+    match &r.summary {
         Some(sm) => {
             if u64::from(sm.calls) != calls {
                 failures.push(format!("{} calls, expected {calls}", sm.calls));
@@ -1943,56 +1966,53 @@ pub fn judge(s: &Scenario, b: &Built, run: RunResult) -> ScenarioResult {
             m.trip, m.vcpu, m.name, m.before, m.after
         ));
     }
-    let names = |bits: u32| {
-        if long {
-            intermediate_amd64::fail_names(bits).join(", ")
-        } else {
-            hyper::fail_names(bits).join(", ")
-        }
+    failures
+}
+
+/// The first host hook failures, each in words.
+fn hook_failures(s: &Scenario, r: &crate::transcript::Report) -> Vec<String> {
+    r.hook_failures
+        .iter()
+        .take(2)
+        .map(|h| {
+            let what = match h.code {
+                c if c & HOOKFAIL_FAR != 0 => {
+                    format!("far side saw {}", far_fail_names(s, c & !HOOKFAIL_FAR))
+                }
+                HOOKFAIL_SYNC_LEFT => "a SYNC flag was left set".into(),
+                HOOKFAIL_HOST_FPU => "the host FPU state did not come back".into(),
+                HOOKFAIL_HOST_DR => "the host DR0-DR3 did not come back".into(),
+                HOOKFAIL_GUEST_FPU_SAVE => {
+                    "the RC code's FPU state was not saved to Guest.fpu".into()
+                }
+                c => format!("hook failure {c:#x}"),
+            };
+            format!("trip {} vcpu {}: {what}", h.trip, h.vcpu)
+        })
+        .collect()
+}
+
+/// The far side's account: it ran once per call, saw nothing wrong, took no
+/// NMI (outside a storm) and, in the RC family, exactly one lazy-FPU trap
+/// per FPU trip.
+fn far_side_failures(s: &Scenario, d: &Dumps, calls: u64, pass: bool) -> Vec<String> {
+    let mut failures = Vec::new();
+    let Some((far_calls, far_fails, far_nmis)) = d.far_counts() else {
+        return failures;
     };
-    for h in r.hook_failures.iter().take(2) {
-        let what = match h.code {
-            c if c & HOOKFAIL_FAR != 0 => format!("far side saw {}", names(c & !HOOKFAIL_FAR)),
-            HOOKFAIL_SYNC_LEFT => "a SYNC flag was left set".into(),
-            HOOKFAIL_HOST_FPU => "the host FPU state did not come back".into(),
-            HOOKFAIL_HOST_DR => "the host DR0-DR3 did not come back".into(),
-            HOOKFAIL_GUEST_FPU_SAVE => "the RC code's FPU state was not saved to Guest.fpu".into(),
-            c => format!("hook failure {c:#x}"),
-        };
-        failures.push(format!("trip {} vcpu {}: {what}", h.trip, h.vcpu));
-    }
-    let pass = run.outcome == Outcome::Pass;
-    let (far_calls, far_fails) = match (&mailbox, &rc_mailbox) {
-        (Some(m), _) => (Some(m.calls), m.fails),
-        (_, Some(m)) => (Some(m.calls), m.fails),
-        _ => (None, 0),
-    };
-    if let Some(n) = far_calls {
-        if u64::from(n) != calls && pass && s.trampoline_args.is_none() {
-            failures.push(format!("far side ran {n} times, expected {calls}"));
-        }
+    if u64::from(far_calls) != calls && pass && s.trampoline_args.is_none() {
+        failures.push(format!("far side ran {far_calls} times, expected {calls}"));
     }
     if far_fails != 0 {
-        failures.push(format!("far side failures: {}", names(far_fails)));
+        failures.push(format!(
+            "far side failures: {}",
+            far_fail_names(s, far_fails)
+        ));
     }
-    let far_nmis = match (&mailbox, &rc_mailbox) {
-        (Some(m), _) => m.nmis,
-        (_, Some(m)) => m.nmis,
-        _ => 0,
-    };
     if far_nmis != 0 && !s.nmi_storm {
         failures.push(format!("the hypervisor context took {far_nmis} NMIs"));
     }
-    let nmi_storm = s.nmi_storm.then(|| {
-        let (report, storm_failures) = crate::storm::analyze(s, b, &run);
-        for sf in storm_failures {
-            if !failures.contains(&sf) {
-                failures.push(sf);
-            }
-        }
-        report
-    });
-    if let (Some(m), None) = (&rc_mailbox, &s.trampoline_args) {
+    if let (Some(m), None) = (&d.rc_mailbox, &s.trampoline_args) {
         // Every even trip uses the FPU once: exactly one #NM each.
         let fpu_trips = u64::from(s.trips.div_ceil(2)) * u64::from(s.vcpus);
         if u64::from(m.nm_count) != fpu_trips && pass {
@@ -2002,65 +2022,121 @@ pub fn judge(s: &Scenario, b: &Built, run: RunResult) -> ScenarioResult {
             ));
         }
     }
-    let (mut to_gc, mut to_hc) = (None, None);
-    if let Some(vm) = &vm {
-        let h = &vm.header;
-        if s.options.stats && !s.is_stub() {
-            for (name, p) in [
-                ("ToGC", &h.stat_switcher_to_gc),
-                ("ToHC", &h.stat_switcher_to_hc),
-            ] {
-                if p.core.periods != calls && run.outcome == Outcome::Pass {
-                    failures.push(format!(
-                        "/VMM/Switcher/{name} has {} periods, expected {calls}",
-                        p.core.periods
-                    ));
-                }
-                if p.ts_start != 0 {
-                    failures.push(format!("/VMM/Switcher/{name} left running"));
-                }
-            }
-            failures.extend(vcpu_profile_failures(
-                s,
-                &cpumcpu,
-                run.outcome == Outcome::Pass,
-            ));
-            to_gc = h
-                .stat_switcher_to_gc
-                .core
-                .ticks
-                .checked_div(h.stat_switcher_to_gc.core.periods);
-            to_hc = h
-                .stat_switcher_to_hc
-                .core
-                .ticks
-                .checked_div(h.stat_switcher_to_hc.core.periods);
-        }
-        if s.options.apic_nmi_masking && run.outcome == Outcome::Pass && !s.is_stub() {
-            for (i, c) in cpumcpu.iter().enumerate() {
-                if c.apic_dis_vectors != 0x7 {
-                    failures.push(format!(
-                        "vcpu {i}: fApicDisVectors {:#x}, expected 0x7",
-                        c.apic_dis_vectors
-                    ));
-                }
-            }
-        }
-    } else if run.outcome == Outcome::Pass {
-        failures.push("no VM dump".into());
+    failures
+}
+
+/// The switcher profiles: one period per round trip (VM-wide and per
+/// VCPU), none left running. Returns the failures and the ToGC and ToHC
+/// averages.
+fn profile_failures(
+    s: &Scenario,
+    d: &Dumps,
+    vm: &VmFixed,
+    calls: u64,
+    pass: bool,
+) -> (Vec<String>, Option<u64>, Option<u64>) {
+    let mut failures = Vec::new();
+    if !s.options.stats || s.is_stub() {
+        return (failures, None, None);
     }
-    let last_step = r
-        .last_trace_char()
-        .and_then(|c| u8::try_from(c).ok())
-        .and_then(Step::from_ch);
-    // Trips differ by design (FPU and debug sync on alternate trips), so
-    // report the cheapest and the dearest.
-    let per_trip = summary
-        .filter(|sm| sm.calls > 0)
-        .map(|sm| u64::from(sm.tsc_min));
-    let per_trip_max = summary
-        .filter(|sm| sm.calls > 0)
-        .map(|sm| u64::from(sm.tsc_max));
+    let h = &vm.header;
+    for (name, p) in [
+        ("ToGC", &h.stat_switcher_to_gc),
+        ("ToHC", &h.stat_switcher_to_hc),
+    ] {
+        if p.core.periods != calls && pass {
+            failures.push(format!(
+                "/VMM/Switcher/{name} has {} periods, expected {calls}",
+                p.core.periods
+            ));
+        }
+        if p.ts_start != 0 {
+            failures.push(format!("/VMM/Switcher/{name} left running"));
+        }
+    }
+    failures.extend(vcpu_profile_failures(s, &d.cpumcpu, pass));
+    let average = |p: &stam::StamProfileAdv| p.core.ticks.checked_div(p.core.periods);
+    (
+        failures,
+        average(&h.stat_switcher_to_gc),
+        average(&h.stat_switcher_to_hc),
+    )
+}
+
+/// Every VCPU's switcher recorded LINT0, LINT1 and the performance LVT as
+/// the ones it masked.
+fn masking_failures(s: &Scenario, d: &Dumps, pass: bool) -> Vec<String> {
+    if !s.options.apic_nmi_masking || !pass || s.is_stub() {
+        return Vec::new();
+    }
+    d.cpumcpu
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| c.apic_dis_vectors != 0x7)
+        .map(|(i, c)| {
+            format!(
+                "vcpu {i}: fApicDisVectors {:#x}, expected 0x7",
+                c.apic_dis_vectors
+            )
+        })
+        .collect()
+}
+
+/// Adds `more` to `failures`, leaving out lines already there.
+fn push_new(failures: &mut Vec<String>, more: Vec<String>) {
+    for f in more {
+        if !failures.contains(&f) {
+            failures.push(f);
+        }
+    }
+}
+
+/// Judges a finished run of `s` (built as `b`): every check of the testbed,
+/// the far helper and the STAM profiles. Also used to judge a transcript
+/// captured elsewhere (e.g. from real hardware).
+pub fn judge(s: &Scenario, b: &Built, run: RunResult) -> ScenarioResult {
+    let r = &run.report;
+    let pass = run.outcome == Outcome::Pass;
+    let calls = u64::from(s.trips) * u64::from(s.vcpus);
+    let mut failures = Vec::new();
+    if !pass {
+        failures.push(format!("outcome {:?}", run.outcome));
+    }
+    push_new(&mut failures, transcript_failures(s, b, r));
+    let dumps = Dumps::decode(s, b, r);
+    failures.extend(summary_failures(r, calls));
+    failures.extend(hook_failures(s, r));
+    failures.extend(far_side_failures(s, &dumps, calls, pass));
+    let nmi_storm = s.nmi_storm.then(|| {
+        let (report, storm_failures) = crate::storm::analyze(s, b, &run);
+        push_new(&mut failures, storm_failures);
+        report
+    });
+    let (mut to_gc, mut to_hc) = (None, None);
+    match &dumps.vm {
+        Some(vm) => {
+            let (profile, gc, hc) = profile_failures(s, &dumps, vm, calls, pass);
+            failures.extend(profile);
+            (to_gc, to_hc) = (gc, hc);
+            failures.extend(masking_failures(s, &dumps, pass));
+        }
+        None if pass => failures.push("no VM dump".into()),
+        None => {}
+    }
+    result(s, run, failures, dumps, (to_gc, to_hc), nmi_storm)
+}
+
+/// Assembles the result of a judged run.
+fn result(
+    s: &Scenario,
+    run: RunResult,
+    failures: Vec<String>,
+    dumps: Dumps,
+    (to_gc, to_hc): (Option<u64>, Option<u64>),
+    nmi_storm: Option<crate::storm::StormReport>,
+) -> ScenarioResult {
+    let r = &run.report;
+    let summary = r.summary.as_ref().filter(|sm| sm.calls > 0);
     ScenarioResult {
         scenario: s.clone(),
         outcome: match &r.cpu_refusal {
@@ -2069,20 +2145,25 @@ pub fn judge(s: &Scenario, b: &Built, run: RunResult) -> ScenarioResult {
         },
         verified: failures.is_empty(),
         failures,
-        round_trips: summary.map_or(0, |sm| u64::from(sm.calls)),
+        round_trips: r.summary.as_ref().map_or(0, |sm| u64::from(sm.calls)),
         instructions_to_guest: to_gc,
         instructions_to_host: to_hc,
-        instructions_per_round_trip: per_trip,
-        instructions_per_round_trip_max: per_trip_max,
-        vm: vm.map(|v| v.header),
-        cpumcpu,
-        mailbox,
-        rc_mailbox,
-        last_step,
+        // Trips differ by design (FPU and debug sync on alternate trips),
+        // so report the cheapest and the dearest.
+        instructions_per_round_trip: summary.map(|sm| u64::from(sm.tsc_min)),
+        instructions_per_round_trip_max: summary.map(|sm| u64::from(sm.tsc_max)),
+        vm: dumps.vm.map(|v| v.header),
+        cpumcpu: dumps.cpumcpu,
+        mailbox: dumps.mailbox,
+        rc_mailbox: dumps.rc_mailbox,
+        last_step: r
+            .last_trace_char()
+            .and_then(|c| u8::try_from(c).ok())
+            .and_then(Step::from_ch),
         scratch_marker: r.dump("scratch").and_then(|d| d.u32_at(0)),
         nmi_storm,
         smp: smp_report(r),
-        vm_image: vm_dump.filter(|d| d.complete).map(|d| d.bytes.clone()),
+        vm_image: r.dump("vm").filter(|d| d.complete).map(|d| d.bytes.clone()),
         run,
     }
 }
