@@ -85,7 +85,7 @@ fuzz_target!(|data: &[u8]| {
         let _ = v.activate(k);
     }
     for n in 0..34 {
-        let _ = v.try_vcpu_arg(n);
+        let _ = v.vcpu_arg(n);
         let _ = v.cpumcpu(n);
     }
     let _ = v.header();

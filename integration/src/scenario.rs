@@ -765,7 +765,7 @@ pub fn build_over(
         .la57(s.la57());
     let kb = map_core_and_hma(kb, s, &vmm, &sw, &at, core)?;
     let kb = add_tables_and_trips(kb, s, &vmm)?;
-    let kb = add_checks(kb, s, &vmm, &sw, &at, rc_entries.as_ref());
+    let kb = add_checks(kb, s, &vmm, &sw, &at, rc_entries.as_ref())?;
     let kb = add_storm(kb, s, &at);
     let testbed = kb
         .boot_fields(s.boot_fields())
@@ -1000,6 +1000,16 @@ fn write_far_side(
     Ok(Some(e))
 }
 
+/// The RC offset of VCPU `i`'s hyper stack top, or the VMM's error for a
+/// VCPU the layout has no stack for.
+fn stack_top(l: &vmm::layout::HmaLayout, i: u32, vcpus: u32) -> Result<u32, ScenarioError> {
+    l.stack_top(i)
+        .ok_or(ScenarioError::Vmm(VmmError::NoSuchVcpu {
+            index: i,
+            count: vcpus,
+        }))
+}
+
 /// Every VCPU's CPUM data: the APIC base when NMI masking is on, the host's
 /// x2APIC mode, the initial `Guest.fpu`, the crash-marker scratch page and,
 /// with RC code, the hyper registers it is entered with.
@@ -1009,10 +1019,10 @@ fn init_vcpus(
     at: &Addresses,
     rc_entries: Option<&hyper::RcEntries>,
 ) -> Result<(), ScenarioError> {
-    let stack0 = at.hma_rc + vmm.hma_layout().stack_top(0).unwrap_or_default();
+    let stack0 = at.hma_rc + stack_top(vmm.hma_layout(), 0, s.vcpus)?;
     for i in 0..s.vcpus {
         let rc_entry = rc_entries.map(|e| e.entry);
-        let cpumcpu_rc = at.cpum_rc + vmm.vcpu_arg(i);
+        let cpumcpu_rc = at.cpum_rc + vmm.vcpu_arg(i)?;
         vmm.with_cpumcpu(i, |c| {
             c.apic_base = if s.options.apic_nmi_masking {
                 u64::from(LAPIC_VIRT)
@@ -1244,7 +1254,9 @@ fn add_tables_and_trips(
 ) -> Result<HostKernelBuilder, ScenarioError> {
     let (tables_phys, tables) = vmm.tables();
     let (hyper_phys, hyper_tables) = vmm.hyper_tables();
-    let vcpu_args: Vec<u32> = (0..s.vcpus).map(|i| vmm.vcpu_arg(i)).collect();
+    let vcpu_args = (0..s.vcpus)
+        .map(|i| vmm.vcpu_arg(i))
+        .collect::<Result<Vec<u32>, _>>()?;
     Ok(kb
         .blob(
             "intermediate-tables",
@@ -1273,13 +1285,13 @@ fn add_checks(
     sw: &Installed,
     at: &Addresses,
     rc_entries: Option<&hyper::RcEntries>,
-) -> HostKernelBuilder {
+) -> Result<HostKernelBuilder, ScenarioError> {
     let apic_on = s.options.apic_nmi_masking;
     let x2 = s.host_x2apic;
     let mailbox_hc = at.mailbox_hc;
     let stride = at.mailbox_stride();
     let cpum_hc = at.cpum_hc;
-    if s.is_stub() {
+    Ok(if s.is_stub() {
         kb.expect(Expected::Value(vmm_switcher::templates::stub::STUB_STATUS))
     } else if s.uses_far_helper() {
         long_hooks(kb, apic_on, x2, (mailbox_hc, stride), cpum_hc)
@@ -1293,12 +1305,12 @@ fn add_checks(
         let target = e.targets[args.len()];
         let tramp = sw.entries.rc_call_trampoline.0;
         let l = *vmm.hma_layout();
-        let frames: Vec<(u32, u32)> = (0..s.vcpus)
+        let frames = (0..s.vcpus)
             .map(|i| {
-                let top = s.placement.hma_rc.0 + l.stack_top(i).unwrap_or_default();
-                (at.hc_of(top), top)
+                let top = s.placement.hma_rc.0 + stack_top(&l, i, s.vcpus)?;
+                Ok((at.hc_of(top), top))
             })
-            .collect();
+            .collect::<Result<Vec<(u32, u32)>, ScenarioError>>()?;
         trampoline_hooks(kb, cpum_hc, target, tramp, args.clone(), frames)
             .expect(Expected::Value(hyper::target_result(args)))
     } else {
@@ -1311,7 +1323,7 @@ fn add_checks(
                 mailbox_hc,
                 at.mailboxes_len(size_of::<hyper::RcMailbox>()),
             )
-    }
+    })
 }
 
 /// With [`Scenario::nmi_storm`]: the storm, with the far side's NMI counter
@@ -1903,7 +1915,8 @@ impl Dumps {
         });
         let cpumcpu = (0..s.vcpus)
             .filter_map(|i| {
-                vm_dump.and_then(|d| d.read::<CpumCpu32>(OFF_CPUM + b.vmm.vcpu_arg(i) as usize))
+                let at = OFF_CPUM + b.vmm.vcpu_arg(i).ok()? as usize;
+                vm_dump.and_then(|d| d.read::<CpumCpu32>(at))
             })
             .collect();
         let long = s.uses_far_helper();

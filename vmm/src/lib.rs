@@ -1333,7 +1333,7 @@ impl<P: PageProvider> Vmm<P> {
         let rc_gdt = u64::from(self.rc(l.gdt)?);
         let stack_top = self.rc(self.stack_top(i)?)?;
         let helper = self.rc(l.helper)?;
-        let off_cpum = self.try_vcpu_arg(i)?;
+        let off_cpum = self.vcpu_arg(i)?;
         let tr = layout::sel::try_tss(i).ok_or(VmmError::NoSuchVcpu {
             index: i,
             count: self.cfg.vcpus,
@@ -1880,20 +1880,12 @@ impl<P: PageProvider> Vmm<P> {
     ///
     /// # Errors
     /// [`VmmError::NoSuchVcpu`] for an index past the VCPU count.
-    pub fn try_vcpu_arg(&self, index: u32) -> Result<u32, VmmError> {
+    pub fn vcpu_arg(&self, index: u32) -> Result<u32, VmmError> {
         self.cpumcpu_range(index)?;
         layout::off_cpumcpu(index).ok_or(VmmError::NoSuchVcpu {
             index,
             count: self.cfg.vcpus,
         })
-    }
-
-    /// The C entry's second argument for VCPU `index`, by the layout's
-    /// formula: for an index past the VCPU count it names no `CpumCpu32`
-    /// ([`Vmm::try_vcpu_arg`] refuses those), and it saturates at `u32::MAX`
-    /// where the offset does not fit.
-    pub fn vcpu_arg(&self, index: u32) -> u32 {
-        layout::off_cpumcpu(index).unwrap_or(u32::MAX)
     }
 
     /// RC address, physical address and size of the helper-code area.

@@ -101,7 +101,7 @@ fn default_core_maps_every_view_and_relocates_every_switcher() {
     assert_eq!(h.stat_switcher_to_gc.core.ticks_min, u64::MAX);
     for i in 0..2 {
         let c = vmm.cpumcpu(i).unwrap().shared();
-        assert_eq!(c.off_cpum, vmm.vcpu_arg(i));
+        assert_eq!(c.off_cpum, vmm.vcpu_arg(i).unwrap());
         assert_eq!(
             c.hyper.gdtr.base.get(),
             u64::from(p.hma_rc.0 + vmm.hma_layout().gdt)

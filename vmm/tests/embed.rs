@@ -120,7 +120,7 @@ fn cpumcpu_is_the_variant_of_the_host_width() {
         .is_err());
     wide.with_cpumcpu_as::<CpumCpu64, _>(0, |c| c.host.rbx = 0x1122_3344_5566_7788)
         .unwrap();
-    let at = vmm::layout::OFF_CPUM + wide.vcpu_arg(0) as usize + cpum::layout::HOST64_RBX;
+    let at = vmm::layout::OFF_CPUM + wide.vcpu_arg(0).unwrap() as usize + cpum::layout::HOST64_RBX;
     assert_eq!(
         &wide.hma()[at..at + 8],
         &0x1122_3344_5566_7788u64.to_le_bytes()
@@ -495,7 +495,9 @@ fn the_host_apic_version_reaches_every_vcpu_at_its_layout_offset() {
         let mut vmm = Vmm::new(cfg).unwrap();
         vmm.set_host_apic_version(0x0005_0014).unwrap();
         for i in 0..vmm.config().vcpus {
-            let at = vmm::layout::OFF_CPUM + vmm.vcpu_arg(i) as usize + cpum::layout::APIC_VERSION;
+            let at = vmm::layout::OFF_CPUM
+                + vmm.vcpu_arg(i).unwrap() as usize
+                + cpum::layout::APIC_VERSION;
             assert_eq!(
                 &vmm.hma()[at..at + 4],
                 &0x0005_0014u32.to_le_bytes(),

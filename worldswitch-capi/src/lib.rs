@@ -951,7 +951,7 @@ pub unsafe extern "C" fn ws_vmm_entries(
             WsEntries {
                 r0_host_to_guest_hc: e.r0_host_to_guest_hc.0,
                 vm_hc: vm_hc.0,
-                off_cpumcpu: v.try_vcpu_arg(vcpu)?,
+                off_cpumcpu: v.vcpu_arg(vcpu)?,
                 vm_rc: vm_rc.0,
                 rc_guest_to_host: e.rc_guest_to_host.0,
                 rc_call_trampoline: e.rc_call_trampoline.0,
@@ -1139,7 +1139,7 @@ fn render_stam<P: PageProvider>(
 #[no_mangle]
 pub unsafe extern "C" fn ws_vmm_vcpu_arg(vmm: *const WsVmm, vcpu: u32, out: *mut u32) -> WsStatus {
     guard(|| {
-        let arg = with_core!(&handle(vmm)?.core, v => v.try_vcpu_arg(vcpu))?;
+        let arg = with_core!(&handle(vmm)?.core, v => v.vcpu_arg(vcpu))?;
         put(out, "out", arg)
     })
 }

@@ -177,7 +177,7 @@ fn a_c_embedder_builds_images_the_testbed_boots() {
             one(&m, "entry")
         );
         assert_eq!(vmm.vm_addrs().0 .0, one(&m, "vm_hc"));
-        assert_eq!(u64::from(vmm.vcpu_arg(1)), one(&m, "vcpu1_arg"));
+        assert_eq!(u64::from(vmm.vcpu_arg(1).unwrap()), one(&m, "vcpu1_arg"));
         Ok(vmm)
     })
     .unwrap();
