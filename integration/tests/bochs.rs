@@ -6,9 +6,6 @@
 
 mod support;
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Mutex;
-
 use integration::bochs::{model_facts, BochsConfig, AMD_CPU, DEFAULT_CPU};
 use integration::qemu::Outcome;
 use integration::scenario::{build, judge, HostCr4, Scenario};
@@ -18,36 +15,24 @@ use vmm_switcher::{SideMode, SwitcherKind};
 /// Boots every scenario under Bochs on `cpu`, two at a time; returns a
 /// line per scenario that was not verified.
 fn run_all(scenarios: Vec<Scenario>, cfg: &BochsConfig) -> Vec<String> {
-    let next = AtomicUsize::new(0);
-    let bad = Mutex::new(Vec::new());
-    std::thread::scope(|sc| {
-        for _ in 0..2 {
-            sc.spawn(|| loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                let Some(s) = scenarios.get(i) else { break };
-                let b = build(s).unwrap_or_else(|e| panic!("{}: {e}", s.kind.cli_name()));
-                let run = integration::bochs::run_image(&b.testbed.image, cfg)
-                    .unwrap_or_else(|e| panic!("{}: {e}", s.kind.cli_name()));
-                let faults = run.stderr.clone();
-                let r = judge(s, &b, run);
-                let tag = format!(
-                    "{} rev {:?} on {} host-cr4 {}",
-                    s.kind.cli_name(),
-                    s.options.revision,
-                    cfg.cpu,
-                    s.host_cr4.name()
-                );
-                eprintln!("{tag}: {:?} {:?}", r.run.outcome, r.run.wall);
-                if !(r.verified && r.run.outcome == Outcome::Pass) {
-                    bad.lock().unwrap().push(format!(
-                        "{tag}: {:?} {:?} {faults}",
-                        r.run.outcome, r.failures
-                    ));
-                }
-            });
-        }
+    let verdicts = support::in_parallel(scenarios, |s| {
+        let b = build(&s).unwrap_or_else(|e| panic!("{}: {e}", s.kind.cli_name()));
+        let run = integration::bochs::run_image(&b.testbed.image, cfg)
+            .unwrap_or_else(|e| panic!("{}: {e}", s.kind.cli_name()));
+        let faults = run.stderr.clone();
+        let r = judge(&s, &b, run);
+        let tag = format!(
+            "{} rev {:?} on {} host-cr4 {}",
+            s.kind.cli_name(),
+            s.options.revision,
+            cfg.cpu,
+            s.host_cr4.name()
+        );
+        eprintln!("{tag}: {:?} {:?}", r.run.outcome, r.run.wall);
+        (!(r.verified && r.run.outcome == Outcome::Pass))
+            .then(|| format!("{tag}: {:?} {:?} {faults}", r.run.outcome, r.failures))
     });
-    bad.into_inner().unwrap()
+    verdicts.into_iter().flatten().collect()
 }
 
 fn scenario(kind: SwitcherKind, rev: Revision, cpu: &str) -> Scenario {

@@ -6,8 +6,6 @@
 
 mod support;
 
-use std::sync::Mutex;
-
 use integration::cpumodel::{self, CpuModel, HostConfigError};
 use integration::qemu::QemuConfig;
 use integration::scenario::{build, run, run_built, HostCr4, Scenario, ScenarioResult};
@@ -18,27 +16,15 @@ fn run_all(
     cases: Vec<(String, Scenario, CpuModel)>,
     q: &QemuConfig,
 ) -> Vec<(String, ScenarioResult)> {
-    let next = Mutex::new(cases.into_iter().enumerate());
-    let out = Mutex::new(Vec::new());
-    std::thread::scope(|sc| {
-        for _ in 0..2 {
-            sc.spawn(|| loop {
-                let Some((i, (name, s, model))) = next.lock().unwrap().next() else {
-                    break;
-                };
-                let q = QemuConfig {
-                    cpu: model.qemu_arg(),
-                    ..q.clone()
-                };
-                let r = run(&s, &q).unwrap_or_else(|e| panic!("{name}: setup: {e}"));
-                eprintln!("{name}: {} {:?}", r.outcome, r.failures);
-                out.lock().unwrap().push((i, name, r));
-            });
-        }
-    });
-    let mut v = out.into_inner().unwrap();
-    v.sort_by_key(|(i, _, _)| *i);
-    v.into_iter().map(|(_, n, r)| (n, r)).collect()
+    support::in_parallel(cases, |(name, s, model)| {
+        let q = QemuConfig {
+            cpu: model.qemu_arg(),
+            ..q.clone()
+        };
+        let r = run(&s, &q).unwrap_or_else(|e| panic!("{name}: setup: {e}"));
+        eprintln!("{name}: {} {:?}", r.outcome, r.failures);
+        (name, r)
+    })
 }
 
 fn la57_scenario(kind: SwitcherKind, cr4: HostCr4) -> (Scenario, CpuModel) {

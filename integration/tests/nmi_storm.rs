@@ -10,8 +10,6 @@
 
 mod support;
 
-use std::sync::Mutex;
-
 use integration::qemu::QemuConfig;
 use integration::scenario::{run, Scenario, ScenarioResult};
 use vmm_switcher::templates::Revision;
@@ -38,21 +36,10 @@ fn storm(kind: SwitcherKind, revision: Revision, apic: bool, x2apic: bool) -> Sc
 
 /// Runs every scenario, two QEMUs at a time; results in input order.
 fn run_all(scenarios: Vec<Scenario>, q: &QemuConfig) -> Vec<(Scenario, ScenarioResult)> {
-    let next = Mutex::new(scenarios.into_iter().enumerate());
-    let done = Mutex::new(Vec::new());
-    std::thread::scope(|sc| {
-        for _ in 0..2 {
-            sc.spawn(|| loop {
-                let item = next.lock().unwrap().next();
-                let Some((i, s)) = item else { break };
-                let r = run(&s, q).unwrap_or_else(|e| panic!("{}: {e}", s.kind.cli_name()));
-                done.lock().unwrap().push((i, s, r));
-            });
-        }
-    });
-    let mut done = done.into_inner().unwrap();
-    done.sort_by_key(|d| d.0);
-    done.into_iter().map(|(_, s, r)| (s, r)).collect()
+    support::in_parallel(scenarios, |s| {
+        let r = run(&s, q).unwrap_or_else(|e| panic!("{}: {e}", s.kind.cli_name()));
+        (s, r)
+    })
 }
 
 fn describe(s: &Scenario, r: &ScenarioResult) -> String {

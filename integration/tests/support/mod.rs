@@ -99,3 +99,23 @@ pub fn bochs() -> Option<integration::bochs::BochsConfig> {
         }
     }
 }
+
+/// Applies `f` to every item, two at a time (one per core of the machine
+/// the suite is sized for); the results come back in the items' order.
+pub fn in_parallel<T: Send, R: Send>(items: Vec<T>, f: impl Fn(T) -> R + Sync) -> Vec<R> {
+    let next = std::sync::Mutex::new(items.into_iter().enumerate());
+    let done = std::sync::Mutex::new(Vec::new());
+    std::thread::scope(|sc| {
+        for _ in 0..2 {
+            sc.spawn(|| loop {
+                let item = next.lock().unwrap_or_else(|e| e.into_inner()).next();
+                let Some((i, t)) = item else { break };
+                let r = f(t);
+                done.lock().unwrap_or_else(|e| e.into_inner()).push((i, r));
+            });
+        }
+    });
+    let mut done = done.into_inner().unwrap_or_else(|e| e.into_inner());
+    done.sort_by_key(|d| d.0);
+    done.into_iter().map(|(_, r)| r).collect()
+}
