@@ -5,8 +5,10 @@
 //! Tests that boot QEMU skip loudly when it is missing, unless `CI=true`.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-#[path = "../../integration/tests/support/mod.rs"]
-mod support;
+mod common;
+
+use common::support;
+use common::{err, json, ok, text, tmp, ws, ws_stdin};
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -16,7 +18,7 @@ use integration::qemu::{QemuConfig, INSTALL_HINT, QEMU_BINARY};
 use serde_json::Value;
 use vmm_switcher::SwitcherKind;
 
-const BIN: &str = env!("CARGO_BIN_EXE_worldswitch");
+use common::BIN;
 
 /// The two switchers of the seed documents: they must always verify.
 const SEED: [&str; 2] = ["32-to-amd64", "pae-to-amd64"];
@@ -26,46 +28,6 @@ const MODES: [&str; 3] = ["32-bit", "PAE", "AMD64"];
 
 /// The schema name of `run --json` and `decode --json`.
 const SCHEMA: &str = "worldswitch.run/2";
-
-fn ws(args: &[&str]) -> Output {
-    Command::new(BIN).args(args).output().unwrap()
-}
-
-fn ws_stdin(args: &[&str], input: &[u8]) -> Output {
-    let mut child = Command::new(BIN)
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child.stdin.take().unwrap().write_all(input).unwrap();
-    child.wait_with_output().unwrap()
-}
-
-fn text(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn err(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn ok(args: &[&str]) -> String {
-    let o = ws(args);
-    assert_eq!(o.status.code(), Some(0), "{args:?}: {}", err(&o));
-    text(&o)
-}
-
-fn json(args: &[&str]) -> Value {
-    serde_json::from_str(&ok(args)).unwrap_or_else(|e| panic!("{args:?}: {e}"))
-}
-
-fn tmp(name: &str) -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("worldswitch-cli");
-    std::fs::create_dir_all(&dir).unwrap();
-    dir.join(name)
-}
 
 fn available() -> Vec<&'static str> {
     SwitcherKind::ALL

@@ -4,15 +4,16 @@
 //! Tests that boot QEMU skip loudly when it is missing, unless `CI=true`.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-#[path = "../../integration/tests/support/mod.rs"]
-mod support;
+mod common;
 
-use std::path::PathBuf;
+use common::support;
+use common::{err, tmp};
+
 use std::process::{Command, Output};
 
 use serde_json::Value;
 
-const BIN: &str = env!("CARGO_BIN_EXE_worldswitch");
+use common::BIN;
 
 const KINDS: [&str; 3] = ["no_sync", "fpu_sync", "debug_sync"];
 const DIRS: [&str; 2] = ["to_gc", "to_hc"];
@@ -36,16 +37,6 @@ const CLASSES: [&str; 18] = [
     "apic_mmio_read",
     "apic_mmio_write",
 ];
-
-fn err(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn tmp(name: &str) -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("worldswitch-cost");
-    std::fs::create_dir_all(&dir).unwrap();
-    dir.join(name)
-}
 
 /// `run --all --cost --json` of one revision: every run, by switcher name.
 fn cost_runs(revision: &str) -> Vec<(String, Value)> {

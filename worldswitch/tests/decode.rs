@@ -7,43 +7,15 @@
 //! Tests that boot QEMU skip loudly when it is missing, unless `CI=true`.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-#[path = "../../integration/tests/support/mod.rs"]
-mod support;
+mod common;
 
-use std::io::Write;
-use std::path::PathBuf;
+use common::support;
+use common::{err, tmp, ws, ws_stdin};
+
 use std::process::{Command, Output, Stdio};
 
 use serde_json::Value;
 use vmm_switcher::SwitcherKind;
-
-const BIN: &str = env!("CARGO_BIN_EXE_worldswitch");
-
-fn ws(args: &[&str]) -> Output {
-    Command::new(BIN).args(args).output().unwrap()
-}
-
-fn ws_stdin(args: &[&str], input: &[u8]) -> Output {
-    let mut child = Command::new(BIN)
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child.stdin.take().unwrap().write_all(input).unwrap();
-    child.wait_with_output().unwrap()
-}
-
-fn err(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn tmp(name: &str) -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("worldswitch-decode");
-    std::fs::create_dir_all(&dir).unwrap();
-    dir.join(name)
-}
 
 /// Writes the image of `kind` with `extra` options and boots it with the
 /// exact command `image --json` prints (`qemu_command`, without the

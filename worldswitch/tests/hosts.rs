@@ -7,22 +7,16 @@
 //! Tests that boot QEMU skip loudly when it is missing, unless `CI=true`.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-#[path = "../../integration/tests/support/mod.rs"]
-mod support;
+mod common;
 
-use std::process::{Command, Output};
+use common::support;
+use common::{err, ws};
+
+use std::process::Command;
 
 use serde_json::Value;
 
-const BIN: &str = env!("CARGO_BIN_EXE_worldswitch");
-
-fn ws(args: &[&str]) -> Output {
-    Command::new(BIN).args(args).output().unwrap()
-}
-
-fn err(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
+use common::BIN;
 
 /// `run --json` with `args`: the document, after checking exit status 0.
 fn run_json(args: &[&str]) -> Value {

@@ -2,22 +2,16 @@
 //! what `run --json` and `decode` say about it, the refusals in one line.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-#[path = "../../integration/tests/support/mod.rs"]
-mod support;
+mod common;
 
-use std::process::{Command, Output};
+use common::support;
+use common::{err, ws};
+
+use std::process::Command;
 
 use serde_json::Value;
 
-const BIN: &str = env!("CARGO_BIN_EXE_worldswitch");
-
-fn ws(args: &[&str]) -> Output {
-    Command::new(BIN).args(args).output().unwrap()
-}
-
-fn err(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
+use common::BIN;
 
 #[test]
 fn la57_runs_report_it_and_decode_rebuilds_it() {
