@@ -3,7 +3,7 @@
 //! the call loop with 64-bit snapshots, exception handlers).
 
 use iced_x86::code_asm::*;
-use iced_x86::{Code, Instruction};
+use iced_x86::{BlockEncoderOptions, Code, Instruction};
 
 use cpum::regs::{Cr0, Cr4, Efer, MSR_EFER, MSR_SYSENTER_CS};
 
@@ -294,8 +294,10 @@ pub(super) fn build(mut b: HostKernelBuilder) -> Result<Testbed, BuildError> {
     super::check_addresses(&tables, &b, entry)?;
 
     // ---- data --------------------------------------------------------------
-    let data_base = TABLES_BASE + tables_pages * PAGE;
+    // Each host CPU has its own tables ([`super::smp`]).
+    let data_base = TABLES_BASE + b.cpus * tables_pages * PAGE;
     let mut d = DataArena::new(data_base);
+    let smp = super::smp::alloc(&mut d, b.cpus)?;
     let n_items = items.len() as u32;
     let flat = |access: u8, flags: u8| descriptor(0, 0xfffff, access, flags);
     let mut gdt_entries = vec![
@@ -390,9 +392,11 @@ pub(super) fn build(mut b: HostKernelBuilder) -> Result<Testbed, BuildError> {
     };
 
     let mut g = Gen::new(CodeAssembler::new(64)?, d, s, t, l);
+    super::smp::attach(&mut g, smp);
 
     // ---- code --------------------------------------------------------------
     emit_main(&mut g, &mut b, entry, n_items)?;
+    super::smp::emit_ap_entry64(&mut g, &|g| emit_cpu_setup(g, &b))?;
     g.emit_library()?;
     emit_snap(&mut g, &items)?;
     emit_vectors(&mut g, &b)?;
@@ -404,14 +408,17 @@ pub(super) fn build(mut b: HostKernelBuilder) -> Result<Testbed, BuildError> {
             return Err(BuildError::Internal("IDT outside the data area".into()));
         }
     }
-    let start64 = code
-        .symbols
-        .get("start")
-        .copied()
-        .ok_or_else(|| BuildError::Internal("the 64-bit kernel has no start label".into()))?;
-
     // ---- boot stub (32-bit, paging off) -----------------------------------------
-    let stub = boot_stub(&b, &g, &tables, gdtr, start64, &refusals)?;
+    let (stub, ap_stub) = boot_stub(&b, &g, &tables, gdtr, &code, &refusals)?;
+    super::smp::finish_copies(
+        &mut g,
+        &mut b,
+        &map,
+        tables_pages,
+        code.base,
+        code.end(),
+        ap_stub,
+    )?;
 
     let mut fs_page = vec![0u8; PAGE as usize];
     fs_page[..4].copy_from_slice(&FS_MAGIC.to_le_bytes());
@@ -423,15 +430,25 @@ pub(super) fn build(mut b: HostKernelBuilder) -> Result<Testbed, BuildError> {
 
 /// The 32-bit boot stub (paging off): saves the multiboot registers, checks
 /// CPUID for PAE and long mode (printing a constant `NOCPU` and `CRC` line
-/// and failing without them), turns on long mode and far-jumps to `start64`.
+/// and failing without them), turns on long mode and far-jumps to the
+/// 64-bit `start`. With several CPUs the application processors' 32-bit
+/// stub follows ([`super::smp::emit_ap_stub32`]); its address is returned
+/// with the bytes.
 fn boot_stub(
     b: &HostKernelBuilder,
     g: &Gen,
     tables: &crate::paging::PageTables,
     gdtr: u32,
-    start64: u32,
+    code: &super::common::Code,
     refusals: &[(CpuFeature, u32)],
-) -> R<Vec<u8>> {
+) -> R<(Vec<u8>, Option<u32>)> {
+    let symbol = |name: &str| {
+        code.symbols
+            .get(name)
+            .copied()
+            .ok_or_else(|| BuildError::Internal(format!("the 64-bit kernel has no {name} label")))
+    };
+    let start64 = symbol("start")?;
     let mut stub = CodeAssembler::new(32)?;
     let mut labels = Vec::new();
     stub.cli()?;
@@ -523,7 +540,21 @@ fn boot_stub(
     stub.set_label(&mut halt)?;
     stub.hlt()?;
     stub.jmp(halt)?;
-    Ok(stub.assemble(u64::from(STUB_ADDR))?)
+    let mut ap_stub = stub.create_label();
+    if g.smp.is_some() {
+        stub.set_label(&mut ap_stub)?;
+        let (cr4_on, cr0_on) = (cr4_bits.bits() as u32, cr0_bits.bits() as u32);
+        super::smp::emit_ap_stub32(&mut stub, g, cr4_on, cr0_on, symbol("ap_entry")?)?;
+    }
+    let res = stub.assemble_options(
+        u64::from(STUB_ADDR),
+        BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS,
+    )?;
+    let ap_stub = match g.smp {
+        Some(_) => Some(res.label_ip(&ap_stub)? as u32),
+        None => None,
+    };
+    Ok((res.inner.code_buffer, ap_stub))
 }
 
 /// Setup, the call loop and the summary, from `start`, the first 64-bit
@@ -547,6 +578,47 @@ fn emit_main(g: &mut Gen, b: &mut HostKernelBuilder, entry: u64, n_items: u32) -
     // Legacy PIC: mask everything (LINT0 goes to NMI mode below).
     g.mask_pic()?;
 
+    emit_cpu_setup(g, b)?;
+
+    // HOST, HOST64 and APIC lines.
+    g.host_crs()?;
+    field_msr(g, "efer", MSR_EFER)?;
+    g.field_sysenter_cs()?;
+    g.text(" magic=")?;
+    g.a.mov(ebx, MAGIC_VIRT)?;
+    g.a.mov(eax, dword_ptr(rbx))?;
+    g.a.call(g.r.puthex)?;
+    g.text(" fs0=")?;
+    g.a.mov(eax, dword_ptr(0).fs())?;
+    g.a.call(g.r.puthex)?;
+    g.field_hex("features", g.s.features)?;
+    g.a.call(g.r.putnl)?;
+    g.text(&format!("{PREFIX}HOST64"))?;
+    for (key, msr) in [
+        ("fs_base", MSR_FS_BASE),
+        ("gs_base", MSR_GS_BASE),
+        ("kernel_gs_base", MSR_KERNEL_GS_BASE),
+        ("star", MSR_STAR),
+        ("lstar", MSR_LSTAR),
+        ("sfmask", MSR_SFMASK),
+    ] {
+        field_msr(g, key, msr)?;
+    }
+    g.text(" cr8=")?;
+    g.a.mov(rax, cr8)?;
+    g.a.call(g.r.puthex64)?;
+    g.a.call(g.r.putnl)?;
+    emit_apic_line(g, b.x2apic)?;
+    super::storm::emit_setup(g, b)?;
+
+    super::smp::emit_start_aps(g, b)?;
+    emit_loop(g, b, n_items, &mut |g| emit_call(g, entry))
+}
+
+/// Every CPU's set-up in long mode: descriptor tables, FS/GS and their
+/// bases, CPUID features, EFER bits, today's CR4, PCID, CET, the SYSENTER
+/// and SYSCALL MSRs, CR8 and the local APIC.
+fn emit_cpu_setup(g: &mut Gen, b: &HostKernelBuilder) -> R {
     // Descriptor tables, FS/GS and their bases.
     g.a.lidt(ptr(g.t.idtr))?;
     g.a.mov(ax, u32::from(SEL64_TSS))?;
@@ -587,40 +659,7 @@ fn emit_main(g: &mut Gen, b: &mut HostKernelBuilder, entry: u64, n_items: u32) -
     g.a.mov(cr8, rax)?;
 
     // Local APIC.
-    emit_apic_setup(g, b.x2apic)?;
-
-    // HOST, HOST64 and APIC lines.
-    g.host_crs()?;
-    field_msr(g, "efer", MSR_EFER)?;
-    g.field_sysenter_cs()?;
-    g.text(" magic=")?;
-    g.a.mov(ebx, MAGIC_VIRT)?;
-    g.a.mov(eax, dword_ptr(rbx))?;
-    g.a.call(g.r.puthex)?;
-    g.text(" fs0=")?;
-    g.a.mov(eax, dword_ptr(0).fs())?;
-    g.a.call(g.r.puthex)?;
-    g.field_hex("features", g.s.features)?;
-    g.a.call(g.r.putnl)?;
-    g.text(&format!("{PREFIX}HOST64"))?;
-    for (key, msr) in [
-        ("fs_base", MSR_FS_BASE),
-        ("gs_base", MSR_GS_BASE),
-        ("kernel_gs_base", MSR_KERNEL_GS_BASE),
-        ("star", MSR_STAR),
-        ("lstar", MSR_LSTAR),
-        ("sfmask", MSR_SFMASK),
-    ] {
-        field_msr(g, key, msr)?;
-    }
-    g.text(" cr8=")?;
-    g.a.mov(rax, cr8)?;
-    g.a.call(g.r.puthex64)?;
-    g.a.call(g.r.putnl)?;
-    emit_apic_line(g, b.x2apic)?;
-    super::storm::emit_setup(g, b)?;
-
-    emit_loop(g, b, n_items, &mut |g| emit_call(g, entry))
+    emit_apic_setup(g, b.x2apic)
 }
 
 /// Today's CR4: SMEP, SMAP, UMIP, PKE and FSGSBASE on (the CPU check made
@@ -688,6 +727,7 @@ fn emit_call(g: &mut Gen, entry: u64) -> R {
     g.a.push(g.l.snap_before as i32)?;
     g.a.call(g.r.snap)?;
     super::storm::emit_before_call(g)?;
+    super::smp::emit_enter(g)?;
 
     // (c) the call: u32 entry(u64 arg1 /* RDI */, u32 arg2 /* ESI */), timed.
     g.a.mov(rdi, qword_ptr(g.s.arg1))?;
@@ -720,6 +760,7 @@ fn emit_call(g: &mut Gen, entry: u64) -> R {
     g.a.mov(ss, ax)?;
     g.a.cld()?;
     g.phase(Phase::Check)?;
+    super::smp::emit_leave(g)?;
     g.a.pop(rax)?;
     g.a.sub(rax, qword_ptr(g.s.tsc0))?;
     g.a.mov(rcx, rax)?;

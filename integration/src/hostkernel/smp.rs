@@ -15,6 +15,9 @@
 //! a real-mode trampoline at [`TRAMPOLINE_PHYS`], enter protected mode with
 //! the bootstrap GDT, take a CPU index, load their own CR3 and then set up
 //! their descriptor tables, features and local APIC like the bootstrap CPU.
+//! On an AMD64 host the trampoline enters a 32-bit stub after the boot
+//! stub instead, which turns on long mode with the CPU's own CR3 and goes
+//! on to the 64-bit kernel's AP entry.
 //! VCPU `v` runs on CPU `v % cpus`. Output is serialised by a line lock
 //! taken by `putc` and released at the newline, so the CRC stays the CRC of
 //! the bytes on the wire.
@@ -33,11 +36,12 @@ use iced_x86::{Code, Instruction};
 
 use super::common::{emit_apic_setup, emit_cpuid_features, Gen, R};
 use super::{
-    BuildError, DataArena, HostKernelBuilder, FEATURE_EFER, FEATURE_SEP, LAPIC_VIRT, SEL_CODE32,
-    SEL_DATA32, SEL_LDT, SEL_LDT_FS, SEL_TSS32, TABLES_BASE,
+    BuildError, DataArena, HostKernelBuilder, FEATURE_EFER, FEATURE_SEP, LAPIC_VIRT, SEL64_CODE,
+    SEL64_CODE32, SEL64_DATA, SEL_CODE32, SEL_DATA32, SEL_LDT, SEL_LDT_FS, SEL_TSS32, TABLES_BASE,
 };
 use crate::paging::{PageMap, PAGE};
 use crate::transcript::PREFIX;
+use cpum::regs::{Cr0, Efer, MSR_EFER};
 
 /// The most host CPUs a kernel runs on.
 pub const MAX_CPUS: u32 = 8;
@@ -106,13 +110,8 @@ pub(super) fn validate(b: &HostKernelBuilder) -> Result<(), BuildError> {
             max: MAX_CPUS,
         });
     }
-    if b.cpus > 1 {
-        if b.storm.is_some() {
-            return Err(BuildError::SmpUnsupported("the NMI storm"));
-        }
-        if b.mode.is_long() {
-            return Err(BuildError::SmpUnsupported("an AMD64 host"));
-        }
+    if b.cpus > 1 && b.storm.is_some() {
+        return Err(BuildError::SmpUnsupported("the NMI storm"));
     }
     Ok(())
 }
@@ -441,6 +440,11 @@ fn send_ipi(g: &mut Gen, x2apic: bool, low: u32) -> R {
         g.a.mov(eax, low)?;
         g.a.xor(edx, edx)?;
         g.a.wrmsr()?;
+    } else if g.bits64() {
+        // The xAPIC page lies above 2 GiB: no 64-bit displacement reaches it.
+        g.a.mov(edx, LAPIC_VIRT)?;
+        g.a.mov(dword_ptr(rdx + ICR_HI), 0u32)?;
+        g.a.mov(dword_ptr(rdx + ICR_LO), low)?;
     } else {
         g.a.mov(dword_ptr(LAPIC_VIRT + ICR_HI), 0u32)?;
         g.a.mov(dword_ptr(LAPIC_VIRT + ICR_LO), low)?;
@@ -558,9 +562,88 @@ pub(super) fn emit_ap_entry32(
     Ok(())
 }
 
+/// On an AMD64 host, in the boot stub (paging off, the GDT's flat 32-bit
+/// code): the application processors' way on from the trampoline. Takes a
+/// CPU index into EBX, turns on long mode with this CPU's CR3 and the
+/// bootstrap CPU's CR4 and CR0 bits, and far-jumps to `ap_entry64`
+/// ([`emit_ap_entry64`]). Nothing without several CPUs.
+pub(super) fn emit_ap_stub32(
+    stub: &mut CodeAssembler,
+    g: &Gen,
+    cr4_bits: u32,
+    cr0_bits: u32,
+    ap_entry64: u32,
+) -> R {
+    let Some(m) = g.smp.as_ref() else {
+        return Ok(());
+    };
+    let (next, cr3s) = (m.sh(SH_NEXT_CPU), m.sh(SH_CR3));
+    stub.mov(ax, u32::from(SEL64_DATA))?;
+    stub.mov(ds, ax)?;
+    stub.mov(es, ax)?;
+    stub.mov(ss, ax)?;
+    stub.mov(ebx, 1u32)?;
+    stub.lock().xadd(dword_ptr(next), ebx)?;
+    stub.mov(eax, cr4)?;
+    stub.or(eax, cr4_bits)?;
+    stub.mov(cr4, eax)?;
+    stub.mov(eax, dword_ptr(ebx * 4 + cr3s))?;
+    stub.mov(cr3, eax)?;
+    stub.mov(ecx, MSR_EFER)?;
+    stub.rdmsr()?;
+    stub.or(eax, Efer::LME.bits() as u32)?;
+    stub.wrmsr()?;
+    // Caches on as on the bootstrap CPU (INIT leaves CD and NW set).
+    stub.mov(eax, cr0)?;
+    stub.and(eax, !(Cr0::CD | Cr0::NW).bits() as u32)?;
+    stub.or(eax, cr0_bits)?;
+    stub.mov(cr0, eax)?;
+    stub.add_instruction(Instruction::with_far_branch(
+        Code::Jmp_ptr1632,
+        SEL64_CODE,
+        ap_entry64,
+    )?)?;
+    Ok(())
+}
+
+/// The application processors' 64-bit entry on an AMD64 host (from
+/// [`emit_ap_stub32`], the CPU index in EBX): index, own GDT and stack,
+/// then `setup` (descriptor tables, features, MSRs, local APIC, as the
+/// bootstrap CPU's); then it reports in, waits for the start and joins
+/// the loop.
+pub(super) fn emit_ap_entry64(g: &mut Gen, setup: &dyn Fn(&mut Gen) -> R) -> R {
+    let Some(m) = g.smp.as_ref() else {
+        return Ok(());
+    };
+    let (ap_entry, loop_start) = (m.ap_entry, m.loop_start);
+    let (index, tag) = (m.d.cpu_index, m.d.cpu_tag);
+    let (started, go) = (m.sh(SH_STARTED), m.sh(SH_GO));
+    g.export("ap_entry", ap_entry)?;
+    // The private slots are this CPU's: its CR3 is loaded.
+    g.a.mov(dword_ptr(index), ebx)?;
+    g.a.inc(ebx)?;
+    g.a.mov(dword_ptr(tag), ebx)?;
+    g.a.lgdt(ptr(g.t.gdtr))?;
+    g.a.mov(ax, u32::from(SEL64_DATA))?;
+    g.a.mov(ds, ax)?;
+    g.a.mov(es, ax)?;
+    g.a.mov(ss, ax)?;
+    g.a.mov(rsp, u64::from(g.t.stack_top))?;
+    setup(g)?;
+    g.a.lock().inc(dword_ptr(started))?;
+    let mut wait = g.a.create_label();
+    g.mark(&mut wait)?;
+    g.a.pause()?;
+    g.a.cmp(dword_ptr(go), 0)?;
+    g.a.je(wait)?;
+    g.a.jmp(loop_start)?;
+    Ok(())
+}
+
 /// The real-mode trampoline: loads the bootstrap GDT (its descriptor is
-/// part of the trampoline, at [`TRAMPOLINE_GDTR`]), sets CR0.PE and far-jumps to `ap_entry`.
-fn trampoline(gdt: u32, gdt_limit: u16, ap_entry: u32) -> R<Vec<u8>> {
+/// part of the trampoline, at [`TRAMPOLINE_GDTR`]), sets CR0.PE and
+/// far-jumps to `ap_entry` through `code32`, the GDT's flat 32-bit code.
+fn trampoline(gdt: u32, gdt_limit: u16, code32: u16, ap_entry: u32) -> R<Vec<u8>> {
     let gdtr = TRAMPOLINE_PHYS + TRAMPOLINE_GDTR;
     let mut a = CodeAssembler::new(16)?;
     a.cli()?;
@@ -572,7 +655,7 @@ fn trampoline(gdt: u32, gdt_limit: u16, ap_entry: u32) -> R<Vec<u8>> {
     a.mov(cr0, eax)?;
     a.add_instruction(Instruction::with_far_branch(
         Code::Jmp_ptr1632,
-        SEL_CODE32,
+        code32,
         ap_entry,
     )?)?;
     let mut bytes = a.assemble(u64::from(TRAMPOLINE_PHYS))?;
@@ -588,7 +671,9 @@ fn trampoline(gdt: u32, gdt_limit: u16, ap_entry: u32) -> R<Vec<u8>> {
 /// After assembly: the trampoline and every CPU's CR3 into the data area,
 /// then, for each application processor, its page tables (right after the
 /// bootstrap CPU's) and its copy of the data area (after the code) as
-/// blobs. `map` is the bootstrap CPU's page map, `tables_pages` its size.
+/// blobs. `map` is the bootstrap CPU's page map, `tables_pages` its size;
+/// `ap_entry` is where the trampoline jumps (on an AMD64 host the 32-bit
+/// [`emit_ap_stub32`]).
 pub(super) fn finish_copies(
     g: &mut Gen,
     b: &mut HostKernelBuilder,
@@ -603,7 +688,12 @@ pub(super) fn finish_copies(
     };
     let (cpus, shared, tramp_at) = (m.d.cpus, m.d.shared, m.d.trampoline);
     let ap_entry = ap_entry.ok_or_else(|| BuildError::Internal("no ap_entry symbol".into()))?;
-    let tramp = trampoline(g.t.gdt, g.t.gdt_limit, ap_entry)?;
+    let code32 = if g.a.bitness() == 64 {
+        SEL64_CODE32
+    } else {
+        SEL_CODE32
+    };
+    let tramp = trampoline(g.t.gdt, g.t.gdt_limit, code32, ap_entry)?;
     let private = shared + PAGE;
     let private_len = code_base - private;
     let copies = super::page_align(code_end);
