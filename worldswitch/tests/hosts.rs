@@ -10,13 +10,9 @@
 mod common;
 
 use common::support;
-use common::{err, ws};
-
-use std::process::Command;
+use common::{boot_serial, decode_json, err, ws};
 
 use serde_json::Value;
-
-use common::BIN;
 
 /// `run --json` with `args`: the document, after checking exit status 0.
 fn run_json(args: &[&str]) -> Value {
@@ -123,23 +119,9 @@ fn decode_rebuilds_the_host_and_the_cpu_facts_from_the_boot_line() {
         cpu: Some("max,-sep".into()),
         ..q
     };
-    let serial = Command::new(integration::qemu::QEMU_BINARY)
-        .args(cfg.args(&img))
-        .output()
-        .unwrap()
-        .stdout;
+    let serial = boot_serial(&img, &cfg);
     let _ = std::fs::remove_file(&img);
-    let mut child = Command::new(BIN)
-        .args(["decode", "--json"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::io::Write::write_all(&mut child.stdin.take().unwrap(), &serial).unwrap();
-    let o = child.wait_with_output().unwrap();
-    assert_eq!(o.status.code(), Some(0), "{}", err(&o));
-    let doc: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let doc = decode_json(&serial);
     let r = &doc["runs"][0];
     assert_eq!(r["verified"], true, "{r}");
     assert_eq!(r["host_cr4"], "today");

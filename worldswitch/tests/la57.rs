@@ -5,13 +5,9 @@
 mod common;
 
 use common::support;
-use common::{err, ws};
-
-use std::process::Command;
+use common::{boot_serial, decode_json, err, ws};
 
 use serde_json::Value;
-
-use common::BIN;
 
 #[test]
 fn la57_runs_report_it_and_decode_rebuilds_it() {
@@ -65,23 +61,9 @@ fn la57_runs_report_it_and_decode_rebuilds_it() {
         cpu: Some("qemu64,+la57".into()),
         ..q
     };
-    let serial = Command::new(integration::qemu::QEMU_BINARY)
-        .args(cfg.args(&img))
-        .output()
-        .unwrap()
-        .stdout;
+    let serial = boot_serial(&img, &cfg);
     let _ = std::fs::remove_file(&img);
-    let mut child = Command::new(BIN)
-        .args(["decode", "--json"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::io::Write::write_all(&mut child.stdin.take().unwrap(), &serial).unwrap();
-    let o = child.wait_with_output().unwrap();
-    assert_eq!(o.status.code(), Some(0), "{}", err(&o));
-    let doc: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let doc = decode_json(&serial);
     assert_eq!(doc["runs"][0]["verified"], true, "{doc}");
     assert_eq!(doc["runs"][0]["la57"], true);
 }

@@ -63,3 +63,19 @@ pub fn tmp(name: &str) -> PathBuf {
     std::fs::create_dir_all(&dir).unwrap();
     dir.join(name)
 }
+
+/// Boots `image` under QEMU as `cfg` says and returns what it sent to COM1.
+pub fn boot_serial(image: &std::path::Path, cfg: &integration::qemu::QemuConfig) -> Vec<u8> {
+    Command::new(integration::qemu::QEMU_BINARY)
+        .args(cfg.args(image))
+        .output()
+        .unwrap()
+        .stdout
+}
+
+/// The JSON report of `decode --json` on `serial`, which must exit 0.
+pub fn decode_json(serial: &[u8]) -> serde_json::Value {
+    let o = ws_stdin(&["decode", "--json"], serial);
+    assert_eq!(o.status.code(), Some(0), "{}", err(&o));
+    serde_json::from_slice(&o.stdout).unwrap()
+}
