@@ -1953,7 +1953,7 @@ fn far_fail_names(s: &Scenario, bits: u32) -> String {
     }
 }
 
-/// The host's own account: the summary's counts and the first mismatches.
+/// The host's own account: the summary's counts.
 fn summary_failures(r: &crate::transcript::Report, calls: u64) -> Vec<String> {
     let mut failures = Vec::new();
     match &r.summary {
@@ -1973,13 +1973,21 @@ fn summary_failures(r: &crate::transcript::Report, calls: u64) -> Vec<String> {
         }
         None => failures.push("no summary line".into()),
     }
-    for m in r.mismatches.iter().take(4) {
-        failures.push(format!(
-            "trip {} vcpu {}: {} was {:#x}, now {:#x}",
-            m.trip, m.vcpu, m.name, m.before, m.after
-        ));
-    }
     failures
+}
+
+/// The first host items that did not come back, each with its values.
+fn mismatch_failures(r: &crate::transcript::Report) -> Vec<String> {
+    r.mismatches
+        .iter()
+        .take(4)
+        .map(|m| {
+            format!(
+                "trip {} vcpu {}: {} was {:#x}, now {:#x}",
+                m.trip, m.vcpu, m.name, m.before, m.after
+            )
+        })
+        .collect()
 }
 
 /// The first host hook failures, each in words.
@@ -2115,11 +2123,14 @@ pub fn judge(s: &Scenario, b: &Built, run: RunResult) -> ScenarioResult {
     if !pass {
         failures.push(format!("outcome {:?}", run.outcome));
     }
-    push_new(&mut failures, transcript_failures(s, b, r));
+    // What went wrong first, in the testbed's words; then the counts and
+    // the transcript's own accounting.
     let dumps = Dumps::decode(s, b, r);
-    failures.extend(summary_failures(r, calls));
+    failures.extend(mismatch_failures(r));
     failures.extend(hook_failures(s, r));
     failures.extend(far_side_failures(s, &dumps, calls, pass));
+    failures.extend(summary_failures(r, calls));
+    push_new(&mut failures, transcript_failures(s, b, r));
     let nmi_storm = s.nmi_storm.then(|| {
         let (report, storm_failures) = crate::storm::analyze(s, b, &run);
         push_new(&mut failures, storm_failures);
