@@ -711,6 +711,32 @@ pub fn run_image(image: &[u8], cfg: &BochsConfig) -> Result<RunResult, BochsErro
     }
     let binary = find_bochs()?;
     let disk = disk_image(image)?;
+    let mut attempt = 0u64;
+    loop {
+        match boot_once(&binary, &disk, cfg) {
+            Err(BochsError::Refused(why)) if why.contains(RFB_RACE) && attempt < RFB_RETRIES => {
+                // Two Bochs starting at once can both bind the same VNC port
+                // (SO_REUSEADDR, neither listening yet); the one whose
+                // listen() then fails keeps its bound socket, every later
+                // bind fails and Bochs gives up. Nothing ran: start again,
+                // staggered.
+                attempt += 1;
+                let stagger = 25 * attempt + u64::from(std::process::id() % 13);
+                std::thread::sleep(Duration::from_millis(stagger));
+            }
+            result => return result,
+        }
+    }
+}
+
+/// What Bochs says when its `rfb` display found no VNC port to listen on.
+const RFB_RACE: &str = "RFB could not bind any port";
+
+/// How often a start that lost the VNC port race is tried again.
+const RFB_RETRIES: u64 = 8;
+
+/// One Bochs boot of `disk` in a fresh run folder.
+fn boot_once(binary: &Path, disk: &[u8], cfg: &BochsConfig) -> Result<RunResult, BochsError> {
     let dir = RunDir::new(cfg.keep.as_deref())?;
     let io = |source| BochsError::Io {
         dir: dir.path.clone(),
@@ -723,14 +749,14 @@ pub fn run_image(image: &[u8], cfg: &BochsConfig) -> Result<RunResult, BochsErro
         dir.path.join("bochsrc.txt"),
         dir.path.join("cont.rc"),
     );
-    fs::write(&disk_path, &disk).map_err(io)?;
+    fs::write(&disk_path, disk).map_err(io)?;
     fs::write(&com1, b"").map_err(io)?;
     fs::write(&rc, bochsrc(cfg, &disk_path, &com1, &log)).map_err(io)?;
     fs::write(&cont, "continue\nquit\n").map_err(io)?;
     let stdout = fs::File::create(dir.path.join("stdout.txt")).map_err(io)?;
     let stderr = fs::File::create(dir.path.join("stderr.txt")).map_err(io)?;
     let start = Instant::now();
-    let mut child = Command::new(&binary)
+    let mut child = Command::new(binary)
         .args(["-q", "-unlock", "-f"])
         .arg(&rc)
         .arg("-rc")
