@@ -72,32 +72,8 @@ impl StamType {
     /// directly.
     #[must_use]
     pub const fn serde_name(self) -> &'static str {
-        match self {
-            Self::Counter => "COUNTER",
-            Self::Profile => "PROFILE",
-            Self::ProfileAdv => "PROFILE_ADV",
-            Self::RatioU32 => "RATIO_U32",
-            Self::RatioU32Reset => "RATIO_U32_RESET",
-            Self::Callback => "CALLBACK",
-            Self::U8 => "U8",
-            Self::U8Reset => "U8_RESET",
-            Self::X8 => "X8",
-            Self::X8Reset => "X8_RESET",
-            Self::U16 => "U16",
-            Self::U16Reset => "U16_RESET",
-            Self::X16 => "X16",
-            Self::X16Reset => "X16_RESET",
-            Self::U32 => "U32",
-            Self::U32Reset => "U32_RESET",
-            Self::X32 => "X32",
-            Self::X32Reset => "X32_RESET",
-            Self::U64 => "U64",
-            Self::U64Reset => "U64_RESET",
-            Self::X64 => "X64",
-            Self::X64Reset => "X64_RESET",
-            Self::Bool => "BOOL",
-            Self::BoolReset => "BOOL_RESET",
-        }
+        // Serde renames the variants to their `STAMTYPE_` suffix.
+        self.name()
     }
 
     /// Every type, in numeric order.
@@ -573,6 +549,13 @@ mod tests {
         for t in StamType::ALL {
             let s = serde_json::to_string(&t)?;
             assert_eq!(s, format!("\"{}\"", t.name()));
+            assert_eq!(s, format!("\"{}\"", t.serde_name()));
+        }
+        for u in StamUnit::ALL {
+            assert_eq!(
+                serde_json::to_string(&u)?,
+                format!("\"{}\"", u.serde_name())
+            );
         }
         Ok(())
     }
