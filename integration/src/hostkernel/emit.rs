@@ -398,16 +398,7 @@ fn emit_main(g: &mut Gen, b: &mut HostKernelBuilder, entry: u32, n_items: u32) -
     // Paging.
     let (cr4_bits, cr0_bits) = paging_bits(b);
     g.a.mov(eax, TABLES_BASE)?;
-    g.a.mov(cr3, eax)?;
-    g.a.mov(eax, cr4)?;
-    g.a.or(eax, cr4_bits)?;
-    g.a.mov(cr4, eax)?;
-    g.a.mov(eax, cr0)?;
-    g.a.or(eax, cr0_bits)?;
-    g.a.mov(cr0, eax)?;
-    let mut paged = g.a.create_label();
-    g.a.jmp(paged)?;
-    g.mark(&mut paged)?;
+    paging_on(g, eax, cr4_bits, cr0_bits)?;
 
     // EFER.NXE / EFER.SCE as a real host has them.
     let mut no_efer = g.a.create_label();
@@ -457,6 +448,21 @@ fn emit_main(g: &mut Gen, b: &mut HostKernelBuilder, entry: u32, n_items: u32) -
 
     super::smp::emit_start_aps(g, b)?;
     emit_loop(g, b, n_items, &mut |g| emit_call(g, entry))
+}
+
+/// Loads CR3 from `reg`, sets `cr4_bits` in CR4 and `cr0_bits` (paging)
+/// in CR0, and jumps once so the next fetch runs paged. Clobbers `reg`.
+pub(super) fn paging_on(g: &mut Gen, reg: AsmRegister32, cr4_bits: u32, cr0_bits: u32) -> R {
+    g.a.mov(cr3, reg)?;
+    g.a.mov(reg, cr4)?;
+    g.a.or(reg, cr4_bits)?;
+    g.a.mov(cr4, reg)?;
+    g.a.mov(reg, cr0)?;
+    g.a.or(reg, cr0_bits)?;
+    g.a.mov(cr0, reg)?;
+    let mut paged = g.a.create_label();
+    g.a.jmp(paged)?;
+    g.mark(&mut paged)
 }
 
 /// The CR4 and CR0 bits the 32-bit host turns on with paging.

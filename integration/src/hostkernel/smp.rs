@@ -514,16 +514,7 @@ pub(super) fn emit_ap_entry32(
     g.a.mov(eax, 1u32)?;
     g.a.lock().xadd(dword_ptr(next), eax)?;
     g.a.mov(ecx, dword_ptr(eax * 4 + cr3s))?;
-    g.a.mov(cr3, ecx)?;
-    g.a.mov(ecx, cr4)?;
-    g.a.or(ecx, cr4_bits)?;
-    g.a.mov(cr4, ecx)?;
-    g.a.mov(ecx, cr0)?;
-    g.a.or(ecx, cr0_bits)?;
-    g.a.mov(cr0, ecx)?;
-    let mut paged = g.a.create_label();
-    g.a.jmp(paged)?;
-    g.mark(&mut paged)?;
+    super::emit::paging_on(g, ecx, cr4_bits, cr0_bits)?;
     // The private slots are this CPU's from here on.
     g.a.mov(dword_ptr(index), eax)?;
     g.a.inc(eax)?;
