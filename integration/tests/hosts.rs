@@ -9,7 +9,7 @@ mod support;
 
 use integration::cpumodel::{self, CpuModel};
 use integration::qemu::QemuConfig;
-use integration::scenario::{build, run, run_built, HostCr4, Scenario, ScenarioResult};
+use integration::scenario::{build, run_built, HostCr4, Scenario};
 use vmm_switcher::{FixupKind, SwitcherKind};
 
 /// The CPU models without one of the facts, with the fact they lack.
@@ -18,22 +18,6 @@ const CPUS_WITHOUT: [(&str, &str); 3] = [
     ("qemu64,-sep", "sep"),
     ("qemu64,-syscall", "syscall"),
 ];
-
-/// Runs every scenario (with its CPU model) two at a time; results in order.
-fn run_all(
-    cases: Vec<(String, Scenario, CpuModel)>,
-    q: &QemuConfig,
-) -> Vec<(String, ScenarioResult)> {
-    support::in_parallel(cases, |(name, s, model)| {
-        let q = QemuConfig {
-            cpu: model.qemu_arg(),
-            ..q.clone()
-        };
-        let r = run(&s, &q).unwrap_or_else(|e| panic!("{name}: setup: {e}"));
-        eprintln!("{name}: {} {:?}", r.outcome, r.failures);
-        (name, r)
-    })
-}
 
 /// The switchers whose relocation a CPU without `fact` changes: those with
 /// a `FIX_NO_SYSENTER_JMP` (`sep`) or `FIX_NO_SYSCALL_JMP` (`syscall`)
@@ -75,7 +59,7 @@ fn every_switcher_runs_on_cpus_without_nx_sysenter_or_syscall() {
             cases.push((format!("{} on {cpu}", kind.cli_name()), s, model));
         }
     }
-    let results = run_all(cases, &q);
+    let results = support::run_on_models(cases, &q);
     for (name, r) in &results {
         assert!(r.verified, "{name}: {} {:?}", r.outcome, r.failures);
         assert_eq!(r.round_trips, 40, "{name}");
@@ -173,7 +157,7 @@ fn amd64_host_switchers_keep_todays_cr4_pkru_and_fs_gs_bases() {
         cases.push((format!("{} with today's CR4", kind.cli_name()), s, model));
     }
     assert_eq!(cases.len(), 4);
-    for (name, r) in run_all(cases, &q) {
+    for (name, r) in support::run_on_models(cases, &q) {
         assert!(r.verified, "{name}: {} {:?}", r.outcome, r.failures);
         let host = r.run.report.host.as_ref().unwrap();
         let want = integration::hostkernel::CR4_TODAY;

@@ -7,25 +7,8 @@
 mod support;
 
 use integration::cpumodel::{self, CpuModel, HostConfigError};
-use integration::qemu::QemuConfig;
-use integration::scenario::{build, run, run_built, HostCr4, Scenario, ScenarioResult};
+use integration::scenario::{build, run_built, HostCr4, Scenario};
 use vmm_switcher::{FixupKind, SwitcherKind};
-
-/// Runs every scenario (with its CPU model) two at a time; results in order.
-fn run_all(
-    cases: Vec<(String, Scenario, CpuModel)>,
-    q: &QemuConfig,
-) -> Vec<(String, ScenarioResult)> {
-    support::in_parallel(cases, |(name, s, model)| {
-        let q = QemuConfig {
-            cpu: model.qemu_arg(),
-            ..q.clone()
-        };
-        let r = run(&s, &q).unwrap_or_else(|e| panic!("{name}: setup: {e}"));
-        eprintln!("{name}: {} {:?}", r.outcome, r.failures);
-        (name, r)
-    })
-}
 
 fn la57_scenario(kind: SwitcherKind, cr4: HostCr4) -> (Scenario, CpuModel) {
     let mut s = Scenario::new(kind);
@@ -56,7 +39,7 @@ fn every_amd64_host_switcher_runs_on_a_5_level_host() {
         }
     }
     assert_eq!(cases.len(), 8);
-    for (name, r) in run_all(cases, &q) {
+    for (name, r) in support::run_on_models(cases, &q) {
         assert!(r.verified, "{name}: {} {:?}", r.outcome, r.failures);
         assert_eq!(r.round_trips, 40, "{name}");
         let host = r.run.report.host.as_ref().unwrap();

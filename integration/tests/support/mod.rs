@@ -119,3 +119,20 @@ pub fn in_parallel<T: Send, R: Send>(items: Vec<T>, f: impl Fn(T) -> R + Sync) -
     done.sort_by_key(|d| d.0);
     done.into_iter().map(|(_, r)| r).collect()
 }
+
+/// Runs every named scenario on its CPU model, two at a time; results in
+/// order, each printed as it ends.
+pub fn run_on_models(
+    cases: Vec<(String, Scenario, integration::cpumodel::CpuModel)>,
+    q: &QemuConfig,
+) -> Vec<(String, ScenarioResult)> {
+    in_parallel(cases, |(name, s, model)| {
+        let q = QemuConfig {
+            cpu: model.qemu_arg(),
+            ..q.clone()
+        };
+        let r = run(&s, &q).unwrap_or_else(|e| panic!("{name}: setup: {e}"));
+        eprintln!("{name}: {} {:?}", r.outcome, r.failures);
+        (name, r)
+    })
+}
