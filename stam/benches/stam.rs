@@ -1,4 +1,5 @@
 //! Hot-path and render benchmarks for `stam`.
+#![allow(clippy::expect_used)]
 
 use std::hint::black_box;
 
@@ -51,9 +52,9 @@ fn big_registry() -> Registry {
         let def = SampleDef::new(&name, ty, unit)
             .visibility(StamVisibility::Always)
             .description("benchmark sample");
-        let Ok(id) = reg.register_owned(def) else {
-            continue;
-        };
+        let id = reg
+            .register_owned(def)
+            .expect("every benchmark sample registers");
         match ty {
             StamType::Counter => {
                 if let Ok(c) = reg.owned_mut::<StamCounter>(id) {
@@ -108,9 +109,14 @@ fn render(c: &mut Criterion) {
 fn versus(c: &mut Criterion) {
     let reg = big_registry();
     let none = Backing::new();
-    let Ok(snap) = reg.snapshot("", &none) else {
-        return;
-    };
+    let snap = reg
+        .snapshot("", &none)
+        .expect("the benchmark registry snapshots");
+    assert_eq!(
+        snap.samples.len(),
+        10_000,
+        "the comparison is over 10 000 samples"
+    );
     let records: Vec<baseline::Record> = snap.samples.iter().map(baseline::Record::from).collect();
     let prom = baseline::prometheus_registry(&snap.samples);
     let mut g = c.benchmark_group("versus_10k");
