@@ -2498,12 +2498,16 @@ impl ScenarioResult {
     }
 }
 
-/// The keyword of a protocol line body.
-/// Several host CPUs print their `TRIP`, `VCPU` and `CPU` lines as they
-/// run: the run of such lines, in the order a single CPU prints them
-/// (every `TRIP`, then every `VCPU`, then every `CPU` line).
+/// Several host CPUs print their `TRIP`, `VCPU`, `CPU` and `STORMCPU`
+/// lines as they run: the run of such lines, in the order a single CPU
+/// prints them (every `TRIP`, then every `VCPU`, every `CPU`, every
+/// `STORMCPU` line).
 fn smp_canonical(keywords: &mut [&str]) {
-    let rank = |k: &str| ["TRIP", "VCPU", "CPU"].iter().position(|&r| r == k);
+    let rank = |k: &str| {
+        ["TRIP", "VCPU", "CPU", "STORMCPU"]
+            .iter()
+            .position(|&r| r == k)
+    };
     let Some(start) = keywords.iter().position(|k| rank(k).is_some()) else {
         return;
     };
@@ -2514,6 +2518,7 @@ fn smp_canonical(keywords: &mut [&str]) {
     keywords[start..start + len].sort_by_key(|k| rank(k));
 }
 
+/// The keyword of a protocol line body.
 fn keyword(line: &str) -> &str {
     line.split(' ').next().unwrap_or("")
 }
@@ -2549,6 +2554,9 @@ fn expected_keywords(s: &Scenario, b: &Built, storm_lines: usize) -> Vec<String>
     k.extend(std::iter::repeat_n("VCPU".to_owned(), t.vcpus.len()));
     if s.cpus > 1 {
         k.extend(std::iter::repeat_n("CPU".to_owned(), s.cpus as usize));
+        if s.nmi_storm {
+            k.extend(std::iter::repeat_n("STORMCPU".to_owned(), s.cpus as usize));
+        }
         k.push("SMP".into());
     }
     k.extend(["SUMMARY".into(), "NMI".into()]);

@@ -21,6 +21,11 @@
 //! offset of the longest path is covered. Without it, the first offset that
 //! took an NMI in transit, in the hypervisor context, or crashed the machine
 //! is the *first fatal offset*.
+//!
+//! On several host CPUs the storm is *interleaved* ([`interleaved`]): the
+//! CPUs share one instruction clock, so no CPU can place an edge in its own
+//! instruction stream; every CPU's LINT0 receives every edge wherever the
+//! round robin has put the CPU, and the judge counts where they fell.
 
 use serde::Serialize;
 use vmm_switcher::View;
@@ -28,16 +33,48 @@ use vmm_switcher::View;
 use crate::hostkernel::storm::{
     self as kstorm, ctx, NmiStorm, DT_AT_TARGET, MISS_LIMIT, PIT_EDGE_DELAY, PIT_SAMPLES,
 };
-use crate::paging::HostMode;
 use crate::qemu::{Outcome, RunResult};
 use crate::scenario::{Built, Scenario};
 use crate::transcript::{Report, StormLine};
+
+pub mod interleaved;
+
+/// How the storm's edges met the round trips.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Placement {
+    /// One host CPU: each edge placed at an exact instruction offset.
+    #[default]
+    Exact,
+    /// Several host CPUs: every edge reaches every CPU wherever it is.
+    Interleaved,
+}
+
+/// One host CPU's account of an interleaved storm (`STORMCPU` line).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct CpuStorm {
+    /// The host CPU.
+    pub cpu: u32,
+    /// Its calls (round trips).
+    pub calls: u32,
+    /// Calls during which a PIT edge arrived (the PIT formula on the TSC).
+    pub calls_with_edge: u32,
+    /// Of those, calls that took no NMI: the edge fell while LINT0 was
+    /// masked and another CPU acknowledged it at the 8259 first.
+    pub edges_hidden: u32,
+    /// NMIs the CPU took in all.
+    pub nmis_taken: u32,
+    /// NMIs it took during its calls.
+    pub nmis_in_call: u32,
+    /// Of those, NMIs taken outside host context.
+    pub nmis_in_transit: u32,
+}
 
 /// The first offset whose NMI was fatal (or would have been).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct FatalOffset {
     /// The offset into the path.
-    pub offset: u32,
+    pub offset: Option<u32>,
     /// The instruction there, `label+0x…` (a switcher label, `far side+0x…`
     /// or `host kernel symbol+0x…`), or `?` when unknown.
     pub label: String,
@@ -48,9 +85,14 @@ pub struct FatalOffset {
     pub outcome: String,
 }
 
-/// What the storm found.
+/// What the storm found. In an interleaved storm the placement's figures
+/// (`path_instructions`, `offsets_covered`, `nmis_at_target`,
+/// `nmis_deferred`, `deferred_to`, `masked_offsets`) stay 0 or `None`:
+/// nothing was placed; `per_cpu` has each CPU's account instead.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct StormReport {
+    /// Exact (one CPU) or interleaved (several).
+    pub placement: Placement,
     /// Instructions of the longest path (entry to return, far side
     /// included) among the calls that ended the storm, which take every kind
     /// of round trip; the first call of a kind may take a few more once, on
@@ -68,9 +110,11 @@ pub struct StormReport {
     pub nmis_in_transit: u32,
     /// NMIs the far side's IDT took.
     pub nmis_in_hypervisor_context: u32,
-    /// Calls that targeted an offset (`STORM` lines).
+    /// Calls that targeted an offset (`STORM` lines); interleaved: every
+    /// CPU's calls.
     pub calls: u32,
-    /// The storm covered the longest path and stopped by itself.
+    /// The storm covered the longest path and stopped by itself;
+    /// interleaved: every CPU gave its account.
     pub complete: bool,
     /// Where the deferred NMIs were taken (the unmask), `label+0x… (view)`.
     pub deferred_to: Option<String>,
@@ -78,15 +122,8 @@ pub struct StormReport {
     pub masked_offsets: Option<(u32, u32)>,
     /// The first fatal offset (none with working NMI masking).
     pub first_fatal: Option<FatalOffset>,
-}
-
-/// The paging code ([`ctx::PAGING`]) of the host mode.
-fn host_paging(mode: HostMode) -> u32 {
-    match mode {
-        HostMode::Legacy32 => 1,
-        HostMode::Pae => 2,
-        _ => 3,
-    }
+    /// Interleaved: each host CPU's account, by CPU index.
+    pub per_cpu: Vec<CpuStorm>,
 }
 
 /// A view's short name.
@@ -195,7 +232,9 @@ fn crash_outcome(run: &RunResult) -> Option<String> {
 }
 
 /// The `PIT` line agrees with the formula, or why not.
-fn pit_failures(r: &Report, storm: NmiStorm) -> Vec<String> {
+/// `delay`: the handler's RDTSC less the formula's arrival
+/// ([`PIT_EDGE_DELAY`] on one CPU).
+fn pit_failures(r: &Report, storm: NmiStorm, delay: u32) -> Vec<String> {
     let Some(p) = &r.pit else {
         return vec!["no PIT line: the storm's timer was never checked".into()];
     };
@@ -207,7 +246,7 @@ fn pit_failures(r: &Report, storm: NmiStorm) -> Vec<String> {
         ));
     }
     for (n, &got) in (1u64..).zip(&p.edges).take(PIT_SAMPLES) {
-        let want = storm.edge(n) + u64::from(PIT_EDGE_DELAY);
+        let want = storm.edge(n) + u64::from(delay);
         if u64::from(got) != want {
             f.push(format!(
                 "PIT edge {n} arrived {got} instructions after the load, the formula gives {want}: \
@@ -221,18 +260,20 @@ fn pit_failures(r: &Report, storm: NmiStorm) -> Vec<String> {
 
 /// Judges the storm of a finished run; returns its report and the failures.
 pub fn analyze(s: &Scenario, b: &Built, run: &RunResult) -> (StormReport, Vec<String>) {
+    if s.cpus > 1 {
+        return interleaved::analyze(s, b, run);
+    }
     let r = &run.report;
     let storm = NmiStorm::default();
     let listing = Listing::new(s, b);
     let listing = listing.as_ref();
-    let mut f = pit_failures(r, storm);
+    let mut f = pit_failures(r, storm, PIT_EDGE_DELAY);
     let mut rep = StormReport {
         calls: r.storm.len() as u32,
         ..StormReport::default()
     };
-    let host_pg = host_paging(s.host_mode());
-    let host_ctx =
-        |c: u32| c & ctx::HOST_CS != 0 && c & ctx::HOST_CR3 != 0 && c & ctx::PAGING == host_pg;
+    let want_ctx = kstorm::host_context(s.host_mode());
+    let host_ctx = |c: u32| c == want_ctx;
     let mut expected_o = 0u32;
     let mut misses = 0u32;
     let mut prev_far = 0u32;
@@ -290,7 +331,7 @@ pub fn analyze(s: &Scenario, b: &Built, run: &RunResult) -> (StormReport, Vec<St
             _ => ("?".into(), "?".into()),
         };
         fatal.get_or_insert(FatalOffset {
-            offset: expected_o,
+            offset: Some(expected_o),
             label,
             view,
             outcome: what,
@@ -327,7 +368,10 @@ pub fn analyze(s: &Scenario, b: &Built, run: &RunResult) -> (StormReport, Vec<St
     if let Some(fa) = &fatal {
         f.push(format!(
             "the NMI placed at offset {} [{} ({})] was fatal: {}",
-            fa.offset, fa.label, fa.view, fa.outcome
+            fa.offset.unwrap_or(expected_o),
+            fa.label,
+            fa.view,
+            fa.outcome
         ));
     }
     rep.first_fatal = fatal;
@@ -347,14 +391,21 @@ fn steady_max(lines: &[StormLine], complete: bool) -> u32 {
 
 /// The far side's NMI count from its mailbox dump (0 without one).
 fn far_total(s: &Scenario, r: &Report) -> u32 {
+    far_account(s, r).0
+}
+
+/// The far side's NMI count and first NMI address (low half) from its
+/// mailbox dump (zeros without one).
+fn far_account(s: &Scenario, r: &Report) -> (u32, u32) {
     use crate::farside::{hyper::RcMailbox, intermediate_amd64::Mailbox};
     let Some(d) = r.dump("mailbox") else {
-        return 0;
+        return (0, 0);
     };
     if s.uses_far_helper() {
-        d.read::<Mailbox>(0).map_or(0, |m| m.nmis)
+        d.read::<Mailbox>(0).map_or((0, 0), |m| (m.nmis, m.nmi_ip))
     } else {
-        d.read::<RcMailbox>(0).map_or(0, |m| m.nmis)
+        d.read::<RcMailbox>(0)
+            .map_or((0, 0), |m| (m.nmis, m.nmi_ip))
     }
 }
 
@@ -378,7 +429,7 @@ fn classify(
     if l.far > prev_far {
         let (label, view) = name(u64::from(l.far_ip));
         st.fatal.get_or_insert(FatalOffset {
-            offset: l.o,
+            offset: Some(l.o),
             label,
             view,
             outcome: "NMI in the hypervisor context".into(),
@@ -417,7 +468,7 @@ fn classify(
             what.push("not the host's CR3");
         }
         st.fatal.get_or_insert(FatalOffset {
-            offset: l.o,
+            offset: Some(l.o),
             label,
             view,
             outcome: format!("NMI in transit ({})", what.join(", ")),

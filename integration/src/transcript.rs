@@ -24,6 +24,7 @@
 //! | `NMI` | `count` dec |
 //! | `PIT` | `divisor` dec, `e1` … `e6` dec: the TSC of the first six NMIs the storm's PIT raised, less the TSC at the count's load (NMI storm only) |
 //! | `STORM` | `o`, `len`, `nmis`, `dt` dec, `ip` hex (16 digits on AMD64), `ctx` hex, `far` dec, `far_ip` hex: one storm call (NMI storm only; see `hostkernel::storm`) |
+//! | `STORMCPU` | `cpu`, `calls`, `edges`, `hidden`, `nmis`, `in_call`, `host`, `transit` dec, `ip` hex (16 digits on AMD64), `ctx` hex: one host CPU's account of an NMI storm on several CPUs, after its `CPU` line (see `hostkernel::storm`)
 //! | `DUMP` | `addr` hex (16 digits for a 64-bit address), `len` hex, `name`; followed by `H <hex bytes>` lines and `END` |
 //! | `EXC` | `vec`, `err`, `eip`, `cs`, `eflags`, `cr2` hex, `trip`, `vcpu`, `phase` dec; on AMD64 `eip` and `cr2` have 16 digits and `rsp` follows `cr2` |
 //! | `EXC2` | `vec`, `err`, `eip` hex (an exception inside the exception path; `eip` 16 digits on AMD64) |
@@ -470,6 +471,33 @@ pub struct StormLine {
     pub far_ip: u32,
 }
 
+/// One `STORMCPU` line: a host CPU's account of an NMI storm on several
+/// CPUs (see `hostkernel::storm`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StormCpuLine {
+    /// The host CPU.
+    pub cpu: u32,
+    /// Its calls.
+    pub calls: u32,
+    /// Calls during which a PIT edge arrived (by the PIT formula on the TSC).
+    pub edges: u32,
+    /// Of those, calls that took no NMI: the edge fell while LINT0 was
+    /// masked and another CPU acknowledged it at the 8259 before the unmask.
+    pub hidden: u32,
+    /// NMIs the CPU took in all.
+    pub nmis: u32,
+    /// NMIs it took during its calls.
+    pub in_call: u32,
+    /// Of those, taken in host context.
+    pub host: u32,
+    /// Of those, taken outside host context (in transit).
+    pub transit: u32,
+    /// The instruction pointer of the first NMI in transit (0 without one).
+    pub ip: u64,
+    /// Its context word (`hostkernel::storm::ctx`).
+    pub ctx: u32,
+}
+
 /// A memory region dumped as hex (`DUMP` … `END`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Dump {
@@ -529,6 +557,8 @@ pub struct Report {
     pub pit: Option<PitLine>,
     /// `STORM` lines, in order (NMI storm only).
     pub storm: Vec<StormLine>,
+    /// `STORMCPU` lines, in the order printed (NMI storm on several CPUs).
+    pub storm_cpus: Vec<StormCpuLine>,
     /// `CPU` lines, in the order the CPUs finished (several host CPUs).
     pub cpu_lines: Vec<CpuLine>,
     /// `SMP` (several host CPUs).
@@ -1097,6 +1127,31 @@ impl Report {
                                 ctx: f.hex("ctx")?,
                                 far: f.dec("far")?,
                                 far_ip: f.hex("far_ip")?,
+                            })
+                        })
+                        .flatten(),
+                )
+            }
+            "STORMCPU" => {
+                let keys = [
+                    "cpu", "calls", "edges", "hidden", "nmis", "in_call", "host", "transit", "ip",
+                    "ctx",
+                ];
+                push(
+                    &mut self.storm_cpus,
+                    f.exact(&keys)
+                        .then(|| {
+                            Some(StormCpuLine {
+                                cpu: f.dec("cpu")?,
+                                calls: f.dec("calls")?,
+                                edges: f.dec("edges")?,
+                                hidden: f.dec("hidden")?,
+                                nmis: f.dec("nmis")?,
+                                in_call: f.dec("in_call")?,
+                                host: f.dec("host")?,
+                                transit: f.dec("transit")?,
+                                ip: f.hex64("ip")?,
+                                ctx: f.hex("ctx")?,
                             })
                         })
                         .flatten(),

@@ -493,3 +493,108 @@ fn a_cpu_without_what_the_switcher_needs_is_refused() {
         assert!(r.run.report.summary.is_none(), "{what}: no call was made");
     }
 }
+
+/// `line` with each `key=value` of `set` replaced.
+fn with_fields(line: &str, set: &[(&str, String)]) -> String {
+    let fields: Vec<String> = line
+        .trim_end()
+        .split(' ')
+        .map(|f| match f.split_once('=') {
+            Some((k, _)) => match set.iter().find(|(key, _)| *key == k) {
+                Some((_, v)) => format!("{k}={v}"),
+                None => f.to_owned(),
+            },
+            None => f.to_owned(),
+        })
+        .collect();
+    format!("{}\n", fields.join(" "))
+}
+
+/// A field of a protocol line, as a number.
+fn field(line: &str, key: &str) -> u64 {
+    line.split(' ')
+        .find_map(|f| f.trim_end().strip_prefix(&format!("{key}=")))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {key} in {line}"))
+}
+
+/// The accounts of an NMI storm on two host CPUs (`STORMCPU` lines),
+/// forged with a recomputed checksum: an NMI in transit, a CPU whose
+/// LINT0 never took an edge, no edge inside any call, accounts that do
+/// not add up or disagree with the `CPU` line, a missing account, a PIT
+/// edge one instruction late. Each is refused for its own reason.
+#[test]
+fn forged_interleaved_storm_accounts_are_refused() {
+    let Some(q) = support::qemu() else { return };
+    let mut s = Scenario::new(SwitcherKind::Legacy32ToAmd64);
+    (s.trips, s.vcpus, s.cpus, s.nmi_storm) = (40, 2, 2, true);
+    let b = build(&s).unwrap();
+    let q = QemuConfig { smp: 2, ..q };
+    let serial = b.testbed.run(&q).unwrap().serial;
+    let v = judged(&s, &b, &serial);
+    assert!(v.verified, "{:?}", v.failures);
+    let text = String::from_utf8_lossy(&serial).into_owned();
+    let account = |cpu: u32| {
+        text.lines()
+            .find(|l| l.starts_with(&format!("@@STORMCPU cpu={cpu} ")))
+            .unwrap()
+            .to_owned()
+    };
+    let (one, zero) = (account(1), account(0));
+    let n = |key: &str| field(&one, key);
+    let start = "@@STORMCPU cpu=1 ";
+    let forge = |set: &[(&str, String)]| replace_line(&serial, start, &with_fields(&one, set));
+    let no_edges = |t: Vec<u8>| {
+        let set = [("edges", "0".to_owned()), ("hidden", "0".to_owned())];
+        replace_line(&t, "@@STORMCPU cpu=0 ", &with_fields(&zero, &set))
+    };
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        (
+            "NMI in transit on CPU 1",
+            forge(&[
+                ("transit", "1".into()),
+                ("host", (n("in_call") - 1).to_string()),
+                ("ip", "c0400000".into()),
+                ("ctx", "00000001".into()),
+            ]),
+        ),
+        (
+            "CPU 1 took no NMI",
+            forge(&[
+                ("nmis", "0".into()),
+                ("in_call", "0".into()),
+                ("host", "0".into()),
+                ("hidden", n("edges").to_string()),
+            ]),
+        ),
+        (
+            "no PIT edge fell inside any round trip",
+            no_edges(forge(&[("edges", "0".into()), ("hidden", "0".into())])),
+        ),
+        (
+            "its CPU line has",
+            forge(&[("calls", (n("calls") + 1).to_string())]),
+        ),
+        (
+            "NMIs in calls, but",
+            forge(&[("host", (n("host") + 1).to_string())]),
+        ),
+        (
+            "do not nest",
+            forge(&[("hidden", (n("edges") + 1).to_string())]),
+        ),
+        (
+            "STORMCPU lines for 2 host CPUs",
+            replace_line(&serial, start, ""),
+        ),
+    ];
+    for (want, forged) in cases {
+        let v = judged(&s, &b, &reseal(&forged));
+        assert!(!v.verified, "{want}: judged verified");
+        assert!(
+            v.failures.iter().any(|f| f.contains(want)),
+            "{want}: {:?}",
+            v.failures
+        );
+    }
+}

@@ -120,15 +120,14 @@ fn without_nmi_masking_the_storm_breaks_every_family() {
         }
         assert!(!r.verified, "{what}");
         let fatal = st.first_fatal.as_ref().unwrap_or_else(|| panic!("{what}"));
-        assert!(
-            fatal.offset < st.path_instructions.max(fatal.offset + 1),
-            "{what}"
-        );
+        let offset = fatal.offset.expect("an exact storm names the fatal offset");
+        // Offsets advance only while they lie inside a path.
+        assert!(offset <= st.path_instructions, "{what}");
         assert_ne!(fatal.label, "?", "{what}");
         assert!(
             r.failures
                 .iter()
-                .any(|f| f.contains(&format!("offset {}", fatal.offset))),
+                .any(|f| f.contains(&format!("offset {offset}"))),
             "{what}"
         );
     }

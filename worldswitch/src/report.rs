@@ -123,8 +123,9 @@ impl From<vmm::CpuFacts> for CpuFactsJson {
 /// The first offset whose NMI was fatal (`--nmi-storm` without masking).
 #[derive(Clone, Debug, Serialize)]
 pub struct FatalOffsetJson {
-    /// Instructions into the round trip.
-    pub offset: u32,
+    /// Instructions into the round trip; `null` in an interleaved storm,
+    /// which places no edge.
+    pub offset: Option<u32>,
     /// The instruction there, `label+0x…`.
     pub label: String,
     /// Its view (`HC`, `ID`, `RC`).
@@ -134,32 +135,40 @@ pub struct FatalOffsetJson {
     pub outcome: String,
 }
 
-/// What the NMI storm found.
+/// What the NMI storm found. The placement figures are `null` in an
+/// interleaved storm (several host CPUs), which places nothing.
 #[derive(Clone, Debug, Serialize)]
 pub struct NmiStormJson {
+    /// `exact` (one host CPU) or `interleaved` (several).
+    pub placement: integration::storm::Placement,
     /// Instructions of the longest round trip (C entry to return, far side included).
-    pub path_instructions: u32,
+    pub path_instructions: Option<u32>,
     /// Offsets an NMI edge was placed at inside the path.
-    pub offsets_covered: u32,
+    pub offsets_covered: Option<u32>,
     /// NMIs taken in all.
     pub nmis_taken: u32,
     /// NMIs whose edge fell while LINT0 was masked, taken at the unmask (QEMU behaviour).
-    pub nmis_deferred: u32,
+    pub nmis_deferred: Option<u32>,
     /// NMIs the host's IDT took outside host context.
     pub nmis_in_transit: u32,
     /// NMIs the hypervisor context's IDT took.
     pub nmis_in_hypervisor_context: u32,
     /// The first fatal offset; `null` when none was.
     pub first_fatal: Option<FatalOffsetJson>,
+    /// Interleaved: each host CPU's account; `null` on one CPU.
+    pub per_cpu: Option<Vec<integration::storm::CpuStorm>>,
 }
 
 impl From<&integration::storm::StormReport> for NmiStormJson {
     fn from(s: &integration::storm::StormReport) -> Self {
+        let exact = s.placement == integration::storm::Placement::Exact;
+        let placed = |v: u32| exact.then_some(v);
         Self {
-            path_instructions: s.path_instructions,
-            offsets_covered: s.offsets_covered,
+            placement: s.placement,
+            path_instructions: placed(s.path_instructions),
+            offsets_covered: placed(s.offsets_covered),
             nmis_taken: s.nmis_taken,
-            nmis_deferred: s.nmis_deferred,
+            nmis_deferred: placed(s.nmis_deferred),
             nmis_in_transit: s.nmis_in_transit,
             nmis_in_hypervisor_context: s.nmis_in_hypervisor_context,
             first_fatal: s.first_fatal.as_ref().map(|f| FatalOffsetJson {
@@ -168,27 +177,68 @@ impl From<&integration::storm::StormReport> for NmiStormJson {
                 view: f.view.clone(),
                 outcome: f.outcome.clone(),
             }),
+            per_cpu: (!exact).then(|| s.per_cpu.clone()),
         }
     }
 }
 
 /// The `nmi storm` lines of the text report.
 fn render_storm(s: &mut String, st: &NmiStormJson) {
-    let _ = writeln!(
-        s,
-        "  nmi storm    {} of {} offsets covered; {} NMIs taken: {} deferred to the unmask, {} in transit, {} in the hypervisor context",
-        st.offsets_covered,
-        st.path_instructions,
-        st.nmis_taken,
-        st.nmis_deferred,
-        st.nmis_in_transit,
-        st.nmis_in_hypervisor_context
-    );
+    match (st.offsets_covered, st.path_instructions, st.nmis_deferred) {
+        (Some(covered), Some(path), Some(deferred)) => {
+            let _ = writeln!(
+                s,
+                "  nmi storm    {covered} of {path} offsets covered; {} NMIs taken: {deferred} deferred to the unmask, {} in transit, {} in the hypervisor context",
+                st.nmis_taken, st.nmis_in_transit, st.nmis_in_hypervisor_context
+            );
+        }
+        _ => render_interleaved(s, st),
+    }
     if let Some(f) = &st.first_fatal {
+        let offset = f
+            .offset
+            .map(|o| format!("offset {o}: "))
+            .unwrap_or_default();
+        let at = match f.label.as_str() {
+            "?" if f.offset.is_none() => String::new(),
+            label => format!("{label} ({}): ", f.view),
+        };
+        let _ = writeln!(s, "  first fatal  {offset}{at}{}", f.outcome);
+    }
+}
+
+/// An interleaved storm's lines: the totals, then each CPU's account.
+fn render_interleaved(s: &mut String, st: &NmiStormJson) {
+    let cpus = st.per_cpu.as_deref().unwrap_or_default();
+    let calls: u32 = cpus.iter().map(|c| c.calls).sum();
+    let with_edge: u32 = cpus.iter().map(|c| c.calls_with_edge).sum();
+    if cpus.is_empty() {
         let _ = writeln!(
             s,
-            "  first fatal  offset {}: {} ({}): {}",
-            f.offset, f.label, f.view, f.outcome
+            "  nmi storm    interleaved; no CPU gave its account (the run ended first)"
+        );
+        return;
+    }
+    let edges = format!(
+        "interleaved over {} CPUs: an edge inside {with_edge} of {calls} round trips",
+        cpus.len()
+    );
+    let _ = writeln!(
+        s,
+        "  nmi storm    {edges}; {} NMIs taken, {} in transit, {} in the hypervisor context",
+        st.nmis_taken, st.nmis_in_transit, st.nmis_in_hypervisor_context
+    );
+    for c in cpus {
+        let _ = writeln!(
+            s,
+            "    cpu {}      edge inside {} of {} round trips ({} hidden by the mask); {} NMIs, {} in a round trip, {} in transit",
+            c.cpu,
+            c.calls_with_edge,
+            c.calls,
+            c.edges_hidden,
+            c.nmis_taken,
+            c.nmis_in_call,
+            c.nmis_in_transit
         );
     }
 }

@@ -449,6 +449,7 @@ pub fn image(a: &ImageArgs, out: &mut String) -> Result<Exit, CliError> {
         })?;
         let qemu_args: Vec<String> = QemuConfig {
             cpu: model.qemu_arg(),
+            smp: s.cpus,
             ..QemuConfig::default()
         }
         .args(&path)

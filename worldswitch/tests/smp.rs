@@ -202,8 +202,15 @@ fn bad_cpu_counts_and_unsupported_hosts_are_refused_in_one_line() {
             "host CPUs must be 1 to 8 and at most the VCPU count (2), got 3",
         ),
         (
-            vec!["run", "32-to-32", "--cpus", "2", "--nmi-storm"],
-            "several host CPUs cannot be combined with the NMI storm",
+            vec![
+                "run",
+                "32-to-32",
+                "--cpus",
+                "2",
+                "--nmi-storm",
+                "--no-deadlines",
+            ],
+            "cannot be combined with running them without deadlines",
         ),
         (
             vec!["run", "32-to-32", "--cpus", "2", "--trace"],
@@ -320,5 +327,130 @@ fn sharing_mutations_fail_the_amd64_host_switchers_on_several_cpus() {
         for r in doc["runs"].as_array().unwrap() {
             assert_eq!(r["verified"], false, "{m} on {}", r["switcher"]);
         }
+    }
+}
+
+/// Every switcher, the stubs included.
+fn every_switcher() -> Vec<&'static str> {
+    let mut all = SWITCHERS.to_vec();
+    all.extend(AMD64_HOST);
+    all.push("x86-stub");
+    all
+}
+
+/// One CPU's storm account from a run's JSON.
+fn storm_cpus(r: &Value) -> &Vec<Value> {
+    r["nmi_storm"]["per_cpu"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{}: no per-CPU storm account", r["switcher"]))
+}
+
+/// The NMI storm on four CPUs, every switcher: every CPU's LINT0 receives
+/// the PIT's edges (each CPU takes NMIs), an edge falls inside most round
+/// trips of every CPU (the stubs' round trips are a few instructions
+/// long), none is taken outside host context or by the hypervisor
+/// context, most round trips overlap another CPU's, and every trip
+/// verifies. Two runs are byte-identical.
+#[test]
+fn the_interleaved_storm_reaches_every_cpu_mid_switch_and_every_switcher_verifies() {
+    if support::qemu().is_none() {
+        return;
+    }
+    let all = every_switcher();
+    let args = ["--cpus", "4", "--vcpus", "8", "--nmi-storm"];
+    let (code, doc) = run_json_on(&all, &args);
+    assert_eq!(code, Some(0), "{doc:#}");
+    let runs = doc["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), all.len());
+    for r in runs {
+        let name = r["switcher"].as_str().unwrap();
+        assert_eq!(r["verified"], true, "{name}: {:#}", r["failures"]);
+        let st = &r["nmi_storm"];
+        assert_eq!(st["placement"], "interleaved", "{name}");
+        assert_eq!(st["path_instructions"], Value::Null, "{name}");
+        assert_eq!(st["nmis_in_transit"], 0, "{name}");
+        assert_eq!(st["nmis_in_hypervisor_context"], 0, "{name}");
+        assert_eq!(st["first_fatal"], Value::Null, "{name}");
+        let overlapping = r["overlapping_trips"].as_u64().unwrap();
+        assert!(overlapping * 2 > 160, "{name}: {overlapping} of 160");
+        let cpus = storm_cpus(r);
+        let ids: Vec<u64> = cpus.iter().map(|c| c["cpu"].as_u64().unwrap()).collect();
+        assert_eq!(ids, [0, 1, 2, 3], "{name}");
+        for c in cpus {
+            let calls = c["calls"].as_u64().unwrap();
+            let with_edge = c["calls_with_edge"].as_u64().unwrap();
+            eprintln!(
+                "--cpus 4 --nmi-storm {name}: cpu {}: edge inside {with_edge} of {calls}, {} hidden, {} NMIs, {overlapping} of 160 overlapping",
+                c["cpu"], c["edges_hidden"], c["nmis_taken"]
+            );
+            assert_eq!(calls, 40, "{name}: {c}");
+            assert!(c["nmis_taken"].as_u64().unwrap() > 0, "{name}: {c}");
+            assert_eq!(c["nmis_in_transit"], 0, "{name}: {c}");
+            if !name.ends_with("stub") {
+                assert!(with_edge * 2 > calls, "{name}: {c}");
+            }
+        }
+    }
+    let (_, again) = run_json_on(&all, &args);
+    assert_eq!(
+        without_wall_times(doc),
+        without_wall_times(again),
+        "two runs differ"
+    );
+}
+
+/// The x2APIC host: each CPU's LINT0 is programmed through its MSR.
+#[test]
+fn the_interleaved_storm_reaches_every_cpu_of_an_x2apic_host() {
+    if support::qemu_x2apic().is_none() {
+        return;
+    }
+    let switchers = ["32-to-amd64", "amd64-to-amd64"];
+    let args = [
+        "--cpus",
+        "4",
+        "--vcpus",
+        "4",
+        "--nmi-storm",
+        "--host-apic",
+        "x2apic",
+    ];
+    let (code, doc) = run_json_on(&switchers, &args);
+    assert_eq!(code, Some(0), "{doc:#}");
+    for r in doc["runs"].as_array().unwrap() {
+        let name = &r["switcher"];
+        assert_eq!(r["host_apic"], "x2apic", "{name}");
+        for c in storm_cpus(r) {
+            assert!(c["nmis_taken"].as_u64().unwrap() > 0, "{name}: {c}");
+            assert!(c["calls_with_edge"].as_u64().unwrap() > 0, "{name}: {c}");
+        }
+    }
+}
+
+/// Without NMI masking the interleaved storm kills every switcher that
+/// leaves the host context, while the same run without the storm passes:
+/// the NMIs are what breaks it, as on one CPU.
+#[test]
+fn without_masking_the_interleaved_storm_is_fatal_and_the_quiet_run_passes() {
+    if support::qemu().is_none() {
+        return;
+    }
+    let switchers: Vec<&str> = every_switcher()
+        .into_iter()
+        .filter(|n| !n.ends_with("stub"))
+        .collect();
+    let quiet = ["--no-apic", "--cpus", "4", "--vcpus", "8"];
+    let (code, doc) = run_json_on(&switchers, &quiet);
+    assert_eq!(code, Some(0), "{doc:#}");
+    let stormy = ["--no-apic", "--cpus", "4", "--vcpus", "8", "--nmi-storm"];
+    let (code, doc) = run_json_on(&switchers, &stormy);
+    assert_eq!(code, Some(1), "{doc:#}");
+    for r in doc["runs"].as_array().unwrap() {
+        let name = &r["switcher"];
+        assert_eq!(r["verified"], false, "{name}");
+        let fatal = &r["nmi_storm"]["first_fatal"];
+        eprintln!("--no-apic --cpus 4 --nmi-storm {name}: {fatal}");
+        assert!(fatal.is_object(), "{name}: {:#}", r["nmi_storm"]);
+        assert_eq!(fatal["offset"], Value::Null, "{name}");
     }
 }

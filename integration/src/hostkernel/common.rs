@@ -1618,7 +1618,7 @@ pub(super) fn emit_loop(
             g.mark(&mut l)?;
         }
     }
-    super::smp::emit_merge(g, b.deadlines)?;
+    super::smp::emit_merge(g, b.deadlines, b.storm)?;
     g.text(&format!("{PREFIX}SUMMARY"))?;
     g.field_dec("trips", g.s.trips_done)?;
     g.field_dec("calls", g.s.calls)?;

@@ -396,7 +396,7 @@ pub(super) fn build(mut b: HostKernelBuilder) -> Result<Testbed, BuildError> {
 
     // ---- code --------------------------------------------------------------
     emit_main(&mut g, &mut b, entry, n_items)?;
-    super::smp::emit_ap_entry64(&mut g, &|g| emit_cpu_setup(g, &b))?;
+    super::smp::emit_ap_entry64(&mut g, &b, &|g| emit_cpu_setup(g, &b))?;
     g.emit_library()?;
     emit_snap(&mut g, &items)?;
     emit_vectors(&mut g, &b)?;

@@ -650,6 +650,13 @@ pub enum BuildError {
     /// Several host CPUs with a feature the multiprocessor kernel lacks.
     #[error("several host CPUs cannot be combined with {0}")]
     SmpUnsupported(&'static str),
+    /// Several host CPUs, the NMI storm and no deadlines: the storm's PIT
+    /// makes the deadlines that interleave the CPUs, it cannot leave them off.
+    #[error(
+        "the NMI storm on several host CPUs runs the PIT, whose deadlines interleave the CPUs: \
+         it cannot be combined with running them without deadlines"
+    )]
+    StormWithoutDeadlines,
     /// A skip names no snapshot item.
     #[error("no snapshot item is named `{0}`")]
     UnknownItem(String),

@@ -27,7 +27,9 @@
 //! `pause`/`hlt`). The bootstrap CPU programs PIT channel 0 with divisor
 //! [`DEADLINE_DIVISOR`] (its interrupt stays masked at the 8259: it only
 //! creates deadlines), so every CPU is preempted every few hundred
-//! instructions, inside its switches as well. Each call counts as
+//! instructions, inside its switches as well. With the NMI storm the
+//! storm's own PIT makes the deadlines, and every CPU's LINT0 receives its
+//! edges (see [the storm](super::storm)). Each call counts as
 //! *overlapping* when another CPU was inside its own call when it began or
 //! entered one before it ended (shared counters around the call).
 
@@ -73,6 +75,10 @@ const SH_FINISHED: u32 = 20;
 const SH_IN_SWITCH: u32 = 24;
 const SH_ENTER_SEQ: u32 = 28;
 const SH_MERGE_LOCK: u32 = 32;
+/// The NMI storm's PIT load (the bootstrap CPU's TSC), for every CPU.
+const SH_STORM_LOAD: u32 = 40;
+/// CPUs done with their calls; the last one stops the NMI storm.
+const SH_STORM_STOPPED: u32 = 48;
 /// Merged totals: calls, mismatches, retfails, hookfails, NMIs, spurious
 /// interrupts, overlapping calls (summed), TSC min, TSC max, TSC sum (qword).
 const SH_TOTALS: u32 = 64;
@@ -110,8 +116,8 @@ pub(super) fn validate(b: &HostKernelBuilder) -> Result<(), BuildError> {
             max: MAX_CPUS,
         });
     }
-    if b.cpus > 1 && b.storm.is_some() {
-        return Err(BuildError::SmpUnsupported("the NMI storm"));
+    if b.cpus > 1 && b.storm.is_some() && !b.deadlines {
+        return Err(BuildError::StormWithoutDeadlines);
     }
     Ok(())
 }
@@ -183,6 +189,28 @@ pub(super) fn attach(g: &mut Gen, data: Option<SmpData>) {
         loop_start: g.a.create_label(),
         ap_entry: g.a.create_label(),
     });
+}
+
+/// What the NMI storm of a multiprocessor kernel shares between CPUs.
+pub(super) struct StormShare {
+    /// The PIT load's TSC, written by the bootstrap CPU.
+    pub load: u32,
+    /// CPUs done with their calls.
+    pub stopped: u32,
+    /// The CPU count.
+    pub cpus: u32,
+    /// This CPU's index (a private slot).
+    pub index: u32,
+}
+
+/// The storm's shared slots, with several CPUs.
+pub(super) fn storm_share(g: &Gen) -> Option<StormShare> {
+    g.smp.as_ref().map(|m| StormShare {
+        load: m.sh(SH_STORM_LOAD),
+        stopped: m.sh(SH_STORM_STOPPED),
+        cpus: m.d.cpus,
+        index: m.d.cpu_index,
+    })
 }
 
 fn slots(g: &Gen) -> Option<(u32, u32, u32)> {
@@ -328,7 +356,7 @@ pub(super) fn emit_vcpu_guard(g: &mut Gen, i: u32) -> R<Option<CodeLabel>> {
 /// shared page. The other CPUs then halt; the bootstrap CPU waits for them,
 /// takes the merged totals into its own slots (which the `SUMMARY` line and
 /// the verdict read) and prints the `SMP` line.
-pub(super) fn emit_merge(g: &mut Gen, deadlines: bool) -> R {
+pub(super) fn emit_merge(g: &mut Gen, deadlines: bool, storm: Option<super::storm::NmiStorm>) -> R {
     let Some(m) = g.smp.as_ref() else {
         return Ok(());
     };
@@ -362,6 +390,7 @@ pub(super) fn emit_merge(g: &mut Gen, deadlines: bool) -> R {
     g.field_dec("tsc_max", tsc_max)?;
     g.field_hex64("tsc_sum", tsc_sum)?;
     g.a.call(g.r.putnl)?;
+    super::storm::emit_cpu_line(g)?;
 
     acquire(g, merge_lock, tag)?;
     for (k, &slot) in summed.iter().enumerate() {
@@ -415,7 +444,11 @@ pub(super) fn emit_merge(g: &mut Gen, deadlines: bool) -> R {
         g.a.mov(eax, dword_ptr(from))?;
         g.a.mov(dword_ptr(to), eax)?;
     }
-    let divisor = if deadlines { DEADLINE_DIVISOR } else { 0 };
+    let divisor = match (deadlines, storm) {
+        (false, _) => 0,
+        (true, Some(st)) => st.divisor,
+        (true, None) => DEADLINE_DIVISOR,
+    };
     g.text(&format!(
         "{PREFIX}SMP cpus={cpus} divisor={divisor} overlapping="
     ))?;
@@ -474,8 +507,9 @@ pub(super) fn emit_start_aps(g: &mut Gen, b: &HostKernelBuilder) -> R {
     g.a.pause()?;
     g.a.cmp(dword_ptr(started), cpus - 1)?;
     g.a.jne(wait)?;
-    if b.deadlines {
+    if b.deadlines && b.storm.is_none() {
         // PIT channel 0, lobyte/hibyte, mode 2 (rate generator), binary.
+        // (The NMI storm's PIT, running already, makes deadlines itself.)
         let [lo, hi] = DEADLINE_DIVISOR.to_le_bytes();
         outb(g, 0x43, 0x34)?;
         outb(g, 0x40, lo)?;
@@ -543,6 +577,7 @@ pub(super) fn emit_ap_entry32(
     g.wrmsr_const(cpum::regs::MSR_SYSENTER_CS, u64::from(SEL_CODE32))?;
     g.mark(&mut no_sep)?;
     emit_apic_setup(g, b.x2apic)?;
+    super::storm::emit_ap_setup(g, b)?;
     g.a.lock().inc(dword_ptr(started))?;
     let mut wait = g.a.create_label();
     g.mark(&mut wait)?;
@@ -602,7 +637,11 @@ pub(super) fn emit_ap_stub32(
 /// then `setup` (descriptor tables, features, MSRs, local APIC, as the
 /// bootstrap CPU's); then it reports in, waits for the start and joins
 /// the loop.
-pub(super) fn emit_ap_entry64(g: &mut Gen, setup: &dyn Fn(&mut Gen) -> R) -> R {
+pub(super) fn emit_ap_entry64(
+    g: &mut Gen,
+    b: &HostKernelBuilder,
+    setup: &dyn Fn(&mut Gen) -> R,
+) -> R {
     let Some(m) = g.smp.as_ref() else {
         return Ok(());
     };
@@ -621,6 +660,7 @@ pub(super) fn emit_ap_entry64(g: &mut Gen, setup: &dyn Fn(&mut Gen) -> R) -> R {
     g.a.mov(ss, ax)?;
     g.a.mov(rsp, u64::from(g.t.stack_top))?;
     setup(g)?;
+    super::storm::emit_ap_setup(g, b)?;
     g.a.lock().inc(dword_ptr(started))?;
     let mut wait = g.a.create_label();
     g.mark(&mut wait)?;

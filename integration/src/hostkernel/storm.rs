@@ -45,6 +45,32 @@
 //! return, the far side's code (helper or RC code) included; its length is
 //! the call's TSC delta minus the kernel's instructions around the call and
 //! minus the NMI handler's own instructions.
+//!
+//! # Several CPUs: the interleaved storm
+//!
+//! With [`HostKernelBuilder::cpus`] above 1 the CPUs share the instruction
+//! clock: between a CPU's RDTSC and an edge the other CPUs run too, so no
+//! CPU can place an edge in its own instruction stream. The bootstrap CPU
+//! sets up the 8259 and the PIT and takes the `PIT` samples before it
+//! starts the others (so the line is exact, [`SHARED_LOAD_INSTRUCTIONS`]
+//! later than on one CPU); it hands the load's TSC to the others in the
+//! shared page, and each one, after its local APIC set-up, programs its own
+//! LINT0 for NMI delivery and records its own CR3 as host CR3. The 8259's
+//! output reaches every local APIC whose LINT0 is unmasked, so every edge
+//! raises an NMI on each such CPU, wherever the round robin has left it;
+//! the PIT's transitions are also the deadlines that interleave the CPUs.
+//! Every handler acknowledges with the poll and the EOI: the first poll
+//! takes the interrupt, the others find none.
+//!
+//! Nothing is placed and nothing is printed per call (a line per call
+//! would serialise the CPUs on the print lock). Each CPU counts its calls,
+//! the calls inside which an edge fell (the formula's edges, stepped
+//! exactly in 64-bit TSC arithmetic), the *hidden* ones among them (no
+//! NMI taken: the edge fell while LINT0 was masked and another CPU polled
+//! the 8259 before the unmask), the NMIs taken during calls and how many of
+//! those outside host context (with the first one's address and context),
+//! and prints them on a `STORMCPU` line after its `CPU` line. The last CPU
+//! to finish its calls masks IRQ 0.
 
 use iced_x86::code_asm::*;
 
@@ -79,6 +105,16 @@ const PLACEMENT: u32 = 17;
 const PLACEMENT_64: u32 = 17;
 /// Instructions of the handler not between its two RDTSCs.
 const HANDLER_EXTRA: u32 = 16;
+/// Instructions of the handler before its first RDTSC.
+const HANDLER_BEFORE_RDTSC: u32 = 6;
+/// With several CPUs, the instructions between the load's RDTSC and the
+/// count's high byte that hand the load to the other CPUs: the `PIT`
+/// line's edges come this much later than on one CPU.
+pub const SHARED_LOAD_INSTRUCTIONS: u32 = 3;
+/// In an interleaved storm, an edge reaches the CPUs this many
+/// instructions after the formula's arrival (the handler's RDTSC, on the
+/// `PIT` line, comes [`HANDLER_BEFORE_RDTSC`] instructions later).
+const EDGE_AFTER_LOAD: u32 = PIT_EDGE_DELAY + SHARED_LOAD_INSTRUCTIONS - HANDLER_BEFORE_RDTSC;
 
 /// The context word the handler records (`ctx` of the `STORM` line).
 pub mod ctx {
@@ -166,15 +202,64 @@ pub(super) struct StormSlots {
     first_ip: u32,
     first_ctx: u32,
     len: u32,
+    /// With several CPUs: what the CPUs share (the storm is interleaved).
+    share: Option<super::smp::StormShare>,
+    /// The context word of host context ([`host_context`]).
+    host_ctx: u32,
+    /// Interleaved storm: this CPU's counters ([`Interleaved`]).
+    il: Interleaved,
+}
+
+/// An interleaved storm's per-CPU slots: the next PIT edge by the formula
+/// (`edge_t` relative to the load, `edge_b` the remainder that makes the
+/// next step exact) and the counts of the `STORMCPU` line.
+struct Interleaved {
+    edge_t: u32,
+    edge_b: u32,
+    rel_t0: u32,
+    calls: u32,
+    edges: u32,
+    hidden: u32,
+    in_call: u32,
+    host: u32,
+    transit: u32,
+    transit_ip: u32,
+    transit_ctx: u32,
+}
+
+/// The context word ([`ctx`]) of an NMI taken in host context: the host's
+/// paging mode, CS and CR3.
+pub fn host_context(mode: crate::paging::HostMode) -> u32 {
+    use crate::paging::HostMode;
+    let paging = match mode {
+        HostMode::Legacy32 => 1,
+        HostMode::Pae => 2,
+        HostMode::Amd64 => 3,
+    };
+    paging | ctx::HOST_CS | ctx::HOST_CR3
 }
 
 impl StormSlots {
-    fn new(g: &mut Gen, storm: NmiStorm) -> Self {
+    fn new(g: &mut Gen, storm: NmiStorm, host_ctx: u32) -> Self {
+        let share = super::smp::storm_share(g);
         let d = &mut g.d;
+        let il = Interleaved {
+            edge_t: d.zeroed(8, 8),
+            edge_b: d.dword(0),
+            rel_t0: d.zeroed(8, 8),
+            calls: d.dword(0),
+            edges: d.dword(0),
+            hidden: d.dword(0),
+            in_call: d.dword(0),
+            host: d.dword(0),
+            transit: d.dword(0),
+            transit_ip: d.zeroed(8, 8),
+            transit_ctx: d.dword(0),
+        };
         StormSlots {
             far_nmis: storm.far_nmis,
             far_ip: storm.far_ip,
-            pit_load: d.dword(0),
+            pit_load: d.zeroed(8, 8),
             pit_n: d.dword(0),
             pit_ts: d.zeroed(4 * PIT_SAMPLES, 4),
             host_cr3: d.dword(0),
@@ -191,6 +276,9 @@ impl StormSlots {
             first_ip: d.zeroed(8, 8),
             first_ctx: d.dword(0),
             len: d.dword(0),
+            share,
+            host_ctx,
+            il,
         }
     }
 }
@@ -248,7 +336,7 @@ pub(super) fn emit_setup(g: &mut Gen, b: &HostKernelBuilder) -> R {
             }
         }
     }
-    let st = StormSlots::new(g, storm);
+    let st = StormSlots::new(g, storm, host_context(b.mode));
     let nmi = apic::lvt::MODE_NMI;
     write_lint0(g, b.x2apic, nmi | apic::lvt::MASKED)?;
     // Both 8259s: ICW1 (edge, cascade, ICW4), ICW2 (vector base), ICW3, ICW4 (8086).
@@ -274,6 +362,13 @@ pub(super) fn emit_setup(g: &mut Gen, b: &HostKernelBuilder) -> R {
     g.a.mov(bl, u32::from(hi))?;
     g.a.rdtsc()?;
     g.a.mov(dword_ptr(st.pit_load), eax)?;
+    if let Some(share) = &st.share {
+        // SHARED_LOAD_INSTRUCTIONS (not in the one-CPU storm, whose PIT line
+        // counts the instructions before the load).
+        g.a.mov(dword_ptr(st.pit_load + 4), edx)?;
+        g.a.mov(dword_ptr(share.load), eax)?;
+        g.a.mov(dword_ptr(share.load + 4), edx)?;
+    }
     g.a.mov(al, bl)?;
     g.a.mov(dx, 0x40u32)?;
     g.a.out(dx, al)?;
@@ -318,6 +413,12 @@ pub(super) fn emit_before_call(g: &mut Gen) -> R {
     }
     g.a.mov(dword_ptr(st.first_ip), 0u32)?;
     g.a.mov(dword_ptr(st.first_ip + 4), 0u32)?;
+    if st.share.is_some() {
+        // Interleaved: the edges fall where the other CPUs' slices put them.
+        g.mark(&mut skip)?;
+        g.storm = Some(st);
+        return Ok(());
+    }
     // Synchronise: an edge has just been taken, the next is a period away.
     g.a.mov(eax, dword_ptr(g.s.nmi_count))?;
     let mut spin = g.a.create_label();
@@ -359,6 +460,11 @@ pub(super) fn emit_after_call(g: &mut Gen) -> R {
     let Some(st) = g.storm.take() else {
         return Ok(());
     };
+    if st.share.is_some() {
+        emit_interleaved_after_call(g, &st)?;
+        g.storm = Some(st);
+        return Ok(());
+    }
     let bits64 = g.bits64();
     let mut skip = g.a.create_label();
     g.a.cmp(dword_ptr(st.done), 0)?;
@@ -385,32 +491,7 @@ pub(super) fn emit_after_call(g: &mut Gen) -> R {
         g.field_hex("ip", st.first_ip)?;
     }
     g.field_hex("ctx", st.first_ctx)?;
-    for (key, addr) in [("far", st.far_nmis), ("far_ip", st.far_ip)] {
-        g.text(&format!(" {key}="))?;
-        if bits64 {
-            g.a.push(rax)?;
-            match addr {
-                Some(a) => {
-                    g.a.mov(rax, a)?;
-                    g.a.mov(eax, dword_ptr(rax))?;
-                }
-                None => g.a.xor(eax, eax)?,
-            }
-        } else {
-            g.a.push(eax)?;
-            match addr {
-                // Validated to fit 32 bits in `emit_setup`.
-                Some(a) => g.a.mov(eax, dword_ptr(a as u32))?,
-                None => g.a.xor(eax, eax)?,
-            }
-        }
-        g.a.call(if key == "far" { g.r.putdec } else { g.r.puthex })?;
-        if bits64 {
-            g.a.pop(rax)?;
-        } else {
-            g.a.pop(eax)?;
-        }
-    }
+    emit_far_fields(g, &st)?;
     g.a.call(g.r.putnl)?;
     // Advance: the edge fell inside the path, or one more miss.
     let mut miss = g.a.create_label();
@@ -440,6 +521,147 @@ pub(super) fn emit_after_call(g: &mut Gen) -> R {
     }
     g.mark(&mut advanced)?;
     g.mark(&mut skip)?;
+    g.storm = Some(st);
+    Ok(())
+}
+
+/// The `far` and `far_ip` fields: the far side's NMI counter and first
+/// NMI address. Preserves EAX.
+fn emit_far_fields(g: &mut Gen, st: &StormSlots) -> R {
+    let bits64 = g.bits64();
+    for (key, addr) in [("far", st.far_nmis), ("far_ip", st.far_ip)] {
+        g.text(&format!(" {key}="))?;
+        if bits64 {
+            g.a.push(rax)?;
+            match addr {
+                Some(a) => {
+                    g.a.mov(rax, a)?;
+                    g.a.mov(eax, dword_ptr(rax))?;
+                }
+                None => g.a.xor(eax, eax)?,
+            }
+        } else {
+            g.a.push(eax)?;
+            match addr {
+                // Validated to fit 32 bits in `emit_setup`.
+                Some(a) => g.a.mov(eax, dword_ptr(a as u32))?,
+                None => g.a.xor(eax, eax)?,
+            }
+        }
+        g.a.call(if key == "far" { g.r.putdec } else { g.r.puthex })?;
+        if bits64 {
+            g.a.pop(rax)?;
+        } else {
+            g.a.pop(eax)?;
+        }
+    }
+    Ok(())
+}
+
+/// An interleaved storm, after a call: counts it, advances the formula's
+/// edges past the call's start and counts the call as one with an edge
+/// inside when the next edge falls before its end, and as *hidden* when
+/// it took no NMI for it. Clobbers EAX, EDX.
+fn emit_interleaved_after_call(g: &mut Gen, st: &StormSlots) -> R {
+    let il = &st.il;
+    g.a.inc(dword_ptr(il.calls))?;
+    g.a.mov(eax, dword_ptr(st.call_nmis))?;
+    g.a.add(dword_ptr(il.in_call), eax)?;
+    // The call's start relative to the edges' time base.
+    g.a.mov(eax, dword_ptr(g.s.tsc0))?;
+    g.a.mov(edx, dword_ptr(g.s.tsc0 + 4))?;
+    g.a.sub(eax, dword_ptr(st.pit_load))?;
+    g.a.sbb(edx, dword_ptr(st.pit_load + 4))?;
+    g.a.sub(eax, EDGE_AFTER_LOAD)?;
+    g.a.sbb(edx, 0)?;
+    g.a.mov(dword_ptr(il.rel_t0), eax)?;
+    g.a.mov(dword_ptr(il.rel_t0 + 4), edx)?;
+    let mut advance = g.a.create_label();
+    let mut step = g.a.create_label();
+    let mut past = g.a.create_label();
+    g.mark(&mut advance)?;
+    g.a.mov(eax, dword_ptr(il.edge_t))?;
+    g.a.mov(edx, dword_ptr(il.edge_t + 4))?;
+    g.a.cmp(edx, dword_ptr(il.rel_t0 + 4))?;
+    g.a.ja(past)?;
+    g.a.jb(step)?;
+    g.a.cmp(eax, dword_ptr(il.rel_t0))?;
+    g.a.ja(past)?;
+    g.mark(&mut step)?;
+    emit_next_edge(g, il)?;
+    g.a.jmp(advance)?;
+    g.mark(&mut past)?;
+    // The call's end: its start plus its TSC delta.
+    let mut outside = g.a.create_label();
+    let mut inside = g.a.create_label();
+    g.a.mov(eax, dword_ptr(il.rel_t0))?;
+    g.a.mov(edx, dword_ptr(il.rel_t0 + 4))?;
+    g.a.add(eax, dword_ptr(g.s.delta))?;
+    g.a.adc(edx, 0)?;
+    g.a.cmp(dword_ptr(il.edge_t + 4), edx)?;
+    g.a.ja(outside)?;
+    g.a.jb(inside)?;
+    g.a.cmp(dword_ptr(il.edge_t), eax)?;
+    g.a.ja(outside)?;
+    g.mark(&mut inside)?;
+    g.a.inc(dword_ptr(il.edges))?;
+    g.a.cmp(dword_ptr(st.call_nmis), 0)?;
+    g.a.jne(outside)?;
+    g.a.inc(dword_ptr(il.hidden))?;
+    g.mark(&mut outside)?;
+    Ok(())
+}
+
+/// One step of the formula's edges: `T(n+1) = ceil((n+1) D 10^9 / F)`
+/// from `T(n)` and the remainder `b(n) = F T(n) - n D 10^9`, with
+/// `D 10^9 = q F + r`: `T += q`, `b -= r`, and when `b` went below zero,
+/// `T += 1`, `b += F`.
+fn emit_next_edge(g: &mut Gen, il: &Interleaved) -> R {
+    let storm = NmiStorm::default();
+    let (q, r) = (
+        storm.period_numerator() / PIT_HZ,
+        storm.period_numerator() % PIT_HZ,
+    );
+    let mut exact = g.a.create_label();
+    g.a.add(dword_ptr(il.edge_t), q)?;
+    g.a.adc(dword_ptr(il.edge_t + 4), 0)?;
+    g.a.sub(dword_ptr(il.edge_b), r)?;
+    g.a.jae(exact)?;
+    g.a.add(dword_ptr(il.edge_b), PIT_HZ)?;
+    g.a.add(dword_ptr(il.edge_t), 1)?;
+    g.a.adc(dword_ptr(il.edge_t + 4), 0)?;
+    g.mark(&mut exact)?;
+    Ok(())
+}
+
+/// An interleaved storm's `STORMCPU` line, after the CPU's `CPU` line.
+pub(super) fn emit_cpu_line(g: &mut Gen) -> R {
+    let Some(st) = g.storm.take() else {
+        return Ok(());
+    };
+    if let Some(share) = &st.share {
+        let il = &st.il;
+        g.text(&format!("{PREFIX}STORMCPU"))?;
+        g.field_dec("cpu", share.index)?;
+        for (key, slot) in [
+            ("calls", il.calls),
+            ("edges", il.edges),
+            ("hidden", il.hidden),
+            ("nmis", g.s.nmi_count),
+            ("in_call", il.in_call),
+            ("host", il.host),
+            ("transit", il.transit),
+        ] {
+            g.field_dec(key, slot)?;
+        }
+        if g.bits64() {
+            g.field_hex64("ip", il.transit_ip)?;
+        } else {
+            g.field_hex("ip", il.transit_ip)?;
+        }
+        g.field_hex("ctx", il.transit_ctx)?;
+        g.a.call(g.r.putnl)?;
+    }
     g.storm = Some(st);
     Ok(())
 }
@@ -490,17 +712,15 @@ pub(super) fn emit_nmi_handler(g: &mut Gen) -> R<bool> {
     g.a.cmp(dword_ptr(g.s.phase), Phase::Call.code())?;
     g.a.jne(not_call)?;
     g.a.inc(dword_ptr(st.call_nmis))?;
+    if st.share.is_some() {
+        emit_classify_interleaved(g, &st, ip_at)?;
+        g.a.jmp(not_call)?;
+    }
     g.a.cmp(dword_ptr(st.call_nmis), 1)?;
     g.a.jne(not_first)?;
     g.a.sub(eax, dword_ptr(g.s.tsc0))?;
     g.a.mov(dword_ptr(st.first_dt), eax)?;
-    if bits64 {
-        g.a.mov(rax, qword_ptr(rsp + ip_at))?;
-        g.a.mov(qword_ptr(st.first_ip), rax)?;
-    } else {
-        g.a.mov(eax, dword_ptr(esp + ip_at))?;
-        g.a.mov(dword_ptr(st.first_ip), eax)?;
-    }
+    emit_save_ip(g, ip_at, st.first_ip)?;
     emit_context(g, &st, ip_at + if bits64 { 8 } else { 4 })?;
     g.mark(&mut not_first)?;
     ack_pic(g)?;
@@ -531,6 +751,43 @@ pub(super) fn emit_nmi_handler(g: &mut Gen) -> R<bool> {
     }
     g.storm = Some(st);
     Ok(true)
+}
+
+/// An interleaved storm's handler, for an NMI taken during a call: counts
+/// it as taken in host context or in transit, and records the first one in
+/// transit. Clobbers EAX, ECX, EDX.
+fn emit_classify_interleaved(g: &mut Gen, st: &StormSlots, ip_at: i32) -> R {
+    let bits64 = g.bits64();
+    let il = &st.il;
+    emit_context(g, st, ip_at + if bits64 { 8 } else { 4 })?;
+    let mut host = g.a.create_label();
+    let mut done = g.a.create_label();
+    g.a.cmp(dword_ptr(st.first_ctx), st.host_ctx)?;
+    g.a.je(host)?;
+    g.a.inc(dword_ptr(il.transit))?;
+    g.a.cmp(dword_ptr(il.transit), 1)?;
+    g.a.jne(done)?;
+    emit_save_ip(g, ip_at, il.transit_ip)?;
+    g.a.mov(eax, dword_ptr(st.first_ctx))?;
+    g.a.mov(dword_ptr(il.transit_ctx), eax)?;
+    g.a.jmp(done)?;
+    g.mark(&mut host)?;
+    g.a.inc(dword_ptr(il.host))?;
+    g.mark(&mut done)?;
+    Ok(())
+}
+
+/// Copies the interrupted instruction pointer (at `ip_at` in the
+/// handler's frame) to `slot`. Clobbers EAX.
+fn emit_save_ip(g: &mut Gen, ip_at: i32, slot: u32) -> R {
+    if g.bits64() {
+        g.a.mov(rax, qword_ptr(rsp + ip_at))?;
+        g.a.mov(qword_ptr(slot), rax)?;
+    } else {
+        g.a.mov(eax, dword_ptr(esp + ip_at))?;
+        g.a.mov(dword_ptr(slot), eax)?;
+    }
+    Ok(())
 }
 
 /// Records the context word of the interrupted code ([`ctx`]); `cs_at` is
@@ -589,8 +846,43 @@ fn emit_context(g: &mut Gen, st: &StormSlots, cs_at: i32) -> R {
 /// At the summary: masks IRQ 0, so no edge arrives while the kernel reports.
 /// Clobbers EAX, EDX.
 pub(super) fn emit_stop(g: &mut Gen) -> R {
-    if g.storm.is_none() {
+    let Some(st) = g.storm.as_ref() else {
         return Ok(());
+    };
+    let mut keep = g.a.create_label();
+    if let Some(share) = &st.share {
+        // Interleaved: the last CPU done with its calls stops the storm.
+        let (stopped, cpus) = (share.stopped, share.cpus);
+        g.a.lock().inc(dword_ptr(stopped))?;
+        g.a.cmp(dword_ptr(stopped), cpus)?;
+        g.a.jne(keep)?;
     }
-    outb(g, 0x21, 0xff)
+    outb(g, 0x21, 0xff)?;
+    g.mark(&mut keep)
+}
+
+/// An application processor of an interleaved storm, after its local APIC
+/// set-up: the PIT load and its own CR3 into its slots, no PIT samples to
+/// take, and LINT0 in NMI mode, so it receives the edges as the bootstrap
+/// CPU does. Clobbers EAX, ECX, EDX.
+pub(super) fn emit_ap_setup(g: &mut Gen, b: &HostKernelBuilder) -> R {
+    let Some(st) = g.storm.take() else {
+        return Ok(());
+    };
+    if let Some(share) = &st.share {
+        for half in [0, 4] {
+            g.a.mov(eax, dword_ptr(share.load + half))?;
+            g.a.mov(dword_ptr(st.pit_load + half), eax)?;
+        }
+        g.a.mov(dword_ptr(st.pit_n), PIT_SAMPLES as u32)?;
+        if g.bits64() {
+            g.a.mov(rax, cr3)?;
+        } else {
+            g.a.mov(eax, cr3)?;
+        }
+        g.a.mov(dword_ptr(st.host_cr3), eax)?;
+        write_lint0(g, b.x2apic, apic::lvt::MODE_NMI)?;
+    }
+    g.storm = Some(st);
+    Ok(())
 }
