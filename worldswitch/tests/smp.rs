@@ -454,3 +454,36 @@ fn without_masking_the_interleaved_storm_is_fatal_and_the_quiet_run_passes() {
         assert_eq!(fatal["offset"], Value::Null, "{name}");
     }
 }
+
+/// `image --cpus N` prints the QEMU command with `-smp N` (the image's
+/// other CPUs would never start without it); one CPU needs no `-smp`.
+#[test]
+fn the_image_command_boots_as_many_cpus_as_the_image_runs() {
+    let dir = std::env::temp_dir().join(format!("ws-smp-image-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = dir.join("smp.elf");
+    let out = out.to_str().unwrap();
+    for (cpus, want) in [("4", Some(" -smp 4 ")), ("1", None)] {
+        let o = ws(&[
+            "image",
+            "32-to-amd64",
+            "--cpus",
+            cpus,
+            "--vcpus",
+            "4",
+            "--out",
+            out,
+            "--json",
+        ]);
+        assert_eq!(o.status.code(), Some(0), "{}", err(&o));
+        let doc: Value = serde_json::from_slice(&o.stdout).unwrap();
+        let cmd = doc["images"][0]["qemu_command"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{doc:#}"));
+        match want {
+            Some(w) => assert!(cmd.contains(w), "--cpus {cpus}: {cmd}"),
+            None => assert!(!cmd.contains(" -smp "), "--cpus {cpus}: {cmd}"),
+        }
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
