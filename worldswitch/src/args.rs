@@ -284,7 +284,9 @@ pub struct ScenarioArgs {
     pub placement: PlacementArgs,
     /// The NMI storm: place an NMI edge at every instruction offset of the
     /// round trip, one offset per call (PIT -> 8259 -> LINT0 as NMI, exact
-    /// under -icount); the report says where each NMI was taken.
+    /// under -icount); the report says where each NMI was taken. With
+    /// --cpus above 1 the storm is interleaved: every edge reaches every
+    /// CPU's LINT0 wherever it is, and each CPU reports where they fell.
     #[arg(long)]
     pub nmi_storm: bool,
     /// Host CPUs switching at once (QEMU -smp N, 1 to 8, at most --vcpus):
@@ -293,7 +295,8 @@ pub struct ScenarioArgs {
     #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=i64::from(integration::hostkernel::smp::MAX_CPUS)))]
     pub cpus: u32,
     /// With --cpus: leave the PIT deadlines off, so each CPU runs until it
-    /// waits and no round trip overlaps another CPU's (a baseline).
+    /// waits and no round trip overlaps another CPU's (a baseline; not with
+    /// --nmi-storm, whose PIT makes deadlines).
     #[arg(long)]
     pub no_deadlines: bool,
 }
