@@ -682,11 +682,10 @@ fn smp_failures(s: &Scenario, r: &crate::transcript::Report) -> Vec<String> {
     };
     let calls: u64 = r.cpu_lines.iter().map(|c| u64::from(c.calls)).sum();
     let overlapping: u64 = r.cpu_lines.iter().map(|c| u64::from(c.overlapping)).sum();
-    let divisor = if s.deadlines {
-        u32::from(crate::hostkernel::smp::DEADLINE_DIVISOR)
-    } else {
-        0
-    };
+    let storm = s
+        .nmi_storm
+        .then(crate::hostkernel::storm::NmiStorm::default);
+    let divisor = u32::from(crate::hostkernel::smp::deadline_divisor(s.deadlines, storm));
     if smp.cpus != s.cpus
         || smp.divisor != divisor
         || u64::from(smp.calls) != calls

@@ -378,6 +378,19 @@ pub fn analyze(s: &Scenario, b: &Built, run: &RunResult) -> (StormReport, Vec<St
     (rep, f)
 }
 
+/// What was wrong with the context word of an NMI in transit: its paging
+/// mode, and which of the host's CS and CR3 it lacked.
+fn transit_context(c: u32) -> String {
+    let mut what = vec![kstorm::paging_name(c)];
+    if c & ctx::HOST_CS == 0 {
+        what.push("not the host's CS");
+    }
+    if c & ctx::HOST_CR3 == 0 {
+        what.push("not the host's CR3");
+    }
+    what.join(", ")
+}
+
 /// The longest path of the last [`MISS_LIMIT`] calls of a complete storm
 /// (of all calls otherwise).
 fn steady_max(lines: &[StormLine], complete: bool) -> u32 {
@@ -460,18 +473,11 @@ fn classify(
     if !host_ctx(l.ctx) {
         st.rep.nmis_in_transit += 1;
         let (label, view) = name(l.ip);
-        let mut what = vec![kstorm::paging_name(l.ctx)];
-        if l.ctx & ctx::HOST_CS == 0 {
-            what.push("not the host's CS");
-        }
-        if l.ctx & ctx::HOST_CR3 == 0 {
-            what.push("not the host's CR3");
-        }
         st.fatal.get_or_insert(FatalOffset {
             offset: Some(l.o),
             label,
             view,
-            outcome: format!("NMI in transit ({})", what.join(", ")),
+            outcome: format!("NMI in transit ({})", transit_context(l.ctx)),
         });
     } else if at == l.o {
         st.rep.nmis_at_target += 1;

@@ -631,6 +631,17 @@ pub fn crc32(bytes: &[u8]) -> u32 {
     !bytes.iter().fold(!0u32, |c, &b| crc32_step(c, b))
 }
 
+/// Parses a line whose keys are exactly a struct's field names, in order,
+/// each read with the named [`Fields`] reader (`dec`, `hex`, `hex64`,
+/// `str`): the field list is written once, as the struct's.
+macro_rules! exact_line {
+    ($f:expr, $ty:ident { $($field:ident: $kind:ident),+ $(,)? }) => {
+        $f.exact(&[$(stringify!($field)),+])
+            .then(|| Some($ty { $($field: $f.$kind(stringify!($field))?),+ }))
+            .flatten()
+    };
+}
+
 /// The `key=value` fields of one line, in order. `ok` is false when the
 /// text is not exactly `key=value` tokens separated by single spaces.
 struct Fields<'a> {
@@ -872,80 +883,62 @@ impl Report {
                 once(&mut self.cpu_refusal, c.flatten(), kw, p)
             }
             "HOST" => {
-                let keys = [
-                    "cr0",
-                    "cr3",
-                    "cr4",
-                    "efer",
-                    "sysenter_cs",
-                    "magic",
-                    "fs0",
-                    "features",
-                ];
-                let h = f.exact(&keys).then(|| {
-                    Some(HostLine {
-                        cr0: f.hex("cr0")?,
-                        cr3: f.hex("cr3")?,
-                        cr4: f.hex("cr4")?,
-                        efer: f.hex64("efer")?,
-                        sysenter_cs: f.hex("sysenter_cs")?,
-                        magic: f.hex("magic")?,
-                        fs0: f.hex("fs0")?,
-                        features: f.hex("features")?,
-                    })
-                });
-                once(&mut self.host, h.flatten(), kw, p)
+                let h = exact_line!(
+                    f,
+                    HostLine {
+                        cr0: hex,
+                        cr3: hex,
+                        cr4: hex,
+                        efer: hex64,
+                        sysenter_cs: hex,
+                        magic: hex,
+                        fs0: hex,
+                        features: hex
+                    }
+                );
+                once(&mut self.host, h, kw, p)
             }
             "HOST64" => {
-                let keys = [
-                    "fs_base",
-                    "gs_base",
-                    "kernel_gs_base",
-                    "star",
-                    "lstar",
-                    "sfmask",
-                    "cr8",
-                ];
-                let h = f.exact(&keys).then(|| {
-                    Some(Host64Line {
-                        fs_base: f.hex64("fs_base")?,
-                        gs_base: f.hex64("gs_base")?,
-                        kernel_gs_base: f.hex64("kernel_gs_base")?,
-                        star: f.hex64("star")?,
-                        lstar: f.hex64("lstar")?,
-                        sfmask: f.hex64("sfmask")?,
-                        cr8: f.hex64("cr8")?,
-                    })
-                });
-                once(&mut self.host64, h.flatten(), kw, p)
+                let h = exact_line!(
+                    f,
+                    Host64Line {
+                        fs_base: hex64,
+                        gs_base: hex64,
+                        kernel_gs_base: hex64,
+                        star: hex64,
+                        lstar: hex64,
+                        sfmask: hex64,
+                        cr8: hex64
+                    }
+                );
+                once(&mut self.host64, h, kw, p)
             }
             "APIC" => {
-                let keys = ["base", "ver", "lint0", "lint1", "perf", "therm", "svr"];
-                let a = f.exact(&keys).then(|| {
-                    Some(ApicLine {
-                        base: f.hex("base")?,
-                        ver: f.hex("ver")?,
-                        lint0: f.hex("lint0")?,
-                        lint1: f.hex("lint1")?,
-                        perf: f.hex("perf")?,
-                        therm: f.hex("therm")?,
-                        svr: f.hex("svr")?,
-                    })
-                });
-                once(&mut self.apic, a.flatten(), kw, p)
+                let a = exact_line!(
+                    f,
+                    ApicLine {
+                        base: hex,
+                        ver: hex,
+                        lint0: hex,
+                        lint1: hex,
+                        perf: hex,
+                        therm: hex,
+                        svr: hex
+                    }
+                );
+                once(&mut self.apic, a, kw, p)
             }
             "TRIP" => push(
                 &mut self.trips,
-                f.exact(&["trip", "vcpu", "ret", "tsc"])
-                    .then(|| {
-                        Some(TripLine {
-                            trip: f.dec("trip")?,
-                            vcpu: f.dec("vcpu")?,
-                            ret: f.hex("ret")?,
-                            tsc: f.dec("tsc")?,
-                        })
-                    })
-                    .flatten(),
+                exact_line!(
+                    f,
+                    TripLine {
+                        trip: dec,
+                        vcpu: dec,
+                        ret: hex,
+                        tsc: dec
+                    }
+                ),
             ),
             "MISMATCH" => push(
                 &mut self.mismatches,
@@ -966,133 +959,93 @@ impl Report {
             ),
             "RETFAIL" => push(
                 &mut self.ret_failures,
-                f.exact(&["trip", "vcpu", "got", "want"])
-                    .then(|| {
-                        Some(RetFailure {
-                            trip: f.dec("trip")?,
-                            vcpu: f.dec("vcpu")?,
-                            got: f.hex("got")?,
-                            want: f.hex("want")?,
-                        })
-                    })
-                    .flatten(),
+                exact_line!(
+                    f,
+                    RetFailure {
+                        trip: dec,
+                        vcpu: dec,
+                        got: hex,
+                        want: hex
+                    }
+                ),
             ),
             "HOOKFAIL" => push(
                 &mut self.hook_failures,
-                f.exact(&["trip", "vcpu", "code"])
-                    .then(|| {
-                        Some(HookFailure {
-                            trip: f.dec("trip")?,
-                            vcpu: f.dec("vcpu")?,
-                            code: f.hex("code")?,
-                        })
-                    })
-                    .flatten(),
+                exact_line!(
+                    f,
+                    HookFailure {
+                        trip: dec,
+                        vcpu: dec,
+                        code: hex
+                    }
+                ),
             ),
-            "VCPU" => {
-                let keys = [
-                    "vcpu",
-                    "arg2",
-                    "calls",
-                    "mismatches",
-                    "retfails",
-                    "hookfails",
-                    "tsc_min",
-                    "tsc_max",
-                    "tsc_sum",
-                    "tsc_first",
-                    "tsc_second",
-                ];
-                push(
-                    &mut self.vcpus,
-                    f.exact(&keys)
-                        .then(|| {
-                            Some(VcpuSummary {
-                                vcpu: f.dec("vcpu")?,
-                                arg2: f.hex("arg2")?,
-                                calls: f.dec("calls")?,
-                                mismatches: f.dec("mismatches")?,
-                                retfails: f.dec("retfails")?,
-                                hookfails: f.dec("hookfails")?,
-                                tsc_min: f.dec("tsc_min")?,
-                                tsc_max: f.dec("tsc_max")?,
-                                tsc_sum: f.hex64("tsc_sum")?,
-                                tsc_first: f.dec("tsc_first")?,
-                                tsc_second: f.dec("tsc_second")?,
-                            })
-                        })
-                        .flatten(),
-                )
-            }
+            "VCPU" => push(
+                &mut self.vcpus,
+                exact_line!(
+                    f,
+                    VcpuSummary {
+                        vcpu: dec,
+                        arg2: hex,
+                        calls: dec,
+                        mismatches: dec,
+                        retfails: dec,
+                        hookfails: dec,
+                        tsc_min: dec,
+                        tsc_max: dec,
+                        tsc_sum: hex64,
+                        tsc_first: dec,
+                        tsc_second: dec
+                    }
+                ),
+            ),
             "SUMMARY" => {
-                let keys = [
-                    "trips",
-                    "calls",
-                    "mismatches",
-                    "retfails",
-                    "hookfails",
-                    "nmis",
-                    "spurious",
-                    "tsc_min",
-                    "tsc_max",
-                    "tsc_sum",
-                ];
-                let sm = f.exact(&keys).then(|| {
-                    Some(Summary {
-                        trips: f.dec("trips")?,
-                        calls: f.dec("calls")?,
-                        mismatches: f.dec("mismatches")?,
-                        retfails: f.dec("retfails")?,
-                        hookfails: f.dec("hookfails")?,
-                        nmis: f.dec("nmis")?,
-                        spurious: f.dec("spurious")?,
-                        tsc_min: f.dec("tsc_min")?,
-                        tsc_max: f.dec("tsc_max")?,
-                        tsc_sum: f.hex64("tsc_sum")?,
-                    })
-                });
-                once(&mut self.summary, sm.flatten(), kw, p)
+                let sm = exact_line!(
+                    f,
+                    Summary {
+                        trips: dec,
+                        calls: dec,
+                        mismatches: dec,
+                        retfails: dec,
+                        hookfails: dec,
+                        nmis: dec,
+                        spurious: dec,
+                        tsc_min: dec,
+                        tsc_max: dec,
+                        tsc_sum: hex64
+                    }
+                );
+                once(&mut self.summary, sm, kw, p)
             }
-            "CPU" => {
-                let keys = [
-                    "cpu",
-                    "trips",
-                    "calls",
-                    "overlapping",
-                    "mismatches",
-                    "retfails",
-                    "hookfails",
-                    "tsc_min",
-                    "tsc_max",
-                    "tsc_sum",
-                ];
-                let line = f.exact(&keys).then(|| {
-                    Some(CpuLine {
-                        cpu: f.dec("cpu")?,
-                        trips: f.dec("trips")?,
-                        calls: f.dec("calls")?,
-                        overlapping: f.dec("overlapping")?,
-                        mismatches: f.dec("mismatches")?,
-                        retfails: f.dec("retfails")?,
-                        hookfails: f.dec("hookfails")?,
-                        tsc_min: f.dec("tsc_min")?,
-                        tsc_max: f.dec("tsc_max")?,
-                        tsc_sum: f.hex64("tsc_sum")?,
-                    })
-                });
-                push(&mut self.cpu_lines, line.flatten())
-            }
+            "CPU" => push(
+                &mut self.cpu_lines,
+                exact_line!(
+                    f,
+                    CpuLine {
+                        cpu: dec,
+                        trips: dec,
+                        calls: dec,
+                        overlapping: dec,
+                        mismatches: dec,
+                        retfails: dec,
+                        hookfails: dec,
+                        tsc_min: dec,
+                        tsc_max: dec,
+                        tsc_sum: hex64
+                    }
+                ),
+            ),
             "SMP" => {
-                let keys = ["cpus", "divisor", "overlapping", "calls"];
-                let line = f.exact(&keys).then(|| {
-                    Some(SmpLine {
-                        cpus: f.dec("cpus")?,
-                        divisor: f.dec("divisor")?,
-                        overlapping: f.dec("overlapping")?,
-                        calls: f.dec("calls")?,
-                    })
-                });
-                once(&mut self.smp, line.flatten(), kw, p)
+                let line = exact_line!(
+                    f,
+                    SmpLine {
+                        cpus: dec,
+                        divisor: dec,
+                        overlapping: dec,
+                        calls: dec
+                    }
+                );
+                once(&mut self.smp, line, kw, p)
             }
             "NMI" => {
                 let n = f.exact(&["count"]).then(|| f.dec("count")).flatten();
@@ -1112,51 +1065,40 @@ impl Report {
                 });
                 once(&mut self.pit, pit.flatten(), kw, p)
             }
-            "STORM" => {
-                let keys = ["o", "len", "nmis", "dt", "ip", "ctx", "far", "far_ip"];
-                push(
-                    &mut self.storm,
-                    f.exact(&keys)
-                        .then(|| {
-                            Some(StormLine {
-                                o: f.dec("o")?,
-                                len: f.dec("len")?,
-                                nmis: f.dec("nmis")?,
-                                dt: f.dec("dt")?,
-                                ip: f.hex64("ip")?,
-                                ctx: f.hex("ctx")?,
-                                far: f.dec("far")?,
-                                far_ip: f.hex("far_ip")?,
-                            })
-                        })
-                        .flatten(),
-                )
-            }
-            "STORMCPU" => {
-                let keys = [
-                    "cpu", "calls", "edges", "hidden", "nmis", "in_call", "host", "transit", "ip",
-                    "ctx",
-                ];
-                push(
-                    &mut self.storm_cpus,
-                    f.exact(&keys)
-                        .then(|| {
-                            Some(StormCpuLine {
-                                cpu: f.dec("cpu")?,
-                                calls: f.dec("calls")?,
-                                edges: f.dec("edges")?,
-                                hidden: f.dec("hidden")?,
-                                nmis: f.dec("nmis")?,
-                                in_call: f.dec("in_call")?,
-                                host: f.dec("host")?,
-                                transit: f.dec("transit")?,
-                                ip: f.hex64("ip")?,
-                                ctx: f.hex("ctx")?,
-                            })
-                        })
-                        .flatten(),
-                )
-            }
+            "STORM" => push(
+                &mut self.storm,
+                exact_line!(
+                    f,
+                    StormLine {
+                        o: dec,
+                        len: dec,
+                        nmis: dec,
+                        dt: dec,
+                        ip: hex64,
+                        ctx: hex,
+                        far: dec,
+                        far_ip: hex
+                    }
+                ),
+            ),
+            "STORMCPU" => push(
+                &mut self.storm_cpus,
+                exact_line!(
+                    f,
+                    StormCpuLine {
+                        cpu: dec,
+                        calls: dec,
+                        edges: dec,
+                        hidden: dec,
+                        nmis: dec,
+                        in_call: dec,
+                        host: dec,
+                        transit: dec,
+                        ip: hex64,
+                        ctx: hex
+                    }
+                ),
+            ),
             "DUMP" => {
                 let d = f
                     .exact(&["addr", "len", "name"])

@@ -66,6 +66,27 @@ fn without_wall_times(mut doc: Value) -> Value {
     doc
 }
 
+/// `list` holds one entry per CPU 0 to 3, in order.
+fn assert_cpu_ids(list: &[Value], name: &str) {
+    let ids: Vec<u64> = list.iter().map(|c| c["cpu"].as_u64().unwrap()).collect();
+    assert_eq!(ids, [0, 1, 2, 3], "{name}");
+}
+
+/// A run of `--cpus 4 --vcpus 8` (20 round trips per VCPU) verified, and
+/// each CPU called its two VCPUs 20 times each, every call checked and clean.
+fn assert_four_cpus_verified(r: &Value) {
+    let name = r["switcher"].as_str().unwrap();
+    assert_eq!(r["verified"], true, "{name}: {:#}", r["failures"]);
+    assert_eq!(r["cpus"], 4, "{name}");
+    assert_eq!(r["round_trips"], 160, "{name}");
+    let cpus = r["per_cpu"].as_array().unwrap();
+    assert_cpu_ids(cpus, name);
+    for c in cpus {
+        assert_eq!(c["calls"], 40, "{name}: {c}");
+        assert_eq!(c["failed"], 0, "{name}: {c}");
+    }
+}
+
 #[test]
 fn four_cpus_run_every_32_bit_and_pae_host_switcher_each_on_its_own_vcpus() {
     if support::qemu().is_none() {
@@ -76,17 +97,7 @@ fn four_cpus_run_every_32_bit_and_pae_host_switcher_each_on_its_own_vcpus() {
     assert_eq!(code, Some(0), "{doc:#}");
     for r in doc["runs"].as_array().unwrap() {
         let name = &r["switcher"];
-        assert_eq!(r["verified"], true, "{name}: {:#}", r["failures"]);
-        assert_eq!(r["cpus"], 4, "{name}");
-        assert_eq!(r["round_trips"], 160, "{name}");
-        let cpus = r["per_cpu"].as_array().unwrap();
-        let ids: Vec<u64> = cpus.iter().map(|c| c["cpu"].as_u64().unwrap()).collect();
-        assert_eq!(ids, [0, 1, 2, 3], "{name}");
-        for c in cpus {
-            // Two VCPUs each, 20 trips, every call checked and clean.
-            assert_eq!(c["calls"], 40, "{name}: {c}");
-            assert_eq!(c["failed"], 0, "{name}: {c}");
-        }
+        assert_four_cpus_verified(r);
         // No deadline: each CPU runs until it waits, so nothing overlaps,
         // and the STAM profiles (updated by plain stores) lose nothing.
         assert_eq!(r["overlapping_trips"], 0, "{name}");
@@ -97,7 +108,6 @@ fn four_cpus_run_every_32_bit_and_pae_host_switcher_each_on_its_own_vcpus() {
             .find(|s| s["name"] == "/VMM/Switcher/ToGC")
             .unwrap();
         assert_eq!(togc["value"]["profile"]["periods"], 160, "{name}");
-        // The same instructions per trip as on one CPU.
         let one = ws(&[
             "run",
             "--json",
@@ -245,16 +255,7 @@ fn four_cpus_interleave_every_amd64_host_switcher_mid_switch() {
     assert_eq!(runs.len(), AMD64_HOST.len());
     for r in runs {
         let name = &r["switcher"];
-        assert_eq!(r["verified"], true, "{name}: {:#}", r["failures"]);
-        assert_eq!(r["cpus"], 4, "{name}");
-        assert_eq!(r["round_trips"], 160, "{name}");
-        let cpus = r["per_cpu"].as_array().unwrap();
-        let ids: Vec<u64> = cpus.iter().map(|c| c["cpu"].as_u64().unwrap()).collect();
-        assert_eq!(ids, [0, 1, 2, 3], "{name}");
-        for c in cpus {
-            assert_eq!(c["calls"], 40, "{name}: {c}");
-            assert_eq!(c["failed"], 0, "{name}: {c}");
-        }
+        assert_four_cpus_verified(r);
         let overlapping = r["overlapping_trips"].as_u64().unwrap();
         eprintln!("--cpus 4 {name}: {overlapping} of 160 round trips overlapping");
         assert!(
@@ -364,7 +365,7 @@ fn the_interleaved_storm_reaches_every_cpu_mid_switch_and_every_switcher_verifie
     assert_eq!(runs.len(), all.len());
     for r in runs {
         let name = r["switcher"].as_str().unwrap();
-        assert_eq!(r["verified"], true, "{name}: {:#}", r["failures"]);
+        assert_four_cpus_verified(r);
         let st = &r["nmi_storm"];
         assert_eq!(st["placement"], "interleaved", "{name}");
         assert_eq!(st["path_instructions"], Value::Null, "{name}");
@@ -374,8 +375,7 @@ fn the_interleaved_storm_reaches_every_cpu_mid_switch_and_every_switcher_verifie
         let overlapping = r["overlapping_trips"].as_u64().unwrap();
         assert!(overlapping * 2 > 160, "{name}: {overlapping} of 160");
         let cpus = storm_cpus(r);
-        let ids: Vec<u64> = cpus.iter().map(|c| c["cpu"].as_u64().unwrap()).collect();
-        assert_eq!(ids, [0, 1, 2, 3], "{name}");
+        assert_cpu_ids(cpus, name);
         for c in cpus {
             let calls = c["calls"].as_u64().unwrap();
             let with_edge = c["calls_with_edge"].as_u64().unwrap();

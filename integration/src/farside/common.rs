@@ -271,10 +271,8 @@ pub(crate) fn emit_nmi_counter(
 ) -> Result<(), IcedError> {
     let mut not_first = a.create_label();
     a.set_label(handler)?;
+    push_scratch(a)?;
     if a.bitness() == 64 {
-        a.push(rax)?;
-        a.push(rcx)?;
-        a.push(rdx)?;
         a.mov(ecx, count)?;
         a.inc(dword_ptr(rcx))?;
         a.cmp(dword_ptr(rcx), 1)?;
@@ -283,9 +281,6 @@ pub(crate) fn emit_nmi_counter(
         a.mov(ecx, first_ip)?;
         a.mov(dword_ptr(rcx), eax)?;
     } else {
-        a.push(eax)?;
-        a.push(ecx)?;
-        a.push(edx)?;
         a.mov(ecx, count)?;
         a.inc(dword_ptr(ecx))?;
         a.cmp(dword_ptr(ecx), 1)?;
@@ -301,6 +296,26 @@ pub(crate) fn emit_nmi_counter(
     a.in_(al, dx)?;
     a.mov(al, 0x20u32)?;
     a.out(dx, al)?;
+    pop_scratch_and_iret(a)
+}
+
+/// An interrupt handler's prologue: saves EAX, ECX, EDX (RAX, RCX, RDX in
+/// 64-bit code).
+pub(crate) fn push_scratch(a: &mut CodeAssembler) -> Result<(), IcedError> {
+    if a.bitness() == 64 {
+        a.push(rax)?;
+        a.push(rcx)?;
+        a.push(rdx)
+    } else {
+        a.push(eax)?;
+        a.push(ecx)?;
+        a.push(edx)
+    }
+}
+
+/// The epilogue to [`push_scratch`]: restores the registers and returns
+/// from the interrupt.
+pub(crate) fn pop_scratch_and_iret(a: &mut CodeAssembler) -> Result<(), IcedError> {
     if a.bitness() == 64 {
         a.pop(rdx)?;
         a.pop(rcx)?;

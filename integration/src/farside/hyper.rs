@@ -31,7 +31,9 @@ use iced_x86::code_asm::*;
 use iced_x86::BlockEncoderOptions;
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
-use super::common::{bit_names, emit_apic_checks, emit_record_fails, ApicCheck};
+use super::common::{
+    bit_names, emit_apic_checks, emit_record_fails, pop_scratch_and_iret, push_scratch, ApicCheck,
+};
 use super::FarError;
 
 /// Failure bits the RC code reports.
@@ -600,15 +602,7 @@ pub(crate) fn emit_lazy_fpu_switch(
 ) -> Result<(), IcedError> {
     let mbox = cfg.rc + cfg.mailbox_off;
     let cpu = |f: usize| if wide { rdx + cc(f) } else { edx + cc(f) };
-    if wide {
-        a.push(rax)?;
-        a.push(rcx)?;
-        a.push(rdx)?;
-    } else {
-        a.push(eax)?;
-        a.push(ecx)?;
-        a.push(edx)?;
-    }
+    push_scratch(a)?;
     a.mov(edx, cfg.cpum_rc)?;
     a.str(ecx)?;
     a.movzx(ecx, cx)?;
@@ -641,17 +635,7 @@ pub(crate) fn emit_lazy_fpu_switch(
     } else {
         a.add(dword_ptr(mbox + nm_count as u32), 1)?;
     }
-    if wide {
-        a.pop(rdx)?;
-        a.pop(rcx)?;
-        a.pop(rax)?;
-        a.iretq()
-    } else {
-        a.pop(edx)?;
-        a.pop(ecx)?;
-        a.pop(eax)?;
-        a.iretd()
-    }
+    pop_scratch_and_iret(a)
 }
 
 /// The mailbox field at `f` through EDI (RDI when `wide`).

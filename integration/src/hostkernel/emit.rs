@@ -382,14 +382,7 @@ fn emit_main(g: &mut Gen, b: &mut HostKernelBuilder, entry: u32, n_items: u32) -
     // Legacy PIC: mask everything (LINT0 goes to NMI mode below).
     g.mask_pic()?;
 
-    // Descriptor tables.
-    g.a.lidt(ptr(g.t.idtr))?;
-    g.a.mov(ax, u32::from(SEL_TSS32))?;
-    g.a.ltr(ax)?;
-    g.a.mov(ax, u32::from(SEL_LDT))?;
-    g.a.lldt(ax)?;
-    g.a.mov(ax, u32::from(SEL_LDT_FS))?;
-    g.a.mov(fs, ax)?;
+    load_descriptor_tables(g)?;
 
     // CPUID features.
     let feat = g.s.features;
@@ -400,23 +393,7 @@ fn emit_main(g: &mut Gen, b: &mut HostKernelBuilder, entry: u32, n_items: u32) -
     g.a.mov(eax, TABLES_BASE)?;
     paging_on(g, eax, cr4_bits, cr0_bits)?;
 
-    // EFER.NXE / EFER.SCE as a real host has them.
-    let mut no_efer = g.a.create_label();
-    g.unless_feature(FEATURE_EFER, no_efer)?;
-    g.set_efer_bits()?;
-    g.mark(&mut no_efer)?;
-
-    // SYSENTER_CS = the kernel code selector.
-    let mut no_sep = g.a.create_label();
-    g.unless_feature(FEATURE_SEP, no_sep)?;
-    g.a.mov(ecx, MSR_SYSENTER_CS)?;
-    g.a.mov(eax, u32::from(SEL_CODE32))?;
-    g.a.xor(edx, edx)?;
-    g.a.wrmsr()?;
-    g.mark(&mut no_sep)?;
-
-    // Local APIC.
-    emit_apic_setup(g, b.x2apic)?;
+    emit_msrs_and_apic(g, b.x2apic)?;
 
     // HOST and APIC lines.
     g.host_crs()?;
@@ -448,6 +425,34 @@ fn emit_main(g: &mut Gen, b: &mut HostKernelBuilder, entry: u32, n_items: u32) -
 
     super::smp::emit_start_aps(g, b)?;
     emit_loop(g, b, n_items, &mut |g| emit_call(g, entry))
+}
+
+/// Loads the IDT, the TSS, the LDT and FS from the LDT (every CPU, once its
+/// GDT is loaded). Clobbers AX.
+pub(super) fn load_descriptor_tables(g: &mut Gen) -> R {
+    g.a.lidt(ptr(g.t.idtr))?;
+    g.a.mov(ax, u32::from(SEL_TSS32))?;
+    g.a.ltr(ax)?;
+    g.a.mov(ax, u32::from(SEL_LDT))?;
+    g.a.lldt(ax)?;
+    g.a.mov(ax, u32::from(SEL_LDT_FS))?;
+    g.a.mov(fs, ax)?;
+    Ok(())
+}
+
+/// After the CPUID features: EFER.NXE and EFER.SCE as a real host has
+/// them, SYSENTER_CS the kernel code selector (each where the CPU has
+/// it), then the local APIC. Clobbers EAX, ECX, EDX.
+pub(super) fn emit_msrs_and_apic(g: &mut Gen, x2apic: bool) -> R {
+    let mut no_efer = g.a.create_label();
+    g.unless_feature(FEATURE_EFER, no_efer)?;
+    g.set_efer_bits()?;
+    g.mark(&mut no_efer)?;
+    let mut no_sep = g.a.create_label();
+    g.unless_feature(FEATURE_SEP, no_sep)?;
+    g.wrmsr_const(MSR_SYSENTER_CS, u64::from(SEL_CODE32))?;
+    g.mark(&mut no_sep)?;
+    emit_apic_setup(g, x2apic)
 }
 
 /// Loads CR3 from `reg`, sets `cr4_bits` in CR4 and `cr0_bits` (paging)

@@ -36,10 +36,10 @@
 use iced_x86::code_asm::*;
 use iced_x86::{Code, Instruction};
 
-use super::common::{emit_apic_setup, emit_cpuid_features, Gen, R};
+use super::common::{emit_cpuid_features, Gen, R};
 use super::{
-    BuildError, DataArena, HostKernelBuilder, FEATURE_EFER, FEATURE_SEP, LAPIC_VIRT, SEL64_CODE,
-    SEL64_CODE32, SEL64_DATA, SEL_CODE32, SEL_DATA32, SEL_LDT, SEL_LDT_FS, SEL_TSS32, TABLES_BASE,
+    BuildError, DataArena, HostKernelBuilder, LAPIC_VIRT, SEL64_CODE, SEL64_CODE32, SEL64_DATA,
+    SEL_CODE32, SEL_DATA32, TABLES_BASE,
 };
 use crate::paging::{PageMap, PAGE};
 use crate::transcript::PREFIX;
@@ -88,6 +88,17 @@ const SH_MAX: u32 = SH_MIN + 4;
 const SH_SUM: u32 = SH_MAX + 4;
 /// CR3 of every CPU, by index.
 const SH_CR3: u32 = 128;
+
+/// The PIT divisor whose deadlines interleave the CPUs (the `SMP` line's
+/// `divisor`): the NMI storm's when it runs (its PIT makes the deadlines),
+/// [`DEADLINE_DIVISOR`] otherwise, 0 without deadlines.
+pub fn deadline_divisor(deadlines: bool, storm: Option<super::storm::NmiStorm>) -> u16 {
+    match (deadlines, storm) {
+        (false, _) => 0,
+        (true, Some(st)) => st.divisor,
+        (true, None) => DEADLINE_DIVISOR,
+    }
+}
 
 impl HostKernelBuilder {
     /// Runs the kernel on `n` host CPUs (QEMU `-smp n`); VCPU `v` runs on
@@ -444,11 +455,7 @@ pub(super) fn emit_merge(g: &mut Gen, deadlines: bool, storm: Option<super::stor
         g.a.mov(eax, dword_ptr(from))?;
         g.a.mov(dword_ptr(to), eax)?;
     }
-    let divisor = match (deadlines, storm) {
-        (false, _) => 0,
-        (true, Some(st)) => st.divisor,
-        (true, None) => DEADLINE_DIVISOR,
-    };
+    let divisor = deadline_divisor(deadlines, storm);
     g.text(&format!(
         "{PREFIX}SMP cpus={cpus} divisor={divisor} overlapping="
     ))?;
@@ -560,23 +567,9 @@ pub(super) fn emit_ap_entry32(
     g.a.mov(ss, ax)?;
     g.a.mov(gs, ax)?;
     g.a.mov(esp, g.t.stack_top)?;
-    g.a.lidt(ptr(g.t.idtr))?;
-    g.a.mov(ax, u32::from(SEL_TSS32))?;
-    g.a.ltr(ax)?;
-    g.a.mov(ax, u32::from(SEL_LDT))?;
-    g.a.lldt(ax)?;
-    g.a.mov(ax, u32::from(SEL_LDT_FS))?;
-    g.a.mov(fs, ax)?;
+    super::emit::load_descriptor_tables(g)?;
     emit_cpuid_features(g)?;
-    let mut no_efer = g.a.create_label();
-    g.unless_feature(FEATURE_EFER, no_efer)?;
-    g.set_efer_bits()?;
-    g.mark(&mut no_efer)?;
-    let mut no_sep = g.a.create_label();
-    g.unless_feature(FEATURE_SEP, no_sep)?;
-    g.wrmsr_const(cpum::regs::MSR_SYSENTER_CS, u64::from(SEL_CODE32))?;
-    g.mark(&mut no_sep)?;
-    emit_apic_setup(g, b.x2apic)?;
+    super::emit::emit_msrs_and_apic(g, b.x2apic)?;
     super::storm::emit_ap_setup(g, b)?;
     g.a.lock().inc(dword_ptr(started))?;
     let mut wait = g.a.create_label();

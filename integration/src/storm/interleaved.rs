@@ -16,12 +16,10 @@
 //! received the edges), edges fell inside calls, and each account adds up.
 
 use super::{
-    crash_outcome, far_account, name_addr, pit_failures, CpuStorm, FatalOffset, Listing, Placement,
-    StormReport,
+    crash_outcome, far_account, name_addr, pit_failures, transit_context, CpuStorm, FatalOffset,
+    Listing, Placement, StormReport,
 };
-use crate::hostkernel::storm::{
-    self as kstorm, ctx, NmiStorm, PIT_EDGE_DELAY, SHARED_LOAD_INSTRUCTIONS,
-};
+use crate::hostkernel::storm::{NmiStorm, PIT_EDGE_DELAY, SHARED_LOAD_INSTRUCTIONS};
 use crate::qemu::RunResult;
 use crate::scenario::{Built, Scenario};
 use crate::transcript::{Report, StormCpuLine};
@@ -112,18 +110,6 @@ pub fn analyze(s: &Scenario, b: &Built, run: &RunResult) -> (StormReport, Vec<St
 
 fn sum(cpus: &[CpuStorm], field: impl Fn(&CpuStorm) -> u32) -> u32 {
     cpus.iter().map(field).fold(0, u32::saturating_add)
-}
-
-/// What was wrong with the context word of an NMI in transit.
-fn transit_context(c: u32) -> String {
-    let mut what = vec![kstorm::paging_name(c)];
-    if c & ctx::HOST_CS == 0 {
-        what.push("not the host's CS");
-    }
-    if c & ctx::HOST_CR3 == 0 {
-        what.push("not the host's CR3");
-    }
-    what.join(", ")
 }
 
 /// One CPU's account adds up and agrees with its `CPU` line.
