@@ -8,7 +8,7 @@
 mod common;
 
 use common::support;
-use common::{err, json, ok, text, tmp, ws, ws_stdin};
+use common::{available, err, json, ok, text, tmp, ws, ws_stdin};
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -28,14 +28,6 @@ const MODES: [&str; 3] = ["32-bit", "PAE", "AMD64"];
 
 /// The schema name of `run --json` and `decode --json`.
 const SCHEMA: &str = "worldswitch.run/2";
-
-fn available() -> Vec<&'static str> {
-    SwitcherKind::ALL
-        .into_iter()
-        .filter(|k| vmm::AVAILABLE.contains(k))
-        .map(SwitcherKind::cli_name)
-        .collect()
-}
 
 #[test]
 fn every_subcommand_has_help() {

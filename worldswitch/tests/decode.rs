@@ -10,12 +10,11 @@
 mod common;
 
 use common::support;
-use common::{err, tmp, ws, ws_stdin};
+use common::{available, err, tmp, ws, ws_stdin};
 
 use std::process::{Command, Output, Stdio};
 
 use serde_json::Value;
-use vmm_switcher::SwitcherKind;
 
 /// Writes the image of `kind` with `extra` options and boots it with the
 /// exact command `image --json` prints (`qemu_command`, without the
@@ -40,14 +39,6 @@ fn boot_as_told(kind: &str, extra: &[&str]) -> (Vec<u8>, String) {
         qemu.stdout,
         img["decode_command"].as_str().unwrap().to_owned(),
     )
-}
-
-fn available() -> Vec<&'static str> {
-    SwitcherKind::ALL
-        .into_iter()
-        .filter(|k| vmm::AVAILABLE.contains(k))
-        .map(SwitcherKind::cli_name)
-        .collect()
 }
 
 #[test]

@@ -4,14 +4,11 @@
 //! Tests that boot QEMU skip loudly when it is missing, unless `CI=true`.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-#[path = "../../integration/tests/support/mod.rs"]
-mod support;
+mod common;
 
-use std::process::{Command, Output};
+use common::{err, support, ws};
 
 use serde_json::Value;
-
-const BIN: &str = env!("CARGO_BIN_EXE_worldswitch");
 
 /// The switchers from 32-bit and PAE hosts (the multiprocessor kernel's
 /// host widths so far).
@@ -23,14 +20,6 @@ const SWITCHERS: [&str; 6] = [
     "pae-to-pae",
     "pae-to-amd64",
 ];
-
-fn ws(args: &[&str]) -> Output {
-    Command::new(BIN).args(args).output().unwrap()
-}
-
-fn err(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
 
 /// The switchers from AMD64 hosts: the APs go on from the trampoline to
 /// long mode.
@@ -459,9 +448,7 @@ fn without_masking_the_interleaved_storm_is_fatal_and_the_quiet_run_passes() {
 /// other CPUs would never start without it); one CPU needs no `-smp`.
 #[test]
 fn the_image_command_boots_as_many_cpus_as_the_image_runs() {
-    let dir = std::env::temp_dir().join(format!("ws-smp-image-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let out = dir.join("smp.elf");
+    let out = common::tmp("smp.elf");
     let out = out.to_str().unwrap();
     for (cpus, want) in [("4", Some(" -smp 4 ")), ("1", None)] {
         let o = ws(&[
@@ -485,5 +472,4 @@ fn the_image_command_boots_as_many_cpus_as_the_image_runs() {
             None => assert!(!cmd.contains(" -smp "), "--cpus {cpus}: {cmd}"),
         }
     }
-    std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -79,3 +79,12 @@ pub fn decode_json(serial: &[u8]) -> serde_json::Value {
     assert_eq!(o.status.code(), Some(0), "{}", err(&o));
     serde_json::from_slice(&o.stdout).unwrap()
 }
+
+/// The CLI names of the switchers this build provides.
+pub fn available() -> Vec<&'static str> {
+    vmm_switcher::SwitcherKind::ALL
+        .into_iter()
+        .filter(|k| vmm::AVAILABLE.contains(k))
+        .map(vmm_switcher::SwitcherKind::cli_name)
+        .collect()
+}
