@@ -195,11 +195,7 @@ fn the_judge_checks_the_host_ran_as_the_scenario_asks() {
     };
     // A run on the base host, judged as if today's CR4 or an x2APIC host
     // had been asked for: the HOST line gives it away.
-    let mut s = Scenario::new(SwitcherKind::Amd64ToPae);
-    s.trips = 2;
-    let b = build(&s).unwrap();
-    let r = run_built(&s, &b, &q).unwrap();
-    assert!(r.verified, "{:?}", r.failures);
+    let (s, b, r) = support::verified_base_run(&q);
     for (what, want) in [
         ("today", "not today's"),
         ("x2apic", "did not run in x2APIC mode"),

@@ -96,11 +96,7 @@ fn the_judge_checks_the_host_ran_5_level() {
     let Some(q) = support::qemu() else {
         return;
     };
-    let mut s = Scenario::new(SwitcherKind::Amd64ToPae);
-    s.trips = 2;
-    let b = build(&s).unwrap();
-    let r = run_built(&s, &b, &q).unwrap();
-    assert!(r.verified, "{:?}", r.failures);
+    let (s, b, r) = support::verified_base_run(&q);
     let mut asked = s.clone();
     asked.options.la57 = true;
     let j = integration::scenario::judge(&asked, &b, r.run.clone());

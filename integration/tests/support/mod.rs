@@ -136,3 +136,16 @@ pub fn run_on_models(
         (name, r)
     })
 }
+
+/// A verified 2-trip `amd64-to-pae` run on the base host, for tests that
+/// judge its transcript against a scenario that asked for more.
+pub fn verified_base_run(
+    q: &QemuConfig,
+) -> (Scenario, integration::scenario::Built, ScenarioResult) {
+    let mut s = Scenario::new(SwitcherKind::Amd64ToPae);
+    s.trips = 2;
+    let b = integration::scenario::build(&s).unwrap_or_else(|e| panic!("{e}"));
+    let r = integration::scenario::run_built(&s, &b, q).unwrap_or_else(|e| panic!("{e}"));
+    assert!(r.verified, "{:?}", r.failures);
+    (s, b, r)
+}
