@@ -251,12 +251,11 @@ fn acquire(g: &mut Gen, lock: u32, tag: u32) -> R {
 /// In `putc`, after EDX and EAX are saved: takes the line lock unless this
 /// CPU holds it. Preserves every register but EAX.
 pub(super) fn emit_putc_lock(g: &mut Gen) -> R {
-    let Some(m) = g.smp.as_ref() else {
+    if g.smp.is_none() {
         return Ok(());
-    };
-    let (lock, tag) = (m.sh(SH_LOCK), m.d.cpu_tag);
+    }
     g.push_gpr(ecx)?;
-    acquire(g, lock, tag)?;
+    emit_exit_lock(g)?;
     g.pop_gpr(ecx)
 }
 
@@ -274,9 +273,9 @@ pub(super) fn emit_putc_unlock(g: &mut Gen) -> R {
     Ok(())
 }
 
-/// In the exit routine, before the CRC is read: takes the line lock, so no
-/// other CPU is half-way through a line. Clobbers ECX (and EAX, which the
-/// caller has saved).
+/// Takes the line lock unless this CPU holds it; in the exit routine,
+/// before the CRC is read, so no other CPU is half-way through a line.
+/// Clobbers EAX, ECX.
 pub(super) fn emit_exit_lock(g: &mut Gen) -> R {
     let Some(m) = g.smp.as_ref() else {
         return Ok(());
